@@ -1,0 +1,27 @@
+"""Freeze visual tokens in a given list of decoder layers (the mechanics of ShortV).
+
+In a frozen layer image tokens get no query, no attention output and no MLP update (their
+residual stream passes through unchanged) but are still normed and projected to keys and values,
+so text tokens attend to them as usual. During decoding the layer is an ordinary layer.
+ShortV (arXiv 2504.00502) chooses the layers by layer contribution; here they are given.
+"""
+
+from __future__ import annotations
+
+import tokencomp as tc
+from tokencomp.strategy import check_int
+
+
+@tc.register("freeze")
+class FreezeLayers(tc.FreezeStrategy):
+    layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(self.layers)
+
+    def check(self, info: tc.RunInfo) -> None:
+        for layer in self.layers:
+            check_int("frozen layer", layer, 0, info.num_layers - 1)
+
+    def frozen_layers(self, num_layers: int) -> list[int]:
+        return list(self.layers)

@@ -1,0 +1,34 @@
+"""Random selection: keep ``budget`` uniformly random patch tokens per view (seeded).
+
+A strong baseline: random pruning matches or beats many published methods on several benchmarks
+(see METHODS.md §5). The draw for a view depends only on ``seed`` and the view's position in its
+own sample, so a sample gets the same tokens alone or in a batch. Only tokens that survive
+LLaVA-NeXT unpadding are drawn; a crop with fewer valid tokens than ``budget`` keeps them all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import tokencomp as tc
+from tokencomp.strategy import check_int
+
+
+@tc.register("random")
+class RandomSelection(tc.VisionStrategy):
+    budget: int = 64
+    seed: int = 0
+
+    def check(self, info: tc.RunInfo) -> None:
+        check_int("budget (tokens kept per view)", self.budget, 1, info.patches_per_view)
+
+    def select(self, view: tc.VisionView) -> list[torch.Tensor]:
+        out = []
+        for v in range(view.num_views):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(view.key[v]))
+            scores = torch.rand(view.features.shape[1], generator=g).to(view.features.device)
+            valid = view.valid[v]
+            scores = scores.masked_fill(~valid, -1.0)
+            k = min(self.budget, int(valid.sum()))
+            out.append(scores.topk(k).indices)
+        return out

@@ -1,0 +1,801 @@
+"""The engine: vision tower -> vision strategy -> projector -> sequence build -> decoder layer loop
+(with layer and freeze strategies) -> greedy decoding over a per-layer KV cache.
+
+The engine drives the Hugging Face modules itself (the CLIP encoder layers, the decoder layers),
+so each decoder layer sees its own token set, mask and positions. Scores are captured with forward
+hooks on projection/norm modules, registered for the duration of one layer and removed in
+``finally``; the model keeps its configured attention (SDPA by default) and no N x N attention
+map is ever built.
+
+Position-id policy (one per stage, both switchable in `EngineOptions`):
+* ``vision_positions="contiguous"`` (default): a prompt compressed before the LLM is numbered
+  0..n-1 as a shorter prompt (as VisionZip's LLM sees it). ``"original"``: each kept token keeps
+  the position it had in the uncompressed prompt; tokens with no single source (merged, pooled)
+  are spread evenly over their image's span.
+* ``llm_positions="original"`` (default): tokens dropped inside the LLM leave gaps; kept tokens
+  keep their position ids (as FastV does). ``"contiguous"``: the kept tokens are renumbered
+  0..k-1 from the pruned layer on (earlier layers keep their numbering in the KV cache).
+Decoded tokens continue, in each layer, from that layer's last position + 1.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+import kernels
+
+from .cache import LayerKVCache
+from .errors import InputMismatchError, TokencompError
+from .layout import pad_left, repack
+from .model import Model
+from .record import RunRecord
+from .strategy import (
+    DECODER_NEEDS,
+    NEWLINE,
+    PAD,
+    TEXT,
+    VISION_NEEDS,
+    VISUAL,
+    FreezeStrategy,
+    LayerContext,
+    LayerStrategy,
+    Need,
+    RunInfo,
+    Strategy,
+    VisionStrategy,
+    VisionView,
+    ViewTokens,
+)
+
+
+@dataclass
+class EngineOptions:
+    """Run options; see the module docstring for the position-id policies."""
+
+    vision_positions: str = "contiguous"
+    llm_positions: str = "original"
+
+    def __post_init__(self) -> None:
+        for name in ("vision_positions", "llm_positions"):
+            if getattr(self, name) not in ("contiguous", "original"):
+                raise TokencompError(f"{name} must be 'contiguous' or 'original', got {getattr(self, name)!r}")
+
+
+@dataclass
+class Batch:
+    """Processor output the engine consumes.
+
+    Attributes:
+        input_ids: ``(B, T)`` with every image expanded to its placeholder tokens, left padded.
+        attention_mask: ``(B, T)`` 1 for real tokens.
+        pixel_values: LLaVA-1.5 ``(images, 3, S, S)``; LLaVA-NeXT ``(images, max_views, 3, S, S)``.
+        image_sizes: ``(images, 2)`` original ``(height, width)`` (LLaVA-NeXT), else None.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None
+
+    @classmethod
+    def from_processor(cls, out) -> Batch:
+        return cls(
+            input_ids=out["input_ids"],
+            attention_mask=out.get("attention_mask", torch.ones_like(out["input_ids"])),
+            pixel_values=out.get("pixel_values"),
+            image_sizes=out.get("image_sizes"),
+        )
+
+
+@dataclass
+class SeqState:
+    """The packed, left-padded token sequence of a batch between decoder layers."""
+
+    hidden: torch.Tensor  # (B, n, d)
+    valid: torch.Tensor  # (B, n) bool
+    kind: torch.Tensor  # (B, n) int8
+    positions: torch.Tensor  # (B, n) long
+    orig_index: torch.Tensor  # (B, n) long, -1 unknown
+    image: torch.Tensor  # (B, n) long, image index within the sample, -1 for text
+    patch: torch.Tensor  # (B, n) long, source patch index in its view, -1 unknown
+
+    def gather(self, index: torch.Tensor, valid: torch.Tensor) -> SeqState:
+        def g(t: torch.Tensor) -> torch.Tensor:
+            return torch.gather(t, 1, index)
+
+        return SeqState(
+            hidden=kernels.gather_tokens(self.hidden, index),
+            valid=valid,
+            kind=g(self.kind).masked_fill(~valid, PAD),
+            positions=g(self.positions),
+            orig_index=g(self.orig_index),
+            image=g(self.image),
+            patch=g(self.patch),
+        )
+
+
+@dataclass
+class PrefillOutput:
+    """Result of `Engine.prefill`.
+
+    Attributes:
+        logits: ``(B, V)`` next-token logits at the last position, or ``(B, n, V)`` over the final
+            layer's tokens with ``all_logits=True``.
+        state: the final layer's token sequence (tokens, kinds, positions, original indices).
+        input_state: the sequence entering the first decoder layer.
+        cache: the per-layer KV cache.
+        record: counts per layer and sample.
+        captures: raw captured scores: vision ``Need -> (V, heads, 1+N)`` / keys, decoder
+            ``Need -> (B, heads, rows, n)`` per-head attention rows.
+    """
+
+    logits: torch.Tensor
+    state: SeqState
+    input_state: SeqState
+    cache: LayerKVCache
+    record: RunRecord
+    captures: dict = field(default_factory=dict)
+
+
+def split_strategies(strategies) -> tuple[VisionStrategy | None, list[LayerStrategy], list[FreezeStrategy]]:
+    """Normalise ``None``, one strategy or a list into (vision, layer list, freeze list)."""
+    if strategies is None:
+        strategies = []
+    elif isinstance(strategies, Strategy):
+        strategies = [strategies]
+    vision, layer, freeze = [], [], []
+    for s in strategies:
+        if not isinstance(s, Strategy):
+            raise TokencompError(f"expected a tokencomp strategy, got {type(s).__name__}: {s!r}")
+        {"vision": vision, "layer": layer, "freeze": freeze}.get(s.stage, []).append(s)
+        if s.stage not in ("vision", "layer", "freeze"):
+            raise TokencompError(f"strategy {s} has unknown stage {s.stage!r}")
+    if len(vision) > 1:
+        raise TokencompError(f"at most one vision strategy per run, got {[str(v) for v in vision]}")
+    return (vision[0] if vision else None), layer, freeze
+
+
+class Engine:
+    """Runs a `Model` with a composition of strategies.
+
+    Args:
+        model: the adapter.
+        strategies: None (the unmodified model), one strategy, or a list with at most one vision
+            strategy, any number of layer strategies and freeze strategies.
+        options: position-id policies.
+    """
+
+    def __init__(self, model: Model, strategies=None, options: EngineOptions | None = None) -> None:
+        self.model = model
+        self.options = options or EngineOptions()
+        self.vision, self.layer_strategies, self.freeze = split_strategies(strategies)
+        self.strategies = ([self.vision] if self.vision else []) + self.layer_strategies + self.freeze
+        L = model.num_layers
+        self.needs: set[Need] = set()
+        for s in self.strategies:
+            for need in s.needs():
+                need = Need(*need)
+                if need.kind in VISION_NEEDS:
+                    lay = need.layer
+                    if not -model.vision_num_layers <= lay < model.vision_num_layers:
+                        raise TokencompError(
+                            f"{s}: vision layer {lay} outside [-{model.vision_num_layers}, {model.vision_num_layers - 1}]"
+                        )
+                elif need.kind in DECODER_NEEDS:
+                    if not 0 <= need.layer < L:
+                        raise TokencompError(f"{s}: decoder layer {need.layer} outside [0, {L - 1}]")
+                else:
+                    raise TokencompError(f"{s}: unknown need {need.kind!r}; known: {VISION_NEEDS + DECODER_NEEDS}")
+                self.needs.add(need)
+        self.prune_at: dict[int, list[LayerStrategy]] = {}
+        for s in self.layer_strategies:
+            for lay in s.prune_layers(L):
+                if not 0 < lay < L:
+                    raise TokencompError(f"{s}: prune layer {lay} outside [1, {L - 1}]")
+                self.prune_at.setdefault(lay, []).append(s)
+        self.frozen: set[int] = set()
+        for s in self.freeze:
+            for lay in s.frozen_layers(L):
+                if not 0 <= lay < L:
+                    raise TokencompError(f"{s}: frozen layer {lay} outside [0, {L - 1}]")
+                self.frozen.add(lay)
+
+    # ------------------------------------------------------------------------------------------
+    # validation
+    def image_spans(self, batch: Batch) -> list[list[tuple[int, int]]]:
+        """Per sample, ``(start, length)`` of each image's placeholder run in the unpadded row.
+
+        Raises `InputMismatchError` when the placeholders do not match the images.
+        """
+        m = self.model
+        ids, mask = batch.input_ids, batch.attention_mask.bool()
+        n_images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
+        sizes = self._image_sizes(batch, n_images)
+        spans, img = [], 0
+        for b in range(ids.shape[0]):
+            row = ids[b][mask[b]]
+            where = (row == m.image_token_id).nonzero().flatten().tolist()
+            sample, pos = [], 0
+            while pos < len(where):
+                if img >= n_images:
+                    raise InputMismatchError(
+                        f"prompt {b} has more image placeholders than the {n_images} image(s) given"
+                    )
+                count = m.image_token_count(sizes[img])
+                start = where[pos]
+                run = where[pos : pos + count]
+                if len(run) != count or run[-1] - start != count - 1:
+                    raise InputMismatchError(
+                        f"prompt {b}: image {img} needs {count} contiguous placeholder tokens at index {start}, "
+                        f"found {len(run)}"
+                    )
+                sample.append((start, count))
+                pos += count
+                img += 1
+            spans.append(sample)
+        if img != n_images:
+            raise InputMismatchError(f"{n_images} image(s) given but the prompts hold placeholders for {img}")
+        return spans
+
+    def _image_sizes(self, batch: Batch, n_images: int) -> list[tuple[int, int]]:
+        if self.model.family == "llava":
+            return [(self.model.view_size, self.model.view_size)] * n_images
+        if batch.image_sizes is None or batch.image_sizes.shape[0] != n_images:
+            raise InputMismatchError("LLaVA-NeXT needs image_sizes with one (height, width) row per image")
+        return [tuple(int(x) for x in s) for s in batch.image_sizes.tolist()]
+
+    def run_info(self, batch: Batch, spans) -> RunInfo:
+        m = self.model
+        n_images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
+        sizes = self._image_sizes(batch, n_images)
+        views, img = [], 0
+        for sample in spans:
+            counts = []
+            for _ in sample:
+                counts.append(m.patches_per_view)
+                if m.family == "llava-next":
+                    counts += m.crop_valid(sizes[img]).sum(1).tolist()
+                img += 1
+            views.append(tuple(counts))
+        return RunInfo(
+            family=m.family,
+            num_layers=m.num_layers,
+            vision_layers=m.vision_num_layers,
+            patches_per_view=m.patches_per_view,
+            grid=m.grid,
+            has_crops=m.family == "llava-next",
+            visual_tokens=tuple(sum(c for _, c in s) for s in spans),
+            views_valid=tuple(views),
+            has_cls=m.has_cls,
+        )
+
+    def validate(self, batch: Batch) -> list[list[tuple[int, int]]]:
+        """Check the batch and every strategy before any forward pass; returns the image spans."""
+        if batch.input_ids.dim() != 2 or batch.attention_mask.shape != batch.input_ids.shape:
+            raise InputMismatchError("input_ids and attention_mask must both be (batch, length)")
+        if bool((batch.attention_mask[:, -1] == 0).any()):
+            raise InputMismatchError("the batch must be left padded (the last column holds real tokens)")
+        spans = self.image_spans(batch)
+        info = self.run_info(batch, spans)
+        for s in self.strategies:
+            s.check(info)
+        if self.model.attn_implementation.startswith("flash") and bool((batch.attention_mask == 0).any()):
+            raise TokencompError("padded batches need attn_implementation 'sdpa' or 'eager' (flash masks not wired yet)")
+        return spans
+
+    # ------------------------------------------------------------------------------------------
+    # vision stage
+    @torch.no_grad()
+    def encode_images(self, batch: Batch, spans) -> tuple[list[dict], dict]:
+        """Run the vision tower, the vision strategy and the projector.
+
+        Returns a per-image list of assembled tokens (``feats (m, d)``, ``kind``, ``patch``,
+        ``offset`` (position in the uncompressed image span, -1 unknown)) and the raw captures.
+        """
+        m = self.model
+        if batch.pixel_values is None:
+            return [], {}
+        n_images = batch.pixel_values.shape[0]
+        sizes = self._image_sizes(batch, n_images)
+        pix, role, image, key, crop_grid, valid = [], [], [], [], [], []
+        img = 0
+        for sample in spans:
+            for local in range(len(sample)):
+                nv = m.views_per_image(sizes[img])
+                p = batch.pixel_values[img]
+                p = p[None] if p.dim() == 3 else p[:nv]
+                if p.shape[0] != nv:
+                    raise InputMismatchError(f"image {img} has {p.shape[0]} views, expected {nv}")
+                pix.append(p)
+                role += list(range(nv))
+                image += [img] * nv
+                key += [local * 1000 + r for r in range(nv)]
+                crop_grid.append(m.crop_grid(sizes[img]))
+                v = torch.ones(nv, m.patches_per_view, dtype=torch.bool)
+                if nv > 1:
+                    v[1:] = m.crop_valid(sizes[img])
+                valid.append(v)
+                img += 1
+        dev = m.device
+        pixel = torch.cat(pix).to(dev, m.vision_model.embeddings.patch_embedding.weight.dtype)
+        feats, captures = self._vision_tower(pixel)
+        view = VisionView(
+            features=feats[:, 1:],
+            cls=feats[:, 0],
+            grid=m.grid,
+            valid=torch.cat(valid).to(dev),
+            role=torch.tensor(role, device=dev),
+            image=torch.tensor(image, device=dev),
+            key=torch.tensor(key, device=dev),
+            crop_grid=crop_grid,
+            captures=captures,
+        )
+        if self.vision is None:
+            n = m.patches_per_view
+            nv = view.num_views
+            out = ViewTokens(
+                features=view.features,
+                index=torch.arange(n, device=dev).expand(nv, n),
+                count=torch.full((nv,), n, device=dev),
+                grid=m.grid,
+            )
+        else:
+            out = self.vision.compress(view)
+        projected = self._project(out)
+        images = []
+        for i in range(n_images):
+            rows = (view.image == i).nonzero().flatten()
+            images.append(self._assemble(out, projected, rows, sizes[i], crop_grid[i]))
+        return images, captures
+
+    def _vision_tower(self, pixel: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        m = self.model
+        vm = m.vision_model
+        nl = m.vision_num_layers
+        feat_layers = [f % (nl + 1) for f in m.feature_layers]  # hidden_states index: 0 = embeddings
+        cap_layers = {need.layer % nl for need in self.needs if need.kind in VISION_NEEDS}
+        last = max([f - 1 for f in feat_layers] + list(cap_layers) + [-1])
+        h = vm.embeddings(pixel)
+        h = vm.pre_layrnorm(h) if hasattr(vm, "pre_layrnorm") else h
+        hidden = {0: h}
+        captures = {}
+        for i in range(last + 1):
+            layer = m.vision_layers_list[i]
+            if i in cap_layers:
+                with _capture(layer.self_attn, ["q_proj", "k_proj"]) as got:
+                    h = layer(h, None)
+                self._vision_scores(layer.self_attn, got, i, captures)
+            else:
+                h = layer(h, None)
+            hidden[i + 1] = h
+        feats = torch.cat([hidden[f] for f in feat_layers], dim=-1)
+        return feats, captures
+
+    def _vision_scores(self, attn, got, layer: int, captures: dict) -> None:
+        nl = self.model.vision_num_layers
+        q, k = got["q_proj"], got["k_proj"]
+        v, n, _ = k.shape
+        heads = attn.num_heads
+        qh = q[:, :1].view(v, 1, heads, -1).transpose(1, 2).float()  # (V, H, 1, hd)
+        kh = k.view(v, n, heads, -1).transpose(1, 2).float()  # (V, H, n, hd)
+        logits = (qh @ kh.transpose(-1, -2)).squeeze(2) * attn.scale  # (V, H, n)
+        for need in self.needs:
+            if need.kind not in VISION_NEEDS or need.layer % nl != layer:
+                continue
+            if need.kind == "vision_cls_logits":
+                captures[need] = logits
+            elif need.kind == "vision_cls_attention":
+                captures[need] = logits.softmax(-1)
+            else:
+                captures[need] = kh.mean(1)  # (V, n, hd) head-mean keys
+
+    def _project(self, out: ViewTokens) -> torch.Tensor:
+        nv, k = out.index.shape
+        real = torch.arange(k, device=out.index.device)[None] < out.count[:, None]
+        flat = self.model.projector(out.features[real])
+        proj = flat.new_zeros(nv, k, flat.shape[-1])
+        proj[real] = flat
+        return proj
+
+    def _assemble(self, out: ViewTokens, proj: torch.Tensor, rows: torch.Tensor, size, crop_grid) -> dict:
+        """Lay out one image's tokens: base view first, then the crops (LLaVA-NeXT)."""
+        m = self.model
+        dev = proj.device
+        n = m.patches_per_view
+        r0 = int(rows[0])
+        c0 = int(out.count[r0])
+        idx0 = out.index[r0, :c0]
+        parts = {
+            "feats": [proj[r0, :c0]],
+            "kind": [torch.full((c0,), VISUAL, device=dev, dtype=torch.int8)],
+            "patch": [idx0],
+            "offset": [idx0 if out.grid in (None, m.grid) else torch.full_like(idx0, -1)],
+        }
+        if len(rows) > 1:
+            crop_rows = rows[1:]
+            newline = m.image_newline.to(proj.dtype)
+            policy = getattr(self.vision, "newline", "keep") if self.vision else "keep"
+            if out.grid is not None:
+                crop = self._crops_on_grid(out, proj, crop_rows, size, crop_grid, newline, policy)
+            elif bool((out.index[crop_rows] >= 0).all()):
+                crop = self._crops_by_index(out, proj, crop_rows, size, crop_grid, newline, policy)
+            else:
+                crop = self._crops_by_view(out, proj, crop_rows)
+            for name in parts:
+                value = crop[name]
+                if name == "offset":
+                    value = torch.where(value >= 0, value + n, value)
+                parts[name].append(value)
+        return {name: torch.cat(v) for name, v in parts.items()}
+
+    def _crops_on_grid(self, out, proj, crop_rows, size, crop_grid, newline, policy) -> dict:
+        m = self.model
+        gh, gw = out.grid
+        rows, cols = crop_grid
+        dev = proj.device
+        f = proj[crop_rows, : gh * gw]
+        d = f.shape[-1]
+        f = f.view(rows, cols, gh, gw, d).permute(0, 2, 1, 3, 4).reshape(rows * gh, cols * gw, d)
+        _, _, r0, height, c0, width = m.crop_region(size, (gh, gw))
+        f = f[r0 : r0 + height, c0 : c0 + width]
+        same = (gh, gw) == m.grid
+        src = out.index[crop_rows, : gh * gw] if same else torch.full((rows * cols, gh * gw), -1, device=dev)
+        src = src.view(rows, cols, gh, gw).permute(0, 2, 1, 3).reshape(rows * gh, cols * gw)[
+            r0 : r0 + height, c0 : c0 + width
+        ]
+        kind = torch.full((height, width), VISUAL, dtype=torch.int8, device=dev)
+        offset = torch.arange(height * (width + 1), device=dev).view(height, width + 1)[:, :width]
+        if not same:
+            offset = torch.full_like(offset, -1)
+        if policy != "drop":
+            f = torch.cat([f, newline.expand(height, 1, d)], dim=1)
+            src = torch.cat([src, src.new_full((height, 1), -1)], dim=1)
+            kind = torch.cat([kind, kind.new_full((height, 1), NEWLINE)], dim=1)
+            nl_off = torch.arange(height, device=dev)[:, None] * (width + 1) + width
+            offset = torch.cat([offset, nl_off if same else torch.full_like(nl_off, -1)], dim=1)
+        return {"feats": f.reshape(-1, d), "kind": kind.flatten(), "patch": src.flatten(), "offset": offset.flatten()}
+
+    def _crops_by_index(self, out, proj, crop_rows, size, crop_grid, newline, policy) -> dict:
+        m = self.model
+        gh, gw = m.grid
+        rows, cols, r0, height, c0, width = m.crop_region(size)
+        dev = proj.device
+        counts = out.count[crop_rows]
+        real = torch.arange(out.index.shape[1], device=dev)[None] < counts[:, None]
+        crop_id = torch.arange(len(crop_rows), device=dev)[:, None].expand_as(real)[real]
+        idx = out.index[crop_rows][real]
+        feats = proj[crop_rows][real]
+        r = (crop_id // cols) * gh + idx // gw - r0
+        c = (crop_id % cols) * gw + idx % gw - c0
+        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+        r, c, idx, feats = r[inside], c[inside], idx[inside], feats[inside]
+        key = r * (width + 1) + c
+        kinds = torch.full_like(key, VISUAL, dtype=torch.int8)
+        if policy != "drop":
+            nl_rows = torch.arange(height, device=dev) if policy == "keep" else r.unique()
+            key = torch.cat([key, nl_rows * (width + 1) + width])
+            feats = torch.cat([feats, newline.expand(len(nl_rows), -1)])
+            idx = torch.cat([idx, idx.new_full((len(nl_rows),), -1)])
+            kinds = torch.cat([kinds, kinds.new_full((len(nl_rows),), NEWLINE)])
+        order = key.argsort()
+        return {"feats": feats[order], "kind": kinds[order], "patch": idx[order], "offset": key[order]}
+
+    def _crops_by_view(self, out, proj, crop_rows) -> dict:
+        real = torch.arange(out.index.shape[1], device=proj.device)[None] < out.count[crop_rows][:, None]
+        idx = out.index[crop_rows][real]
+        return {
+            "feats": proj[crop_rows][real],
+            "kind": torch.full_like(idx, VISUAL, dtype=torch.int8),
+            "patch": idx,
+            "offset": torch.full_like(idx, -1),
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # sequence build
+    def build_sequence(self, batch: Batch, spans, images: list[dict]) -> tuple[SeqState, torch.Tensor]:
+        """Per sample: text embeddings with each image span replaced by its assembled tokens.
+
+        Returns the packed state and ``(B,)`` visual tokens entering the LLM per sample.
+        """
+        m = self.model
+        dev = m.device
+        ids, mask = batch.input_ids.to(dev), batch.attention_mask.to(dev).bool()
+        samples, n_visual, img = [], [], 0
+        for b, sample in enumerate(spans):
+            row = ids[b][mask[b]]
+            emb = m.embed_tokens(row)
+            pieces = {k: [] for k in ("hidden", "kind", "orig", "image", "patch", "pos")}
+            cursor, vis = 0, 0
+            for local, (start, length) in enumerate(sample + [(len(row), 0)]):
+                t = torch.arange(cursor, start, device=dev)
+                pieces["hidden"].append(emb[cursor:start])
+                pieces["kind"].append(torch.full((len(t),), TEXT, dtype=torch.int8, device=dev))
+                pieces["orig"].append(t)
+                pieces["image"].append(torch.full_like(t, -1))
+                pieces["patch"].append(torch.full_like(t, -1))
+                pieces["pos"].append(t)
+                if length == 0:
+                    break
+                tok = images[img]
+                k = tok["feats"].shape[0]
+                vis += int((tok["kind"] == VISUAL).sum())
+                off = tok["offset"]
+                orig = torch.where(off >= 0, start + off, off)
+                if bool((off >= 0).all()):
+                    pos = start + off
+                else:  # no single source for some tokens: spread the image's tokens over its span
+                    pos = start + torch.arange(k, device=dev) * length // max(k, 1)
+                pieces["hidden"].append(tok["feats"].to(emb.dtype))
+                pieces["kind"].append(tok["kind"])
+                pieces["orig"].append(orig)
+                pieces["image"].append(torch.full((k,), local, device=dev))
+                pieces["patch"].append(tok["patch"])
+                pieces["pos"].append(pos)
+                cursor = start + length
+                img += 1
+            s = {k: torch.cat(v) for k, v in pieces.items()}
+            if self.options.vision_positions == "contiguous":
+                s["pos"] = torch.arange(len(s["kind"]), device=dev)
+            samples.append(s)
+            n_visual.append(vis)
+        hidden, valid = pad_left([s["hidden"] for s in samples])
+        state = SeqState(
+            hidden=hidden,
+            valid=valid,
+            kind=pad_left([s["kind"] for s in samples], PAD)[0],
+            positions=pad_left([s["pos"] for s in samples], 0)[0],
+            orig_index=pad_left([s["orig"] for s in samples], -1)[0],
+            image=pad_left([s["image"] for s in samples], -1)[0],
+            patch=pad_left([s["patch"] for s in samples], -1)[0],
+        )
+        return state, torch.tensor(n_visual)
+
+    # ------------------------------------------------------------------------------------------
+    # decoder
+    def _mask(self, key_valid: torch.Tensor, query_index: torch.Tensor | None, dtype) -> torch.Tensor | None:
+        """Additive mask ``(B, 1, q, n)``: causal over sequence index, padding keys hidden.
+
+        ``query_index`` ``(B, q)`` gives each query row's index in the key sequence (None: the
+        square prefill case). Rows with no visible key (padding rows) see everything instead.
+        """
+        b, n = key_valid.shape
+        dev = key_valid.device
+        if query_index is None:
+            if bool(key_valid.all()) and self.model.attn_implementation == "sdpa":
+                return None  # plain causal: SDPA takes its fast path
+            query_index = torch.arange(n, device=dev).expand(b, n)
+        allowed = key_valid[:, None, :] & (torch.arange(n, device=dev)[None, None, :] <= query_index[:, :, None])
+        allowed |= ~allowed.any(-1, keepdim=True)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[:, None]
+
+    def _rope(self, hidden: torch.Tensor, positions: torch.Tensor):
+        return self.model.rotary_emb(hidden, positions)
+
+    @torch.no_grad()
+    def prefill(self, batch: Batch, all_logits: bool = False) -> PrefillOutput:
+        """Everything up to the first generated token. Validates before any forward pass."""
+        m = self.model
+        spans = self.validate(batch)
+        images, captures = self.encode_images(batch, spans)
+        state, n_visual = self.build_sequence(batch, spans, images)
+        input_state = state
+        L = m.num_layers
+        cache = LayerKVCache(L)
+        bsz = state.hidden.shape[0]
+        tokens = torch.zeros(bsz, L, dtype=torch.long)
+        visual = torch.zeros(bsz, L, dtype=torch.long)
+        scores: dict[Need, torch.Tensor] = {}
+        cos_sin = self._rope(state.hidden, state.positions)
+        mask = self._mask(state.valid, None, state.hidden.dtype)
+        for i, layer in enumerate(m.layers):
+            if i in self.prune_at:
+                state, changed = self._prune(state, i, scores)
+                if changed:
+                    cos_sin = self._rope(state.hidden, state.positions)
+                    mask = self._mask(state.valid, None, state.hidden.dtype)
+            wanted = [n for n in self.needs if n.kind in DECODER_NEEDS and n.layer == i]
+            hooks = _capture(layer, ["input_layernorm"], {"k_proj": layer.self_attn.k_proj}) if wanted else _nothing()
+            with hooks as got:
+                if i in self.frozen:
+                    state.hidden = self._frozen_layer(layer, i, state, cos_sin, cache)
+                else:
+                    state.hidden = layer(
+                        state.hidden,
+                        attention_mask=mask,
+                        position_ids=state.positions,
+                        past_key_values=cache,
+                        use_cache=True,
+                        position_embeddings=cos_sin,
+                    )
+            for need in wanted:
+                per_head = self._decoder_rows(layer, got, state, cos_sin, need.kind.rsplit("_", 1)[1])
+                captures[need] = per_head
+                scores[need] = per_head.mean(dim=(1, 2))  # head-mean, query-mean -> (B, n)
+            cache.valid[i] = state.valid
+            cache.next_pos[i] = state.positions[:, -1] + 1
+            tokens[:, i] = state.valid.sum(1).cpu()
+            visual[:, i] = (state.valid & (state.kind >= VISUAL)).sum(1).cpu()
+        h = m.norm(state.hidden if all_logits else state.hidden[:, -1])
+        logits = m.lm_head(h).float()
+        record = RunRecord(
+            method=[str(s) for s in self.strategies] or ["identity"],
+            visual_tokens_in=[sum(c for _, c in s) for s in spans],
+            visual_tokens_llm=n_visual.tolist(),
+            tokens_per_layer=tokens.tolist(),
+            visual_per_layer=visual.tolist(),
+            frozen_layers=sorted(self.frozen),
+            kernel_backend=kernels.backend(state.hidden),
+            kv_cache_bytes=cache.nbytes(),
+        )
+        return PrefillOutput(logits, state, input_state, cache, record, captures)
+
+    def _prune(self, state: SeqState, layer: int, scores) -> tuple[SeqState, bool]:
+        ctx = LayerContext(
+            layer=layer,
+            num_layers=self.model.num_layers,
+            hidden=state.hidden,
+            valid=state.valid,
+            kind=state.kind,
+            positions=state.positions,
+            orig_index=state.orig_index,
+            scores=scores,
+        )
+        keep = state.valid.clone()
+        for s in self.prune_at[layer]:
+            k = s.keep(ctx)
+            if k.shape != keep.shape or k.dtype != torch.bool:
+                raise TokencompError(f"{s}.keep must return a (B, n) bool mask, got {tuple(k.shape)} {k.dtype}")
+            keep &= k
+        keep |= state.valid & (state.kind == TEXT)  # text tokens are never dropped
+        if bool((keep == state.valid).all()):
+            return state, False
+        index, valid = repack(keep)
+        new = state.gather(index, valid)
+        if self.options.llm_positions == "contiguous":
+            new.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        return new, True
+
+    def _decoder_rows(self, layer, got, state: SeqState, cos_sin, query: str) -> torch.Tensor:
+        """Per-head softmax attention rows ``(B, heads, rows, n)`` from the captured norm output and keys."""
+        m = self.model
+        attn = layer.self_attn
+        x, k = got["input_layernorm"], got["k_proj"]
+        b, n, _ = x.shape
+        hd = attn.head_dim
+        cos, sin = cos_sin
+        if query == "last":
+            rows = torch.full((b, 1), n - 1, device=x.device)
+            row_ok = torch.ones(b, 1, dtype=torch.bool, device=x.device)
+        else:
+            rows, row_ok = repack(state.valid & (state.kind == TEXT))
+        take = rows[..., None].expand(-1, -1, x.shape[-1])
+        q = attn.q_proj(torch.gather(x, 1, take)).view(b, rows.shape[1], -1, hd).transpose(1, 2)
+        gcos = torch.gather(cos, 1, rows[..., None].expand(-1, -1, cos.shape[-1]))
+        gsin = torch.gather(sin, 1, rows[..., None].expand(-1, -1, sin.shape[-1]))
+        q = m.apply_rope(q, gcos, gsin).float()
+        kh = m.apply_rope(k.view(b, n, -1, hd).transpose(1, 2), cos, sin).float()
+        kh = kh.repeat_interleave(attn.num_key_value_groups, dim=1)
+        logits = q @ kh.transpose(-1, -2) * attn.scaling  # (B, H, r, n)
+        allowed = state.valid[:, None, :] & (torch.arange(n, device=x.device)[None, None] <= rows[..., None])
+        probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+        probs = probs.masked_fill(~row_ok[:, None, :, None], 0.0)
+        if query != "last":  # mean over the real text rows, kept per head
+            probs = probs.sum(2, keepdim=True) / row_ok.sum(1).clamp(min=1)[:, None, None, None]
+        return probs
+
+    def _frozen_layer(self, layer, idx: int, state: SeqState, cos_sin, cache: LayerKVCache) -> torch.Tensor:
+        """A layer in which image tokens pass through unchanged but still give keys and values."""
+        m = self.model
+        attn = layer.self_attn
+        h = state.hidden
+        b, n, d = h.shape
+        hd = attn.head_dim
+        cos, sin = cos_sin
+        text_idx, text_ok = repack(state.valid & (state.kind == TEXT))
+        t = text_idx.shape[1]
+        x = layer.input_layernorm(h)
+        take = text_idx[..., None].expand(-1, -1, d)
+        xt = torch.gather(x, 1, take)
+        q = attn.q_proj(xt).view(b, t, -1, hd).transpose(1, 2)
+        k = attn.k_proj(x).view(b, n, -1, hd).transpose(1, 2)
+        v = attn.v_proj(x).view(b, n, -1, hd).transpose(1, 2)
+        tcos = torch.gather(cos, 1, text_idx[..., None].expand(-1, -1, cos.shape[-1]))
+        tsin = torch.gather(sin, 1, text_idx[..., None].expand(-1, -1, sin.shape[-1]))
+        q = m.apply_rope(q, tcos, tsin)
+        k = m.apply_rope(k, cos, sin)
+        k, v = cache.update(k, v, idx)
+        mask = self._mask(state.valid, text_idx, h.dtype)
+        out, _ = m.attention_function(attn)(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+        out = attn.o_proj(out.reshape(b, t, -1))
+        ht = torch.gather(h, 1, take) + out
+        ht = ht + layer.mlp(layer.post_attention_layernorm(ht))
+        new = h.clone()
+        new.scatter_(1, take, torch.where(text_ok[..., None], ht, torch.gather(h, 1, take)))
+        return new
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: Batch, max_new_tokens: int = 32, eos_token_id: int | None = None, pad_token_id: int = 0):
+        """Greedy decoding. Returns ``(tokens per sample (lists, EOS included), PrefillOutput)``."""
+        if max_new_tokens < 1:
+            raise TokencompError(f"max_new_tokens={max_new_tokens} is outside the allowed range [1, inf]")
+        m = self.model
+        sync = torch.cuda.synchronize if m.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        pre = self.prefill(batch)
+        sync()
+        t1 = time.perf_counter()
+        cache = pre.cache
+        nxt = pre.logits.argmax(-1)
+        steps = [nxt]
+        done = nxt == eos_token_id if eos_token_id is not None else torch.zeros_like(nxt, dtype=torch.bool)
+        for _ in range(max_new_tokens - 1):
+            if bool(done.all()):
+                break
+            x = m.embed_tokens(nxt[:, None])
+            for i, layer in enumerate(m.layers):
+                pos = cache.next_pos[i][:, None]
+                key_valid = torch.cat([cache.valid[i], torch.ones_like(cache.valid[i][:, :1])], dim=1)
+                mask = None
+                if not bool(key_valid.all()):
+                    mask = self._mask(key_valid, torch.full_like(pos, key_valid.shape[1] - 1), x.dtype)
+                x = layer(
+                    x,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                    position_embeddings=self._rope(x, pos),
+                )
+                cache.valid[i] = key_valid
+                cache.next_pos[i] = cache.next_pos[i] + 1
+            logits = m.lm_head(m.norm(x[:, -1])).float()
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), logits.argmax(-1))
+            steps.append(nxt)
+            if eos_token_id is not None:
+                done = done | (nxt == eos_token_id)
+        sync()
+        t2 = time.perf_counter()
+        gen = torch.stack(steps, dim=1).tolist()
+        out = []
+        for row in gen:
+            if eos_token_id is not None and eos_token_id in row:
+                row = row[: row.index(eos_token_id) + 1]
+            out.append(row)
+        pre.record.prefill_s = t1 - t0
+        pre.record.decode_s = t2 - t1
+        pre.record.new_tokens = [len(r) for r in out]
+        pre.record.kv_cache_bytes = cache.nbytes()
+        pre.record.kv_cache_lengths = cache.valid_lengths().tolist()
+        return out, pre
+
+
+@contextmanager
+def _capture(module, names: list[str], extra: dict | None = None):
+    """Forward hooks that store the outputs of ``module.<name>`` (and ``extra`` modules) for one call.
+
+    Yields a dict name -> output; the hooks are always removed on exit.
+    """
+    got: dict[str, torch.Tensor] = {}
+    handles = []
+    targets = {name: getattr(module, name) for name in names}
+    targets.update(extra or {})
+    try:
+        for name, mod in targets.items():
+            handles.append(mod.register_forward_hook(lambda _m, _i, out, name=name: got.__setitem__(name, out)))
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _nothing():
+    yield {}

@@ -1,0 +1,42 @@
+"""Token bookkeeping helpers: left padding and re-packing after tokens are dropped."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pad_left(rows: list[torch.Tensor], value=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D (or ``(n_i, d)``) tensors of different lengths, padding on the left.
+
+    Returns ``(padded (B, n_max, ...), valid (B, n_max) bool)``.
+    """
+    n = max(r.shape[0] for r in rows)
+    out = rows[0].new_full((len(rows), n, *rows[0].shape[1:]), value)
+    valid = torch.zeros(len(rows), n, dtype=torch.bool, device=rows[0].device)
+    for b, r in enumerate(rows):
+        if r.shape[0]:
+            out[b, n - r.shape[0] :] = r
+            valid[b, n - r.shape[0] :] = True
+    return out, valid
+
+
+def repack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices that gather the kept tokens of each row, in order, right-aligned (left padded).
+
+    Args:
+        keep: ``(B, n)`` bool.
+
+    Returns:
+        ``index (B, k)`` long with ``k = max kept per row`` (padding slots hold 0) and
+        ``valid (B, k)`` bool marking the real slots.
+    """
+    b, n = keep.shape
+    counts = keep.sum(1)
+    k = int(counts.max()) if b else 0
+    rank = keep.long().cumsum(1) - 1
+    dest = rank + (k - counts)[:, None]
+    index = torch.zeros(b, k, dtype=torch.long, device=keep.device)
+    rows, cols = keep.nonzero(as_tuple=True)
+    index[rows, dest[rows, cols]] = cols
+    valid = torch.arange(k, device=keep.device)[None] >= (k - counts)[:, None]
+    return index, valid

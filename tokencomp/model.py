@@ -1,0 +1,231 @@
+"""Model adapters: a LLaVA-1.5 or LLaVA-NeXT Hugging Face model plus its processor, with the parts
+the engine drives exposed by name (vision tower layers, projector, decoder layers, rotary
+embedding, final norm, LM head) and the view layout of an image (thumbnail, crop grid, unpadding).
+
+Nothing here patches transformers: the engine calls these modules directly.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+)
+from transformers.image_processing_utils import select_best_resolution
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+from .errors import TokencompError, UnsupportedModelError
+
+# Embedded default models, shipped inside the package (see the embedded-default issue).
+EMBEDDED_DIR = Path(__file__).parent / "assets"
+EMBEDDED = {"tiny-llava": "tiny-llava", "tiny-llava-next": "tiny-llava-next"}
+
+
+class Model:
+    """A LLaVA-family model the engine can drive.
+
+    Args:
+        hf: a ``LlavaForConditionalGeneration`` (LLaVA-1.5) or ``LlavaNextForConditionalGeneration``.
+        processor: its processor (tokenizer + image processor); needed by `tokencomp.generate`.
+        name: a label for records.
+
+    Attributes:
+        family: ``"llava"`` or ``"llava-next"``.
+        vision_model: the CLIP ``vision_model`` (embeddings, pre-norm, encoder layers).
+        projector: the multimodal projector (vision features -> LM embeddings).
+        image_newline: ``(d,)`` LLaVA-NeXT row-end embedding, or None.
+        layers: decoder layers; ``rotary_emb``, ``norm``, ``embed_tokens``, ``lm_head`` as named.
+        grid: ``(h, w)`` patch grid of one view; ``patches_per_view = h * w``.
+        feature_layers: vision layer outputs fed to the projector (``vision_feature_layer``).
+    """
+
+    def __init__(self, hf: nn.Module, processor=None, name: str | None = None) -> None:
+        if isinstance(hf, LlavaNextForConditionalGeneration):
+            self.family = "llava-next"
+        elif isinstance(hf, LlavaForConditionalGeneration):
+            self.family = "llava"
+        else:
+            raise UnsupportedModelError(
+                f"tokencomp drives LlavaForConditionalGeneration and LlavaNextForConditionalGeneration, got {type(hf).__name__}"
+            )
+        self.hf = hf.eval()
+        self.processor = processor
+        self.name = name or getattr(hf.config, "_name_or_path", "") or self.family
+        cfg = hf.config
+        tower = hf.model.vision_tower
+        vm = getattr(tower, "vision_model", tower)  # transformers 5 dropped the wrapper
+        if not hasattr(vm, "encoder") or not hasattr(vm, "embeddings"):
+            raise UnsupportedModelError(f"vision tower {type(tower).__name__} is not a CLIP-style vision model")
+        self.vision_model = vm
+        self.vision_layers_list = self.vision_model.encoder.layers
+        self.has_cls = hasattr(self.vision_model.embeddings, "class_embedding")
+        if cfg.vision_feature_select_strategy != "default" or not self.has_cls:
+            raise UnsupportedModelError(
+                "only vision_feature_select_strategy='default' with a CLS token is supported, got "
+                f"{cfg.vision_feature_select_strategy!r} (has CLS: {self.has_cls})"
+            )
+        fl = cfg.vision_feature_layer
+        self.feature_layers = [fl] if isinstance(fl, int) else list(fl)
+        self.projector = hf.model.multi_modal_projector
+        self.image_newline = getattr(hf.model, "image_newline", None)
+        lm = hf.model.language_model
+        self.language_model = lm
+        self.layers = lm.layers
+        self.rotary_emb = lm.rotary_emb
+        self.norm = lm.norm
+        self.embed_tokens = lm.embed_tokens
+        self.lm_head = hf.lm_head
+        for i, layer in enumerate(self.layers):
+            for part in ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn"):
+                if not hasattr(layer, part):
+                    raise UnsupportedModelError(f"decoder layer {i} ({type(layer).__name__}) has no {part}")
+        attn = self.layers[0].self_attn
+        self._rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+        if self._rope is None:
+            raise UnsupportedModelError(f"cannot find apply_rotary_pos_emb for {type(attn).__name__}")
+        vc = cfg.vision_config
+        self.view_size = vc.image_size
+        self.grid = (vc.image_size // vc.patch_size, vc.image_size // vc.patch_size)
+        self.patches_per_view = self.grid[0] * self.grid[1]
+        self.image_token_id = cfg.image_token_id
+        self.pinpoints = getattr(cfg, "image_grid_pinpoints", None)
+        self.num_layers = len(self.layers)
+        self.vision_num_layers = len(self.vision_layers_list)
+        self.attn_implementation = cfg.text_config._attn_implementation or "eager"
+
+    # -- loading --------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        attn_implementation: str = "sdpa",
+    ) -> Model:
+        """Load any LLaVA-1.5 / LLaVA-NeXT checkpoint and its processor from a local directory."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise TokencompError(f"{str(path)!r} is not a model directory (no config.json)")
+        config = AutoConfig.from_pretrained(path)
+        classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+        if config.model_type not in classes:
+            raise UnsupportedModelError(f"model_type {config.model_type!r} is not one of {sorted(classes)}")
+        hf = classes[config.model_type].from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        processor = AutoProcessor.from_pretrained(path)
+        return cls(hf.to(device), processor, name=path.name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def tokenizer(self):
+        if self.processor is None:
+            raise TokencompError("this model has no processor; pass one to tokencomp.Model(hf, processor)")
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    # -- view layout ----------------------------------------------------------------------------
+    def crop_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """``(rows, cols)`` of AnyRes crops for an image of ``(height, width)`` pixels; ``(0, 0)``
+        for LLaVA-1.5 (a single view)."""
+        if self.family == "llava":
+            return (0, 0)
+        h, w = select_best_resolution([int(image_size[0]), int(image_size[1])], self.pinpoints)
+        return (h // self.view_size, w // self.view_size)
+
+    def views_per_image(self, image_size: tuple[int, int]) -> int:
+        """Views the vision tower encodes for one image (1, or thumbnail + crops)."""
+        rows, cols = self.crop_grid(image_size)
+        return 1 + rows * cols
+
+    def crop_region(self, image_size: tuple[int, int], grid: tuple[int, int] | None = None):
+        """The unpadded region of the combined crop grid, as LLaVA-NeXT computes it.
+
+        Returns ``(rows, cols, r0, height, c0, width)``: crop grid shape and the kept window
+        ``[r0, r0+height) x [c0, c0+width)`` of the ``(rows*gh, cols*gw)`` token grid.
+        """
+        rows, cols = self.crop_grid(image_size)
+        gh, gw = grid or self.grid
+        return (rows, cols, *_unpadded_window(rows * gh, cols * gw, int(image_size[0]), int(image_size[1])))
+
+    def image_token_count(self, image_size: tuple[int, int]) -> int:
+        """Visual tokens of one image in the uncompressed prompt (newline tokens included)."""
+        n = self.patches_per_view
+        if self.family == "llava":
+            return n
+        _, _, _, height, _, width = self.crop_region(image_size)
+        return n + height * (width + 1)
+
+    def crop_valid(self, image_size: tuple[int, int]) -> torch.Tensor:
+        """``(rows*cols, N)`` bool: crop patches that survive unpadding (crops in raster order)."""
+        rows, cols, r0, height, c0, width = self.crop_region(image_size)
+        gh, gw = self.grid
+        r = torch.arange(rows * gh)[:, None]
+        c = torch.arange(cols * gw)[None, :]
+        inside = (r >= r0) & (r < r0 + height) & (c >= c0) & (c < c0 + width)
+        return inside.view(rows, gh, cols, gw).permute(0, 2, 1, 3).reshape(rows * cols, gh * gw)
+
+    # -- attention helpers ----------------------------------------------------------------------
+    def apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of ``x`` ``(B, heads, n, d_head)`` with ``cos/sin`` ``(B, n, d_head)``."""
+        return self._rope(x, x, cos, sin)[0]
+
+    def attention_function(self, attn: nn.Module) -> Callable:
+        """The transformers attention function the model is configured with (SDPA, eager, ...)."""
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        impl = attn.config._attn_implementation
+        module = sys.modules[type(attn).__module__]
+        eager = getattr(module, "eager_attention_forward", eager_attention_forward)
+        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+
+    def __repr__(self) -> str:
+        return (
+            f"Model({self.name!r}, family={self.family}, layers={self.num_layers}, "
+            f"grid={self.grid}, attn={self.attn_implementation})"
+        )
+
+
+@lru_cache(maxsize=4096)
+def _unpadded_window(full_h: int, full_w: int, orig_h: int, orig_w: int) -> tuple[int, int, int, int]:
+    probe = torch.arange(full_h * full_w).view(1, full_h, full_w)
+    kept = unpad_image(probe, (orig_h, orig_w))
+    first = int(kept[0, 0, 0])
+    return first // full_w, kept.shape[1], first % full_w, kept.shape[2]
+
+
+def load_model(name_or_path: str | Path, **kwargs) -> Model:
+    """Load a model by embedded name (``"tiny-llava"``, ``"tiny-llava-next"``) or local path.
+
+    Keyword arguments go to `Model.from_pretrained` (``dtype``, ``device``, ``attn_implementation``).
+    No hub download is ever attempted.
+    """
+    key = str(name_or_path)
+    if key in EMBEDDED:
+        path = EMBEDDED_DIR / EMBEDDED[key]
+        if not (path / "config.json").is_file():
+            raise TokencompError(
+                f"embedded model {key!r} is not shipped in this build ({path} is missing); "
+                "pass a local checkpoint directory instead"
+            )
+        return Model.from_pretrained(path, **kwargs)
+    path = Path(name_or_path)
+    if not path.exists():
+        raise TokencompError(
+            f"{key!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor an existing local path"
+        )
+    return Model.from_pretrained(path, **kwargs)

@@ -1,0 +1,41 @@
+"""The run record: what a run did, per sample and per layer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RunRecord:
+    """Counts and timings of one engine run (lists are per sample unless said otherwise).
+
+    Attributes:
+        method: the strategies applied, as strings.
+        visual_tokens_in: image-placeholder tokens of the uncompressed prompt.
+        visual_tokens_llm: visual tokens entering the LLM (after the vision stage; newline tokens not counted).
+        tokens_per_layer: ``[sample][layer]`` tokens each decoder layer processed (text + image span).
+        visual_per_layer: ``[sample][layer]`` image-span tokens present in each layer (frozen ones included).
+        frozen_layers: decoder layers in which image tokens were frozen.
+        kernel_backend: which token-kernel backend ran (``"torch"`` reference or ``"triton"``).
+        kv_cache_bytes: bytes of keys and values held at the end of the run.
+        kv_cache_lengths: ``[sample][layer]`` cached tokens at the end of the run.
+        prefill_s / decode_s: wall seconds (device-synchronised) of prefill and of decoding.
+        new_tokens: generated tokens per sample (EOS included).
+    """
+
+    method: list[str]
+    visual_tokens_in: list[int]
+    visual_tokens_llm: list[int]
+    tokens_per_layer: list[list[int]]
+    visual_per_layer: list[list[int]]
+    frozen_layers: list[int] = field(default_factory=list)
+    kernel_backend: str = "torch"
+    kv_cache_bytes: int = 0
+    kv_cache_lengths: list[list[int]] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    new_tokens: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain-data copy (JSON serialisable)."""
+        return asdict(self)

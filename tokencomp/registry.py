@@ -1,0 +1,81 @@
+"""Registry of compression strategies: ``@tc.register("name")`` and ``tc.method("name", **params)``.
+
+Method modules in the ``methods`` package register themselves on import; the registry imports
+that package lazily the first time a name is looked up, so ``import tokencomp`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import TypeVar
+
+from .errors import TokencompError, UnknownMethodError
+
+_REGISTRY: dict[str, type] = {}
+_BUILTINS_LOADED = False
+T = TypeVar("T", bound=type)
+
+
+def register(name: str) -> Callable[[T], T]:
+    """Class decorator: register a strategy class under ``name`` (made a dataclass if it is not).
+
+    Example::
+
+        @tc.register("keep-brightest")
+        class KeepBrightest(tc.VisionStrategy):
+            budget: int = 64
+            def select(self, view):
+                return view.features.norm(dim=-1).topk(self.budget, dim=-1).indices
+    """
+
+    def deco(cls: T) -> T:
+        if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
+            cls = dataclasses.dataclass(cls)
+        if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
+            raise TokencompError(f"method name {name!r} is already registered by {_REGISTRY[name]!r}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        importlib.import_module("methods")
+
+
+def available_methods() -> list[str]:
+    """Names of every registered strategy, sorted."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type:
+    """The strategy class registered under ``name``; `UnknownMethodError` lists the known names."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; available methods: {', '.join(sorted(_REGISTRY))}"
+        )
+    return _REGISTRY[name]
+
+
+def method(name: str, **params):
+    """Instantiate the strategy registered under ``name`` with ``params``.
+
+    Unknown parameter names raise a `TokencompError` naming the accepted ones; each strategy
+    validates its own values (budgets, ratios, layers) in ``__post_init__``.
+    """
+    cls = method_class(name)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    bad = sorted(set(params) - fields)
+    if bad:
+        raise TokencompError(
+            f"method {name!r} has no parameter(s) {bad}; accepted: {sorted(fields)}"
+        )
+    return cls(**params)

@@ -1,0 +1,319 @@
+"""The strategy API: three stages, each a small dataclass the engine applies.
+
+* `VisionStrategy` (before the LLM): selects or merges the patch tokens of every view
+  (the LLaVA-1.5 image; the LLaVA-NeXT thumbnail and each crop).
+* `LayerStrategy` (inside the LLM): before chosen decoder layers, drops visual tokens, usually
+  ranked by attention scores the engine captured at the previous layer.
+* `FreezeStrategy` (inside the LLM): in chosen layers visual tokens get no query, attention output
+  or MLP update (their hidden states pass through unchanged) but are still normed and projected to
+  keys/values so text tokens attend to them.
+
+A strategy declares what it needs captured through `needs()`: a list of `Need(kind, layer)`.
+Vision kinds index the vision tower's encoder layers (negative counts from the end, as
+``vision_feature_layer`` does); decoder kinds index decoder layers from 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+
+from .errors import BudgetError
+
+VISION_NEEDS = ("vision_cls_attention", "vision_cls_logits", "vision_keys")
+DECODER_NEEDS = ("decoder_attention_last", "decoder_attention_text")
+
+# token kinds in a sequence (`TokenLayout.kind`)
+PAD, TEXT, VISUAL, NEWLINE = 0, 1, 2, 3
+
+
+class Need(NamedTuple):
+    """One capture request: ``kind`` is one of `VISION_NEEDS` or `DECODER_NEEDS`, ``layer`` an index."""
+
+    kind: str
+    layer: int
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a strategy may check before any forward pass (all counts are tokens).
+
+    Attributes:
+        family: ``"llava"`` (LLaVA-1.5 style, one view per image) or ``"llava-next"`` (thumbnail + crops).
+        num_layers: decoder layers L.
+        vision_layers: vision encoder layers.
+        patches_per_view: N, patch tokens of one view (576 for 336 px / patch 14).
+        grid: ``(h, w)`` patch grid of one view.
+        has_crops: whether images are split into AnyRes crops.
+        visual_tokens: per sample, image-placeholder tokens in the uncompressed prompt.
+        views_valid: per sample, per view, patch tokens that survive LLaVA-NeXT unpadding.
+        has_cls: whether the vision tower has a CLS token.
+    """
+
+    family: str
+    num_layers: int
+    vision_layers: int
+    patches_per_view: int
+    grid: tuple[int, int]
+    has_crops: bool
+    visual_tokens: tuple[int, ...]
+    views_valid: tuple[tuple[int, ...], ...]
+    has_cls: bool = True
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """Return ``value`` if it is an int in ``[low, high]``, else raise `BudgetError` naming both."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BudgetError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        hi = "inf" if high is None else str(high)
+        raise BudgetError(f"{name}={value} is outside the allowed range [{low}, {hi}]")
+    return value
+
+
+def check_ratio(name: str, value: Any, low: float = 0.0, high: float = 1.0, *, open_high: bool = False) -> float:
+    """Return ``value`` as float if ``low <= value <= high`` (``< high`` with ``open_high``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BudgetError(f"{name} must be a number, got {value!r}")
+    ok = low <= value < high if open_high else low <= value <= high
+    if not ok:
+        bracket = ")" if open_high else "]"
+        raise BudgetError(f"{name}={value} is outside the allowed range [{low}, {high}{bracket}")
+    return float(value)
+
+
+class Strategy:
+    """Base of every strategy. Subclasses are dataclasses registered with `tokencomp.register`."""
+
+    stage: ClassVar[str] = ""
+    name: ClassVar[str] = "unnamed"
+
+    def needs(self) -> list[Need]:
+        """Scores the engine must capture for this strategy (default: none)."""
+        return []
+
+    def check(self, info: RunInfo) -> None:
+        """Raise a `TokencompError` if this strategy cannot serve ``info``; runs before any work."""
+
+    def params(self) -> dict[str, Any]:
+        """The strategy's parameters as plain data (for run records and result tables)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)} if hasattr(self, "__dataclass_fields__") else {}
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{self.name}({args})"
+
+
+# ----------------------------------------------------------------------------------------------
+# vision stage
+
+
+@dataclass
+class VisionView:
+    """All views of a batch that share one patch grid, as a vision strategy sees them.
+
+    Attributes:
+        features: ``(V, N, d_v)`` patch features at the projector's input layer (CLS excluded).
+        cls: ``(V, d_v)`` CLS feature at the same layer, or None for towers without CLS.
+        grid: ``(h, w)`` patch grid of a view; ``N = h * w``, raster order.
+        valid: ``(V, N)`` bool, patches that survive LLaVA-NeXT unpadding (all True otherwise).
+        role: ``(V,)`` long: 0 for the LLaVA-1.5 image or the NeXT thumbnail, ``j >= 1`` for crop j
+            (crops numbered from 1 in raster order of the crop grid).
+        image: ``(V,)`` long, index of the view's image in the batch (images counted over samples).
+        key: ``(V,)`` long, a per-sample stable id (image index within its sample * 1000 + role),
+            for seeding randomness so that a sample gives the same result alone or in a batch.
+        crop_grid: per image ``(rows, cols)`` of its crop grid, ``(0, 0)`` without crops.
+        captures: captured scores, keyed by `Need`; read them through the accessors below.
+    """
+
+    features: torch.Tensor
+    cls: torch.Tensor | None
+    grid: tuple[int, int]
+    valid: torch.Tensor
+    role: torch.Tensor
+    image: torch.Tensor
+    key: torch.Tensor
+    crop_grid: list[tuple[int, int]]
+    captures: dict[Need, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_views(self) -> int:
+        return self.features.shape[0]
+
+    def _get(self, kind: str, layer: int) -> torch.Tensor:
+        for need, value in self.captures.items():
+            if need.kind == kind and need.layer == layer:
+                return value
+        have = sorted(f"{n.kind}@{n.layer}" for n in self.captures)
+        raise KeyError(f"{kind} at vision layer {layer} was not captured; declare Need({kind!r}, {layer}) in needs() (captured: {have})")
+
+    def cls_attention(self, layer: int = -2) -> torch.Tensor:
+        """``(V, heads, 1 + N)`` softmax attention of the CLS query at encoder ``layer`` (column 0 = CLS)."""
+        return self._get("vision_cls_attention", layer)
+
+    def cls_logits(self, layer: int = -1) -> torch.Tensor:
+        """``(V, heads, 1 + N)`` pre-softmax scaled logits q·k/sqrt(d_head) of the CLS query."""
+        return self._get("vision_cls_logits", layer)
+
+    def keys(self, layer: int = -2) -> torch.Tensor:
+        """``(V, 1 + N, d_head)`` keys of encoder ``layer`` averaged over heads (row 0 = CLS)."""
+        return self._get("vision_keys", layer)
+
+
+@dataclass
+class ViewTokens:
+    """What a vision strategy returns for a `VisionView`.
+
+    Attributes:
+        features: ``(V, k, d_v)`` output tokens in vision-feature space (before the projector).
+        index: ``(V, k)`` long, the source patch index in ``[0, N)`` of each output token, or -1
+            for a token with no single source (merged, pooled, CLS).
+        count: ``(V,)`` long, how many of the k rows of each view are real (rest is padding).
+        grid: ``(gh, gw)`` when every view's output is a full raster grid of that shape (pooling,
+            identity); LLaVA-NeXT crops are then re-assembled, unpadded and given newline tokens
+            exactly as the uncompressed model does.
+    """
+
+    features: torch.Tensor
+    index: torch.Tensor
+    count: torch.Tensor
+    grid: tuple[int, int] | None = None
+
+
+class VisionStrategy(Strategy):
+    """Compress each view's patch tokens before the projector.
+
+    Write ``select(view) -> (V, k) indices`` (or a list of V 1-D index tensors when views keep
+    different counts) for a pruning policy; the engine gathers the tokens and, with
+    ``keep_order = True``, restores raster order. Override ``compress(view) -> ViewTokens`` for
+    merging or pooling.
+
+    Class attributes (override in a subclass or as a dataclass field):
+        keep_order: sort selected indices into raster order (default True).
+        newline: LLaVA-NeXT ``image_newline`` policy for selections placed back on the crop grid:
+            ``"keep"`` one newline after every unpadded row (as the uncompressed model),
+            ``"rows"`` only after rows that keep a token, ``"drop"`` none.
+    """
+
+    stage: ClassVar[str] = "vision"
+    keep_order: ClassVar[bool] = True
+    newline: ClassVar[str] = "keep"
+
+    def select(self, view: VisionView) -> torch.Tensor | list[torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must implement select() or compress()")
+
+    def compress(self, view: VisionView) -> ViewTokens:
+        """Default: gather the tokens chosen by `select`."""
+        from kernels import gather_tokens
+
+        idx = self.select(view)
+        num_views, n = view.features.shape[:2]
+        if isinstance(idx, torch.Tensor):
+            if idx.dim() != 2 or idx.shape[0] != num_views:
+                raise ValueError(f"{self.name}.select must return (V={num_views}, k) indices, got {tuple(idx.shape)}")
+            idx = idx.long()
+            count = torch.full((num_views,), idx.shape[1], dtype=torch.long, device=idx.device)
+        else:
+            if len(idx) != num_views:
+                raise ValueError(f"{self.name}.select returned {len(idx)} index lists for {num_views} views")
+            count = torch.tensor([len(i) for i in idx], dtype=torch.long)
+            k = int(count.max()) if num_views else 0
+            padded = torch.zeros(num_views, k, dtype=torch.long)
+            for v, i in enumerate(idx):
+                padded[v, : len(i)] = i.long().cpu()
+            idx, count = padded.to(view.features.device), count.to(view.features.device)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError(f"{self.name}.select returned indices outside [0, {n})")
+        if self.keep_order:
+            pad = torch.arange(idx.shape[1], device=idx.device)[None] >= count[:, None]
+            idx = idx.masked_fill(pad, n).sort(dim=1).values.masked_fill(pad, 0)
+        feats = gather_tokens(view.features, idx)
+        return ViewTokens(features=feats, index=idx, count=count)
+
+
+# ----------------------------------------------------------------------------------------------
+# layer stage
+
+
+@dataclass
+class LayerContext:
+    """The packed batch as a `LayerStrategy` sees it just before decoder layer ``layer``.
+
+    Attributes:
+        layer: the decoder layer about to run.
+        num_layers: L.
+        hidden: ``(B, n, d)`` hidden states entering the layer (left padded).
+        valid: ``(B, n)`` bool, real tokens.
+        kind: ``(B, n)`` int8 token kinds (`PAD`, `TEXT`, `VISUAL`, `NEWLINE`).
+        positions: ``(B, n)`` position ids.
+        orig_index: ``(B, n)`` index of each token in the uncompressed prompt.
+        scores: captured decoder attention rows, keyed by `Need`; read with `attention`.
+    """
+
+    layer: int
+    num_layers: int
+    hidden: torch.Tensor
+    valid: torch.Tensor
+    kind: torch.Tensor
+    positions: torch.Tensor
+    orig_index: torch.Tensor
+    scores: dict[Need, torch.Tensor]
+
+    @property
+    def image_mask(self) -> torch.Tensor:
+        """``(B, n)`` bool: tokens of the image span (visual and newline) that may be dropped."""
+        return self.valid & (self.kind >= VISUAL)
+
+    @property
+    def image_count(self) -> torch.Tensor:
+        """``(B,)`` long: image-span tokens per sample."""
+        return self.image_mask.sum(1)
+
+    def attention(self, layer: int, query: str = "last") -> torch.Tensor:
+        """``(B, n)`` head-mean softmax attention at decoder ``layer`` from the last token
+        (``query="last"``) or averaged over all text tokens (``"text"``), on this layer's tokens."""
+        need = Need(f"decoder_attention_{query}", layer)
+        if need not in self.scores:
+            raise KeyError(f"{need} was not captured; declare it in needs() (captured: {sorted(self.scores)})")
+        return self.scores[need]
+
+    def keep_top(self, scores: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+        """Keep mask ``(B, n)``: every non-image token, plus the ``count`` highest-scoring image
+        tokens of each sample (``count`` an int or a ``(B,)`` tensor, clipped to what exists)."""
+        img = self.image_mask
+        b, n = img.shape
+        count = torch.as_tensor(count, device=img.device).expand(b).clamp(min=0)
+        count = torch.minimum(count, img.sum(1))
+        s = scores.float().masked_fill(~img, float("-inf"))
+        order = s.argsort(dim=1, descending=True, stable=True)
+        rank_ok = torch.arange(n, device=img.device)[None] < count[:, None]
+        keep_img = torch.zeros_like(img).scatter(1, order, rank_ok)
+        return (self.valid & ~img) | (keep_img & img)
+
+
+class LayerStrategy(Strategy):
+    """Drop image tokens before chosen decoder layers.
+
+    Implement ``prune_layers(num_layers) -> list[int]`` (layers before which ``keep`` runs) and
+    ``keep(ctx) -> (B, n) bool``; text tokens are always kept whatever ``keep`` returns, and a
+    dropped token stays dropped in every later layer and in the KV cache.
+    """
+
+    stage: ClassVar[str] = "layer"
+
+    def prune_layers(self, num_layers: int) -> list[int]:
+        raise NotImplementedError
+
+    def keep(self, ctx: LayerContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FreezeStrategy(Strategy):
+    """Freeze image tokens in chosen decoder layers (they still serve as keys and values)."""
+
+    stage: ClassVar[str] = "freeze"
+
+    def frozen_layers(self, num_layers: int) -> list[int]:
+        raise NotImplementedError
