@@ -657,6 +657,8 @@ class Engine:
             return state, False
         index, valid = repack(keep)
         new = state.gather(index, valid)
+        for need in scores:  # scores captured earlier follow their tokens into the new packing
+            scores[need] = torch.gather(scores[need], 1, index)
         if self.options.llm_positions == "contiguous":
             new.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         return new, True

@@ -1,0 +1,75 @@
+"""Independent references built only from the unmodified Hugging Face modules."""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal_mask(n: int, dtype=torch.float32) -> torch.Tensor:
+    m = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)
+    return m[None, None]
+
+
+def run_layers(hf, hidden, positions, layers, frozen_visual=None):
+    """Run decoder ``layers`` (indices) of ``hf`` on ``hidden (1, n, d)`` with explicit positions.
+
+    ``frozen_visual``: ``{layer: (n,) bool}`` tokens whose hidden states pass through that layer.
+    """
+    lm = hf.model.language_model
+    cos_sin = lm.rotary_emb(hidden, positions)
+    mask = causal_mask(hidden.shape[1], hidden.dtype)
+    for i in layers:
+        out = lm.layers[i](hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=positions)
+        if frozen_visual and i in frozen_visual:
+            out = torch.where(frozen_visual[i][None, :, None], hidden, out)
+        hidden = out
+    return hidden
+
+
+def logits_last(hf, hidden):
+    lm = hf.model.language_model
+    return hf.lm_head(lm.norm(hidden[:, -1])).float()
+
+
+def embeds(hf, batch_one: dict) -> torch.Tensor:
+    """Input embeddings (1, T, d) with image features scattered in, via the HF model's own code."""
+    with torch.no_grad():
+        out = hf(**batch_one, output_hidden_states=True)
+    return out.hidden_states[0]
+
+
+def fastv_reference(hf, inputs: dict, image_token_id: int, k: int, ratio: float, steps: int):
+    """FastV on one unpadded sample, from eager attentions and an explicitly shortened sequence.
+
+    Returns (kept original indices, prefill last logits, greedy tokens by no-cache recomputation).
+    """
+    with torch.no_grad():
+        out = hf(**inputs, output_hidden_states=True, output_attentions=True)
+        ids = inputs["input_ids"][0]
+        n = ids.shape[0]
+        img = (ids == image_token_id).nonzero().flatten()
+        score = out.attentions[k - 1][0, :, -1, :].mean(0)[img]
+        n_keep = int(len(img) * (1 - ratio))
+        top = img[score.argsort(descending=True, stable=True)[:n_keep]]
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[img] = False
+        keep[top] = True
+        kept = keep.nonzero().flatten()
+        L = len(hf.model.language_model.layers)
+        h = out.hidden_states[k][:, kept]
+        h = run_layers(hf, h, kept[None], range(k, L))
+        first = logits_last(hf, h)
+        # decoding: recompute everything without a cache, the kept set fixed from the prefill
+        x0 = out.hidden_states[0]
+        tokens = [int(first.argmax(-1))]
+        emb = hf.model.language_model.embed_tokens
+        for _ in range(steps - 1):
+            new = emb(torch.tensor([tokens]))
+            x = torch.cat([x0, new], dim=1)
+            m = x.shape[1]
+            pos = torch.arange(m)[None]
+            x = run_layers(hf, x, pos, range(k))
+            sel = torch.cat([kept, torch.arange(n, m)])
+            x = run_layers(hf, x[:, sel], sel[None], range(k, L))
+            tokens.append(int(logits_last(hf, x).argmax(-1)))
+    return kept, first, tokens

@@ -1,0 +1,61 @@
+"""The identity strategy reproduces the unmodified Hugging Face model."""
+
+from __future__ import annotations
+
+import torch
+from conftest import PROMPTS, hf_inputs
+
+import tokencomp as tc
+
+
+def test_prefill_logits_match_hf_forward_batched(model, images):
+    batch = tc.prepare(model, images, PROMPTS)
+    assert bool((batch.attention_mask == 0).any()), "the batch should need padding"
+    pre = tc.Engine(model, tc.method("identity")).prefill(batch, all_logits=True)
+    with torch.no_grad():
+        ref = model.hf(**hf_inputs(batch)).logits
+    valid = batch.attention_mask.bool()
+    assert pre.logits.shape == ref.shape
+    torch.testing.assert_close(pre.logits[pre.state.valid], ref[valid].float(), rtol=1e-4, atol=1e-4)
+
+
+def test_no_method_equals_identity_method(model, images):
+    batch = tc.prepare(model, images[:2], PROMPTS[:2])
+    a = tc.Engine(model).prefill(batch).logits
+    b = tc.Engine(model, tc.method("identity")).prefill(batch).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_greedy_generation_matches_hf_generate(model, images):
+    batch = tc.prepare(model, images, PROMPTS)
+    tokens, pre = tc.Engine(model, tc.method("identity")).generate(batch, max_new_tokens=10, eos_token_id=None)
+    with torch.no_grad():
+        ref = model.hf.generate(
+            **hf_inputs(batch), max_new_tokens=10, do_sample=False, eos_token_id=None, min_new_tokens=10
+        )
+    ref_new = ref[:, batch.input_ids.shape[1] :].tolist()
+    assert all(len(t) == 10 for t in tokens)
+    assert tokens == ref_new
+
+
+def test_batch_equals_each_sample_alone(model, images):
+    batch = tc.prepare(model, images, PROMPTS)
+    eng = tc.Engine(model)
+    tokens, pre = eng.generate(batch, max_new_tokens=8, eos_token_id=None)
+    for i in range(3):
+        one = tc.prepare(model, [images[i]], [PROMPTS[i]])
+        t1, p1 = eng.generate(one, max_new_tokens=8, eos_token_id=None)
+        assert t1[0] == tokens[i]
+        torch.testing.assert_close(p1.logits[0], pre.logits[i], rtol=1e-4, atol=1e-4)
+
+
+def test_generate_api_and_record(model, images):
+    out = tc.generate(model, images[:2], PROMPTS[:2], max_new_tokens=3)
+    assert len(out.text) == 2 and all(1 <= len(t) <= 3 for t in out.tokens)
+    rec = out.record
+    n_vis = [model.image_token_count(tuple(reversed(im.size))) for im in images[:2]]
+    assert rec.visual_tokens_in == n_vis
+    # identity: every layer processes the whole prompt
+    for b in range(2):
+        assert len(set(rec.tokens_per_layer[b])) == 1
+        assert rec.visual_per_layer[b][0] == n_vis[b]

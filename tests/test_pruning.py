@@ -1,0 +1,57 @@
+"""In-LLM pruning (FastV) equals an independent reference on the explicitly shortened sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROMPTS, eager_copy, hf_inputs
+from reference import fastv_reference
+
+import tokencomp as tc
+
+
+@pytest.mark.parametrize("k,ratio", [(2, 0.5), (1, 0.75), (3, 0.25)])
+def test_fastv_matches_reference_prefill_and_decode(model, images, k, ratio):
+    hf = eager_copy(model)
+    for i in range(2):
+        batch = tc.prepare(model, [images[i]], [PROMPTS[i]])
+        kept, ref_logits, ref_tokens = fastv_reference(
+            hf, hf_inputs(batch), model.image_token_id, k, ratio, steps=6
+        )
+        tokens, pre = tc.Engine(model, tc.method("fastv", k=k, ratio=ratio)).generate(
+            batch, max_new_tokens=6, eos_token_id=None
+        )
+        assert pre.state.orig_index[0].tolist() == kept.tolist()
+        torch.testing.assert_close(pre.logits[0], ref_logits[0], rtol=1e-4, atol=1e-4)
+        assert tokens[0] == ref_tokens
+        # KV cache: full prompt before layer k, the kept tokens from layer k on, plus 5 decoded steps
+        n, n_kept = batch.input_ids.shape[1], len(kept)
+        L = model.num_layers
+        assert pre.record.kv_cache_lengths[0] == [n + 5] * k + [n_kept + 5] * (L - k)
+        assert pre.cache.lengths() == [n + 5] * k + [n_kept + 5] * (L - k)
+
+
+def test_fastv_budget_and_token_counts(model, images):
+    batch = tc.prepare(model, images, PROMPTS)
+    pre = tc.Engine(model, tc.method("fastv", k=2, budget=5)).prefill(batch)
+    rec = pre.record
+    for b in range(3):
+        assert rec.visual_per_layer[b][:2] == [rec.visual_tokens_in[b]] * 2
+        assert rec.visual_per_layer[b][2:] == [5] * (model.num_layers - 2)
+    # tokens kept keep their original positions (FastV's policy), in order
+    st = pre.state
+    for b in range(3):
+        pos = st.positions[b][st.valid[b]]
+        assert torch.equal(pos, st.orig_index[b][st.valid[b]])
+        assert bool((pos[1:] > pos[:-1]).all())
+
+
+def test_llm_contiguous_positions_option(model, images):
+    batch = tc.prepare(model, images[:1], PROMPTS[:1])
+    opts = tc.EngineOptions(llm_positions="contiguous")
+    pre = tc.Engine(model, tc.method("fastv", k=2), opts).prefill(batch)
+    n = int(pre.state.valid[0].sum())
+    assert pre.state.positions[0].tolist() == list(range(n))
+    # and the decoded token continues each layer's own numbering
+    assert pre.cache.next_pos[0].item() == batch.input_ids.shape[1]
+    assert pre.cache.next_pos[-1].item() == n
