@@ -27,7 +27,6 @@ class FastV(tc.LayerStrategy):
             raise tc.TokencompError(f"query must be 'last' or 'text', got {self.query!r}")
 
     def check(self, info: tc.RunInfo) -> None:
-        check_int("k (prune after layer k)", self.k, 1, info.num_layers - 1)
         if self.budget is not None:
             check_int("budget (image tokens kept)", self.budget, 1, min(info.visual_tokens or (0,)))
 

@@ -9,7 +9,6 @@ ShortV (arXiv 2504.00502) chooses the layers by layer contribution; here they ar
 from __future__ import annotations
 
 import tokencomp as tc
-from tokencomp.strategy import check_int
 
 
 @tc.register("freeze")
@@ -18,10 +17,6 @@ class FreezeLayers(tc.FreezeStrategy):
 
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)
-
-    def check(self, info: tc.RunInfo) -> None:
-        for layer in self.layers:
-            check_int("frozen layer", layer, 0, info.num_layers - 1)
 
     def frozen_layers(self, num_layers: int) -> list[int]:
         return list(self.layers)

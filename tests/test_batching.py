@@ -29,7 +29,11 @@ METHODS = {
     "uneven": lambda: _Uneven(),
     "random": lambda: tc.method("random", budget=7, seed=3),
     "pool": lambda: tc.method("pool", budget=6),
-    "compose": lambda: [tc.method("random", budget=20), tc.method("fastv", k=1, ratio=0.4), tc.method("freeze", layers=(2,))],
+    "compose": lambda: [
+        tc.method("random", budget=20),
+        tc.method("fastv", k=1, ratio=0.4),
+        tc.method("freeze", layers=(2,)),
+    ],
 }
 
 

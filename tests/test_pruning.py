@@ -15,9 +15,7 @@ def test_fastv_matches_reference_prefill_and_decode(model, images, k, ratio):
     hf = eager_copy(model)
     for i in range(2):
         batch = tc.prepare(model, [images[i]], [PROMPTS[i]])
-        kept, ref_logits, ref_tokens = fastv_reference(
-            hf, hf_inputs(batch), model.image_token_id, k, ratio, steps=6
-        )
+        kept, ref_logits, ref_tokens = fastv_reference(hf, hf_inputs(batch), model.image_token_id, k, ratio, steps=6)
         tokens, pre = tc.Engine(model, tc.method("fastv", k=k, ratio=ratio)).generate(
             batch, max_new_tokens=6, eos_token_id=None
         )

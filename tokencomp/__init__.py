@@ -20,9 +20,9 @@ from .strategy import (
     Need,
     RunInfo,
     Strategy,
+    ViewTokens,
     VisionStrategy,
     VisionView,
-    ViewTokens,
 )
 
 __version__ = "0.1.0"

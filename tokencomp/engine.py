@@ -20,6 +20,7 @@ Decoded tokens continue, in each layer, from that layer's last position + 1.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,9 +47,10 @@ from .strategy import (
     Need,
     RunInfo,
     Strategy,
+    ViewTokens,
     VisionStrategy,
     VisionView,
-    ViewTokens,
+    check_int,
 )
 
 
@@ -180,28 +182,22 @@ class Engine:
             for need in s.needs():
                 need = Need(*need)
                 if need.kind in VISION_NEEDS:
-                    lay = need.layer
-                    if not -model.vision_num_layers <= lay < model.vision_num_layers:
-                        raise TokencompError(
-                            f"{s}: vision layer {lay} outside [-{model.vision_num_layers}, {model.vision_num_layers - 1}]"
-                        )
+                    nv = model.vision_num_layers
+                    check_int(f"{s}: vision capture layer", need.layer, -nv, nv - 1)
                 elif need.kind in DECODER_NEEDS:
-                    if not 0 <= need.layer < L:
-                        raise TokencompError(f"{s}: decoder layer {need.layer} outside [0, {L - 1}]")
+                    check_int(f"{s}: decoder capture layer", need.layer, 0, L - 1)
                 else:
                     raise TokencompError(f"{s}: unknown need {need.kind!r}; known: {VISION_NEEDS + DECODER_NEEDS}")
                 self.needs.add(need)
         self.prune_at: dict[int, list[LayerStrategy]] = {}
         for s in self.layer_strategies:
             for lay in s.prune_layers(L):
-                if not 0 < lay < L:
-                    raise TokencompError(f"{s}: prune layer {lay} outside [1, {L - 1}]")
+                check_int(f"{s}: prune before layer", lay, 1, L - 1)
                 self.prune_at.setdefault(lay, []).append(s)
         self.frozen: set[int] = set()
         for s in self.freeze:
             for lay in s.frozen_layers(L):
-                if not 0 <= lay < L:
-                    raise TokencompError(f"{s}: frozen layer {lay} outside [0, {L - 1}]")
+                check_int(f"{s}: frozen layer", lay, 0, L - 1)
                 self.frozen.add(lay)
 
     # ------------------------------------------------------------------------------------------
@@ -284,7 +280,9 @@ class Engine:
         for s in self.strategies:
             s.check(info)
         if self.model.attn_implementation.startswith("flash") and bool((batch.attention_mask == 0).any()):
-            raise TokencompError("padded batches need attn_implementation 'sdpa' or 'eager' (flash masks not wired yet)")
+            raise TokencompError(
+                "padded batches need attn_implementation 'sdpa' or 'eager' (flash masks not wired yet)"
+            )
         return spans
 
     # ------------------------------------------------------------------------------------------
@@ -444,9 +442,11 @@ class Engine:
         f = f[r0 : r0 + height, c0 : c0 + width]
         same = (gh, gw) == m.grid
         src = out.index[crop_rows, : gh * gw] if same else torch.full((rows * cols, gh * gw), -1, device=dev)
-        src = src.view(rows, cols, gh, gw).permute(0, 2, 1, 3).reshape(rows * gh, cols * gw)[
-            r0 : r0 + height, c0 : c0 + width
-        ]
+        src = (
+            src.view(rows, cols, gh, gw)
+            .permute(0, 2, 1, 3)
+            .reshape(rows * gh, cols * gw)[r0 : r0 + height, c0 : c0 + width]
+        )
         kind = torch.full((height, width), VISUAL, dtype=torch.int8, device=dev)
         offset = torch.arange(height * (width + 1), device=dev).view(height, width + 1)[:, :width]
         if not same:
@@ -584,7 +584,7 @@ class Engine:
         spans = self.validate(batch)
         images, captures = self.encode_images(batch, spans)
         state, n_visual = self.build_sequence(batch, spans, images)
-        input_state = state
+        input_state = dataclasses.replace(state)  # the loop below rebinds state.hidden
         L = m.num_layers
         cache = LayerKVCache(L)
         bsz = state.hidden.shape[0]

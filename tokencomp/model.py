@@ -225,7 +225,5 @@ def load_model(name_or_path: str | Path, **kwargs) -> Model:
         return Model.from_pretrained(path, **kwargs)
     path = Path(name_or_path)
     if not path.exists():
-        raise TokencompError(
-            f"{key!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor an existing local path"
-        )
+        raise TokencompError(f"{key!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor an existing local path")
     return Model.from_pretrained(path, **kwargs)

@@ -59,9 +59,7 @@ def method_class(name: str) -> type:
     """The strategy class registered under ``name``; `UnknownMethodError` lists the known names."""
     _load_builtins()
     if name not in _REGISTRY:
-        raise UnknownMethodError(
-            f"unknown method {name!r}; available methods: {', '.join(sorted(_REGISTRY))}"
-        )
+        raise UnknownMethodError(f"unknown method {name!r}; available methods: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
@@ -75,7 +73,5 @@ def method(name: str, **params):
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     bad = sorted(set(params) - fields)
     if bad:
-        raise TokencompError(
-            f"method {name!r} has no parameter(s) {bad}; accepted: {sorted(fields)}"
-        )
+        raise TokencompError(f"method {name!r} has no parameter(s) {bad}; accepted: {sorted(fields)}")
     return cls(**params)

@@ -147,7 +147,9 @@ class VisionView:
             if need.kind == kind and need.layer == layer:
                 return value
         have = sorted(f"{n.kind}@{n.layer}" for n in self.captures)
-        raise KeyError(f"{kind} at vision layer {layer} was not captured; declare Need({kind!r}, {layer}) in needs() (captured: {have})")
+        raise KeyError(
+            f"{kind} at vision layer {layer} was not captured; declare Need({kind!r}, {layer}) in needs() (captured: {have})"
+        )
 
     def cls_attention(self, layer: int = -2) -> torch.Tensor:
         """``(V, heads, 1 + N)`` softmax attention of the CLS query at encoder ``layer`` (column 0 = CLS)."""

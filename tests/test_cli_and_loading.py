@@ -1,0 +1,114 @@
+"""Loading a checkpoint from a local path, and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import PROMPTS, make_images
+
+import tokencomp as tc
+from tokencomp.cli import main
+from tokencomp.tiny import tiny_llava
+
+
+@pytest.fixture(scope="module", params=["llava", "llava-next"])
+def saved(request, tmp_path_factory):
+    hf, proc = tiny_llava(request.param, seed=7)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    proc.save_pretrained(path)
+    image = path / "image.png"
+    make_images([(80, 120)])[0].save(image)
+    return path, hf, proc, image
+
+
+def test_load_model_from_local_path_equals_in_memory(saved):
+    path, hf, proc, image = saved
+    loaded = tc.load_model(path)
+    assert loaded.family == tc.Model(hf, proc).family
+    from PIL import Image
+
+    im = Image.open(image).convert("RGB")
+    a = tc.generate(loaded, [im], PROMPTS[:1], max_new_tokens=4)
+    b = tc.generate(tc.Model(hf, proc), [im], PROMPTS[:1], max_new_tokens=4)
+    assert a.tokens == b.tokens
+    torch.testing.assert_close(a.prefill.logits, b.prefill.logits)
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(tc.TokencompError, match="neither an embedded model"):
+        tc.load_model(tmp_path / "missing")
+    with pytest.raises(tc.TokencompError, match="not a model directory"):
+        tc.load_model(tmp_path)
+
+
+def test_cli_generate_json(saved, capsys):
+    path, hf, proc, image = saved
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(path),
+            "--image",
+            str(image),
+            "--prompt",
+            "what color ?",
+            "--method",
+            "random",
+            "--budget",
+            "5",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ]
+    )
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 1 <= len(out["tokens"]) <= 3
+    # the same run through the Python API gives the same tokens
+    from PIL import Image
+
+    im = Image.open(image).convert("RGB")
+    api = tc.generate(
+        tc.load_model(path), [im], ["<image>\nwhat color ?"], method=tc.method("random", budget=5), max_new_tokens=3
+    )
+    assert api.tokens[0] == out["tokens"]
+    assert out["record"]["visual_tokens_llm"] == api.record.visual_tokens_llm
+    if api.prefill.state.hidden.shape and "next" not in str(path):
+        assert out["record"]["visual_tokens_llm"] == [5]
+
+
+def test_cli_errors(saved, capsys):
+    path, _, _, image = saved
+    assert main(["generate", "--model", str(path), "--image", str(image), "--prompt", "x", "--method", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(path),
+                "--image",
+                str(image),
+                "--prompt",
+                "x",
+                "--method",
+                "random",
+                "--budget",
+                "0",
+            ]
+        )
+        == 2
+    )
+    assert "budget" in capsys.readouterr().err
+    assert main(["generate", "--model", str(path), "--image", "missing.png", "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_methods_lists_builtins(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("identity", "random", "pool", "bilinear", "fastv", "freeze"):
+        assert name in out

@@ -1,0 +1,111 @@
+"""Bad input gets a clear error naming the value and the allowed range, before any forward pass."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import PROMPTS
+
+import tokencomp as tc
+
+
+@pytest.fixture
+def forward_calls(model):
+    """Counts calls into the vision tower and the first decoder layer while a test runs."""
+    calls = []
+    hooks = [
+        model.vision_model.embeddings.register_forward_pre_hook(lambda *a: calls.append("vision")),
+        model.layers[0].register_forward_pre_hook(lambda *a: calls.append("decoder")),
+        model.embed_tokens.register_forward_pre_hook(lambda *a: calls.append("embed")),
+    ]
+    yield calls
+    for h in hooks:
+        h.remove()
+
+
+@tc.register("_test-needs-crops")
+class _NeedsCrops(tc.VisionStrategy):
+    """Stands in for a crop-allocation method (GlobalCom²-like) that cannot serve LLaVA-1.5."""
+
+    def check(self, info):
+        if not info.has_crops:
+            raise tc.UnsupportedModelError(
+                f"{self.name} needs a model with AnyRes crops; family {info.family!r} has none"
+            )
+
+    def select(self, view):
+        return view.features.norm(dim=-1).topk(3, dim=-1).indices
+
+
+def test_unknown_method():
+    with pytest.raises(tc.UnknownMethodError, match="unknown method 'nope'.*available methods:.*fastv"):
+        tc.method("nope")
+    with pytest.raises(tc.TokencompError, match="no parameter.*'budgett'.*accepted"):
+        tc.method("random", budgett=3)
+
+
+@pytest.mark.parametrize(
+    "make,pattern",
+    [
+        (lambda: tc.method("random", budget=0), r"budget.*=0 is outside the allowed range \[1, 36\]"),
+        (lambda: tc.method("random", budget=-4), r"budget.*=-4 is outside the allowed range \[1, 36\]"),
+        (lambda: tc.method("random", budget=37), r"budget.*=37 is outside the allowed range \[1, 36\]"),
+        (lambda: tc.method("pool", budget=500), r"budget.*=500 is outside the allowed range \[1, 36\]"),
+        (lambda: tc.method("pool", budget=7), r"must multiply to budget=7 and fit the \(6, 6\)"),
+        (lambda: tc.method("fastv", k=4), r"fastv\(k=4.*prune before layer=4 is outside the allowed range \[1, 3\]"),
+        (
+            lambda: tc.method("fastv", budget=10_000),
+            r"budget \(image tokens kept\)=10000 is outside the allowed range \[1, \d+\]",
+        ),
+        (
+            lambda: tc.method("freeze", layers=(1, 9)),
+            r"freeze\(layers=\(1, 9\)\): frozen layer=9 is outside the allowed range \[0, 3\]",
+        ),
+    ],
+)
+def test_bad_budget_before_any_forward(model, images, forward_calls, make, pattern):
+    with pytest.raises(tc.BudgetError, match=pattern):
+        tc.generate(model, images[:1], PROMPTS[:1], method=make())
+    assert forward_calls == []
+
+
+def test_bad_ratio_at_construction():
+    with pytest.raises(tc.BudgetError, match=r"ratio=1.0 is outside the allowed range \[0.0, 1.0\)"):
+        tc.method("fastv", ratio=1.0)
+
+
+def test_method_model_cannot_serve(models, images):
+    llava = models["llava"]
+    calls = []
+    h = llava.vision_model.embeddings.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(tc.UnsupportedModelError, match="needs a model with AnyRes crops.*'llava'"):
+            tc.generate(llava, images[:1], PROMPTS[:1], method=_NeedsCrops())
+    finally:
+        h.remove()
+    assert calls == []
+    out = tc.generate(models["llava-next"], images[:1], PROMPTS[:1], method=_NeedsCrops(), max_new_tokens=1)
+    assert out.record.visual_tokens_llm[0] > 0
+
+
+def test_image_count_mismatch(model, images, forward_calls):
+    with pytest.raises(tc.InputMismatchError, match="prompt 0 has 1 <image> placeholder.*2 image"):
+        tc.generate(model, [images[:2]], PROMPTS[:1])
+    with pytest.raises(tc.InputMismatchError, match="prompt 1 has 2 <image> placeholder.*1 image"):
+        tc.generate(model, images[:2], [PROMPTS[0], "<image> <image> what ?"])
+    with pytest.raises(tc.InputMismatchError, match="2 prompt.*3 image entries"):
+        tc.generate(model, images, PROMPTS[:2])
+    # a processed batch whose placeholders do not match its images (engine-level check)
+    batch = tc.prepare(model, images[:2], PROMPTS[:2])
+    batch.pixel_values = batch.pixel_values[:1]
+    if batch.image_sizes is not None:
+        batch.image_sizes = batch.image_sizes[:1]
+    with pytest.raises(tc.InputMismatchError, match="more image placeholders than the 1 image"):
+        tc.Engine(model).prefill(batch)
+    assert forward_calls == []
+
+
+def test_composition_errors(model):
+    with pytest.raises(tc.TokencompError, match="at most one vision strategy"):
+        tc.Engine(model, [tc.method("random"), tc.method("pool")])
+    with pytest.raises(tc.TokencompError, match="expected a tokencomp strategy"):
+        tc.Engine(model, ["fastv"])

@@ -1,0 +1,99 @@
+"""Vision-stage strategies: custom policies, selection/pooling bookkeeping, NeXT re-assembly."""
+
+from __future__ import annotations
+
+import torch
+from conftest import PROMPTS, hf_inputs, make_images
+
+import tokencomp as tc
+from tokencomp.strategy import NEWLINE, VISUAL
+
+
+@tc.register("keep-brightest")
+class KeepBrightest(tc.VisionStrategy):
+    budget: int = 64
+
+    def select(self, view: tc.VisionView) -> torch.Tensor:
+        return view.features.norm(dim=-1).topk(self.budget, dim=-1).indices
+
+
+def test_custom_policy_keeps_exactly_its_tokens(models, images):
+    model = models["llava"]
+    batch = tc.prepare(model, images, PROMPTS)
+    pre = tc.Engine(model, tc.method("keep-brightest", budget=5)).prefill(batch)
+    # independent: the vision tower's second-to-last hidden state, computed by the HF model
+    pix = batch.pixel_values
+    with torch.no_grad():
+        feats = model.hf.model.vision_tower(pix, output_hidden_states=True).hidden_states[-2][:, 1:]
+        ref_idx = feats.norm(dim=-1).topk(5, dim=-1).indices.sort(dim=-1).values
+        ref_tokens = model.projector(torch.gather(feats, 1, ref_idx[..., None].expand(-1, -1, feats.shape[-1])))
+    st = pre.input_state
+    for b in range(3):
+        vis = st.valid[b] & (st.kind[b] == VISUAL)
+        assert st.patch[b][vis].tolist() == ref_idx[b].tolist()
+        torch.testing.assert_close(st.hidden[b][vis], ref_tokens[b], rtol=1e-5, atol=1e-5)
+    assert pre.record.visual_tokens_llm == [5, 5, 5]
+    assert tc.available_methods().count("keep-brightest") == 1
+
+
+def test_next_selection_of_every_token_equals_identity(models, images):
+    """Random selection of all N tokens per view goes through the index path (placing tokens back
+    on the crop grid, unpadding, newlines); pooling to N goes through the grid path. Both must
+    equal the unmodified model."""
+    model = models["llava-next"]
+    n = model.patches_per_view
+    batch = tc.prepare(model, images, PROMPTS)
+    with torch.no_grad():
+        ref = model.hf(**hf_inputs(batch)).logits[:, -1].float()
+    for strat in (tc.method("random", budget=n), tc.method("pool", budget=n)):
+        pre = tc.Engine(model, strat).prefill(batch)
+        torch.testing.assert_close(pre.logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_next_token_accounting_and_newlines(models, images):
+    model = models["llava-next"]
+    batch = tc.prepare(model, images, PROMPTS)
+    budget = 7
+    pre = tc.Engine(model, tc.method("random", budget=budget)).prefill(batch)
+    st = pre.input_state
+    for b, im in enumerate(images):
+        size = (im.size[1], im.size[0])
+        valid_per_crop = model.crop_valid(size).sum(1)
+        expected = budget + int(valid_per_crop.clamp(max=budget).sum())
+        assert pre.record.visual_tokens_llm[b] == expected
+        rows, cols, r0, height, c0, width = model.crop_region(size)
+        assert int((st.kind[b] == NEWLINE).sum()) == height  # policy "keep": one per unpadded row
+        # crop tokens come in raster order of the combined grid, each row closed by a newline
+        off = st.orig_index[b][st.valid[b] & (st.kind[b] >= VISUAL)]
+        assert bool((off[budget:][1:] > off[budget:][:-1]).all())
+
+
+def test_vision_original_positions_option(models, images):
+    model = models["llava"]
+    batch = tc.prepare(model, images[:1], PROMPTS[:1])
+    strat = tc.method("random", budget=6, seed=1)
+    pre = tc.Engine(model, strat, tc.EngineOptions(vision_positions="original")).prefill(batch)
+    st = pre.input_state
+    assert torch.equal(st.positions[0], st.orig_index[0])
+    gap = int(st.positions[0, -1]) - (st.positions.shape[1] - 1)
+    assert gap == model.patches_per_view - 6
+    pre2 = tc.Engine(model, strat).prefill(batch)
+    assert pre2.input_state.positions[0].tolist() == list(range(pre2.input_state.positions.shape[1]))
+
+
+def test_multi_image_prompt_llava(models):
+    model = models["llava"]
+    ims = make_images([(50, 50), (70, 40), (30, 90)], seed=5)
+    prompts = ["USER : <image> and <image> which is red ? ASSISTANT :", "USER : <image> what ? ASSISTANT :"]
+    images = [[ims[0], ims[1]], ims[2]]
+    batch = tc.prepare(model, images, prompts)
+    with torch.no_grad():
+        ref = model.hf(**hf_inputs(batch)).logits[:, -1].float()
+    pre = tc.Engine(model).prefill(batch)
+    torch.testing.assert_close(pre.logits, ref, rtol=1e-4, atol=1e-4)
+    out = tc.generate(model, images, prompts, method=tc.method("random", budget=4), max_new_tokens=2)
+    assert out.record.visual_tokens_in == [72, 36]
+    assert out.record.visual_tokens_llm == [8, 4]
+    # a sample alone gives the same tokens as in the batch (different keep counts per sample)
+    alone = tc.generate(model, [images[0]], prompts[:1], method=tc.method("random", budget=4), max_new_tokens=2)
+    assert alone.tokens[0] == out.tokens[0]

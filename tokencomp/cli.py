@@ -1,0 +1,116 @@
+"""Command line: ``tokencomp generate``, ``tokencomp methods``, ``tokencomp demo``."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
+
+
+def _param(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--param takes KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tokencomp",
+        description="Visual-token compression for LLaVA-style models (pruning, merging, layer freezing).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="answer a prompt about image(s) with a compression method")
+    g.add_argument("--model", required=True, help="local checkpoint directory or embedded model name")
+    g.add_argument("--image", action="append", required=True, help="image file (repeat for several images)")
+    g.add_argument("--prompt", required=True, help="prompt text; one <image> per image is added in front if absent")
+    g.add_argument("--method", default="identity", help="registered method name (see `tokencomp methods`)")
+    g.add_argument("--budget", type=int, default=None, help="the method's token budget, if it has one")
+    g.add_argument(
+        "--param", action="append", type=_param, default=[], metavar="KEY=VALUE", help="other method parameters"
+    )
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--json", action="store_true", help="print the answer and the run record as JSON")
+
+    sub.add_parser("methods", help="list the registered methods and their parameters")
+
+    d = sub.add_parser("demo", help="run every method on tiny models and write a comparison table")
+    d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    return p
+
+
+def _generate(args) -> int:
+    from PIL import Image
+
+    import tokencomp as tc
+
+    params = dict(args.param)
+    if args.budget is not None:
+        params["budget"] = args.budget
+    strategy = tc.method(args.method, **params)  # validates name and parameter names first
+    for path in args.image:
+        if not Path(path).is_file():
+            raise tc.TokencompError(f"image file {path!r} does not exist")
+    model = tc.load_model(args.model)
+    images = [Image.open(p).convert("RGB") for p in args.image]
+    token = getattr(model.processor, "image_token", "<image>")
+    prompt = args.prompt
+    if token not in prompt:
+        prompt = " ".join([token] * len(images)) + "\n" + prompt
+    out = tc.generate(model, [images], [prompt], method=strategy, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps({"text": out.text[0], "tokens": out.tokens[0], "record": out.record.to_dict()}, indent=1))
+    else:
+        rec = out.record
+        print(out.text[0])
+        print(
+            f"[{strategy}] visual tokens {rec.visual_tokens_in[0]} -> {rec.visual_tokens_llm[0]} into the LLM; "
+            f"tokens per layer {rec.tokens_per_layer[0]}; prefill {rec.prefill_s * 1e3:.1f} ms",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _methods() -> int:
+    import dataclasses
+
+    import tokencomp as tc
+
+    for name in tc.available_methods():
+        if name.startswith("_"):
+            continue
+        cls = tc.method_class(name)
+        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        print(f"{name:12s} [{cls.stage}] {params}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tokencomp`` command."""
+    args = build_parser().parse_args(argv)
+    from .errors import TokencompError
+
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "methods":
+            return _methods()
+        if args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(Path(args.out))
+            return 0
+    except TokencompError as e:
+        print(f"tokencomp: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
