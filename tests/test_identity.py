@@ -59,3 +59,28 @@ def test_generate_api_and_record(model, images):
     for b in range(2):
         assert len(set(rec.tokens_per_layer[b])) == 1
         assert rec.visual_per_layer[b][0] == n_vis[b]
+
+
+def test_eager_attention_model_and_eos(family, images):
+    """The engine drives an eager-attention model too (explicit causal masks), and stops at EOS
+    exactly where Hugging Face generate does."""
+    from tokencomp.tiny import tiny_llava
+
+    hf, proc = tiny_llava(family, seed=3, attn_implementation="eager")
+    model = tc.Model(hf, proc)
+    batch = tc.prepare(model, images, PROMPTS)
+    pre = tc.Engine(model).prefill(batch, all_logits=True)
+    with torch.no_grad():
+        ref = hf(**hf_inputs(batch)).logits
+    torch.testing.assert_close(pre.logits[pre.state.valid], ref[batch.attention_mask.bool()], rtol=1e-4, atol=1e-4)
+    # make EOS the most likely token after a few steps by choosing it from a free run
+    free, _ = tc.Engine(model).generate(batch, max_new_tokens=6, eos_token_id=None)
+    eos = free[0][3]
+    tokens, _ = tc.Engine(model).generate(batch, max_new_tokens=6, eos_token_id=eos)
+    with torch.no_grad():
+        g = hf.generate(**hf_inputs(batch), max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    for b, row in enumerate(g[:, batch.input_ids.shape[1] :].tolist()):
+        if eos in row:
+            row = row[: row.index(eos) + 1]
+        assert tokens[b] == row
+    assert len(tokens[0]) <= 4 and tokens[0][-1] == eos

@@ -97,3 +97,34 @@ def test_multi_image_prompt_llava(models):
     # a sample alone gives the same tokens as in the batch (different keep counts per sample)
     alone = tc.generate(model, [images[0]], prompts[:1], method=tc.method("random", budget=4), max_new_tokens=2)
     assert alone.tokens[0] == out.tokens[0]
+
+
+def test_token_layout_records_views(models, images):
+    model = models["llava-next"]
+    batch = tc.prepare(model, images, PROMPTS)
+    for strat in (None, tc.method("random", budget=5), tc.method("pool", budget=4)):
+        pre = tc.Engine(model, strat).prefill(batch)
+        for b, im in enumerate(images):
+            lay = pre.input_state.layout(b)
+            rows, cols = model.crop_grid((im.size[1], im.size[0]))
+            vis = lay["kind"] == VISUAL
+            views = lay["view"][vis]
+            assert views.min() == 0 and views.max() == rows * cols
+            assert bool((lay["view"][lay["kind"] == NEWLINE] == -1).all())
+            assert bool((lay["image"][vis] == 0).all()) and bool(
+                (lay["image"][~vis & (lay["kind"] != NEWLINE)] == -1).all()
+            )
+            if strat is None or strat.name == "random":
+                # selected tokens carry their patch index; the thumbnail comes first, in raster order
+                thumb = lay["patch"][vis][views == 0]
+                assert bool((thumb[1:] > thumb[:-1]).all())
+
+
+def test_multi_image_prompt_llava_next(models):
+    model = models["llava-next"]
+    ims = make_images([(50, 90), (80, 40)], seed=6)
+    prompts = ["USER : <image> and <image> which is red ? ASSISTANT :"]
+    batch = tc.prepare(model, [ims], prompts)
+    with torch.no_grad():
+        ref = model.hf(**hf_inputs(batch)).logits[:, -1].float()
+    torch.testing.assert_close(tc.Engine(model).prefill(batch).logits, ref, rtol=1e-4, atol=1e-4)

@@ -103,7 +103,16 @@ class SeqState:
     positions: torch.Tensor  # (B, n) long
     orig_index: torch.Tensor  # (B, n) long, -1 unknown
     image: torch.Tensor  # (B, n) long, image index within the sample, -1 for text
+    view: torch.Tensor  # (B, n) long, 0 = base image / thumbnail, j = crop j, -1 text and newlines
     patch: torch.Tensor  # (B, n) long, source patch index in its view, -1 unknown
+
+    def layout(self, b: int) -> dict[str, torch.Tensor]:
+        """Sample ``b``'s token record without padding: ``kind``, ``positions``, ``orig_index``,
+        ``image``, ``view`` and ``patch``, each ``(n_b,)``."""
+        v = self.valid[b]
+        return {
+            name: getattr(self, name)[b][v] for name in ("kind", "positions", "orig_index", "image", "view", "patch")
+        }
 
     def gather(self, index: torch.Tensor, valid: torch.Tensor) -> SeqState:
         def g(t: torch.Tensor) -> torch.Tensor:
@@ -116,6 +125,7 @@ class SeqState:
             positions=g(self.positions),
             orig_index=g(self.orig_index),
             image=g(self.image),
+            view=g(self.view),
             patch=g(self.patch),
         )
 
@@ -411,6 +421,7 @@ class Engine:
             "feats": [proj[r0, :c0]],
             "kind": [torch.full((c0,), VISUAL, device=dev, dtype=torch.int8)],
             "patch": [idx0],
+            "view": [torch.zeros_like(idx0)],
             "offset": [idx0 if out.grid in (None, m.grid) else torch.full_like(idx0, -1)],
         }
         if len(rows) > 1:
@@ -447,6 +458,8 @@ class Engine:
             .permute(0, 2, 1, 3)
             .reshape(rows * gh, cols * gw)[r0 : r0 + height, c0 : c0 + width]
         )
+        vid = torch.arange(1, rows * cols + 1, device=dev).view(rows, cols, 1, 1).expand(rows, cols, gh, gw)
+        vid = vid.permute(0, 2, 1, 3).reshape(rows * gh, cols * gw)[r0 : r0 + height, c0 : c0 + width]
         kind = torch.full((height, width), VISUAL, dtype=torch.int8, device=dev)
         offset = torch.arange(height * (width + 1), device=dev).view(height, width + 1)[:, :width]
         if not same:
@@ -454,10 +467,17 @@ class Engine:
         if policy != "drop":
             f = torch.cat([f, newline.expand(height, 1, d)], dim=1)
             src = torch.cat([src, src.new_full((height, 1), -1)], dim=1)
+            vid = torch.cat([vid, vid.new_full((height, 1), -1)], dim=1)
             kind = torch.cat([kind, kind.new_full((height, 1), NEWLINE)], dim=1)
             nl_off = torch.arange(height, device=dev)[:, None] * (width + 1) + width
             offset = torch.cat([offset, nl_off if same else torch.full_like(nl_off, -1)], dim=1)
-        return {"feats": f.reshape(-1, d), "kind": kind.flatten(), "patch": src.flatten(), "offset": offset.flatten()}
+        return {
+            "feats": f.reshape(-1, d),
+            "kind": kind.flatten(),
+            "patch": src.flatten(),
+            "view": vid.flatten(),
+            "offset": offset.flatten(),
+        }
 
     def _crops_by_index(self, out, proj, crop_rows, size, crop_grid, newline, policy) -> dict:
         m = self.model
@@ -472,7 +492,7 @@ class Engine:
         r = (crop_id // cols) * gh + idx // gw - r0
         c = (crop_id % cols) * gw + idx % gw - c0
         inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
-        r, c, idx, feats = r[inside], c[inside], idx[inside], feats[inside]
+        r, c, idx, feats, vid = r[inside], c[inside], idx[inside], feats[inside], crop_id[inside] + 1
         key = r * (width + 1) + c
         kinds = torch.full_like(key, VISUAL, dtype=torch.int8)
         if policy != "drop":
@@ -480,17 +500,26 @@ class Engine:
             key = torch.cat([key, nl_rows * (width + 1) + width])
             feats = torch.cat([feats, newline.expand(len(nl_rows), -1)])
             idx = torch.cat([idx, idx.new_full((len(nl_rows),), -1)])
+            vid = torch.cat([vid, vid.new_full((len(nl_rows),), -1)])
             kinds = torch.cat([kinds, kinds.new_full((len(nl_rows),), NEWLINE)])
         order = key.argsort()
-        return {"feats": feats[order], "kind": kinds[order], "patch": idx[order], "offset": key[order]}
+        return {
+            "feats": feats[order],
+            "kind": kinds[order],
+            "patch": idx[order],
+            "view": vid[order],
+            "offset": key[order],
+        }
 
     def _crops_by_view(self, out, proj, crop_rows) -> dict:
         real = torch.arange(out.index.shape[1], device=proj.device)[None] < out.count[crop_rows][:, None]
         idx = out.index[crop_rows][real]
+        crop_id = torch.arange(len(crop_rows), device=proj.device)[:, None].expand_as(real)[real]
         return {
             "feats": proj[crop_rows][real],
             "kind": torch.full_like(idx, VISUAL, dtype=torch.int8),
             "patch": idx,
+            "view": crop_id + 1,
             "offset": torch.full_like(idx, -1),
         }
 
@@ -508,7 +537,7 @@ class Engine:
         for b, sample in enumerate(spans):
             row = ids[b][mask[b]]
             emb = m.embed_tokens(row)
-            pieces = {k: [] for k in ("hidden", "kind", "orig", "image", "patch", "pos")}
+            pieces = {k: [] for k in ("hidden", "kind", "orig", "image", "view", "patch", "pos")}
             cursor, vis = 0, 0
             for local, (start, length) in enumerate(sample + [(len(row), 0)]):
                 t = torch.arange(cursor, start, device=dev)
@@ -517,6 +546,7 @@ class Engine:
                 pieces["orig"].append(t)
                 pieces["image"].append(torch.full_like(t, -1))
                 pieces["patch"].append(torch.full_like(t, -1))
+                pieces["view"].append(torch.full_like(t, -1))
                 pieces["pos"].append(t)
                 if length == 0:
                     break
@@ -534,6 +564,7 @@ class Engine:
                 pieces["orig"].append(orig)
                 pieces["image"].append(torch.full((k,), local, device=dev))
                 pieces["patch"].append(tok["patch"])
+                pieces["view"].append(tok["view"])
                 pieces["pos"].append(pos)
                 cursor = start + length
                 img += 1
@@ -550,6 +581,7 @@ class Engine:
             positions=pad_left([s["pos"] for s in samples], 0)[0],
             orig_index=pad_left([s["orig"] for s in samples], -1)[0],
             image=pad_left([s["image"] for s in samples], -1)[0],
+            view=pad_left([s["view"] for s in samples], -1)[0],
             patch=pad_left([s["patch"] for s in samples], -1)[0],
         )
         return state, torch.tensor(n_visual)
