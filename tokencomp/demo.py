@@ -111,6 +111,7 @@ def run_demo(
     df.to_csv(out_dir / "results.csv", index=False)
     (out_dir / "results.md").write_text(
         "# tokencomp demo (tiny random-weight models)\n\n"
+        "Command: `tokencomp demo --out runs/demo`. "
         f"{samples} samples, batch {batch_size}, prefill median of {repeats} after warm-up, CPU.\n"
         "Agreement = share of samples whose greedy tokens equal the uncompressed model's.\n\n"
         + df.to_markdown(index=False, floatfmt=".3g")
