@@ -124,6 +124,14 @@ class Model:
         processor = AutoProcessor.from_pretrained(path)
         return cls(hf.to(device), processor, name=path.name)
 
+    @classmethod
+    def from_config(cls, config, processor=None, dtype: torch.dtype = torch.float32) -> Model:
+        """Build a random-weight model from a ``LlavaConfig`` or ``LlavaNextConfig`` (no weights read)."""
+        classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+        if getattr(config, "model_type", None) not in classes:
+            raise UnsupportedModelError(f"config model_type must be one of {sorted(classes)}, got {config!r:.80}")
+        return cls(classes[config.model_type](config).to(dtype), processor)
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
