@@ -163,9 +163,10 @@ def split_strategies(strategies) -> tuple[VisionStrategy | None, list[LayerStrat
     for s in strategies:
         if not isinstance(s, Strategy):
             raise TokencompError(f"expected a tokencomp strategy, got {type(s).__name__}: {s!r}")
-        {"vision": vision, "layer": layer, "freeze": freeze}.get(s.stage, []).append(s)
-        if s.stage not in ("vision", "layer", "freeze"):
-            raise TokencompError(f"strategy {s} has unknown stage {s.stage!r}")
+        stages = {"vision": vision, "layer": layer, "freeze": freeze}
+        if s.stage not in stages:
+            raise TokencompError(f"strategy {s} has unknown stage {s.stage!r}; expected one of {sorted(stages)}")
+        stages[s.stage].append(s)
     if len(vision) > 1:
         raise TokencompError(f"at most one vision strategy per run, got {[str(v) for v in vision]}")
     return (vision[0] if vision else None), layer, freeze
