@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
+import os
+
+# Triton kernels are tested on CPU through Triton's interpreter. The variable must be set before
+# anything imports triton (transformers may), since triton.language decorates its own library
+# functions at import time.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
 import pytest
 import torch
 from PIL import Image

@@ -1,0 +1,271 @@
+"""Triton implementations of the token kernels (same contracts as `kernels.reference`).
+
+They run on CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``
+set before this module is imported), which is how the tests check them without a GPU.
+Every kernel accumulates in float32 and writes the input dtype (float32 for attention rows).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _block(d: int, cap: int = 1024) -> int:
+    return min(cap, triton.next_power_of_2(max(int(d), 1)))
+
+
+# ------------------------------------------------------------------------------------------------
+# gather
+
+
+@triton.jit
+def _gather_kernel(x_ptr, idx_ptr, cnt_ptr, out_ptr, n, k, d, HAS_COUNT: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)  # b * k + i
+    blk = tl.program_id(1)
+    b = row // k
+    i = row % k
+    offs = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = offs < d
+    src = tl.load(idx_ptr + row).to(tl.int64)
+    take = m
+    if HAS_COUNT:
+        c = tl.load(cnt_ptr + b)
+        take = take & ((offs * 0 + i) < c)  # padding slots read nothing and store zeros
+    v = tl.load(x_ptr + (b.to(tl.int64) * n + src) * d + offs, mask=take, other=0.0)
+    tl.store(out_ptr + row.to(tl.int64) * d + offs, v, mask=m)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, n, d), (B, k) -> (B, k, d)``; see `kernels.reference.gather_tokens`."""
+    b, n, d = x.shape
+    k = index.shape[1]
+    x = x.contiguous()
+    out = torch.empty(b, k, d, dtype=x.dtype, device=x.device)
+    if b * k == 0 or d == 0:
+        return out
+    idx = index.contiguous().to(torch.int64)
+    cnt = count.contiguous().to(torch.int64) if count is not None else idx
+    block = _block(d)
+    _gather_kernel[(b * k, triton.cdiv(d, block))](
+        x, idx, cnt, out, n, k, d, HAS_COUNT=count is not None, BLOCK_D=block
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# grid pooling
+
+
+@triton.jit
+def _pool_kernel(x_ptr, out_ptr, h, w, gh, gw, d, MODE: tl.constexpr, MAX_WIN: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)  # v * gh * gw + o
+    blk = tl.program_id(1)
+    o = pid % (gh * gw)
+    v = pid // (gh * gw)
+    oy = o // gw
+    ox = o % gw
+    offs = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = offs < d
+    base = x_ptr + v.to(tl.int64) * h * w * d
+    acc = tl.full([BLOCK_D], 0.0, tl.float32)  # (tl.zeros is not available in the interpreter)
+    if MODE == 0:  # adaptive average pooling: window [floor(o*h/g), ceil((o+1)*h/g))
+        y0 = (oy * h) // gh
+        y1 = ((oy + 1) * h + gh - 1) // gh
+        x0 = (ox * w) // gw
+        x1 = ((ox + 1) * w + gw - 1) // gw
+        for dy in range(0, MAX_WIN):
+            for dx in range(0, MAX_WIN):
+                yy = y0 + dy
+                xx = x0 + dx
+                ok = ((offs * 0 + yy) < y1) & ((offs * 0 + xx) < x1)  # vector masks only
+                val = tl.load(base + (yy * w + xx) * d + offs, mask=m & ok, other=0.0)
+                acc += val.to(tl.float32)
+        acc = acc / ((y1 - y0) * (x1 - x0)).to(tl.float32)
+    else:  # bilinear, align_corners=False (PyTorch's source-coordinate rule, no antialias)
+        sy = tl.maximum((oy.to(tl.float32) + 0.5) * (h / gh) - 0.5, 0.0)
+        sx = tl.maximum((ox.to(tl.float32) + 0.5) * (w / gw) - 0.5, 0.0)
+        y0 = sy.to(tl.int32)
+        x0 = sx.to(tl.int32)
+        y1 = tl.minimum(y0 + 1, h - 1)
+        x1 = tl.minimum(x0 + 1, w - 1)
+        ly = sy - y0.to(tl.float32)
+        lx = sx - x0.to(tl.float32)
+        v00 = tl.load(base + (y0 * w + x0) * d + offs, mask=m, other=0.0).to(tl.float32)
+        v01 = tl.load(base + (y0 * w + x1) * d + offs, mask=m, other=0.0).to(tl.float32)
+        v10 = tl.load(base + (y1 * w + x0) * d + offs, mask=m, other=0.0).to(tl.float32)
+        v11 = tl.load(base + (y1 * w + x1) * d + offs, mask=m, other=0.0).to(tl.float32)
+        acc = (1 - ly) * ((1 - lx) * v00 + lx * v01) + ly * ((1 - lx) * v10 + lx * v11)
+    tl.store(out_ptr + pid.to(tl.int64) * d + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def pool_grid(x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mode: str = "avg") -> torch.Tensor:
+    """``(V, h*w, d) -> (V, gh*gw, d)``; see `kernels.reference.pool_grid`."""
+    if mode not in ("avg", "bilinear"):
+        raise ValueError(f"pool mode must be 'avg' or 'bilinear', got {mode!r}")
+    v, n, d = x.shape
+    h, w = grid
+    gh, gw = out
+    if n != h * w:
+        raise ValueError(f"x has {n} tokens per view, grid {grid} needs {h * w}")
+    x = x.contiguous()
+    res = torch.empty(v, gh * gw, d, dtype=x.dtype, device=x.device)
+    if v == 0 or d == 0:
+        return res
+    block = _block(d)
+    max_win = max(-(-h // gh), -(-w // gw)) + 1
+    _pool_kernel[(v * gh * gw, triton.cdiv(d, block))](
+        x, res, h, w, gh, gw, d, MODE=0 if mode == "avg" else 1, MAX_WIN=max_win, BLOCK_D=block
+    )
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# merge
+
+
+@triton.jit
+def _merge_kernel(x_ptr, t_ptr, w_ptr, acc_ptr, cnt_ptr, n, t, d, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)  # b * n + i
+    blk = tl.program_id(1)
+    b = row // n
+    tgt = tl.load(t_ptr + row)
+    if tgt >= 0:
+        offs = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+        m = offs < d
+        val = tl.load(x_ptr + row.to(tl.int64) * d + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_W:
+            val = val * tl.load(w_ptr + row).to(tl.float32)
+        dst = (b.to(tl.int64) * t + tgt) * d
+        tl.atomic_add(acc_ptr + dst + offs, val, mask=m)
+        if blk == 0:
+            tl.atomic_add(cnt_ptr + b * t + tgt, 1.0)
+
+
+def merge_tokens(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    num_targets: int,
+    weight: torch.Tensor | None = None,
+    mean: bool = True,
+) -> torch.Tensor:
+    """``(B, n, d) -> (B, t, d)`` scatter-sum / scatter-mean; see `kernels.reference.merge_tokens`."""
+    b, n, d = x.shape
+    x = x.contiguous()
+    acc = torch.zeros(b, num_targets, d, dtype=torch.float32, device=x.device)
+    cnt = torch.zeros(b, num_targets, dtype=torch.float32, device=x.device)
+    if b * n and d and num_targets:
+        tgt = target.contiguous().to(torch.int64)
+        wt = weight.contiguous().float() if weight is not None else acc
+        block = _block(d)
+        _merge_kernel[(b * n, triton.cdiv(d, block))](
+            x, tgt, wt, acc, cnt, n, num_targets, d, HAS_W=weight is not None, BLOCK_D=block
+        )
+    if mean:
+        acc = acc / cnt.clamp(min=1)[..., None]
+    return acc.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# attention rows
+
+
+@triton.jit
+def _rows_kernel(
+    q_ptr,
+    k_ptr,
+    valid_ptr,
+    qi_ptr,
+    logit_ptr,
+    prob_ptr,
+    H,
+    groups,
+    r,
+    n,
+    hd,
+    scale,
+    HAS_VALID: tl.constexpr,
+    HAS_QI: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b * H + h) * r + j
+    j = pid % r
+    bh = pid // r
+    h = bh % H
+    b = bh // H
+    hk = h // groups
+    dofs = tl.arange(0, BLOCK_D)
+    dm = dofs < hd
+    q = tl.load(q_ptr + pid.to(tl.int64) * hd + dofs, mask=dm, other=0.0).to(tl.float32)
+    kbase = k_ptr + ((b * (H // groups) + hk).to(tl.int64) * n) * hd
+    limit = n - 1
+    if HAS_QI:
+        limit = tl.load(qi_ptr + b * r + j)
+    row = pid.to(tl.int64) * n
+    run_max = -float("inf")
+    run_sum = 0.0
+    for start in range(0, n, BLOCK_N):
+        nofs = start + tl.arange(0, BLOCK_N)
+        nm = nofs < n
+        kb = tl.load(kbase + nofs[:, None] * hd + dofs[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
+        s = tl.sum(kb.to(tl.float32) * q[None, :], axis=1) * scale
+        ok = nm & (nofs <= limit)
+        if HAS_VALID:
+            ok = ok & (tl.load(valid_ptr + b * n + nofs, mask=nm, other=0) != 0)
+        s = tl.where(ok, s, -float("inf"))
+        tl.store(logit_ptr + row + nofs, s, mask=nm)
+        blk_max = tl.max(s, axis=0)
+        new_max = tl.maximum(run_max, blk_max)
+        safe = tl.where(new_max == -float("inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(s - safe), axis=0)
+        run_max = new_max
+    safe = tl.where(run_max == -float("inf"), 0.0, run_max)
+    inv = tl.where(run_sum > 0, 1.0 / run_sum, 0.0)
+    for start in range(0, n, BLOCK_N):
+        nofs = start + tl.arange(0, BLOCK_N)
+        nm = nofs < n
+        s = tl.load(logit_ptr + row + nofs, mask=nm, other=-float("inf"))
+        tl.store(prob_ptr + row + nofs, tl.exp(s - safe) * inv, mask=nm)
+
+
+def attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    key_valid: torch.Tensor | None = None,
+    query_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head logits and softmax of a few query rows; see `kernels.reference.attention_rows`."""
+    b, H, r, hd = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    if H % hkv:
+        raise ValueError(f"query heads {H} must be a multiple of key heads {hkv}")
+    logits = torch.empty(b, H, r, n, dtype=torch.float32, device=q.device)
+    probs = torch.empty_like(logits)
+    if b * H * r == 0 or n == 0:
+        return logits, probs
+    q = q.contiguous()
+    k = k.contiguous()
+    valid = key_valid.contiguous().to(torch.int8) if key_valid is not None else q
+    qi = query_index.contiguous().to(torch.int64) if query_index is not None else q
+    _rows_kernel[(b * H * r,)](
+        q,
+        k,
+        valid,
+        qi,
+        logits,
+        probs,
+        H,
+        H // hkv,
+        r,
+        n,
+        hd,
+        float(scale),
+        HAS_VALID=key_valid is not None,
+        HAS_QI=query_index is not None,
+        BLOCK_N=128,
+        BLOCK_D=_block(hd, 256),
+    )
+    return logits, probs
