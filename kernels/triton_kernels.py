@@ -222,7 +222,7 @@ def _rows_kernel(
         run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(s - safe), axis=0)
         run_max = new_max
     safe = tl.where(run_max == -float("inf"), 0.0, run_max)
-    inv = tl.where(run_sum > 0, 1.0 / run_sum, 0.0)
+    inv = tl.where(run_sum > 0, 1.0 / tl.where(run_sum > 0, run_sum, 1.0), 0.0)
     for start in range(0, n, BLOCK_N):
         nofs = start + tl.arange(0, BLOCK_N)
         nm = nofs < n

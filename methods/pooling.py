@@ -40,7 +40,7 @@ class _GridPool(tc.VisionStrategy):
 
     def compress(self, view: tc.VisionView) -> tc.ViewTokens:
         out = self.out_grid()
-        feats = kernels.pool_grid(view.features, view.grid, out, self.mode)
+        feats = kernels.pool_grid(view.features, view.grid, out, self.mode, backend=view.backend)
         nv, k = feats.shape[:2]
         index = feats.new_full((nv, k), -1).long()
         count = index.new_full((nv,), k)

@@ -56,12 +56,15 @@ from .strategy import (
 
 @dataclass
 class EngineOptions:
-    """Run options; see the module docstring for the position-id policies."""
+    """Run options: position-id policies (module docstring) and the token-kernel backend
+    (``"auto"``: Triton on CUDA tensors, PyTorch reference otherwise; ``"torch"``; ``"triton"``)."""
 
     vision_positions: str = "contiguous"
     llm_positions: str = "original"
+    kernel_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        kernels.backend(None, self.kernel_backend)  # validates the name
         for name in ("vision_positions", "llm_positions"):
             if getattr(self, name) not in ("contiguous", "original"):
                 raise TokencompError(f"{name} must be 'contiguous' or 'original', got {getattr(self, name)!r}")
@@ -114,12 +117,12 @@ class SeqState:
             name: getattr(self, name)[b][v] for name in ("kind", "positions", "orig_index", "image", "view", "patch")
         }
 
-    def gather(self, index: torch.Tensor, valid: torch.Tensor) -> SeqState:
+    def gather(self, index: torch.Tensor, valid: torch.Tensor, backend: str = "auto") -> SeqState:
         def g(t: torch.Tensor) -> torch.Tensor:
             return torch.gather(t, 1, index)
 
         return SeqState(
-            hidden=kernels.gather_tokens(self.hidden, index),
+            hidden=kernels.gather_tokens(self.hidden, index, backend=backend),
             valid=valid,
             kind=g(self.kind).masked_fill(~valid, PAD),
             positions=g(self.positions),
@@ -342,6 +345,7 @@ class Engine:
             key=torch.tensor(key, device=dev),
             crop_grid=crop_grid,
             captures=captures,
+            backend=self.options.kernel_backend,
         )
         if self.vision is None:
             n = m.patches_per_view
@@ -389,18 +393,19 @@ class Engine:
         q, k = got["q_proj"], got["k_proj"]
         v, n, _ = k.shape
         heads = attn.num_heads
-        qh = q[:, :1].view(v, 1, heads, -1).transpose(1, 2).float()  # (V, H, 1, hd)
-        kh = k.view(v, n, heads, -1).transpose(1, 2).float()  # (V, H, n, hd)
-        logits = (qh @ kh.transpose(-1, -2)).squeeze(2) * attn.scale  # (V, H, n)
+        qh = q[:, :1].view(v, 1, heads, -1).transpose(1, 2)  # (V, H, 1, hd): the CLS query only
+        kh = k.view(v, n, heads, -1).transpose(1, 2)  # (V, H, n, hd)
+        logits, probs = kernels.attention_rows(qh, kh, attn.scale, backend=self.options.kernel_backend)
+        logits, probs = logits.squeeze(2), probs.squeeze(2)  # (V, H, n)
         for need in self.needs:
             if need.kind not in VISION_NEEDS or need.layer % nl != layer:
                 continue
             if need.kind == "vision_cls_logits":
                 captures[need] = logits
             elif need.kind == "vision_cls_attention":
-                captures[need] = logits.softmax(-1)
+                captures[need] = probs
             else:
-                captures[need] = kh.mean(1)  # (V, n, hd) head-mean keys
+                captures[need] = kh.float().mean(1)  # (V, n, hd) head-mean keys
 
     def _project(self, out: ViewTokens) -> torch.Tensor:
         nv, k = out.index.shape
@@ -663,7 +668,7 @@ class Engine:
             tokens_per_layer=tokens.tolist(),
             visual_per_layer=visual.tolist(),
             frozen_layers=sorted(self.frozen),
-            kernel_backend=kernels.backend(state.hidden),
+            kernel_backend=kernels.backend(state.hidden, self.options.kernel_backend),
             kv_cache_bytes=cache.nbytes(),
         )
         return PrefillOutput(logits, state, input_state, cache, record, captures)
@@ -689,7 +694,7 @@ class Engine:
         if bool((keep == state.valid).all()):
             return state, False
         index, valid = repack(keep)
-        new = state.gather(index, valid)
+        new = state.gather(index, valid, self.options.kernel_backend)
         for need in scores:  # scores captured earlier follow their tokens into the new packing
             scores[need] = torch.gather(scores[need], 1, index)
         if self.options.llm_positions == "contiguous":
@@ -709,16 +714,13 @@ class Engine:
             row_ok = torch.ones(b, 1, dtype=torch.bool, device=x.device)
         else:
             rows, row_ok = repack(state.valid & (state.kind == TEXT))
-        take = rows[..., None].expand(-1, -1, x.shape[-1])
-        q = attn.q_proj(torch.gather(x, 1, take)).view(b, rows.shape[1], -1, hd).transpose(1, 2)
-        gcos = torch.gather(cos, 1, rows[..., None].expand(-1, -1, cos.shape[-1]))
-        gsin = torch.gather(sin, 1, rows[..., None].expand(-1, -1, sin.shape[-1]))
-        q = m.apply_rope(q, gcos, gsin).float()
-        kh = m.apply_rope(k.view(b, n, -1, hd).transpose(1, 2), cos, sin).float()
-        kh = kh.repeat_interleave(attn.num_key_value_groups, dim=1)
-        logits = q @ kh.transpose(-1, -2) * attn.scaling  # (B, H, r, n)
-        allowed = state.valid[:, None, :] & (torch.arange(n, device=x.device)[None, None] <= rows[..., None])
-        probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+        gather = self._gather
+        q = attn.q_proj(gather(x, rows)).view(b, rows.shape[1], -1, hd).transpose(1, 2)
+        q = m.apply_rope(q, gather(cos, rows), gather(sin, rows))
+        kh = m.apply_rope(k.view(b, n, -1, hd).transpose(1, 2), cos, sin)  # (B, H_kv, n, hd)
+        _, probs = kernels.attention_rows(
+            q, kh, attn.scaling, state.valid, rows, backend=self.options.kernel_backend
+        )  # (B, H, r, n)
         probs = probs.masked_fill(~row_ok[:, None, :, None], 0.0)
         if query != "last":  # mean over the real text rows, kept per head
             probs = probs.sum(2, keepdim=True) / row_ok.sum(1).clamp(min=1)[:, None, None, None]
@@ -734,25 +736,28 @@ class Engine:
         cos, sin = cos_sin
         text_idx, text_ok = repack(state.valid & (state.kind == TEXT))
         t = text_idx.shape[1]
+        gather = self._gather
         x = layer.input_layernorm(h)
-        take = text_idx[..., None].expand(-1, -1, d)
-        xt = torch.gather(x, 1, take)
-        q = attn.q_proj(xt).view(b, t, -1, hd).transpose(1, 2)
+        q = attn.q_proj(gather(x, text_idx)).view(b, t, -1, hd).transpose(1, 2)
         k = attn.k_proj(x).view(b, n, -1, hd).transpose(1, 2)
         v = attn.v_proj(x).view(b, n, -1, hd).transpose(1, 2)
-        tcos = torch.gather(cos, 1, text_idx[..., None].expand(-1, -1, cos.shape[-1]))
-        tsin = torch.gather(sin, 1, text_idx[..., None].expand(-1, -1, sin.shape[-1]))
-        q = m.apply_rope(q, tcos, tsin)
+        q = m.apply_rope(q, gather(cos, text_idx), gather(sin, text_idx))
         k = m.apply_rope(k, cos, sin)
         k, v = cache.update(k, v, idx)
         mask = self._mask(state.valid, text_idx, h.dtype)
         out, _ = m.attention_function(attn)(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
         out = attn.o_proj(out.reshape(b, t, -1))
-        ht = torch.gather(h, 1, take) + out
+        h_text = gather(h, text_idx)
+        ht = h_text + out
         ht = ht + layer.mlp(layer.post_attention_layernorm(ht))
         new = h.clone()
-        new.scatter_(1, take, torch.where(text_ok[..., None], ht, torch.gather(h, 1, take)))
+        take = text_idx[..., None].expand(-1, -1, d)
+        new.scatter_(1, take, torch.where(text_ok[..., None], ht, h_text))
         return new
+
+    def _gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``(B, n, d), (B, k) -> (B, k, d)`` through the token-gather kernel of this run's backend."""
+        return kernels.gather_tokens(x, index, backend=self.options.kernel_backend)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -126,6 +126,7 @@ class VisionView:
             for seeding randomness so that a sample gives the same result alone or in a batch.
         crop_grid: per image ``(rows, cols)`` of its crop grid, ``(0, 0)`` without crops.
         captures: captured scores, keyed by `Need`; read them through the accessors below.
+        backend: token-kernel backend of this run (pass it to `kernels` calls).
     """
 
     features: torch.Tensor
@@ -137,6 +138,7 @@ class VisionView:
     key: torch.Tensor
     crop_grid: list[tuple[int, int]]
     captures: dict[Need, torch.Tensor] = field(default_factory=dict)
+    backend: str = "auto"
 
     @property
     def num_views(self) -> int:
@@ -231,7 +233,7 @@ class VisionStrategy(Strategy):
         if self.keep_order:
             pad = torch.arange(idx.shape[1], device=idx.device)[None] >= count[:, None]
             idx = idx.masked_fill(pad, n).sort(dim=1).values.masked_fill(pad, 0)
-        feats = gather_tokens(view.features, idx)
+        feats = gather_tokens(view.features, idx, backend=view.backend)
         return ViewTokens(features=feats, index=idx, count=count)
 
 
