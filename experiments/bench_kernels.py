@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -70,23 +71,20 @@ def run(quick: bool) -> list[dict]:
         xv = x.view(views, 576, d)
         target = torch.randint(-1, 64, (b, n), device="cuda")
         specs = {
-            "gather n/4": (lambda be: kernels.gather_tokens(x, index, count, backend=be), 2 * b * k * d * el),
+            "gather n/4": (partial(kernels.gather_tokens, x, index, count), 2 * b * k * d * el),
             "avg pool 24x24->8x8": (
-                lambda be: kernels.pool_grid(xv, (24, 24), (8, 8), "avg", backend=be),
+                partial(kernels.pool_grid, xv, (24, 24), (8, 8), "avg"),
                 views * (576 + 64) * d * el,
             ),
             "bilinear 24x24->12x16": (
-                lambda be: kernels.pool_grid(xv, (24, 24), (12, 16), "bilinear", backend=be),
+                partial(kernels.pool_grid, xv, (24, 24), (12, 16), "bilinear"),
                 views * (576 + 192) * d * el,
             ),
-            "merge n->64 mean": (
-                lambda be: kernels.merge_tokens(x, target, 64, None, True, backend=be),
-                b * (n + 64) * d * el,
-            ),
+            "merge n->64 mean": (partial(kernels.merge_tokens, x, target, 64, None, True), b * (n + 64) * d * el),
         }
         for name, (fn, nbytes) in specs.items():
-            t_tri = _time(lambda fn=fn: fn("triton"))
-            t_ref = _time(lambda fn=fn: fn("torch"))
+            t_tri = _time(partial(fn, backend="triton"))
+            t_ref = _time(partial(fn, backend="torch"))
             bw = nbytes / t_tri
             rows.append(
                 {
