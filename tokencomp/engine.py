@@ -436,10 +436,9 @@ class Engine:
             policy = getattr(self.vision, "newline", "keep") if self.vision else "keep"
             if out.grid is not None:
                 crop = self._crops_on_grid(out, proj, crop_rows, size, crop_grid, newline, policy)
-            elif bool((out.index[crop_rows] >= 0).all()):
-                crop = self._crops_by_index(out, proj, crop_rows, size, crop_grid, newline, policy)
             else:
-                crop = self._crops_by_view(out, proj, crop_rows)
+                unpad = getattr(self.vision, "unpad", True)
+                crop = self._crops_placed(out, proj, crop_rows, size, crop_grid, newline, policy, unpad)
             for name in parts:
                 value = crop[name]
                 if name == "offset":
@@ -485,48 +484,58 @@ class Engine:
             "offset": offset.flatten(),
         }
 
-    def _crops_by_index(self, out, proj, crop_rows, size, crop_grid, newline, policy) -> dict:
+    def _crops_placed(self, out, proj, crop_rows, size, crop_grid, newline, policy, unpad) -> dict:
+        """Crop tokens with a source patch go back to the combined crop grid in raster order (inside
+        the unpadded window when ``unpad``), each row closed by a newline per ``policy``; tokens with
+        no source (index -1: CLS, merged) follow, ordered by (``group``, crop, their order)."""
         m = self.model
         gh, gw = m.grid
         rows, cols, r0, height, c0, width = m.crop_region(size)
         dev = proj.device
-        counts = out.count[crop_rows]
-        real = torch.arange(out.index.shape[1], device=dev)[None] < counts[:, None]
+        k = out.index.shape[1]
+        real = torch.arange(k, device=dev)[None] < out.count[crop_rows][:, None]
         crop_id = torch.arange(len(crop_rows), device=dev)[:, None].expand_as(real)[real]
+        slot = torch.arange(k, device=dev)[None].expand_as(real)[real]
         idx = out.index[crop_rows][real]
         feats = proj[crop_rows][real]
-        r = (crop_id // cols) * gh + idx // gw - r0
-        c = (crop_id % cols) * gw + idx % gw - c0
-        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
-        r, c, idx, feats, vid = r[inside], c[inside], idx[inside], feats[inside], crop_id[inside] + 1
-        key = r * (width + 1) + c
+        group = out.group[crop_rows][real] if out.group is not None else torch.zeros_like(idx)
+        placed = idx >= 0
+        r = (crop_id // cols) * gh + idx // gw
+        c = (crop_id % cols) * gw + idx % gw
+        inside = (r >= r0) & (r < r0 + height) & (c >= c0) & (c < c0 + width)
+        if unpad:
+            placed_ok = placed & inside
+            top, left, n_rows, n_cols = r0, c0, height, width
+        else:
+            placed_ok = placed
+            top, left, n_rows, n_cols = 0, 0, rows * gh, cols * gw
+        sel = placed_ok.nonzero().flatten()
+        pr, pc = r[sel] - top, c[sel] - left
+        key = pr * (n_cols + 1) + pc
+        offset = torch.where(inside[sel], (r[sel] - r0) * (width + 1) + (c[sel] - c0), -1)
+        p_feats, p_idx, p_view = feats[sel], idx[sel], crop_id[sel] + 1
         kinds = torch.full_like(key, VISUAL, dtype=torch.int8)
         if policy != "drop":
-            nl_rows = torch.arange(height, device=dev) if policy == "keep" else r.unique()
-            key = torch.cat([key, nl_rows * (width + 1) + width])
-            feats = torch.cat([feats, newline.expand(len(nl_rows), -1)])
-            idx = torch.cat([idx, idx.new_full((len(nl_rows),), -1)])
-            vid = torch.cat([vid, vid.new_full((len(nl_rows),), -1)])
+            nl_rows = torch.arange(n_rows, device=dev) if policy == "keep" else pr.unique()
+            nl_abs = nl_rows + top
+            nl_off = torch.where((nl_abs >= r0) & (nl_abs < r0 + height), (nl_abs - r0) * (width + 1) + width, -1)
+            key = torch.cat([key, nl_rows * (n_cols + 1) + n_cols])
+            offset = torch.cat([offset, nl_off])
+            p_feats = torch.cat([p_feats, newline.expand(len(nl_rows), -1)])
+            p_idx = torch.cat([p_idx, p_idx.new_full((len(nl_rows),), -1)])
+            p_view = torch.cat([p_view, p_view.new_full((len(nl_rows),), -1)])
             kinds = torch.cat([kinds, kinds.new_full((len(nl_rows),), NEWLINE)])
         order = key.argsort()
+        extra = (~placed).nonzero().flatten()
+        extra = extra[
+            (group[extra] * (len(crop_rows) + 1) * (k + 1) + crop_id[extra] * (k + 1) + slot[extra]).argsort()
+        ]
         return {
-            "feats": feats[order],
-            "kind": kinds[order],
-            "patch": idx[order],
-            "view": vid[order],
-            "offset": key[order],
-        }
-
-    def _crops_by_view(self, out, proj, crop_rows) -> dict:
-        real = torch.arange(out.index.shape[1], device=proj.device)[None] < out.count[crop_rows][:, None]
-        idx = out.index[crop_rows][real]
-        crop_id = torch.arange(len(crop_rows), device=proj.device)[:, None].expand_as(real)[real]
-        return {
-            "feats": proj[crop_rows][real],
-            "kind": torch.full_like(idx, VISUAL, dtype=torch.int8),
-            "patch": idx,
-            "view": crop_id + 1,
-            "offset": torch.full_like(idx, -1),
+            "feats": torch.cat([p_feats[order], feats[extra]]),
+            "kind": torch.cat([kinds[order], torch.full((len(extra),), VISUAL, dtype=torch.int8, device=dev)]),
+            "patch": torch.cat([p_idx[order], idx[extra]]),
+            "view": torch.cat([p_view[order], crop_id[extra] + 1]),
+            "offset": torch.cat([offset[order], torch.full_like(extra, -1)]),
         }
 
     # ------------------------------------------------------------------------------------------

@@ -178,12 +178,15 @@ class ViewTokens:
         grid: ``(gh, gw)`` when every view's output is a full raster grid of that shape (pooling,
             identity); LLaVA-NeXT crops are then re-assembled, unpadded and given newline tokens
             exactly as the uncompressed model does.
+        group: ``(V, k)`` optional int order key for LLaVA-NeXT crop tokens without a source patch:
+            they follow the grid-placed tokens, sorted by (group, crop, position in the view).
     """
 
     features: torch.Tensor
     index: torch.Tensor
     count: torch.Tensor
     grid: tuple[int, int] | None = None
+    group: torch.Tensor | None = None
 
 
 class VisionStrategy(Strategy):
@@ -199,11 +202,14 @@ class VisionStrategy(Strategy):
         newline: LLaVA-NeXT ``image_newline`` policy for selections placed back on the crop grid:
             ``"keep"`` one newline after every unpadded row (as the uncompressed model),
             ``"rows"`` only after rows that keep a token, ``"drop"`` none.
+        unpad: drop selected crop tokens outside LLaVA-NeXT's unpadded window (default True, as
+            the uncompressed model); False keeps the whole crop grid.
     """
 
     stage: ClassVar[str] = "vision"
     keep_order: ClassVar[bool] = True
     newline: ClassVar[str] = "keep"
+    unpad: ClassVar[bool] = True
 
     def select(self, view: VisionView) -> torch.Tensor | list[torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement select() or compress()")

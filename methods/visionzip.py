@@ -1,0 +1,127 @@
+"""VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language
+Models", arXiv 2412.04467), as the authors' released code does it.
+
+Per view, from the vision tower's second-to-last encoder layer (the projector's input layer):
+
+1. **Dominant tokens**: score each patch by the CLS query's softmax attention summed over heads;
+   keep CLS plus the top ``dominant - 1`` patches, in raster order (CLS first).
+2. **Contextual tokens**, from the remaining patches: L2-normalise their head-mean keys, take
+   ``contextual`` targets uniformly by index (``step = max(1, n_rest // contextual)``), assign
+   every other token to its most cosine-similar target, and emit per target
+   ``target + mean(assigned)`` (released code; ``merge="average"`` gives the paper's plain average
+   of the target and its assigned tokens).
+3. Output per view: ``[CLS, dominant ; contextual]`` before the projector.
+
+Budget split (tokens per view, CLS included): 192 = 162 + 30, 128 = 108 + 20, 64 = 54 + 10; for any
+other budget ``contextual = round(budget * 5 / 32)`` (the same 15.6% share), unless ``dominant``
+and ``contextual`` are given. LLaVA-NeXT: every view (thumbnail and each crop) gets the same split
+(640 / 320 / 160 over 5 views = budgets 128 / 64 / 32). ``next_layout="code"`` assembles the crops
+as the released code does: dominant patches of all crops in raster order of the combined crop grid
+with no unpadding and no newline tokens, then each crop's CLS, then each crop's contextual tokens;
+``next_layout="model"`` keeps LLaVA-NeXT's unpadding and newline tokens for the placed tokens.
+
+The scores come from the engine's SDPA-compatible capture (CLS row and head-mean keys only), not
+from an eager vision tower.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+import tokencomp as tc
+from tokencomp.errors import BudgetError, TokencompError, UnsupportedModelError
+from tokencomp.strategy import check_int
+
+PUBLISHED_SPLITS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
+
+
+def default_split(budget: int) -> tuple[int, int]:
+    """``(dominant, contextual)`` for a per-view budget (CLS counted in ``dominant``)."""
+    if budget in PUBLISHED_SPLITS:
+        return PUBLISHED_SPLITS[budget]
+    contextual = round(budget * 5 / 32)
+    return budget - contextual, contextual
+
+
+@tc.register("visionzip")
+class VisionZip(tc.VisionStrategy):
+    budget: int = 64
+    dominant: int | None = None
+    contextual: int | None = None
+    layer: int = -2
+    merge: str = "code"
+    next_layout: str = "code"
+
+    def __post_init__(self) -> None:
+        if self.merge not in ("code", "average"):
+            raise TokencompError(f"merge must be 'code' or 'average', got {self.merge!r}")
+        if self.next_layout not in ("code", "model"):
+            raise TokencompError(f"next_layout must be 'code' or 'model', got {self.next_layout!r}")
+        if (self.dominant is None) != (self.contextual is None):
+            raise BudgetError("give both dominant and contextual, or neither (then budget is split)")
+        if self.next_layout == "code":  # per-instance overrides of the class-level NeXT policies
+            self.newline, self.unpad = "drop", False
+
+    def split(self) -> tuple[int, int]:
+        """``(dominant, contextual)`` tokens per view."""
+        if self.dominant is not None:
+            return self.dominant, self.contextual
+        return default_split(self.budget)
+
+    def check(self, info: tc.RunInfo) -> None:
+        if not info.has_cls:
+            raise UnsupportedModelError("VisionZip needs a vision tower with a CLS token")
+        n = info.patches_per_view
+        if self.dominant is None:
+            check_int("budget (tokens per view, CLS included)", self.budget, 2, n + 1)
+        dominant, contextual = self.split()
+        check_int("dominant (CLS included)", dominant, 1, n + 1)
+        check_int("contextual", contextual, 0, n - (dominant - 1))
+
+    def needs(self) -> list[tc.Need]:
+        return [tc.Need("vision_cls_attention", self.layer), tc.Need("vision_keys", self.layer)]
+
+    def compress(self, view: tc.VisionView) -> tc.ViewTokens:
+        dominant, contextual = self.split()
+        x = view.features  # (V, N, d)
+        nv, n, d = x.shape
+        dev = x.device
+        be = view.backend
+        # 1. dominant: CLS-attention summed over heads, patches only
+        score = view.cls_attention(self.layer)[:, :, 1:].sum(dim=1)  # (V, N)
+        top = score.topk(dominant - 1, dim=-1).indices
+        is_dom = torch.zeros(nv, n, dtype=torch.bool, device=dev).scatter_(1, top, True)
+        dom_idx = is_dom.nonzero()[:, 1].view(nv, dominant - 1)  # raster order
+        parts = [view.cls[:, None].to(x.dtype), kernels.gather_tokens(x, dom_idx, backend=be)]
+        index = [torch.full((nv, 1), -1, device=dev), dom_idx]
+        # 2. contextual: merge the remaining tokens into uniformly spaced targets by key cosine
+        if contextual > 0:
+            rest = (~is_dom).nonzero()[:, 1].view(nv, n - (dominant - 1))
+            n_rest = rest.shape[1]
+            keys = kernels.gather_tokens(view.keys(self.layer)[:, 1:], rest, backend=be)
+            keys = keys / keys.norm(dim=-1, keepdim=True)
+            step = max(1, n_rest // contextual)
+            targets = torch.arange(0, n_rest, step, device=dev)[:contextual]
+            is_target = torch.zeros(n_rest, dtype=torch.bool, device=dev)
+            is_target[targets] = True
+            others = (~is_target).nonzero().flatten()
+            sim = keys[:, others] @ keys[:, targets].transpose(1, 2)  # (V, n_other, contextual)
+            assign = sim.argmax(dim=-1)
+            rest_x = kernels.gather_tokens(x, rest, backend=be)
+            target_x = rest_x[:, targets]
+            if self.merge == "code":
+                merged = target_x + kernels.merge_tokens(rest_x[:, others], assign, contextual, backend=be)
+            else:  # paper: plain average of the target and the tokens assigned to it
+                members = torch.cat([torch.arange(contextual, device=dev).expand(nv, -1), assign], 1)
+                merged = kernels.merge_tokens(
+                    torch.cat([target_x, rest_x[:, others]], 1), members, contextual, backend=be
+                )
+            parts.append(merged)
+            index.append(torch.full((nv, contextual), -1, device=dev))
+        feats = torch.cat(parts, dim=1)
+        idx = torch.cat(index, dim=1).long()
+        group = torch.zeros_like(idx)
+        group[:, dominant:] = 1  # NeXT crops: all CLS tokens first, then all contextual tokens
+        count = torch.full((nv,), feats.shape[1], device=dev)
+        return tc.ViewTokens(features=feats, index=idx, count=count, group=group)

@@ -1,0 +1,55 @@
+"""Eager references for vision-stage methods: everything from `output_attentions` / hidden states
+of the unmodified Hugging Face vision tower, written from the specification (METHODS.md)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tower_views(model, batch):
+    """Pixel views in engine order (LLaVA-NeXT: the real views of each image)."""
+    pix = batch.pixel_values
+    if pix.dim() == 5:
+        pix = torch.cat([pix[i, : model.views_per_image(tuple(s))] for i, s in enumerate(batch.image_sizes.tolist())])
+    return pix
+
+
+def eager_tower(hf_eager, pix, layer: int):
+    """(hidden at the projector's input layer (V, 1+N, d), eager attention (V, H, 1+N, 1+N) and
+    head-mean keys (V, 1+N, d_head) of encoder ``layer``)."""
+    tower = hf_eager.model.vision_tower
+    vm = getattr(tower, "vision_model", tower)
+    layers = vm.encoder.layers
+    with torch.no_grad():
+        out = tower(pix, output_hidden_states=True, output_attentions=True)
+        lay = layers[layer]
+        x = lay.layer_norm1(out.hidden_states[layer % len(layers)])
+        k = lay.self_attn.k_proj(x)
+        heads = lay.self_attn.num_heads
+        keys = k.view(k.shape[0], k.shape[1], heads, -1).mean(2)
+    return out.hidden_states[hf_eager.config.vision_feature_layer], out.attentions[layer], keys
+
+
+def visionzip_view(hidden, attn, keys, dominant: int, contextual: int, merge: str = "code"):
+    """One view: returns (tokens (dominant+contextual, d), kept patch indices (0-based, raster))."""
+    n1 = hidden.shape[0]
+    cls_att = attn.sum(0)[0, 1:]
+    top = (cls_att.topk(dominant - 1).indices + 1).tolist()
+    keep = sorted([0, *top])
+    out = [hidden[i] for i in keep]
+    rest = [i for i in range(n1) if i not in keep]
+    if contextual:
+        m = keys[rest]
+        m = m / m.norm(dim=-1, keepdim=True)
+        step = max(1, len(rest) // contextual)
+        targets = list(range(0, len(rest), step))[:contextual]
+        others = [i for i in range(len(rest)) if i not in targets]
+        assign = (m[others] @ m[targets].T).argmax(-1).tolist()
+        for j, t in enumerate(targets):
+            members = [rest[others[i]] for i, a in enumerate(assign) if a == j]
+            if merge == "code":
+                extra = torch.stack([hidden[i] for i in members]).mean(0) if members else 0
+                out.append(hidden[rest[t]] + extra)
+            else:
+                out.append(torch.stack([hidden[i] for i in [rest[t], *members]]).mean(0))
+    return torch.stack(out), [i - 1 for i in keep[1:]]
