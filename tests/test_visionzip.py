@@ -45,8 +45,10 @@ def _reference_sequence(model, batch, dominant, contextual, merge="code"):
 @pytest.mark.parametrize("budget,split", [(12, (10, 2)), (20, None), (37, (37, 0)), (8, (8, 0)), (9, (3, 6))])
 def test_visionzip_matches_reference(model, images, budget, split):
     dominant, contextual = split or tc.method("visionzip", budget=budget).split()
-    strat = tc.method("visionzip", budget=budget) if split is None else tc.method(
-        "visionzip", dominant=dominant, contextual=contextual
+    strat = (
+        tc.method("visionzip", budget=budget)
+        if split is None
+        else tc.method("visionzip", dominant=dominant, contextual=contextual)
     )
     batch = tc.prepare(model, images, PROMPTS)
     pre = tc.Engine(model, strat).prefill(batch)

@@ -53,3 +53,33 @@ def visionzip_view(hidden, attn, keys, dominant: int, contextual: int, merge: st
             else:
                 out.append(torch.stack([hidden[i] for i in [rest[t], *members]]).mean(0))
     return torch.stack(out), [i - 1 for i in keep[1:]]
+
+
+def prumerge_view(x, q_cls, keys, k_neighbours=32, plus=False, neighbours="all", extra=True, order="score"):
+    """One view of LLaVA-PruMerge(+) as the released code does it (loops, numpy quartiles).
+
+    x: (N, d) features; q_cls: (D,) raw CLS query; keys: (1+N, D) raw keys. Returns (tokens, indices).
+    """
+    import numpy as np
+
+    n = x.shape[0]
+    a = torch.softmax((q_cls.float() @ keys.float().T) * keys.shape[-1] ** -0.5, dim=-1)[1:]
+    arr = a.numpy()
+    q1, q3 = np.percentile(arr, 25), np.percentile(arr, 75)
+    k = int((arr > q3 + 1.5 * (q3 - q1)).sum())
+    keep = [int(i) for i in np.argsort(-arr, kind="stable")[:k]]
+    if plus and k > 0:
+        stride = max(1, int(int(1 / (k / n)) / 3))
+        keep += [i for i in range(0, n - 1, stride) if i not in keep]
+    if order == "raster":
+        keep = sorted(keep)
+    kn = torch.nn.functional.normalize(keys[1:].float(), dim=-1)
+    out = []
+    for i in keep:
+        cand = [j for j in range(n) if j != i and (neighbours == "all" or j not in keep)]
+        sims = torch.stack([kn[i] @ kn[j] for j in cand])
+        nn = [cand[t] for t in sims.topk(min(k_neighbours, len(cand))).indices.tolist()]
+        out.append(x[i] + sum(a[j] * x[j] for j in nn))
+    if extra:
+        out.append(sum(a[j] * x[j] for j in range(n) if j not in keep))
+    return torch.stack(out), keep

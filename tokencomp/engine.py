@@ -404,6 +404,10 @@ class Engine:
                 captures[need] = logits
             elif need.kind == "vision_cls_attention":
                 captures[need] = probs
+            elif need.kind == "vision_cls_query":
+                captures[need] = q[:, 0]
+            elif need.kind == "vision_keys_full":
+                captures[need] = k
             else:
                 captures[need] = kh.float().mean(1)  # (V, n, hd) head-mean keys
 

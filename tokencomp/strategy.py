@@ -22,7 +22,7 @@ import torch
 
 from .errors import BudgetError
 
-VISION_NEEDS = ("vision_cls_attention", "vision_cls_logits", "vision_keys")
+VISION_NEEDS = ("vision_cls_attention", "vision_cls_logits", "vision_keys", "vision_cls_query", "vision_keys_full")
 DECODER_NEEDS = ("decoder_attention_last", "decoder_attention_text")
 
 # token kinds in a sequence (`TokenLayout.kind`)
@@ -164,6 +164,14 @@ class VisionView:
     def keys(self, layer: int = -2) -> torch.Tensor:
         """``(V, 1 + N, d_head)`` keys of encoder ``layer`` averaged over heads (row 0 = CLS)."""
         return self._get("vision_keys", layer)
+
+    def cls_query(self, layer: int = -1) -> torch.Tensor:
+        """``(V, d_v)`` raw CLS query projection (bias included, unscaled, heads not split)."""
+        return self._get("vision_cls_query", layer)
+
+    def keys_full(self, layer: int = -1) -> torch.Tensor:
+        """``(V, 1 + N, d_v)`` raw key projections of encoder ``layer`` (heads not split)."""
+        return self._get("vision_keys_full", layer)
 
 
 @dataclass

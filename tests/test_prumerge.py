@@ -1,0 +1,80 @@
+"""LLaVA-PruMerge / PruMerge+ against a loop reference of the released code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROMPTS, eager_copy
+from vision_reference import prumerge_view, tower_views
+
+import tokencomp as tc
+from tokencomp.strategy import VISUAL
+
+
+def _view(seed: int, n: int = 64, d: int = 8, dk: int = 16) -> tc.VisionView:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, dk, generator=g)
+    keys = torch.randn(2, n + 1, dk, generator=g)
+    hot = torch.randint(1, n + 1, (2, 5), generator=g)
+    for v in range(2):  # a few keys aligned with the query: attention outliers
+        keys[v, hot[v]] = q[v] * 3 + 0.1 * torch.randn(5, dk, generator=g)
+    return tc.VisionView(
+        features=torch.randn(2, n, d, generator=g),
+        cls=torch.randn(2, d, generator=g),
+        grid=(8, 8),
+        valid=torch.ones(2, n, dtype=torch.bool),
+        role=torch.zeros(2, dtype=torch.long),
+        image=torch.arange(2),
+        key=torch.zeros(2, dtype=torch.long),
+        crop_grid=[(0, 0), (0, 0)],
+        captures={tc.Need("vision_cls_query", -1): q, tc.Need("vision_keys_full", -1): keys},
+    )
+
+
+@pytest.mark.parametrize("name", ["prumerge", "prumerge+"])
+@pytest.mark.parametrize(
+    "opts", [{}, {"neighbours": "pruned"}, {"order": "raster", "extra_token": False}, {"k_neighbours": 3}]
+)
+def test_prumerge_matches_loop_reference(name, opts):
+    for seed in range(3):
+        view = _view(seed)
+        out = tc.method(name, **opts).compress(view)
+        for v in range(2):
+            kw = {k: opts[k] for k in ("k_neighbours", "neighbours", "order") if k in opts}
+            ref, keep = prumerge_view(
+                view.features[v],
+                view.cls_query(-1)[v],
+                view.keys_full(-1)[v],
+                plus=name == "prumerge+",
+                extra=opts.get("extra_token", True),
+                **kw,
+            )
+            c = int(out.count[v])
+            assert c == len(ref)
+            assert out.index[v, : len(keep)].tolist() == keep
+            assert len(keep) >= 1  # the planted outliers are found
+            torch.testing.assert_close(out.features[v, :c], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prumerge_end_to_end_uses_last_layer_projections(model, images):
+    """Engine capture (SDPA tower) vs the eager tower's own last-layer q/k projections."""
+    batch = tc.prepare(model, images, PROMPTS)
+    pre = tc.Engine(model, tc.method("prumerge")).prefill(batch)
+    hf = eager_copy(model)
+    tower = hf.model.vision_tower
+    vm = getattr(tower, "vision_model", tower)
+    pix = tower_views(model, batch)
+    with torch.no_grad():
+        hs = tower(pix, output_hidden_states=True).hidden_states
+        last = vm.encoder.layers[-1]
+        x_in = last.layer_norm1(hs[-2])
+        q, k = last.self_attn.q_proj(x_in), last.self_attn.k_proj(x_in)
+        v = 0
+        for b in range(len(images)):
+            ref, keep = prumerge_view(hs[-2][v, 1:], q[v, 0], k[v])
+            lay = pre.input_state.layout(b)
+            base = (lay["view"] == 0) & (lay["kind"] == VISUAL)
+            got = pre.input_state.hidden[b][pre.input_state.valid[b]][base]
+            torch.testing.assert_close(got, model.projector(ref), rtol=1e-4, atol=1e-5)
+            assert lay["patch"][base].tolist() == keep + [-1]
+            v += model.views_per_image((images[b].size[1], images[b].size[0]))
