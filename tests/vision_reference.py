@@ -83,3 +83,58 @@ def prumerge_view(x, q_cls, keys, k_neighbours=32, plus=False, neighbours="all",
     if extra:
         out.append(sum(a[j] * x[j] for j in range(n) if j not in keep))
     return torch.stack(out), keep
+
+
+def cls_logits_head_mean(hf_eager, pix, layer: int = -1):
+    """(V, N) head-mean pre-softmax scaled CLS logits of encoder ``layer``, from its projections."""
+    tower = hf_eager.model.vision_tower
+    vm = getattr(tower, "vision_model", tower)
+    lay = vm.encoder.layers[layer]
+    with torch.no_grad():
+        hs = tower(pix, output_hidden_states=True).hidden_states
+        x = lay.layer_norm1(hs[layer % len(vm.encoder.layers)])
+        att = lay.self_attn
+        q = (att.q_proj(x) * att.scale).view(x.shape[0], x.shape[1], att.num_heads, -1)
+        k = att.k_proj(x).view(x.shape[0], x.shape[1], att.num_heads, -1)
+        logits = torch.einsum("vhd,vnhd->vhn", q[:, 0], k)
+    return logits.mean(1)[:, 1:], hs[hf_eager.config.vision_feature_layer][:, 1:]
+
+
+def globalcom2_image(scores, grid, crops, valid, ratio=0.25, tau=10.0):
+    """Kept indices per view of one LLaVA-NeXT image, written from METHODS.md §2 with loops.
+
+    scores: (1 + C, N) thumbnail first; valid: (C, N) unpadded mask. Returns list of index lists
+    (thumbnail in descending score, crops in raster order).
+    """
+    import math
+
+    h, w = grid
+    rows, cols = crops
+    n = h * w
+    thumb = scores[0]
+    out = [thumb.argsort(descending=True)[: int(n * ratio)].tolist()]
+    ph, pw = max(h // rows, 1), max(w // cols, 1)
+    s = [0.0] * (rows * cols)
+    for idx in range(n):
+        i, j = divmod(idx, w)
+        s[min(i // ph, rows - 1) * cols + min(j // pw, cols - 1)] += float(thumb[idx])
+    ex = [math.exp((v - max(s)) / tau) for v in s]
+    sigma = [e / (sum(ex) + 1e-8) for e in ex]
+    r = [min(ratio * (1 + sg - sum(sigma) / len(sigma)), 1.0) for sg in sigma]
+    # unpadded window of the combined grid
+    full = torch.zeros(rows * h, cols * w, dtype=torch.bool)
+    for c in range(rows * cols):
+        full[(c // cols) * h : (c // cols + 1) * h, (c % cols) * w : (c % cols + 1) * w] = valid[c].view(h, w)
+    rr = [i for i in range(rows * h) if full[i].any()]
+    cc = [j for j in range(cols * w) if full[:, j].any()]
+    glob = torch.nn.functional.interpolate(
+        thumb.view(1, 1, h, w), size=(len(rr), len(cc)), mode="bilinear", align_corners=False
+    )[0, 0]
+    for c in range(rows * cols):
+        idx = [p for p in range(n) if valid[c, p]]
+        loc = torch.stack([scores[1 + c, p] for p in idx])
+        gl = torch.stack([glob[(c // cols) * h + p // w - rr[0], (c % cols) * w + p % w - cc[0]] for p in idx])
+        comb = loc / loc.norm() + gl / gl.norm()
+        k = int(len(idx) * r[c])
+        out.append(sorted(idx[t] for t in comb.topk(k).indices.tolist()))
+    return out

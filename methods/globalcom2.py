@@ -1,0 +1,119 @@
+"""GlobalCom² (Liu et al., "Compression with Global Guidance: Towards Training-free High-Resolution
+MLLMs Acceleration", arXiv 2501.05179), as the authors' released code does it. LLaVA-NeXT only.
+
+Scores: the CLS row of the vision tower's **last** encoder layer, head-mean of the pre-softmax scaled
+logits q·k/sqrt(d_head), patches only. With the global retention ratio R (``ratio``, the budget):
+
+1. **Thumbnail**: keep the top ``int(N * R)`` tokens by its own score (released code: emitted in
+   descending score, ``thumbnail_order="score"``; ``"raster"`` restores raster order).
+2. **Crop importance**: split the thumbnail's h x w score grid into the rows x cols crop grid with
+   integer blocks (``max(h // rows, 1)``, the last block takes the remainder); ``s_j`` = sum of the
+   block's scores.
+3. ``sigma = softmax((s - max s) / tau)`` with ``tau = 10`` (denominator + 1e-8).
+4. **Crop retention** ``r_j = R * (1 + sigma_j - mean(sigma))``, clipped above at 1, no lower clamp.
+5. **In-crop selection** among the crop's unpadded tokens: score = L2-normalised own CLS logits +
+   L2-normalised thumbnail scores bilinearly interpolated (align_corners=False) to the unpadded
+   combined crop grid and cut per crop; keep the top ``int(N_j * r_j)`` (N_j = unpadded count), in
+   raster order.
+6. Unpadding as the uncompressed model. Newline tokens (``newline_rows``): ``"model"`` one after
+   every unpadded row, as the uncompressed model; ``"code"`` one after every row of the padded crop
+   grid, as the released code emits them. (The released code also places kept tokens of padded
+   crops by their index in the unpadded list, shifting them in the grid; that bug is not reproduced.)
+
+Scores come from the engine's SDPA-compatible capture (the CLS row of one layer only).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+import tokencomp as tc
+from tokencomp.errors import TokencompError, UnsupportedModelError
+from tokencomp.strategy import check_ratio
+
+PRESETS = {"R25": 0.25, "R10": 0.10}
+
+
+def crop_block_scores(thumb: torch.Tensor, grid: tuple[int, int], crops: tuple[int, int]) -> torch.Tensor:
+    """``(h*w,)`` thumbnail scores -> ``(rows*cols,)`` sums over each crop's block (row-major)."""
+    h, w = grid
+    rows, cols = crops
+    ph, pw = max(h // rows, 1), max(w // cols, 1)
+    i = torch.arange(h * w, device=thumb.device)
+    block = (i // w // ph).clamp(max=rows - 1) * cols + (i % w // pw).clamp(max=cols - 1)
+    return torch.zeros(rows * cols, dtype=thumb.dtype, device=thumb.device).index_add(0, block, thumb)
+
+
+def crop_retention(s: torch.Tensor, ratio: float, tau: float) -> torch.Tensor:
+    """``r_j = R (1 + sigma_j - mean sigma)``, ``sigma = softmax((s - max s) / tau)``, clipped at 1."""
+    e = torch.exp((s - s.max()) / tau)
+    sigma = e / (e.sum() + 1e-8)
+    return (ratio * (1 + sigma - sigma.mean())).clamp(max=1.0)
+
+
+@tc.register("globalcom2")
+class GlobalCom2(tc.VisionStrategy):
+    ratio: float = 0.25
+    tau: float = 10.0
+    layer: int = -1
+    thumbnail_order: str = "score"
+    newline_rows: str = "model"
+
+    def __post_init__(self) -> None:
+        check_ratio("ratio (global retention R)", self.ratio, 0.0, 1.0, open_high=False)
+        if self.ratio == 0:
+            raise tc.BudgetError("ratio (global retention R)=0 is outside the allowed range (0, 1]")
+        if self.thumbnail_order not in ("score", "raster"):
+            raise TokencompError(f"thumbnail_order must be 'score' or 'raster', got {self.thumbnail_order!r}")
+        if self.newline_rows not in ("model", "code"):
+            raise TokencompError(f"newline_rows must be 'model' or 'code', got {self.newline_rows!r}")
+        self.unpad = self.newline_rows == "model"  # "code": newline after every padded-grid row
+
+    def check(self, info: tc.RunInfo) -> None:
+        if not info.has_crops:
+            raise UnsupportedModelError(
+                f"GlobalCom² allocates tokens over LLaVA-NeXT crops; model family {info.family!r} has none"
+            )
+
+    def needs(self) -> list[tc.Need]:
+        return [tc.Need("vision_cls_logits", self.layer)]
+
+    def compress(self, view: tc.VisionView) -> tc.ViewTokens:
+        x = view.features
+        nv, n, d = x.shape
+        h, w = view.grid
+        dev = x.device
+        scores = view.cls_logits(self.layer)[:, :, 1:].mean(dim=1)  # (V, N) head-mean logits
+        chosen: list[torch.Tensor] = [torch.empty(0)] * nv
+        for img in view.image.unique().tolist():
+            vs = (view.image == img).nonzero().flatten()
+            thumb_v = int(vs[view.role[vs] == 0][0])
+            crop_vs = vs[view.role[vs] > 0][view.role[vs][view.role[vs] > 0].argsort()]
+            thumb = scores[thumb_v]
+            top = thumb.topk(int(n * self.ratio)).indices
+            chosen[thumb_v] = top if self.thumbnail_order == "score" else top.sort().values
+            if len(crop_vs) == 0:
+                continue
+            rows, cols = view.crop_grid[img]
+            r = crop_retention(crop_block_scores(thumb, (h, w), (rows, cols)), self.ratio, self.tau)
+            # the unpadded window of the combined crop grid, read off the crops' valid masks
+            valid = view.valid[crop_vs].view(rows, cols, h, w).permute(0, 2, 1, 3).reshape(rows * h, cols * w)
+            rr, cc = valid.any(1).nonzero().flatten(), valid.any(0).nonzero().flatten()
+            r0, height, c0, width = int(rr[0]), len(rr), int(cc[0]), len(cc)
+            glob = kernels.pool_grid(thumb.view(1, h * w, 1), (h, w), (height, width), "bilinear", backend=view.backend)
+            glob = glob.view(height, width)
+            for j, v in enumerate(crop_vs.tolist()):
+                idx = view.valid[v].nonzero().flatten()  # unpadded tokens, raster order
+                rg = (j // cols) * h + idx // w - r0
+                cg = (j % cols) * w + idx % w - c0
+                combined = F.normalize(scores[v, idx], dim=-1) + F.normalize(glob[rg, cg], dim=-1)
+                k = int(len(idx) * float(r[j]))
+                chosen[v] = idx[combined.topk(k).indices].sort().values
+        count = torch.tensor([len(c) for c in chosen], device=dev)
+        index = torch.zeros(nv, int(count.max()), dtype=torch.long, device=dev)
+        for v, c in enumerate(chosen):
+            index[v, : len(c)] = c
+        feats = kernels.gather_tokens(x, index, count, backend=view.backend)
+        return tc.ViewTokens(features=feats, index=index, count=count)
