@@ -16,7 +16,7 @@ def test_frozen_layer_bit_identical_visual_and_reference_text(model, images):
     eng = tc.Engine(model, tc.method("freeze", layers=(1,)))
     spans = eng.validate(batch)
     imgs, _ = eng.encode_images(batch, spans)
-    state, _ = eng.build_sequence(batch, spans, imgs)
+    state, _, _ = eng.build_sequence(batch, spans, imgs)
     cos_sin = model.rotary_emb(state.hidden, state.positions)
     layer = model.layers[1]
     with torch.no_grad():

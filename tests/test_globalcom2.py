@@ -43,6 +43,7 @@ def test_globalcom2_matches_reference(models, ratio, newline_rows):
             torch.testing.assert_close(got, model.projector(feats[v][ref[0]]), rtol=1e-4, atol=1e-5)
         # promised token count and newlines
         assert pre.record.visual_tokens_llm[b] == sum(len(r) for r in ref)
+        assert pre.record.tokens_per_view[b] == [[len(r) for r in ref]]  # thumbnail, then each crop
         rows, cols, r0, height, c0, width = model.crop_region(size)
         n_newline = int((lay["kind"] == NEWLINE).sum())
         assert n_newline == (height if newline_rows == "model" else rows * model.grid[0])

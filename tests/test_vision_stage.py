@@ -128,3 +128,18 @@ def test_multi_image_prompt_llava_next(models):
     with torch.no_grad():
         ref = model.hf(**hf_inputs(batch)).logits[:, -1].float()
     torch.testing.assert_close(tc.Engine(model).prefill(batch).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_tokens_per_view_counts_empty_views(models, images):
+    """A view that keeps nothing still appears (as 0) in the per-view accounting."""
+    model = models["llava-next"]
+
+    @tc.register("_test-thumbnail-only")
+    class ThumbOnly(tc.VisionStrategy):
+        def select(self, view):
+            return [torch.arange(3) if int(r) == 0 else torch.arange(0) for r in view.role]
+
+    pre = tc.Engine(model, ThumbOnly()).prefill(tc.prepare(model, images, PROMPTS))
+    for b, im in enumerate(images):
+        nv = model.views_per_image((im.size[1], im.size[0]))
+        assert pre.record.tokens_per_view[b] == [[3] + [0] * (nv - 1)]

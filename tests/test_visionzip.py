@@ -61,7 +61,8 @@ def test_visionzip_matches_reference(model, images, budget, split):
         got = pre.input_state.hidden[b][pre.input_state.valid[b]][vis]
         torch.testing.assert_close(got, tokens, rtol=1e-4, atol=1e-5)
         views = model.views_per_image((images[b].size[1], images[b].size[0]))
-        assert pre.record.visual_tokens_llm[b] == views * (dominant + contextual)  # the promise, per view
+        assert pre.record.visual_tokens_llm[b] == views * (dominant + contextual)
+        assert pre.record.tokens_per_view[b] == [[dominant + contextual] * views]  # the promise, per view
 
 
 def test_visionzip_paper_average_option(models, images):

@@ -448,7 +448,9 @@ class Engine:
                 if name == "offset":
                     value = torch.where(value >= 0, value + n, value)
                 parts[name].append(value)
-        return {name: torch.cat(v) for name, v in parts.items()}
+        out = {name: torch.cat(v) for name, v in parts.items()}
+        out["num_views"] = len(rows)
+        return out
 
     def _crops_on_grid(self, out, proj, crop_rows, size, crop_grid, newline, policy) -> dict:
         m = self.model
@@ -544,20 +546,21 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
     # sequence build
-    def build_sequence(self, batch: Batch, spans, images: list[dict]) -> tuple[SeqState, torch.Tensor]:
+    def build_sequence(self, batch: Batch, spans, images: list[dict]) -> tuple[SeqState, torch.Tensor, list]:
         """Per sample: text embeddings with each image span replaced by its assembled tokens.
 
-        Returns the packed state and ``(B,)`` visual tokens entering the LLM per sample.
+        Returns the packed state, ``(B,)`` visual tokens entering the LLM per sample, and the
+        visual tokens per sample, image and view.
         """
         m = self.model
         dev = m.device
         ids, mask = batch.input_ids.to(dev), batch.attention_mask.to(dev).bool()
-        samples, n_visual, img = [], [], 0
+        samples, n_visual, per_view, img = [], [], [], 0
         for b, sample in enumerate(spans):
             row = ids[b][mask[b]]
             emb = m.embed_tokens(row)
             pieces = {k: [] for k in ("hidden", "kind", "orig", "image", "view", "patch", "pos")}
-            cursor, vis = 0, 0
+            cursor, vis, views = 0, 0, []
             for local, (start, length) in enumerate(sample + [(len(row), 0)]):
                 t = torch.arange(cursor, start, device=dev)
                 pieces["hidden"].append(emb[cursor:start])
@@ -572,6 +575,10 @@ class Engine:
                 tok = images[img]
                 k = tok["feats"].shape[0]
                 vis += int((tok["kind"] == VISUAL).sum())
+                is_vis = tok["kind"] == VISUAL
+                views.append(
+                    torch.bincount(tok["view"][is_vis & (tok["view"] >= 0)], minlength=tok["num_views"]).tolist()
+                )
                 off = tok["offset"]
                 orig = torch.where(off >= 0, start + off, off)
                 if bool((off >= 0).all()):
@@ -592,6 +599,7 @@ class Engine:
                 s["pos"] = torch.arange(len(s["kind"]), device=dev)
             samples.append(s)
             n_visual.append(vis)
+            per_view.append(views)
         hidden, valid = pad_left([s["hidden"] for s in samples])
         state = SeqState(
             hidden=hidden,
@@ -603,7 +611,7 @@ class Engine:
             view=pad_left([s["view"] for s in samples], -1)[0],
             patch=pad_left([s["patch"] for s in samples], -1)[0],
         )
-        return state, torch.tensor(n_visual)
+        return state, torch.tensor(n_visual), per_view
 
     # ------------------------------------------------------------------------------------------
     # decoder
@@ -634,7 +642,7 @@ class Engine:
         m = self.model
         spans = self.validate(batch)
         images, captures = self.encode_images(batch, spans)
-        state, n_visual = self.build_sequence(batch, spans, images)
+        state, n_visual, per_view = self.build_sequence(batch, spans, images)
         input_state = dataclasses.replace(state)  # the loop below rebinds state.hidden
         L = m.num_layers
         cache = LayerKVCache(L)
@@ -678,6 +686,7 @@ class Engine:
             method=[str(s) for s in self.strategies] or ["identity"],
             visual_tokens_in=[sum(c for _, c in s) for s in spans],
             visual_tokens_llm=n_visual.tolist(),
+            tokens_per_view=per_view,
             tokens_per_layer=tokens.tolist(),
             visual_per_layer=visual.tolist(),
             frozen_layers=sorted(self.frozen),

@@ -13,6 +13,8 @@ class RunRecord:
         method: the strategies applied, as strings.
         visual_tokens_in: image-placeholder tokens of the uncompressed prompt.
         visual_tokens_llm: visual tokens entering the LLM (after the vision stage; newline tokens not counted).
+        tokens_per_view: ``[sample][image][view]`` visual tokens each view contributes (view 0 = the
+            LLaVA-1.5 image or the NeXT thumbnail, then crops in raster order; newlines not counted).
         tokens_per_layer: ``[sample][layer]`` tokens each decoder layer processed (text + image span).
         visual_per_layer: ``[sample][layer]`` image-span tokens present in each layer (frozen ones included).
         frozen_layers: decoder layers in which image tokens were frozen.
@@ -28,6 +30,7 @@ class RunRecord:
     visual_tokens_llm: list[int]
     tokens_per_layer: list[list[int]]
     visual_per_layer: list[list[int]]
+    tokens_per_view: list[list[list[int]]] = field(default_factory=list)
     frozen_layers: list[int] = field(default_factory=list)
     kernel_backend: str = "torch"
     kv_cache_bytes: int = 0
