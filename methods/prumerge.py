@@ -62,6 +62,16 @@ class _PruMergeBase(tc.VisionStrategy):
     def needs(self) -> list[tc.Need]:
         return [tc.Need("vision_cls_query", self.layer), tc.Need("vision_keys_full", self.layer)]
 
+    def overhead_flops(self, model, record, sample: int) -> float:
+        """Single-head CLS attention ``2 (1+N) D`` and key cosines ``2 k N D`` per view."""
+        n, dim = model.patches_per_view, model.hf.config.vision_config.hidden_size
+        total = 0.0
+        for image in record.tokens_per_view[sample]:
+            for tokens in image:
+                k = tokens - (1 if self.extra_token else 0)
+                total += 2 * (n + 1) * dim + 2 * k * n * dim
+        return total
+
     def kept(self, a: torch.Tensor) -> torch.Tensor:
         """Indices kept for one view's CLS attention ``a (N,)``, in emission order."""
         n = a.shape[0]

@@ -82,6 +82,14 @@ class VisionZip(tc.VisionStrategy):
     def needs(self) -> list[tc.Need]:
         return [tc.Need("vision_cls_attention", self.layer), tc.Need("vision_keys", self.layer)]
 
+    def overhead_flops(self, model, record, sample: int) -> float:
+        """Key-cosine similarities of the contextual merge: ``2 * n_other * contextual * d_head`` per view."""
+        dominant, contextual = self.split()
+        vc = model.hf.config.vision_config
+        n_other = model.patches_per_view - (dominant - 1) - contextual
+        views = sum(len(v) for v in record.tokens_per_view[sample])
+        return float(views * 2 * n_other * contextual * (vc.hidden_size // vc.num_attention_heads))
+
     def compress(self, view: tc.VisionView) -> tc.ViewTokens:
         dominant, contextual = self.split()
         x = view.features  # (V, N, d)

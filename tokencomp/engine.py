@@ -208,6 +208,13 @@ class Engine:
             for lay in s.prune_layers(L):
                 check_int(f"{s}: prune before layer", lay, 1, L - 1)
                 self.prune_at.setdefault(lay, []).append(s)
+        nl = model.vision_num_layers
+        self.feature_hidden = [f % (nl + 1) for f in model.feature_layers]  # hidden_states index: 0 = embeddings
+        self.vision_capture_layers = sorted({n.layer % nl for n in self.needs if n.kind in VISION_NEEDS})
+        self.vision_layers_run = max([f for f in self.feature_hidden] + [c + 1 for c in self.vision_capture_layers])
+        self.decoder_captures = sorted(
+            {(n.layer, n.kind.rsplit("_", 1)[1]) for n in self.needs if n.kind in DECODER_NEEDS}
+        )
         self.frozen: set[int] = set()
         for s in self.freeze:
             for lay in s.frozen_layers(L):
@@ -368,15 +375,12 @@ class Engine:
     def _vision_tower(self, pixel: torch.Tensor) -> tuple[torch.Tensor, dict]:
         m = self.model
         vm = m.vision_model
-        nl = m.vision_num_layers
-        feat_layers = [f % (nl + 1) for f in m.feature_layers]  # hidden_states index: 0 = embeddings
-        cap_layers = {need.layer % nl for need in self.needs if need.kind in VISION_NEEDS}
-        last = max([f - 1 for f in feat_layers] + list(cap_layers) + [-1])
+        cap_layers = set(self.vision_capture_layers)
         h = vm.embeddings(pixel)
         h = vm.pre_layrnorm(h) if hasattr(vm, "pre_layrnorm") else h
         hidden = {0: h}
         captures = {}
-        for i in range(last + 1):
+        for i in range(self.vision_layers_run):
             layer = m.vision_layers_list[i]
             if i in cap_layers:
                 with _capture(layer.self_attn, ["q_proj", "k_proj"]) as got:
@@ -385,7 +389,7 @@ class Engine:
             else:
                 h = layer(h, None)
             hidden[i + 1] = h
-        feats = torch.cat([hidden[f] for f in feat_layers], dim=-1)
+        feats = torch.cat([hidden[f] for f in self.feature_hidden], dim=-1)
         return feats, captures
 
     def _vision_scores(self, attn, got, layer: int, captures: dict) -> None:
@@ -690,6 +694,9 @@ class Engine:
             tokens_per_layer=tokens.tolist(),
             visual_per_layer=visual.tolist(),
             frozen_layers=sorted(self.frozen),
+            vision_layers_run=self.vision_layers_run,
+            vision_capture_layers=len(self.vision_capture_layers),
+            decoder_captures=[list(c) for c in self.decoder_captures],
             kernel_backend=kernels.backend(state.hidden, self.options.kernel_backend),
             kv_cache_bytes=cache.nbytes(),
         )

@@ -18,6 +18,9 @@ class RunRecord:
         tokens_per_layer: ``[sample][layer]`` tokens each decoder layer processed (text + image span).
         visual_per_layer: ``[sample][layer]`` image-span tokens present in each layer (frozen ones included).
         frozen_layers: decoder layers in which image tokens were frozen.
+        vision_layers_run: vision encoder layers the engine ran (it stops at the last one needed).
+        vision_capture_layers: vision layers whose CLS row / keys were captured.
+        decoder_captures: ``[layer, query]`` decoder attention rows captured (query "last" or "text").
         kernel_backend: which token-kernel backend ran (``"torch"`` reference or ``"triton"``).
         kv_cache_bytes: bytes of keys and values held at the end of the run.
         kv_cache_lengths: ``[sample][layer]`` cached tokens at the end of the run.
@@ -32,6 +35,9 @@ class RunRecord:
     visual_per_layer: list[list[int]]
     tokens_per_view: list[list[list[int]]] = field(default_factory=list)
     frozen_layers: list[int] = field(default_factory=list)
+    vision_layers_run: int = 0
+    vision_capture_layers: int = 0
+    decoder_captures: list[list] = field(default_factory=list)
     kernel_backend: str = "torch"
     kv_cache_bytes: int = 0
     kv_cache_lengths: list[list[int]] = field(default_factory=list)

@@ -1,0 +1,294 @@
+"""FLOPs, latency and memory of a run.
+
+**Convention**: every figure is in FLOPs = 2 x multiply-adds, counting the matrix products only
+(linear layers, convolutions, attention's QK^T and AV over the full n x n square, as
+`torch.utils.flop_counter` counts them); norms, softmax and element-wise work are not counted.
+The LLaMA-style MLP has three matrices (gate, up, down: ``6 n d m``), grouped-query attention
+shrinks the K/V projections, and head dims come from the real config. Published tables that
+state "FLOPs" for LLaVA use this convention (e.g. LLaVA-1.5-7B, 576 visual + 64 text tokens:
+8.5 TFLOPs prefill); the FastV paper's ``4nd² + 2n²d + 2ndm`` is the same per-layer count in
+multiply-adds with a two-matrix MLP.
+
+Per run and sample the profiler reports the vision tower (the layers the engine actually ran),
+the projector, the LLM prefill layer by layer (each layer with its own token count; frozen-visual
+layers at their reduced cost), the LM head, decoding per generated token (each layer with its own
+KV length), and the method's own scoring work as ``overhead``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .record import RunRecord
+
+UNIT = "FLOPs (2 x multiply-adds; matrix products only)"
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """Decoder sizes from a transformers text config."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    vocab: int
+    gated: bool = True
+
+    @classmethod
+    def from_config(cls, cfg) -> DecoderShape:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(
+            hidden=cfg.hidden_size,
+            intermediate=cfg.intermediate_size,
+            heads=cfg.num_attention_heads,
+            kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            head_dim=head_dim,
+            layers=cfg.num_hidden_layers,
+            vocab=cfg.vocab_size,
+        )
+
+    def layer(self, n: int, text: int | None = None, kv_len: int | None = None) -> float:
+        """FLOPs of one decoder layer.
+
+        Args:
+            n: tokens entering the layer (keys and values are computed for all of them).
+            text: queries that get attention output and MLP (default all ``n``; fewer in a
+                frozen-visual ShortV layer, where only text tokens are updated).
+            kv_len: keys each query attends to (default ``n``; the cache length when decoding).
+        """
+        q = n if text is None else text
+        kv = n if kv_len is None else kv_len
+        d, hd = self.hidden, self.head_dim
+        proj = 2 * q * d * self.heads * hd * 2 + 2 * n * d * self.kv_heads * hd * 2  # q, o ; k, v
+        attn = 4 * q * kv * self.heads * hd  # QK^T and AV
+        mlp = 2 * q * d * self.intermediate * (3 if self.gated else 2)
+        return float(proj + attn + mlp)
+
+    def lm_head(self, tokens: int = 1) -> float:
+        return float(2 * tokens * self.hidden * self.vocab)
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """CLIP vision tower sizes from a transformers vision config."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    layers: int
+    image_size: int
+    patch_size: int
+    channels: int = 3
+
+    @classmethod
+    def from_config(cls, cfg) -> VisionShape:
+        return cls(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+            cfg.num_hidden_layers,
+            cfg.image_size,
+            cfg.patch_size,
+            getattr(cfg, "num_channels", 3),
+        )
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    def tower(self, views: int, layers_run: int) -> float:
+        """Patch embedding plus ``layers_run`` encoder layers over ``views`` views."""
+        n, d = self.tokens, self.hidden
+        conv = 2 * (n - 1) * self.channels * self.patch_size**2 * d
+        layer = 2 * n * d * d * 4 + 4 * n * n * d + 2 * n * d * self.intermediate * 2
+        return float(views * (conv + layers_run * layer))
+
+
+@dataclass
+class FlopsReport:
+    """FLOPs of one sample of a run (see the module docstring for the convention).
+
+    Attributes:
+        vision: vision tower (patch embedding and the encoder layers that ran).
+        projector: the multimodal projector over the tokens it projected.
+        prefill_layers: per decoder layer.
+        lm_head: the LM head at the last prefill position.
+        decode: per generated token after the first (its layers at their KV lengths + LM head).
+        overhead: the method's scoring work (captured attention rows, similarity matrices).
+    """
+
+    vision: float
+    projector: float
+    prefill_layers: list[float]
+    lm_head: float
+    decode: list[float] = field(default_factory=list)
+    overhead: float = 0.0
+    unit: str = UNIT
+
+    @property
+    def prefill(self) -> float:
+        """LLM prefill: decoder layers + LM head (the figure papers compare)."""
+        return sum(self.prefill_layers) + self.lm_head
+
+    @property
+    def total_prefill(self) -> float:
+        """Everything up to the first token: vision, projector, LLM prefill, overhead."""
+        return self.vision + self.projector + self.prefill + self.overhead
+
+    @property
+    def total(self) -> float:
+        return self.total_prefill + sum(self.decode)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(prefill=self.prefill, total_prefill=self.total_prefill, total=self.total)
+        return d
+
+
+def run_flops(model, record: RunRecord, strategies=()) -> list[FlopsReport]:
+    """Analytic FLOPs per sample of a finished run, from the model config and the run record.
+
+    Args:
+        model: the `tokencomp.Model` that ran.
+        record: its `RunRecord`.
+        strategies: the strategies of the run; each may add its own scoring cost through an
+            ``overhead_flops(model, record, sample) -> float`` method.
+    """
+    cfg = model.hf.config
+    dec = DecoderShape.from_config(cfg.text_config)
+    vis = VisionShape.from_config(cfg.vision_config)
+    proj_in = vis.hidden * len(model.feature_layers)
+    reports = []
+    frozen = set(record.frozen_layers)
+    for b in range(len(record.tokens_per_layer)):
+        views = sum(len(v) for v in record.tokens_per_view[b])
+        projected = sum(sum(v) for v in record.tokens_per_view[b])
+        layers = []
+        for i, (n, v) in enumerate(zip(record.tokens_per_layer[b], record.visual_per_layer[b])):
+            layers.append(dec.layer(n, text=n - v if i in frozen else None))
+        overhead = views * record.vision_capture_layers * 2 * vis.tokens * vis.hidden  # CLS row: q . K
+        for layer, query in record.decoder_captures:
+            n = record.tokens_per_layer[b][layer]
+            rows = 1 if query == "last" else n - record.visual_per_layer[b][layer]
+            overhead += 2 * rows * dec.hidden * dec.heads * dec.head_dim + 2 * rows * n * dec.heads * dec.head_dim
+        for s in strategies:
+            if hasattr(s, "overhead_flops"):
+                overhead += s.overhead_flops(model, record, b)
+        decode = []
+        if record.kv_cache_lengths and record.new_tokens:
+            final = record.kv_cache_lengths[b]
+            steps = record.new_tokens[b] - 1
+            for step in range(steps):  # the step-th decoded token sees (final - steps + step + 1) keys
+                kv = [length - steps + step + 1 for length in final]
+                decode.append(sum(dec.layer(1, kv_len=k) for k in kv) + dec.lm_head())
+        reports.append(
+            FlopsReport(
+                vision=vis.tower(views, record.vision_layers_run),
+                projector=float(2 * projected * (proj_in * dec.hidden + dec.hidden * dec.hidden)),
+                prefill_layers=layers,
+                lm_head=dec.lm_head(),
+                decode=decode,
+                overhead=float(overhead),
+            )
+        )
+    return reports
+
+
+def prefill_flops_from_config(text_config, visual: int, text: int, frozen_layers=(), keep=None) -> float:
+    """LLM prefill FLOPs (decoder layers only) of a checkpoint's decoder, from its config alone.
+
+    Args:
+        text_config: a transformers text config (e.g. ``LlamaConfig`` of LLaVA-1.5-7B).
+        visual / text: token counts entering the LLM.
+        frozen_layers: ShortV-style layers where only text tokens are updated.
+        keep: optional per-layer visual token counts (in-LLM pruning schedules), length L.
+    """
+    dec = DecoderShape.from_config(text_config)
+    total = 0.0
+    for i in range(dec.layers):
+        v = visual if keep is None else keep[i]
+        total += dec.layer(v + text, text=text if i in frozen_layers else None)
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+# latency and memory
+
+
+@dataclass
+class Timing:
+    """Wall-clock measurement of one configuration (seconds)."""
+
+    prefill_median: float
+    prefill_spread: float  # max - min over repeats
+    decode_per_token_median: float
+    peak_memory_bytes: int
+    kv_cache_bytes: int
+    repeats: int
+    device: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):  # peak resident set size
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure(engine, batch, repeats: int = 5, warmup: int = 1, new_tokens: int = 8) -> Timing:
+    """Prefill (time to first token) and per-token decode time of ``engine`` on ``batch``.
+
+    Warm-up runs first; then ``repeats`` timed runs (CUDA events on GPU, a monotonic clock on
+    CPU, device-synchronised). Peak memory is CUDA max-allocated on GPU, the process's peak RSS
+    on CPU (a high-water mark over the whole process, so compare it within one run only).
+    """
+    device = engine.model.device
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        engine.generate(batch, max_new_tokens=2)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    prefill, decode = [], []
+    kv = 0
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            engine.prefill(batch)
+            end.record()
+            torch.cuda.synchronize(device)
+            prefill.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            engine.prefill(batch)
+            prefill.append(time.perf_counter() - t0)
+        tokens, pre = engine.generate(batch, max_new_tokens=new_tokens, eos_token_id=None)
+        steps = max(len(tokens[0]) - 1, 1)
+        decode.append(pre.record.decode_s / steps)
+        kv = pre.record.kv_cache_bytes
+    peak = torch.cuda.max_memory_allocated(device) if cuda else _rss_bytes()
+    return Timing(
+        prefill_median=statistics.median(prefill),
+        prefill_spread=max(prefill) - min(prefill),
+        decode_per_token_median=statistics.median(decode),
+        peak_memory_bytes=int(peak),
+        kv_cache_bytes=int(kv),
+        repeats=repeats,
+        device=str(device),
+    )
