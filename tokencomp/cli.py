@@ -1,4 +1,4 @@
-"""Command line: ``tokencomp generate``, ``tokencomp methods``, ``tokencomp demo``."""
+"""Command line: ``tokencomp generate | methods | compare | report``."""
 
 from __future__ import annotations
 
@@ -40,8 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the registered methods and their parameters")
 
-    d = sub.add_parser("demo", help="run every method on tiny models and write a comparison table")
-    d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    c = sub.add_parser("compare", help="run an experiment file (models x datasets x methods), resumable")
+    c.add_argument("experiment", help="experiment TOML file (see tokencomp/runner.py)")
+    c.add_argument("--out", default=None, help="run directory (default: runs/<experiment name>)")
+    c.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+    r = sub.add_parser("report", help="write report.md / report.html / plots from a run directory")
+    r.add_argument("run_dir")
     return p
 
 
@@ -101,10 +106,21 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "methods":
             return _methods()
-        if args.command == "demo":
-            from .demo import run_demo
+        if args.command == "compare":
+            from .runner import load_experiment, run_experiment
 
-            run_demo(Path(args.out))
+            exp = load_experiment(args.experiment, args.out)
+            results = run_experiment(exp)
+            print(f"results: {results}")
+            if not args.no_report:
+                from .report import make_report
+
+                print(f"report: {make_report(exp.out)}")
+            return 0
+        if args.command == "report":
+            from .report import make_report
+
+            print(f"report: {make_report(args.run_dir)}")
             return 0
     except TokencompError as e:
         print(f"tokencomp: error: {e}", file=sys.stderr)

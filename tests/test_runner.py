@@ -1,0 +1,147 @@
+"""The compare runner: validation before work, resume without loss or duplicates, and the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tokencomp as tc
+from tokencomp.cli import main
+from tokencomp.report import PLOTS, pareto_front
+from tokencomp.runner import load_experiment, run_experiment
+
+EXPERIMENT = """
+[experiment]
+name = "t"
+batch_size = 2
+max_new_tokens = 2
+latency_repeats = 1
+
+[[model]]
+name = "m"
+source = "tiny-random:llava"
+
+[[dataset]]
+name = "shapes"
+generator = "shapes"
+n = 5
+seed = 3
+
+[[method]]
+name = "identity"
+
+[[method]]
+name = "_test-crashy"
+budget = [20, 10]
+
+[[method]]
+name = "fastv"
+ratio = 0.5
+"""
+
+VOLATILE = {"prefill_ms", "prefill_spread_ms", "decode_ms_per_token", "peak_memory_mb", "finished"}  # timings
+
+
+@tc.register("_test-crashy")
+class Crashy(tc.VisionStrategy):
+    """Random selection that raises once after a set number of calls (a simulated crash)."""
+
+    budget: int = 10
+    crash_after = None  # class-level switch set by the test
+    calls = 0
+
+    def select(self, view):
+        cls = type(self)
+        cls.calls += 1
+        if cls.crash_after is not None and cls.calls > cls.crash_after:
+            cls.crash_after = None
+            raise KeyboardInterrupt("simulated interruption")
+        return tc.method("random", budget=self.budget).select(view)
+
+
+def _write(tmp_path, text=EXPERIMENT, name="exp.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _stable(rows):
+    return sorted(({k: v for k, v in r.items() if k not in VOLATILE} for r in rows), key=lambda r: r["cell"])
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+    exp_file = _write(tmp_path)
+    clean = run_experiment(load_experiment(exp_file, tmp_path / "clean"), progress=False)
+    Crashy.crash_after = 2  # inside the first crashy cell, after its first batch (2 calls per batch... of views)
+    Crashy.calls = 0
+    broken_dir = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_experiment(exp_file, broken_dir), progress=False)
+    partial = _rows(broken_dir / "results.jsonl")
+    assert 0 < len(partial) < 4  # some cells finished, not all
+    preds = list((broken_dir / "predictions").glob("_test-crashy-budget20-*.jsonl"))
+    assert preds and 0 < len(_rows(preds[0])) < 5  # a cell stopped mid-way kept its finished samples
+    with preds[0].open("a") as f:
+        f.write('{"id": "torn')  # a crash in the middle of writing a line
+    resumed = run_experiment(load_experiment(exp_file, broken_dir), progress=False)
+    rows = _rows(resumed)
+    assert len(rows) == len({r["cell"] for r in rows}) == 4  # no duplicate rows
+    assert _stable(rows) == _stable(_rows(clean))
+    for p in (broken_dir / "predictions").glob("*.jsonl"):
+        ids = [r["id"] for r in _rows(p)]
+        assert len(ids) == len(set(ids)) == 5  # every sample once
+
+
+@pytest.mark.parametrize(
+    "edit,pattern",
+    [
+        (lambda t: t.replace('name = "fastv"', 'name = "fastvv"'), "unknown method 'fastvv'"),
+        (lambda t: t.replace("ratio = 0.5", "ratio = 1.5"), r"ratio=1.5 is outside the allowed range"),
+        (
+            lambda t: t + '\n[[method]]\nname = "random"\nbudget = [64, 0]\n',
+            r"budget \(tokens kept per view\)=0 is outside the allowed range \[1, 576\]",
+        ),
+        (lambda t: t.replace('generator = "shapes"', 'path = "missing.jsonl"'), "missing.jsonl' does not exist"),
+        (lambda t: t.replace("batch_size = 2", "batch_size = 0"), "batch_size=0 must be an integer >= 1"),
+        (lambda t: t.replace("[experiment]", "[experiment]\nbatchsize = 3"), "unknown key"),
+        (lambda t: t + '\n[[method]]\nname = "globalcom2"\n', "GlobalCom² allocates tokens over LLaVA-NeXT crops"),
+    ],
+)
+def test_invalid_experiment_fails_before_any_cell(tmp_path, edit, pattern):
+    exp_file = _write(tmp_path, edit(EXPERIMENT))
+    with pytest.raises((tc.TokencompError, tc.BudgetError), match=pattern):
+        run_experiment(load_experiment(exp_file, tmp_path / "out"), progress=False)
+    results = tmp_path / "out" / "results.jsonl"
+    assert not results.exists() or results.read_text() == ""
+
+
+def test_report_has_every_plot_and_table(tmp_path, capsys):
+    exp_file = _write(tmp_path)
+    out = tmp_path / "run"
+    assert main(["compare", str(exp_file), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    for plot in PLOTS:
+        files = list((out / "plots").glob(f"{plot}_*.png"))
+        assert files, plot
+        assert f"plots/{files[0].name}" in md
+        assert f"alt='{plot}'" in page and "data:image/png;base64," in page
+    for label in ("identity", "_test-crashy-budget20", "fastv"):
+        assert label in md
+    rows = _rows(out / "results.jsonl")
+    ident = next(r for r in rows if r["method"] == "identity")
+    fast = next(r for r in rows if r["method"].startswith("fastv"))
+    assert fast["prefill_tflops"] < ident["prefill_tflops"]
+    assert ident["visual_tokens_llm"] == 576
+    assert main(["report", str(out)]) == 0
+
+
+def test_pareto_front():
+    x = [1.0, 2.0, 3.0, 2.5, 0.5]
+    y = [0.5, 0.7, 0.9, 0.6, 0.2]
+    assert pareto_front(__import__("numpy").array(x), __import__("numpy").array(y)).tolist() == [4, 0, 1, 2]

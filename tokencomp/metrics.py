@@ -1,0 +1,57 @@
+"""Answer metrics: normalised exact match, VQA soft accuracy, yes/no accuracy and F1."""
+
+from __future__ import annotations
+
+import re
+import string
+from itertools import combinations
+
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalize(text: str) -> str:
+    """Lower-case, drop punctuation and articles, number words to digits, collapse spaces."""
+    text = text.lower().strip()
+    text = text.translate(str.maketrans({c: " " for c in string.punctuation}))
+    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def exact_match(prediction: str, answers: list[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised reference answer."""
+    p = normalize(prediction)
+    return float(any(p == normalize(a) for a in answers))
+
+
+def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """VQA soft accuracy: ``min(1, matches / 3)`` averaged over every leave-one-out subset of the
+    reference answers (the official VQA evaluation; with one reference it is exact match)."""
+    p = normalize(prediction)
+    refs = [normalize(a) for a in answers]
+    if len(refs) < 2:
+        return float(bool(refs) and p == refs[0])
+    scores = [min(1.0, sum(r == p for r in subset) / 3) for subset in combinations(refs, len(refs) - 1)]
+    return sum(scores) / len(scores)
+
+
+def yes_no(prediction: str) -> str | None:
+    """``"yes"``/``"no"`` if the prediction starts with one (POPE-style parsing), else None."""
+    m = re.match(r"\s*(yes|no)\b", prediction.lower())
+    return m.group(1) if m else None
+
+
+def yes_no_scores(predictions: list[str], answers: list[str]) -> dict[str, float]:
+    """Accuracy, precision, recall and F1 with "yes" as the positive class (POPE)."""
+    tp = fp = fn = correct = 0
+    for pred, ans in zip(predictions, answers):
+        p, a = yes_no(pred), normalize(ans)
+        correct += int(p == a)
+        tp += int(p == "yes" and a == "yes")
+        fp += int(p == "yes" and a == "no")
+        fn += int(p != "yes" and a == "yes")
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    n = max(len(predictions), 1)
+    return {"accuracy": correct / n, "precision": precision, "recall": recall, "f1": f1}

@@ -1,0 +1,244 @@
+"""``tokencomp report RUN_DIR``: tables and plots from a compare run's saved results.
+
+Writes ``report.md``, a self-contained ``report.html`` (plots embedded) and ``plots/*.png``:
+accuracy vs prefill TFLOPs with the Pareto frontier, accuracy vs visual tokens, prefill latency vs
+tokens per layer, measured vs FLOPs-ideal speed-up, tokens per layer per method, and kept-token
+overlays on sample images per method.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from .errors import TokencompError  # noqa: E402
+
+PLOTS = ("accuracy_vs_tflops", "accuracy_vs_tokens", "latency_vs_tokens", "speedup", "tokens_per_layer", "overlays")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of the points not dominated by any other (lower x and higher y are better), by x."""
+    order = np.lexsort((-y, x))
+    front, best = [], -np.inf
+    for i in order:
+        if y[i] > best:
+            front.append(i)
+            best = y[i]
+    return np.array(front, dtype=int)
+
+
+def _scatter(ax, df, x, y, xlabel, ylabel, title, front=False):
+    for _, r in df.iterrows():
+        ax.scatter(r[x], r[y], s=36)
+        ax.annotate(r["method"], (r[x], r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if front and len(df) > 1:
+        f = pareto_front(df[x].to_numpy(float), df[y].to_numpy(float))
+        ax.plot(df[x].to_numpy()[f], df[y].to_numpy()[f], "k--", lw=1, label="Pareto frontier")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def _overlay(ax, image_path: str, patches: list[int], grid, family: str) -> None:
+    im = Image.open(image_path).convert("RGB")
+    side = 336
+    if family == "llava":  # shortest edge to the view size, then a centre crop (CLIP processing)
+        w, h = im.size
+        s = side / min(w, h)
+        im = im.resize((max(side, round(w * s)), max(side, round(h * s))))
+        w, h = im.size
+        im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    else:  # LLaVA-NeXT thumbnail: the whole image resized to the view
+        im = im.resize((side, side))
+    gh, gw = grid
+    mask = np.zeros(gh * gw)
+    mask[[p for p in patches if 0 <= p < gh * gw]] = 1
+    ax.imshow(im)
+    ax.imshow(mask.reshape(gh, gw), cmap="Reds", alpha=0.45, extent=(0, side, side, 0), vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
+    """Write the report of ``run_dir``; returns the path of ``report.md``."""
+    run = Path(run_dir)
+    results = run / "results.jsonl"
+    if not results.is_file():
+        raise TokencompError(f"{run} has no results.jsonl; run `tokencomp compare` first")
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise TokencompError(f"{results} is empty")
+    df = pd.DataFrame(rows)
+    plots = run / "plots"
+    plots.mkdir(exist_ok=True)
+    sections, images = [], []
+    for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
+        g = g.reset_index(drop=True)
+        tag = _slug(f"{model}_{dataset}")
+        files = {}
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        _scatter(
+            ax,
+            g,
+            "prefill_tflops",
+            "accuracy",
+            "LLM prefill TFLOPs (per sample)",
+            "accuracy",
+            f"{model} / {dataset}",
+            front=True,
+        )
+        files["accuracy_vs_tflops"] = plots / f"accuracy_vs_tflops_{tag}.png"
+        fig.tight_layout()
+        fig.savefig(files["accuracy_vs_tflops"], dpi=110)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        _scatter(
+            ax, g, "visual_tokens_llm", "accuracy", "visual tokens entering the LLM", "accuracy", f"{model} / {dataset}"
+        )
+        files["accuracy_vs_tokens"] = plots / f"accuracy_vs_tokens_{tag}.png"
+        fig.tight_layout()
+        fig.savefig(files["accuracy_vs_tokens"], dpi=110)
+        plt.close(fig)
+
+        g = g.assign(mean_tokens=[float(np.mean(t)) for t in g["tokens_per_layer"]])
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        _scatter(
+            ax,
+            g,
+            "mean_tokens",
+            "prefill_ms",
+            "mean tokens per decoder layer",
+            "prefill latency (ms, median)",
+            f"{model} / {dataset} ({g['device'].iloc[0]}, batch {g['latency_batch_size'].iloc[0]})",
+        )
+        files["latency_vs_tokens"] = plots / f"latency_vs_tokens_{tag}.png"
+        fig.tight_layout()
+        fig.savefig(files["latency_vs_tokens"], dpi=110)
+        plt.close(fig)
+
+        base = g[g["method"] == "identity"]
+        ref = base.iloc[0] if len(base) else g.loc[g["total_prefill_tflops"].idxmax()]
+        g = g.assign(
+            ideal_speedup=ref["total_prefill_tflops"] / g["total_prefill_tflops"],
+            measured_speedup=ref["prefill_ms"] / g["prefill_ms"],
+        )
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        _scatter(
+            ax,
+            g,
+            "ideal_speedup",
+            "measured_speedup",
+            f"FLOPs-ideal speed-up vs {ref['method']} (x)",
+            "measured prefill speed-up (x)",
+            f"{model} / {dataset}",
+        )
+        lim = max(g["ideal_speedup"].max(), g["measured_speedup"].max()) * 1.05
+        ax.plot([0, lim], [0, lim], color="grey", lw=1, label="measured = ideal")
+        ax.legend(fontsize=8)
+        files["speedup"] = plots / f"speedup_{tag}.png"
+        fig.tight_layout()
+        fig.savefig(files["speedup"], dpi=110)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for _, r in g.iterrows():
+            ax.plot(range(len(r["tokens_per_layer"])), r["tokens_per_layer"], marker=".", label=r["method"])
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("tokens processed (mean per sample)")
+        ax.set_title(f"tokens per layer: {model} / {dataset}", fontsize=10)
+        ax.legend(fontsize=6, ncol=2)
+        ax.grid(alpha=0.3)
+        files["tokens_per_layer"] = plots / f"tokens_per_layer_{tag}.png"
+        fig.tight_layout()
+        fig.savefig(files["tokens_per_layer"], dpi=110)
+        plt.close(fig)
+
+        preds = {
+            r["method"]: [json.loads(x) for x in (run / "predictions" / f"{r['cell']}.jsonl").read_text().splitlines()]
+            for _, r in g.iterrows()
+        }
+        n_img = min(overlay_samples, min(len(p) for p in preds.values()))
+        fig, axes = plt.subplots(n_img, len(g), figsize=(1.6 * len(g), 1.7 * n_img + 0.4), squeeze=False)
+        for j, (_, r) in enumerate(g.iterrows()):
+            for i in range(n_img):
+                p = preds[r["method"]][i]
+                _overlay(axes[i][j], p["image"], p["kept_patches"], r["grid"], r["family"])
+                if i == 0:
+                    axes[i][j].set_title(r["method"], fontsize=6)
+        fig.suptitle(f"kept base-view tokens (red) at the last layer: {model} / {dataset}", fontsize=8)
+        files["overlays"] = plots / f"overlays_{tag}.png"
+        fig.tight_layout()
+        fig.savefig(files["overlays"], dpi=100)
+        plt.close(fig)
+
+        cols = [
+            "method",
+            "samples",
+            "accuracy",
+            "visual_tokens_llm",
+            "prefill_tflops",
+            "total_prefill_tflops",
+            "overhead_tflops",
+            "prefill_ms",
+            "decode_ms_per_token",
+            "peak_memory_mb",
+            "ideal_speedup",
+            "measured_speedup",
+        ]
+        table = g[cols].to_markdown(index=False, floatfmt=".4g")
+        sections.append((f"{model} / {dataset}", table, files))
+        images += list(files.values())
+
+    unit = rows[0].get("flops_unit", "FLOPs")
+    md = [
+        f"# tokencomp report: {run.name}",
+        "",
+        f"FLOPs are {unit}; TFLOPs per sample. Latency: median prefill of the first batch, after warm-up.",
+        "",
+    ]
+    page = [
+        f"<html><head><meta charset='utf-8'><title>tokencomp report {html.escape(run.name)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}img{max-width:100%}</style></head><body>",
+        f"<h1>tokencomp report: {html.escape(run.name)}</h1><p>FLOPs are {html.escape(unit)}.</p>",
+    ]
+    for title, table, files in sections:
+        md += [f"## {title}", "", table, ""]
+        md += [f"![{k}](plots/{v.name})" for k, v in files.items()] + [""]
+        page.append(f"<h2>{html.escape(title)}</h2>")
+        page.append(_md_table_to_html(table))
+        for k, v in files.items():
+            data = base64.b64encode(v.read_bytes()).decode()
+            page.append(f"<h3>{k}</h3><img alt='{k}' src='data:image/png;base64,{data}'/>")
+    page.append("</body></html>")
+    (run / "report.md").write_text("\n".join(md))
+    (run / "report.html").write_text("\n".join(page))
+    return run / "report.md"
+
+
+def _md_table_to_html(table: str) -> str:
+    lines = [
+        line for line in table.splitlines() if line.strip() and not set(line.replace("|", "").strip()) <= set("-: ")
+    ]
+    cells = [[html.escape(c.strip()) for c in line.strip().strip("|").split("|")] for line in lines]
+    head = "".join(f"<th>{c}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
+    return f"<table><tr>{head}</tr>{body}</table>"

@@ -1,0 +1,340 @@
+"""The compare-methods runner: ``tokencomp compare EXPERIMENT.toml``.
+
+An experiment file names models, datasets and a grid of methods::
+
+    [experiment]
+    name = "demo"            # results go to runs/<name> unless out = "..." is given
+    batch_size = 4
+    max_new_tokens = 4
+    latency_repeats = 3
+    seed = 0
+
+    [[model]]
+    name = "tiny-llava"      # embedded name, local checkpoint path, or "tiny-random:llava[-next]"
+
+    [[dataset]]
+    name = "shapes"
+    generator = "shapes"     # a generated synthetic set (n, seed); or path = "data.jsonl"
+    n = 24
+    limit = 24
+
+    [[method]]
+    name = "visionzip"
+    budget = [192, 128, 64]  # a list is a grid axis; give a list-valued parameter as [[...]]
+
+    [[method]]
+    label = "pool64+fastv"   # a composition of strategies in one run
+    compose = [{name = "pool", budget = 64}, {name = "fastv", k = 2}]
+
+The whole file is validated before any work (unknown method or parameter, bad budget, missing
+dataset, a method a model cannot serve). Every finished sample is appended to
+``predictions/<cell>.jsonl`` and every finished cell to ``results.jsonl``; a crashed or
+interrupted run started again skips finished cells and samples, so nothing is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .api import prepare
+from .data import JsonlDataset, make_shapes_dataset, prompt
+from .engine import Engine
+from .errors import TokencompError
+from .metrics import exact_match, vqa_accuracy, yes_no_scores
+from .model import Model, load_model
+from .profiler import measure, run_flops
+from .registry import method as make_method
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+EXPERIMENT_KEYS = {"name", "out", "batch_size", "max_new_tokens", "latency_repeats", "seed", "template"}
+
+
+@dataclass
+class Cell:
+    """One (model, dataset, method configuration) of the grid."""
+
+    model: str
+    dataset: str
+    label: str
+    spec: list[dict]  # one dict per composed strategy: {"name": ..., params...}
+
+    @property
+    def id(self) -> str:
+        key = json.dumps([self.model, self.dataset, self.spec], sort_keys=True)
+        return f"{self.label}-{hashlib.sha1(key.encode()).hexdigest()[:10]}".replace("/", "_").replace(" ", "_")
+
+    def strategies(self):
+        out = [make_method(s["name"], **{k: v for k, v in s.items() if k != "name"}) for s in self.spec]
+        return [s for s in out if s.name != "identity"] or None
+
+
+@dataclass
+class Experiment:
+    """A parsed, validated experiment file."""
+
+    name: str
+    out: Path
+    settings: dict
+    models: dict[str, str]
+    datasets: dict[str, dict]
+    cells: list[Cell] = field(default_factory=list)
+    text: str = ""
+
+
+def _grid(table: dict) -> list[tuple[str, list[dict]]]:
+    """Expand one [[method]] table into (label, spec) pairs."""
+    table = dict(table)
+    table.pop("models", None)
+    label = table.pop("label", None)
+    if "compose" in table:
+        spec = [dict(s) for s in table.pop("compose")]
+        if table:
+            raise TokencompError(f"a compose method takes only label/models/compose, got {sorted(table)}")
+        if any("name" not in s for s in spec):
+            raise TokencompError("each entry of compose needs a name")
+        return [(label or "+".join(s["name"] for s in spec), spec)]
+    if "name" not in table:
+        raise TokencompError(f"a [[method]] table needs a name (got keys {sorted(table)})")
+    name = table.pop("name")
+    axes = {k: v if isinstance(v, list) else [v] for k, v in table.items()}
+    out = []
+    for values in itertools.product(*axes.values()) if axes else [()]:
+        params = dict(zip(axes, values))
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+        suffix = "-".join(f"{k}{v}" for k, v in params.items() if len(axes[k]) > 1 or k == "budget")
+        out.append((label or (f"{name}-{suffix}" if suffix else name), [{"name": name, **params}]))
+    return out
+
+
+def load_experiment(path: str | Path, out: str | Path | None = None) -> Experiment:
+    """Parse and expand an experiment file; raises `TokencompError` naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokencompError(f"experiment file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise TokencompError(f"{path}: invalid TOML: {e}") from e
+    exp = doc.get("experiment", {})
+    unknown = set(exp) - EXPERIMENT_KEYS
+    if unknown:
+        raise TokencompError(f"[experiment] has unknown key(s) {sorted(unknown)}; known: {sorted(EXPERIMENT_KEYS)}")
+    name = exp.get("name", path.stem)
+    settings = {"batch_size": 4, "max_new_tokens": 8, "latency_repeats": 3, "seed": 0, "template": None}
+    settings.update({k: v for k, v in exp.items() if k in settings})
+    for key in ("batch_size", "max_new_tokens", "latency_repeats"):
+        if not isinstance(settings[key], int) or settings[key] < 1:
+            raise TokencompError(f"[experiment] {key}={settings[key]!r} must be an integer >= 1")
+    models = {}
+    for m in doc.get("model", []):
+        if "name" not in m:
+            raise TokencompError("each [[model]] needs a name")
+        models[m["name"]] = m.get("source", m["name"])
+    if not models:
+        raise TokencompError(f"{path}: no [[model]] given")
+    datasets = {}
+    for d in doc.get("dataset", []):
+        if "name" not in d:
+            raise TokencompError("each [[dataset]] needs a name")
+        if "path" not in d and d.get("generator") != "shapes":
+            raise TokencompError(f"dataset {d['name']!r} needs path = 'file.jsonl' or generator = 'shapes'")
+        if "path" in d:
+            p = Path(d["path"])
+            p = p if p.is_absolute() else path.parent / p
+            if not p.is_file():
+                raise TokencompError(f"dataset {d['name']!r}: file {str(p)!r} does not exist")
+            d = {**d, "path": str(p)}
+        datasets[d["name"]] = d
+    if not datasets:
+        raise TokencompError(f"{path}: no [[dataset]] given")
+    cells = []
+    for table in doc.get("method", []):
+        only = table.get("models")
+        if only and set(only) - set(models):
+            raise TokencompError(
+                f"method {table.get('name', table.get('label'))!r} names unknown models {sorted(set(only) - set(models))}"
+            )
+        for label, spec in _grid(table):
+            for mname in models:
+                if only and mname not in only:
+                    continue
+                for dname in datasets:
+                    cells.append(Cell(mname, dname, label, spec))
+    if not cells:
+        raise TokencompError(f"{path}: no [[method]] given")
+    ids = [c.id for c in cells]
+    if len(set(ids)) != len(ids):
+        raise TokencompError("two method entries expand to the same configuration")
+    out_dir = Path(out) if out else Path(exp.get("out", Path("runs") / name))
+    return Experiment(name, out_dir, settings, models, datasets, cells, text)
+
+
+def _load_model(source: str) -> Model:
+    if source.startswith("tiny-random:"):
+        from .tiny import tiny_llava
+
+        family = source.split(":", 1)[1]
+        hf, proc = tiny_llava(family, image_size=336, text_layers=8, vision_layers=4, hidden=64, seed=0)
+        return Model(hf, proc, name=source)
+    return load_model(source)
+
+
+def _dataset(spec: dict, out: Path) -> JsonlDataset:
+    if spec.get("generator") == "shapes":
+        folder = out / "data" / spec["name"]
+        path = folder / "data.jsonl"
+        if not path.is_file():
+            make_shapes_dataset(folder, n=spec.get("n", 32), seed=spec.get("seed", 0))
+        return JsonlDataset(path, spec.get("limit"), spec["name"])
+    return JsonlDataset(spec["path"], spec.get("limit"), spec["name"])
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a torn last line (a crash mid-write) is dropped and the file repaired."""
+    if not path.is_file():
+        return []
+    rows, good = [], []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+            good.append(line)
+        except json.JSONDecodeError:
+            continue
+    if len(good) != len(path.read_text().splitlines()):
+        path.write_text("".join(g + "\n" for g in good))
+    return rows
+
+
+def _score(sample, prediction: str) -> float:
+    return (
+        vqa_accuracy(prediction, sample.answers) if len(sample.answers) > 1 else exact_match(prediction, sample.answers)
+    )
+
+
+def run_experiment(exp: Experiment, progress: bool = True) -> Path:
+    """Run every unfinished cell of ``exp``; returns the results file."""
+    out = exp.out
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "experiment.toml"
+    if saved.is_file() and saved.read_text() != exp.text:
+        raise TokencompError(f"{out} holds results of a different experiment file; choose another out directory")
+    saved.write_text(exp.text)
+    (out / "predictions").mkdir(exist_ok=True)
+    results = out / "results.jsonl"
+    done = {r["cell"] for r in _read_jsonl(results)}
+    models = {name: _load_model(src) for name, src in exp.models.items()}
+    datasets = {name: _dataset(spec, out) for name, spec in exp.datasets.items()}
+    # validate every cell on its model and a first batch before any forward pass
+    engines = {}
+    for cell in exp.cells:
+        model, data = models[cell.model], datasets[cell.dataset]
+        engine = Engine(model, cell.strategies())
+        first = data.samples[: exp.settings["batch_size"]]
+        template = exp.settings["template"] or model.family
+        engine.validate(prepare(model, [s.load_image() for s in first], [prompt(s, template) for s in first]))
+        engines[cell.id] = engine
+    todo = [c for c in exp.cells if c.id not in done]
+    for cell in tqdm(todo, desc=f"compare {exp.name}", unit="cell", disable=not progress):
+        _run_cell(exp, cell, models[cell.model], datasets[cell.dataset], engines[cell.id], results, progress)
+    return results
+
+
+def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine, results: Path, progress: bool) -> None:
+    s = exp.settings
+    torch.manual_seed(s["seed"])
+    template = s["template"] or model.family
+    pred_path = exp.out / "predictions" / f"{cell.id}.jsonl"
+    have = {r["id"] for r in _read_jsonl(pred_path)}
+    pending = [x for x in data.samples if x.id not in have]
+    bs = s["batch_size"]
+    tok = model.tokenizer
+    with pred_path.open("a") as f:
+        for i in tqdm(range(0, len(pending), bs), desc=cell.label, leave=False, disable=not progress):
+            chunk = pending[i : i + bs]
+            batch = prepare(model, [x.load_image() for x in chunk], [prompt(x, template) for x in chunk])
+            tokens, pre = engine.generate(batch, s["max_new_tokens"], tok.eos_token_id, tok.pad_token_id or 0)
+            flops = run_flops(model, pre.record, engine.strategies)
+            for b, x in enumerate(chunk):
+                text = tok.decode(tokens[b], skip_special_tokens=True).strip()
+                lay = pre.state.layout(b)
+                base = (lay["view"] == 0) & (lay["image"] == 0) & (lay["patch"] >= 0)
+                row = {
+                    "id": x.id,
+                    "type": x.type,
+                    "question": x.question,
+                    "answers": x.answers,
+                    "prediction": text,
+                    "score": _score(x, text),
+                    "visual_tokens_llm": pre.record.visual_tokens_llm[b],
+                    "tokens_per_layer": pre.record.tokens_per_layer[b],
+                    "prefill_flops": flops[b].prefill,
+                    "total_prefill_flops": flops[b].total_prefill,
+                    "vision_flops": flops[b].vision,
+                    "overhead_flops": flops[b].overhead,
+                    "decode_flops_per_token": sum(flops[b].decode) / max(len(flops[b].decode), 1),
+                    "kept_patches": lay["patch"][base].tolist(),
+                    "image": str(x.image),
+                }
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+    rows = _read_jsonl(pred_path)
+    first = data.samples[:bs]  # latency always on the dataset's first batch, so a resumed run measures the same
+    first_batch = prepare(model, [x.load_image() for x in first], [prompt(x, template) for x in first])
+    timing = measure(engine, first_batch, repeats=s["latency_repeats"], new_tokens=min(4, s["max_new_tokens"]))
+    by_type: dict[str, list[float]] = {}
+    for r in rows:
+        by_type.setdefault(r["type"], []).append(r["score"])
+    yn = [r for r in rows if r["type"] == "yes/no"]
+    n = len(rows)
+
+    def mean(key):
+        return sum(r[key] for r in rows) / n
+
+    summary = {
+        "cell": cell.id,
+        "model": cell.model,
+        "dataset": cell.dataset,
+        "method": cell.label,
+        "family": model.family,
+        "grid": list(model.grid),
+        "spec": cell.spec,
+        "samples": n,
+        "accuracy": mean("score"),
+        "accuracy_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+        "yes_no": yes_no_scores([r["prediction"] for r in yn], [r["answers"][0] for r in yn]) if yn else None,
+        "visual_tokens_llm": mean("visual_tokens_llm"),
+        "tokens_per_layer": [
+            sum(r["tokens_per_layer"][i] for r in rows) / n for i in range(len(rows[0]["tokens_per_layer"]))
+        ],
+        "prefill_tflops": mean("prefill_flops") / 1e12,
+        "total_prefill_tflops": mean("total_prefill_flops") / 1e12,
+        "vision_tflops": mean("vision_flops") / 1e12,
+        "overhead_tflops": mean("overhead_flops") / 1e12,
+        "decode_tflops_per_token": mean("decode_flops_per_token") / 1e12,
+        "prefill_ms": timing.prefill_median * 1e3,
+        "prefill_spread_ms": timing.prefill_spread * 1e3,
+        "decode_ms_per_token": timing.decode_per_token_median * 1e3,
+        "latency_batch_size": first_batch.input_ids.shape[0],
+        "peak_memory_mb": timing.peak_memory_bytes / 2**20,
+        "kv_cache_mb": timing.kv_cache_bytes / 2**20,
+        "device": timing.device,
+        "kernel_backend": engine.options.kernel_backend,
+        "flops_unit": "FLOPs (2 x multiply-adds; matrix products only)",
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    with results.open("a") as f:
+        f.write(json.dumps(summary) + "\n")
