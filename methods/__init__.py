@@ -1,3 +1,3 @@
 """Compression methods, one file per strategy, each registered by name on import."""
 
-from . import fastv, freeze, globalcom2, identity, pooling, prumerge, random_prune, visionzip  # noqa: F401
+from . import fastv, freeze, globalcom2, identity, pooling, prumerge, random_prune, shortv, visionzip  # noqa: F401

@@ -215,11 +215,16 @@ class Engine:
         self.decoder_captures = sorted(
             {(n.layer, n.kind.rsplit("_", 1)[1]) for n in self.needs if n.kind in DECODER_NEEDS}
         )
-        self.frozen: set[int] = set()
+        self.frozen: dict[int, str] = {}  # layer -> the token type that passes through unchanged
         for s in self.freeze:
+            kind = getattr(s, "frozen_tokens", "visual")
+            if kind not in ("visual", "text"):
+                raise TokencompError(f"{s}: frozen_tokens must be 'visual' or 'text', got {kind!r}")
             for lay in s.frozen_layers(L):
                 check_int(f"{s}: frozen layer", lay, 0, L - 1)
-                self.frozen.add(lay)
+                if self.frozen.get(lay, kind) != kind:
+                    raise TokencompError(f"layer {lay} is frozen for both visual and text tokens")
+                self.frozen[lay] = kind
 
     # ------------------------------------------------------------------------------------------
     # validation
@@ -666,7 +671,7 @@ class Engine:
             hooks = _capture(layer, ["input_layernorm"], {"k_proj": layer.self_attn.k_proj}) if wanted else _nothing()
             with hooks as got:
                 if i in self.frozen:
-                    state.hidden = self._frozen_layer(layer, i, state, cos_sin, cache)
+                    state.hidden = self._frozen_layer(layer, i, state, cos_sin, cache, self.frozen[i])
                 else:
                     state.hidden = layer(
                         state.hidden,
@@ -693,7 +698,8 @@ class Engine:
             tokens_per_view=per_view,
             tokens_per_layer=tokens.tolist(),
             visual_per_layer=visual.tolist(),
-            frozen_layers=sorted(self.frozen),
+            frozen_layers=sorted(k for k, v in self.frozen.items() if v == "visual"),
+            frozen_text_layers=sorted(k for k, v in self.frozen.items() if v == "text"),
             vision_layers_run=self.vision_layers_run,
             vision_capture_layers=len(self.vision_capture_layers),
             decoder_captures=[list(c) for c in self.decoder_captures],
@@ -755,15 +761,20 @@ class Engine:
             probs = probs.sum(2, keepdim=True) / row_ok.sum(1).clamp(min=1)[:, None, None, None]
         return probs
 
-    def _frozen_layer(self, layer, idx: int, state: SeqState, cos_sin, cache: LayerKVCache) -> torch.Tensor:
-        """A layer in which image tokens pass through unchanged but still give keys and values."""
+    def _frozen_layer(
+        self, layer, idx: int, state: SeqState, cos_sin, cache: LayerKVCache, frozen: str = "visual"
+    ) -> torch.Tensor:
+        """A layer in which image tokens (``frozen="visual"``, ShortV) or text tokens (``"text"``,
+        for ShortV's text-type layer contribution) pass through unchanged but still give keys and
+        values; the other tokens are computed as in the ordinary layer."""
         m = self.model
         attn = layer.self_attn
         h = state.hidden
         b, n, d = h.shape
         hd = attn.head_dim
         cos, sin = cos_sin
-        text_idx, text_ok = repack(state.valid & (state.kind == TEXT))
+        active = (state.kind == TEXT) if frozen == "visual" else (state.kind >= VISUAL)
+        text_idx, text_ok = repack(state.valid & active)  # the tokens that get queries and updates
         t = text_idx.shape[1]
         gather = self._gather
         x = layer.input_layernorm(h)

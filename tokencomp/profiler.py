@@ -168,12 +168,14 @@ def run_flops(model, record: RunRecord, strategies=()) -> list[FlopsReport]:
     proj_in = vis.hidden * len(model.feature_layers)
     reports = []
     frozen = set(record.frozen_layers)
+    frozen_text = set(record.frozen_text_layers)
     for b in range(len(record.tokens_per_layer)):
         views = sum(len(v) for v in record.tokens_per_view[b])
         projected = sum(sum(v) for v in record.tokens_per_view[b])
         layers = []
         for i, (n, v) in enumerate(zip(record.tokens_per_layer[b], record.visual_per_layer[b])):
-            layers.append(dec.layer(n, text=n - v if i in frozen else None))
+            active = n - v if i in frozen else v if i in frozen_text else None  # tokens that get updates
+            layers.append(dec.layer(n, text=active))
         overhead = views * record.vision_capture_layers * 2 * vis.tokens * vis.hidden  # CLS row: q . K
         for layer, query in record.decoder_captures:
             n = record.tokens_per_layer[b][layer]

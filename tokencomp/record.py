@@ -18,6 +18,7 @@ class RunRecord:
         tokens_per_layer: ``[sample][layer]`` tokens each decoder layer processed (text + image span).
         visual_per_layer: ``[sample][layer]`` image-span tokens present in each layer (frozen ones included).
         frozen_layers: decoder layers in which image tokens were frozen.
+        frozen_text_layers: decoder layers in which text tokens were frozen (layer-contribution probes).
         vision_layers_run: vision encoder layers the engine ran (it stops at the last one needed).
         vision_capture_layers: vision layers whose CLS row / keys were captured.
         decoder_captures: ``[layer, query]`` decoder attention rows captured (query "last" or "text").
@@ -35,6 +36,7 @@ class RunRecord:
     visual_per_layer: list[list[int]]
     tokens_per_view: list[list[list[int]]] = field(default_factory=list)
     frozen_layers: list[int] = field(default_factory=list)
+    frozen_text_layers: list[int] = field(default_factory=list)
     vision_layers_run: int = 0
     vision_capture_layers: int = 0
     decoder_captures: list[list] = field(default_factory=list)
