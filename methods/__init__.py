@@ -1,3 +1,15 @@
 """Compression methods, one file per strategy, each registered by name on import."""
 
-from . import fastv, freeze, globalcom2, identity, pooling, prumerge, random_prune, shortv, visionzip  # noqa: F401
+from . import (  # noqa: F401
+    fastv,
+    freeze,
+    globalcom2,
+    gsearch,
+    identity,
+    pdrop,
+    pooling,
+    prumerge,
+    random_prune,
+    shortv,
+    visionzip,
+)

@@ -193,7 +193,7 @@ class Engine:
         L = model.num_layers
         self.needs: set[Need] = set()
         for s in self.strategies:
-            for need in s.needs():
+            for need in s.needs_for(L):
                 need = Need(*need)
                 if need.kind in VISION_NEEDS:
                     nv = model.vision_num_layers
@@ -653,6 +653,7 @@ class Engine:
         images, captures = self.encode_images(batch, spans)
         state, n_visual, per_view = self.build_sequence(batch, spans, images)
         input_state = dataclasses.replace(state)  # the loop below rebinds state.hidden
+        input_images = (state.valid & (state.kind >= VISUAL)).sum(1)
         L = m.num_layers
         cache = LayerKVCache(L)
         bsz = state.hidden.shape[0]
@@ -663,7 +664,7 @@ class Engine:
         mask = self._mask(state.valid, None, state.hidden.dtype)
         for i, layer in enumerate(m.layers):
             if i in self.prune_at:
-                state, changed = self._prune(state, i, scores)
+                state, changed = self._prune(state, i, scores, input_images)
                 if changed:
                     cos_sin = self._rope(state.hidden, state.positions)
                     mask = self._mask(state.valid, None, state.hidden.dtype)
@@ -708,7 +709,7 @@ class Engine:
         )
         return PrefillOutput(logits, state, input_state, cache, record, captures)
 
-    def _prune(self, state: SeqState, layer: int, scores) -> tuple[SeqState, bool]:
+    def _prune(self, state: SeqState, layer: int, scores, input_images: torch.Tensor) -> tuple[SeqState, bool]:
         ctx = LayerContext(
             layer=layer,
             num_layers=self.model.num_layers,
@@ -718,6 +719,7 @@ class Engine:
             positions=state.positions,
             orig_index=state.orig_index,
             scores=scores,
+            input_image_count=input_images,
         )
         keep = state.valid.clone()
         for s in self.prune_at[layer]:

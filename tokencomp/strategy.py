@@ -94,6 +94,10 @@ class Strategy:
         """Scores the engine must capture for this strategy (default: none)."""
         return []
 
+    def needs_for(self, num_layers: int) -> list[Need]:
+        """`needs` for a decoder of ``num_layers`` layers; override when the needs depend on depth."""
+        return self.needs()
+
     def check(self, info: RunInfo) -> None:
         """Raise a `TokencompError` if this strategy cannot serve ``info``; runs before any work."""
 
@@ -268,6 +272,7 @@ class LayerContext:
         positions: ``(B, n)`` position ids.
         orig_index: ``(B, n)`` index of each token in the uncompressed prompt.
         scores: captured decoder attention rows, keyed by `Need`; read with `attention`.
+        input_image_count: ``(B,)`` image-span tokens that entered the LLM (schedules count from it).
     """
 
     layer: int
@@ -278,6 +283,7 @@ class LayerContext:
     positions: torch.Tensor
     orig_index: torch.Tensor
     scores: dict[Need, torch.Tensor]
+    input_image_count: torch.Tensor | None = None
 
     @property
     def image_mask(self) -> torch.Tensor:
