@@ -367,6 +367,33 @@ def rank_similarity(model: tc.Model, batches, query: str = "last"):
     return total / n
 
 
+def plot_rank_similarity(tau, path, title: str = "") -> Path:
+    """Heatmap of the layer x layer Kendall tau table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    im = ax.imshow(tau, cmap="viridis", vmin=-1, vmax=1)
+    fig.colorbar(im, ax=ax, label="Kendall tau")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("decoder layer")
+    ax.set_title(title or "rank similarity of visual tokens between layers", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def rank_similarity_table(tau) -> str:
+    """The Kendall tau table as markdown."""
+    n = len(tau)
+    head = "| layer | " + " | ".join(str(j) for j in range(n)) + " |"
+    rows = ["| " + str(i) + " | " + " | ".join(f"{tau[i][j]:.2f}" for j in range(n)) + " |" for i in range(n)]
+    return "\n".join([head, "|---" * (n + 1) + "|", *rows])
+
+
 @tc.register("_rank-probe")
 class _Probe(tc.LayerStrategy):
     """Captures attention rows at every layer and prunes nothing (for `rank_similarity`)."""

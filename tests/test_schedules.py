@@ -101,8 +101,13 @@ def test_pdrop_stages(deep, calib):
     assert pre.record.visual_per_layer[0] == expect
 
 
-def test_rank_similarity_table(deep, calib):
+def test_rank_similarity_table(deep, calib, tmp_path):
+    from methods.gsearch import plot_rank_similarity, rank_similarity_table
+
     tau = rank_similarity(deep, calib[:1])
+    assert plot_rank_similarity(tau, tmp_path / "tau.png").stat().st_size > 1000
+    table = rank_similarity_table(tau)
+    assert table.count("\n") == 7 and "| 0 | 1.00 |" in table
     assert tau.shape == (6, 6)
     assert (abs(tau - tau.T) < 1e-9).all() and (tau.diagonal() == 1).all()
     assert (tau <= 1 + 1e-9).all() and (tau >= -1 - 1e-9).all()
