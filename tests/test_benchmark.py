@@ -1,0 +1,68 @@
+"""The synthetic benchmark: determinism, disjoint splits, balanced answers, consistent labels."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+
+import tokencomp as tc
+from tokencomp.benchmark import NUMBERS, QUESTION_TYPES, SPLIT_SEED, generate_split, make_scene, vocabulary
+from tokencomp.data import JsonlDataset
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return out, {s: generate_split(out, s, 25) for s in ("train", "val", "test")}
+
+
+def test_deterministic(splits, tmp_path):
+    out, paths = splits
+    again = generate_split(tmp_path, "test", 25)
+    assert again.read_text() == paths["test"].read_text()
+    first = json.loads(again.read_text().splitlines()[0])
+    assert (tmp_path / first["image"]).read_bytes() == (out / first["image"]).read_bytes()
+
+
+def test_splits_disjoint_and_types_balanced(splits):
+    _, paths = splits
+    ids = {s: {json.loads(x)["id"] for x in p.read_text().splitlines()} for s, p in paths.items()}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    rows = [json.loads(x) for x in paths["test"].read_text().splitlines()]
+    counts = collections.Counter(r["type"] for r in rows)
+    assert set(counts) == set(QUESTION_TYPES) and max(counts.values()) - min(counts.values()) <= 1
+    vocab = set(vocabulary())
+    for r in rows:
+        assert set(r["question"].split()) <= vocab, r["question"]
+        assert r["answers"][0] in vocab
+    ds = JsonlDataset(paths["test"])
+    assert len(ds) == 25 and ds.samples[0].load_image().size == (336, 336)
+
+
+def test_labels_agree_with_the_scene(tmp_path):
+    path = generate_split(tmp_path, "val", 60)
+    yes = no = 0
+    for r in (json.loads(x) for x in path.read_text().splitlines()):
+        seed = int(r["id"].split("-")[1])
+        _, objs, char = make_scene(seed)
+        q, a = r["question"], r["answers"][0]
+        if r["type"] == "count":
+            shape = next(s for s in ("circle", "square", "triangle", "star") if s + "s" in q.split())
+            assert a == NUMBERS[sum(o.shape == shape for o in objs)]
+        elif r["type"] == "read":
+            assert a == char.lower()
+        elif r["type"] == "exist":
+            color = next(w for w in q.split() if w in ("red", "green", "blue", "yellow", "purple", "white"))
+            shape = next(w for w in q.split() if w in ("circle", "square", "triangle", "star"))
+            present = any(o.color == color and o.shape == shape for o in objs)
+            assert a == ("yes" if present else "no")
+            yes, no = yes + present, no + (not present)
+    assert yes >= 3 and no >= 3  # both answers occur (balanced by construction)
+
+
+def test_bad_split(tmp_path):
+    with pytest.raises(tc.TokencompError, match="split must be one of"):
+        generate_split(tmp_path, "dev", 3)
+    assert SPLIT_SEED["val"] - SPLIT_SEED["train"] >= 1_000_000

@@ -1,0 +1,250 @@
+"""The project's synthetic visual-QA benchmark ("tc-scenes"), deterministic by seed.
+
+Scenes hold a few small objects (shape, colour, size) on a large textured, cluttered background,
+so most patches carry little; one small object carries a digit or letter drawn in a tiny font
+(fine detail that needs LLaVA-NeXT's high-resolution crops to read). Question types, each with
+several phrasings and one-word or number answers:
+
+* ``attribute``: colour or shape of a named object ("what color is the small square?"),
+* ``count``: how many objects of a shape,
+* ``position``: left/right or above/below between two named objects,
+* ``exist``: yes/no about an object, balanced between present and absent (POPE-like),
+* ``read``: the character written on the tag.
+
+Splits draw from disjoint seed ranges (train, val, test), so no scene repeats across splits.
+Output: ``<out>/<split>.jsonl`` in the harness's JSONL format plus PNG images.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import TokencompError
+
+COLORS = {
+    "red": (215, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (45, 75, 215),
+    "yellow": (235, 205, 35),
+    "purple": (140, 60, 170),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+SIZES = ("small", "big")
+CHARACTERS = tuple("0123456789ABCDEFHKLMNPRTXY")
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]
+SPLIT_SEED = {"train": 0, "val": 10_000_000, "test": 20_000_000}
+QUESTION_TYPES = ("attribute", "count", "position", "exist", "read")
+
+PHRASES = {
+    "color": ["what color is the {obj} ?", "which color does the {obj} have ?", "the {obj} is what color ?"],
+    "shape": ["what shape is the {obj} ?", "which shape is the {obj} ?"],
+    "count": ["how many {shape}s are there ?", "count the {shape}s .", "what is the number of {shape}s ?"],
+    "leftright": ["is the {a} left or right of the {b} ?", "where is the {a} , left or right of the {b} ?"],
+    "abovebelow": ["is the {a} above or below the {b} ?", "where is the {a} , above or below the {b} ?"],
+    "exist": ["is there a {obj} in the image ?", "do you see a {obj} ?", "is there any {obj} ?"],
+    "read": ["what is written on the tag ?", "which character is on the tag ?", "read the tag ."],
+}
+
+
+def vocabulary() -> list[str]:
+    """Every word the questions and answers use (for a word-level tokenizer)."""
+    words = set("USER ASSISTANT : ? . , yes no left right above below".split())
+    for phrases in PHRASES.values():
+        for p in phrases:
+            words.update(re.sub(r"\{\w+\}", " ", p).split())
+    words.update(["object"])
+    words.update(COLORS)
+    words.update(SHAPES)
+    words.update(s + "s" for s in SHAPES)
+    words.update(SIZES)
+    words.update(NUMBERS)
+    words.update(c.lower() for c in CHARACTERS)
+    return sorted(words)
+
+
+@dataclass
+class Obj:
+    shape: str
+    color: str
+    size: str
+    box: tuple[int, int, int, int]
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return ((self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2)
+
+    def name(self, with_size: bool = True) -> str:
+        return f"{self.size} {self.color} {self.shape}" if with_size else f"{self.color} {self.shape}"
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> Image.Image:
+    base = rng.integers(70, 150, 3)
+    noise = rng.normal(0, 12, (h // 8 + 1, w // 8 + 1, 3))
+    tex = np.kron(noise, np.ones((8, 8, 1)))[:h, :w]
+    img = np.clip(base + tex + rng.normal(0, 6, (h, w, 3)), 0, 255).astype("uint8")
+    im = Image.fromarray(img)
+    d = ImageDraw.Draw(im)
+    for _ in range(int(rng.integers(20, 40))):  # clutter: faint strokes that are not objects
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        c = tuple(int(v) for v in np.clip(base + rng.integers(-30, 30, 3), 0, 255))
+        d.line([(x, y), (x + int(rng.integers(-25, 25)), y + int(rng.integers(-25, 25)))], fill=c, width=1)
+    return im
+
+
+def _draw(d: ImageDraw.ImageDraw, o: Obj) -> None:
+    x0, y0, x1, y1 = o.box
+    c = COLORS[o.color]
+    if o.shape == "circle":
+        d.ellipse(o.box, fill=c)
+    elif o.shape == "square":
+        d.rectangle(o.box, fill=c)
+    elif o.shape == "triangle":
+        d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=c)
+    else:
+        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+        pts = []
+        for k in range(10):
+            a = np.pi / 2 + k * np.pi / 5
+            rr = r if k % 2 == 0 else r * 0.45
+            pts.append((cx + rr * np.cos(a), cy - rr * np.sin(a)))
+        d.polygon(pts, fill=c)
+
+
+def _place(rng, h, w, size_px, taken) -> tuple[int, int, int, int] | None:
+    for _ in range(50):
+        x, y = int(rng.integers(4, w - size_px - 4)), int(rng.integers(4, h - size_px - 4))
+        box = (x, y, x + size_px, y + size_px)
+        if all(box[2] + 6 < t[0] or t[2] + 6 < box[0] or box[3] + 6 < t[1] or t[3] + 6 < box[1] for t in taken):
+            return box
+    return None
+
+
+def make_scene(seed: int, size: tuple[int, int] = (336, 336), tag_px: int = 7):
+    """One scene: (image, objects, tag character). Object sizes scale with the image."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    im = _background(rng, h, w)
+    d = ImageDraw.Draw(im)
+    scale = min(h, w) / 336
+    objs: list[Obj] = []
+    taken: list[tuple] = []
+    for _ in range(int(rng.integers(2, 5))):
+        sz = SIZES[int(rng.integers(2))]
+        px = int((rng.integers(18, 26) if sz == "small" else rng.integers(40, 56)) * scale)
+        box = _place(rng, h, w, px, taken)
+        if box is None:
+            continue
+        o = Obj(SHAPES[int(rng.integers(len(SHAPES)))], list(COLORS)[int(rng.integers(len(COLORS)))], sz, box)
+        _draw(d, o)
+        objs.append(o)
+        taken.append(box)
+    # the tag: a small white plate with one character in a tiny font
+    char = CHARACTERS[int(rng.integers(len(CHARACTERS)))]
+    plate = int(tag_px * 1.8)
+    box = _place(rng, h, w, plate, taken) or (4, 4, 4 + plate, 4 + plate)
+    d.rectangle(box, fill=(250, 250, 250))
+    font = ImageFont.load_default(size=tag_px) if hasattr(ImageFont, "load_default") else None
+    d.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), char, fill=(0, 0, 0), font=font, anchor="mm")
+    return im, objs, char
+
+
+def _unique(objs: list[Obj], o: Obj) -> str | None:
+    """The shortest name that singles out ``o`` among ``objs`` (None if none does)."""
+    for name in (o.shape, f"{o.color} {o.shape}", o.name()):
+        matches = [p for p in objs if name in (p.shape, f"{p.color} {p.shape}", p.name())]
+        if len(matches) == 1:
+            return name
+    return None
+
+
+def make_question(rng: np.random.Generator, objs: list[Obj], char: str, qtype: str):
+    """(question, answer) of ``qtype`` about a scene, or None when the scene cannot ask it."""
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    if qtype == "attribute":  # name the object without the asked attribute
+        opts = []
+        for o in objs:
+            for name, same in (
+                (o.shape, lambda p, o=o: p.shape == o.shape),
+                (f"{o.size} {o.shape}", lambda p, o=o: p.shape == o.shape and p.size == o.size),
+            ):
+                if sum(map(same, objs)) == 1:
+                    opts.append((pick(PHRASES["color"]).format(obj=name), o.color))
+                    break
+            for name, same in (
+                (f"{o.color} object", lambda p, o=o: p.color == o.color),
+                (f"{o.size} {o.color} object", lambda p, o=o: p.color == o.color and p.size == o.size),
+            ):
+                if sum(map(same, objs)) == 1:
+                    opts.append((pick(PHRASES["shape"]).format(obj=name), o.shape))
+                    break
+        return pick(opts) if opts else None
+    if qtype == "count":
+        shape = pick(SHAPES)
+        return pick(PHRASES["count"]).format(shape=shape), NUMBERS[sum(o.shape == shape for o in objs)]
+    if qtype == "position":
+        named = [(o, _unique(objs, o)) for o in objs]
+        named = [(o, n) for o, n in named if n]
+        pairs = [(a, b) for a in named for b in named if a[0] is not b[0]]
+        if not pairs:
+            return None
+        (a, na), (b, nb) = pick(pairs)
+        dx, dy = a.center[0] - b.center[0], a.center[1] - b.center[1]
+        if abs(dx) >= abs(dy):
+            return pick(PHRASES["leftright"]).format(a=na, b=nb), "left" if dx < 0 else "right"
+        return pick(PHRASES["abovebelow"]).format(a=na, b=nb), "above" if dy < 0 else "below"
+    if qtype == "exist":
+        present = rng.random() < 0.5
+        if present:
+            o = pick(objs)
+            return pick(PHRASES["exist"]).format(obj=f"{o.color} {o.shape}"), "yes"
+        for _ in range(30):
+            color, shape = pick(list(COLORS)), pick(SHAPES)
+            if not any(o.color == color and o.shape == shape for o in objs):
+                return pick(PHRASES["exist"]).format(obj=f"{color} {shape}"), "no"
+        return None
+    if qtype == "read":
+        return pick(PHRASES["read"]), char.lower()
+    raise TokencompError(f"unknown question type {qtype!r}; known: {QUESTION_TYPES}")
+
+
+def generate_split(
+    out_dir: str | Path,
+    split: str,
+    n: int,
+    size: tuple[int, int] = (336, 336),
+    types: tuple[str, ...] = QUESTION_TYPES,
+    tag_px: int = 7,
+) -> Path:
+    """Write ``n`` samples of ``split`` (train / val / test) as ``out_dir/<split>.jsonl`` + images.
+
+    Question types cycle through ``types`` so each is equally frequent; a scene that cannot ask
+    a type (e.g. no uniquely named pair for ``position``) is replaced by the next seed.
+    """
+    if split not in SPLIT_SEED:
+        raise TokencompError(f"split must be one of {sorted(SPLIT_SEED)}, got {split!r}")
+    out = Path(out_dir)
+    (out / "images" / split).mkdir(parents=True, exist_ok=True)
+    lines, seed = [], SPLIT_SEED[split]
+    while len(lines) < n:
+        qtype = types[len(lines) % len(types)]
+        im, objs, char = make_scene(seed, size, tag_px)
+        qa = make_question(np.random.default_rng(seed + 7_777_777), objs, char, qtype) if objs else None
+        if qa is not None:
+            name = f"images/{split}/{seed:08d}.png"
+            im.save(out / name)
+            lines.append(
+                json.dumps(
+                    {"id": f"{split}-{seed}", "image": name, "question": qa[0], "answers": [qa[1]], "type": qtype}
+                )
+            )
+        seed += 1
+    path = out / f"{split}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
