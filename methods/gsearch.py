@@ -357,7 +357,7 @@ def rank_similarity(model: tc.Model, batches, query: str = "last"):
         for b in range(batch.input_ids.shape[0]):
             vis = st.valid[b] & (st.kind[b] >= 2)
             rows = [
-                pre.captures[tc.Need(f"decoder_attention_{query}", i)][b].mean(dim=(0, 1))[vis].numpy()
+                pre.captures[tc.Need(f"decoder_attention_{query}", i)][b].mean(dim=(0, 1))[vis].float().cpu().numpy()
                 for i in range(L)
             ]
             for i in range(L):

@@ -89,7 +89,7 @@ def layer_contribution(model: tc.Model, batches, direction: str = "code", progre
         for i in range(L):
             for kind in ("visual", "text"):
                 mod = tc.Engine(model, tc.method("freeze", layers=(i,), tokens=kind)).prefill(batch).logits
-                sums[kind][i] += kl_divergence(base, mod, direction).double().sum()
+                sums[kind][i] += kl_divergence(base, mod, direction).double().sum().item()
         n += base.shape[0]
     return {
         "visual": (sums["visual"] / n).tolist(),

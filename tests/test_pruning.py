@@ -53,3 +53,26 @@ def test_llm_contiguous_positions_option(model, images):
     # and the decoded token continues each layer's own numbering
     assert pre.cache.next_pos[0].item() == batch.input_ids.shape[1]
     assert pre.cache.next_pos[-1].item() == n
+
+
+def test_last_token_is_never_pruned(models, images):
+    """A prompt that ends on its image: the last (image) token stays, so logits come from it."""
+    model = models["llava"]
+    batch = tc.prepare(model, images[:1], ["USER : what color ? <image>"])
+    pre = tc.Engine(model, tc.method("fastv", k=1, budget=1)).prefill(batch)
+    n = batch.input_ids.shape[1]
+    assert int(pre.state.orig_index[0, -1]) == n - 1
+    assert int(pre.state.positions[0, -1]) == n - 1
+
+
+def test_kv_lengths_stop_at_each_samples_eos(models, images):
+    model = models["llava"]
+    batch = tc.prepare(model, images, PROMPTS)
+    engine = tc.Engine(model, tc.method("fastv", k=2))
+    free, _ = engine.generate(batch, max_new_tokens=6, eos_token_id=None)
+    eos = free[0][1]  # sample 0 stops after two tokens
+    tokens, pre = engine.generate(batch, max_new_tokens=6, eos_token_id=eos)
+    assert len(tokens[0]) == free[0].index(eos) + 1 <= 2 and any(len(t) > 2 for t in tokens)
+    for b in range(3):
+        prefill = [int(n) for n in pre.record.tokens_per_layer[b]]
+        assert pre.record.kv_cache_lengths[b] == [n + len(tokens[b]) - 1 for n in prefill]

@@ -145,3 +145,35 @@ def test_pareto_front():
     x = [1.0, 2.0, 3.0, 2.5, 0.5]
     y = [0.5, 0.7, 0.9, 0.6, 0.2]
     assert pareto_front(__import__("numpy").array(x), __import__("numpy").array(y)).tolist() == [4, 0, 1, 2]
+
+
+def test_newline_less_last_row_is_not_lost(tmp_path):
+    exp_file = _write(tmp_path)
+    out = tmp_path / "run"
+    Crashy.crash_after, Crashy.calls = 1, 0
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_experiment(exp_file, out), progress=False)
+    pred = next((out / "predictions").glob("_test-crashy-budget20-*.jsonl"))
+    text = pred.read_text()
+    pred.write_text(text.rstrip("\n"))  # the crash hit between a row and its newline
+    rows = _rows(run_experiment(load_experiment(exp_file, out), progress=False))
+    assert len(rows) == 4 and all(r["samples"] == 5 for r in rows)
+
+
+def test_failed_validation_does_not_lock_the_run_dir(tmp_path):
+    bad = _write(tmp_path, EXPERIMENT.replace("ratio = 0.5", "ratio = 1.5"), "bad.toml")
+    with pytest.raises(tc.BudgetError):
+        run_experiment(load_experiment(bad, tmp_path / "out"), progress=False)
+    good = _write(tmp_path, EXPERIMENT, "good.toml")
+    rows = _rows(run_experiment(load_experiment(good, tmp_path / "out"), progress=False))
+    assert len(rows) == 4
+
+
+def test_duplicate_sample_ids_rejected(tmp_path):
+    from tokencomp.data import JsonlDataset, make_shapes_dataset
+
+    path = make_shapes_dataset(tmp_path / "d", n=3)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines + lines[:1]) + "\n")
+    with pytest.raises(tc.TokencompError, match="sample ids must be unique"):
+        JsonlDataset(path)

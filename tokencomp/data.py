@@ -93,6 +93,10 @@ class JsonlDataset:
                 )
                 if limit is not None and len(self.samples) >= limit:
                     break
+        ids = [s.id for s in self.samples]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise TokencompError(f"{self.path}: sample ids must be unique; repeated: {dup}")
 
     def __len__(self) -> int:
         return len(self.samples)

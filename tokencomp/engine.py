@@ -305,9 +305,11 @@ class Engine:
         info = self.run_info(batch, spans)
         for s in self.strategies:
             s.check(info)
-        if self.model.attn_implementation.startswith("flash") and bool((batch.attention_mask == 0).any()):
+        flash = self.model.attn_implementation.startswith("flash")
+        if flash and (bool((batch.attention_mask == 0).any()) or self.frozen or self.prune_at):
             raise TokencompError(
-                "padded batches need attn_implementation 'sdpa' or 'eager' (flash masks not wired yet)"
+                "with attn_implementation 'flash_attention_*' only unpadded batches without in-LLM pruning or "
+                "frozen layers are supported (their masks are not wired yet); load the model with 'sdpa'"
             )
         return spans
 
@@ -433,6 +435,7 @@ class Engine:
         m = self.model
         dev = proj.device
         n = m.patches_per_view
+        out_counts = out.count[rows]  # tokens the projector ran on, before unpadding drops any
         r0 = int(rows[0])
         c0 = int(out.count[r0])
         idx0 = out.index[r0, :c0]
@@ -459,6 +462,7 @@ class Engine:
                 parts[name].append(value)
         out = {name: torch.cat(v) for name, v in parts.items()}
         out["num_views"] = len(rows)
+        out["projected"] = int(out_counts.sum())
         return out
 
     def _crops_on_grid(self, out, proj, crop_rows, size, crop_grid, newline, policy) -> dict:
@@ -558,18 +562,18 @@ class Engine:
     def build_sequence(self, batch: Batch, spans, images: list[dict]) -> tuple[SeqState, torch.Tensor, list]:
         """Per sample: text embeddings with each image span replaced by its assembled tokens.
 
-        Returns the packed state, ``(B,)`` visual tokens entering the LLM per sample, and the
-        visual tokens per sample, image and view.
+        Returns the packed state, ``(B,)`` visual tokens entering the LLM per sample, and
+        ``(tokens per sample, image and view; tokens the projector ran on per sample)``.
         """
         m = self.model
         dev = m.device
         ids, mask = batch.input_ids.to(dev), batch.attention_mask.to(dev).bool()
-        samples, n_visual, per_view, img = [], [], [], 0
+        samples, n_visual, per_view, projected, img = [], [], [], [], 0
         for b, sample in enumerate(spans):
             row = ids[b][mask[b]]
             emb = m.embed_tokens(row)
             pieces = {k: [] for k in ("hidden", "kind", "orig", "image", "view", "patch", "pos")}
-            cursor, vis, views = 0, 0, []
+            cursor, vis, views, proj_tokens = 0, 0, [], 0
             for local, (start, length) in enumerate(sample + [(len(row), 0)]):
                 t = torch.arange(cursor, start, device=dev)
                 pieces["hidden"].append(emb[cursor:start])
@@ -584,6 +588,7 @@ class Engine:
                 tok = images[img]
                 k = tok["feats"].shape[0]
                 vis += int((tok["kind"] == VISUAL).sum())
+                proj_tokens += tok["projected"]
                 is_vis = tok["kind"] == VISUAL
                 views.append(
                     torch.bincount(tok["view"][is_vis & (tok["view"] >= 0)], minlength=tok["num_views"]).tolist()
@@ -609,6 +614,7 @@ class Engine:
             samples.append(s)
             n_visual.append(vis)
             per_view.append(views)
+            projected.append(proj_tokens)
         hidden, valid = pad_left([s["hidden"] for s in samples])
         state = SeqState(
             hidden=hidden,
@@ -620,7 +626,7 @@ class Engine:
             view=pad_left([s["view"] for s in samples], -1)[0],
             patch=pad_left([s["patch"] for s in samples], -1)[0],
         )
-        return state, torch.tensor(n_visual), per_view
+        return state, torch.tensor(n_visual), (per_view, projected)
 
     # ------------------------------------------------------------------------------------------
     # decoder
@@ -633,8 +639,9 @@ class Engine:
         b, n = key_valid.shape
         dev = key_valid.device
         if query_index is None:
-            if bool(key_valid.all()) and self.model.attn_implementation == "sdpa":
-                return None  # plain causal: SDPA takes its fast path
+            impl = self.model.attn_implementation
+            if bool(key_valid.all()) and (impl == "sdpa" or impl.startswith("flash")):
+                return None  # plain causal: SDPA's fast path, FlashAttention's causal kernel
             query_index = torch.arange(n, device=dev).expand(b, n)
         allowed = key_valid[:, None, :] & (torch.arange(n, device=dev)[None, None, :] <= query_index[:, :, None])
         allowed |= ~allowed.any(-1, keepdim=True)
@@ -651,7 +658,7 @@ class Engine:
         m = self.model
         spans = self.validate(batch)
         images, captures = self.encode_images(batch, spans)
-        state, n_visual, per_view = self.build_sequence(batch, spans, images)
+        state, n_visual, (per_view, projected) = self.build_sequence(batch, spans, images)
         input_state = dataclasses.replace(state)  # the loop below rebinds state.hidden
         input_images = (state.valid & (state.kind >= VISUAL)).sum(1)
         L = m.num_layers
@@ -697,6 +704,7 @@ class Engine:
             visual_tokens_in=[sum(c for _, c in s) for s in spans],
             visual_tokens_llm=n_visual.tolist(),
             tokens_per_view=per_view,
+            projected_tokens=projected,
             tokens_per_layer=tokens.tolist(),
             visual_per_layer=visual.tolist(),
             frozen_layers=sorted(k for k, v in self.frozen.items() if v == "visual"),
@@ -728,6 +736,7 @@ class Engine:
                 raise TokencompError(f"{s}.keep must return a (B, n) bool mask, got {tuple(k.shape)} {k.dtype}")
             keep &= k
         keep |= state.valid & (state.kind == TEXT)  # text tokens are never dropped
+        keep[:, -1] |= state.valid[:, -1]  # nor the last token (left padding: the last column)
         if bool((keep == state.valid).all()):
             return state, False
         index, valid = repack(keep)
@@ -793,8 +802,8 @@ class Engine:
         ht = h_text + out
         ht = ht + layer.mlp(layer.post_attention_layernorm(ht))
         new = h.clone()
-        take = text_idx[..., None].expand(-1, -1, d)
-        new.scatter_(1, take, torch.where(text_ok[..., None], ht, h_text))
+        rows = torch.arange(b, device=h.device)[:, None].expand_as(text_idx)
+        new[rows[text_ok], text_idx[text_ok]] = ht[text_ok]  # real slots only: padding slots repeat index 0
         return new
 
     def _gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -822,9 +831,10 @@ class Engine:
             if bool(done.all()):
                 break
             x = m.embed_tokens(nxt[:, None])
+            live = ~done[:, None]  # a finished sample's padding steps leave no valid key behind
             for i, layer in enumerate(m.layers):
                 pos = cache.next_pos[i][:, None]
-                key_valid = torch.cat([cache.valid[i], torch.ones_like(cache.valid[i][:, :1])], dim=1)
+                key_valid = torch.cat([cache.valid[i], live], dim=1)
                 mask = None
                 if not bool(key_valid.all()):
                     mask = self._mask(key_valid, torch.full_like(pos, key_valid.shape[1] - 1), x.dtype)

@@ -171,7 +171,9 @@ def run_flops(model, record: RunRecord, strategies=()) -> list[FlopsReport]:
     frozen_text = set(record.frozen_text_layers)
     for b in range(len(record.tokens_per_layer)):
         views = sum(len(v) for v in record.tokens_per_view[b])
-        projected = sum(sum(v) for v in record.tokens_per_view[b])
+        projected = (
+            record.projected_tokens[b] if record.projected_tokens else sum(sum(v) for v in record.tokens_per_view[b])
+        )
         layers = []
         for i, (n, v) in enumerate(zip(record.tokens_per_layer[b], record.visual_per_layer[b])):
             active = n - v if i in frozen else v if i in frozen_text else None  # tokens that get updates

@@ -15,6 +15,7 @@ class RunRecord:
         visual_tokens_llm: visual tokens entering the LLM (after the vision stage; newline tokens not counted).
         tokens_per_view: ``[sample][image][view]`` visual tokens each view contributes (view 0 = the
             LLaVA-1.5 image or the NeXT thumbnail, then crops in raster order; newlines not counted).
+        projected_tokens: per sample, tokens the projector ran on (before NeXT unpadding drops any).
         tokens_per_layer: ``[sample][layer]`` tokens each decoder layer processed (text + image span).
         visual_per_layer: ``[sample][layer]`` image-span tokens present in each layer (frozen ones included).
         frozen_layers: decoder layers in which image tokens were frozen.
@@ -35,6 +36,7 @@ class RunRecord:
     tokens_per_layer: list[list[int]]
     visual_per_layer: list[list[int]]
     tokens_per_view: list[list[list[int]]] = field(default_factory=list)
+    projected_tokens: list[int] = field(default_factory=list)
     frozen_layers: list[int] = field(default_factory=list)
     frozen_text_layers: list[int] = field(default_factory=list)
     vision_layers_run: int = 0

@@ -214,7 +214,8 @@ def _read_jsonl(path: Path) -> list[dict]:
             good.append(line)
         except json.JSONDecodeError:
             continue
-    if len(good) != len(path.read_text().splitlines()):
+    text = path.read_text()
+    if len(good) != len(text.splitlines()) or (text and not text.endswith("\n")):
         path.write_text("".join(g + "\n" for g in good))
     return rows
 
@@ -228,13 +229,12 @@ def _score(sample, prediction: str) -> float:
 def run_experiment(exp: Experiment, progress: bool = True) -> Path:
     """Run every unfinished cell of ``exp``; returns the results file."""
     out = exp.out
-    out.mkdir(parents=True, exist_ok=True)
     saved = out / "experiment.toml"
-    if saved.is_file() and saved.read_text() != exp.text:
-        raise TokencompError(f"{out} holds results of a different experiment file; choose another out directory")
-    saved.write_text(exp.text)
-    (out / "predictions").mkdir(exist_ok=True)
     results = out / "results.jsonl"
+    started = results.is_file() or any((out / "predictions").glob("*.jsonl"))
+    if started and saved.is_file() and saved.read_text() != exp.text:
+        raise TokencompError(f"{out} holds results of a different experiment file; choose another out directory")
+    out.mkdir(parents=True, exist_ok=True)
     done = {r["cell"] for r in _read_jsonl(results)}
     models = {name: _load_model(src) for name, src in exp.models.items()}
     datasets = {name: _dataset(spec, out) for name, spec in exp.datasets.items()}
@@ -247,6 +247,8 @@ def run_experiment(exp: Experiment, progress: bool = True) -> Path:
         template = exp.settings["template"] or model.family
         engine.validate(prepare(model, [s.load_image() for s in first], [prompt(s, template) for s in first]))
         engines[cell.id] = engine
+    saved.write_text(exp.text)  # only once the whole file has passed validation
+    (out / "predictions").mkdir(exist_ok=True)
     todo = [c for c in exp.cells if c.id not in done]
     for cell in tqdm(todo, desc=f"compare {exp.name}", unit="cell", disable=not progress):
         _run_cell(exp, cell, models[cell.model], datasets[cell.dataset], engines[cell.id], results, progress)
@@ -262,6 +264,9 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
     pending = [x for x in data.samples if x.id not in have]
     bs = s["batch_size"]
     tok = model.tokenizer
+    if pred_path.is_file() and not pred_path.read_text().endswith("\n") and pred_path.stat().st_size:
+        with pred_path.open("a") as f:  # a crash between a row and its newline: start on a fresh line
+            f.write("\n")
     with pred_path.open("a") as f:
         for i in tqdm(range(0, len(pending), bs), desc=cell.label, leave=False, disable=not progress):
             chunk = pending[i : i + bs]
@@ -292,6 +297,11 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
                 f.write(json.dumps(row) + "\n")
             f.flush()
     rows = _read_jsonl(pred_path)
+    got, want = [r["id"] for r in rows], [x.id for x in data.samples]
+    if sorted(got) != sorted(want):
+        raise TokencompError(
+            f"{pred_path} holds {len(got)} rows for {len(want)} samples; delete it to recompute the cell"
+        )
     first = data.samples[:bs]  # latency always on the dataset's first batch, so a resumed run measures the same
     first_batch = prepare(model, [x.load_image() for x in first], [prompt(x, template) for x in first])
     timing = measure(engine, first_batch, repeats=s["latency_repeats"], new_tokens=min(4, s["max_new_tokens"]))
