@@ -135,10 +135,5 @@ class PruMerge(_PruMergeBase):
 
 
 @tc.register("prumerge+")
-class PruMergePlus(_PruMergeBase):
-    layer: int = -1
-    k_neighbours: int = 32
-    neighbours: str = "all"
-    extra_token: bool = True
-    order: str = "score"
+class PruMergePlus(PruMerge):
     plus = True
