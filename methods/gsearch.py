@@ -37,7 +37,7 @@ import torch
 
 import tokencomp as tc
 from tokencomp.metrics import exact_match
-from tokencomp.profiler import DecoderShape
+from tokencomp.profiler import prefill_flops_from_config
 from tokencomp.strategy import check_ratio
 
 # Published LLaVA-1.5-7B G-Search schedule (read off the paper's plot; 1-indexed layers 1..31 given,
@@ -263,10 +263,11 @@ def psigmoid_rates(num_layers: int, k: float, alpha: float, b: float, first_prun
 
 def schedule_flops_ratio(model: tc.Model, rates, n_visual: int, n_text: int) -> float:
     """LLM prefill FLOPs of ``rates`` over the unreduced prefill, with the engine's rounding."""
-    dec = DecoderShape.from_config(model.hf.config.text_config)
-    full = dec.layers * dec.layer(n_visual + n_text)
-    cut = sum(dec.layer(round(min(rates[: i + 1]) * n_visual) + n_text) for i in range(len(rates)))
-    return cut / full
+    cfg = model.hf.config.text_config
+    keep = [round(min(rates[: i + 1]) * n_visual) for i in range(len(rates))]
+    return prefill_flops_from_config(cfg, n_visual, n_text, keep=keep) / prefill_flops_from_config(
+        cfg, n_visual, n_text
+    )
 
 
 def psigmoid(

@@ -207,15 +207,16 @@ def _read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSONL file; a torn last line (a crash mid-write) is dropped and the file repaired."""
     if not path.is_file():
         return []
+    text = path.read_text()
+    lines = text.splitlines()
     rows, good = [], []
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
             rows.append(json.loads(line))
             good.append(line)
         except json.JSONDecodeError:
             continue
-    text = path.read_text()
-    if len(good) != len(text.splitlines()) or (text and not text.endswith("\n")):
+    if len(good) != len(lines) or (text and not text.endswith("\n")):
         path.write_text("".join(g + "\n" for g in good))
     return rows
 
