@@ -46,7 +46,7 @@ def test_labels_agree_with_the_scene(tmp_path):
     yes = no = 0
     for r in (json.loads(x) for x in path.read_text().splitlines()):
         seed = int(r["id"].split("-")[1])
-        _, objs, char = make_scene(seed)
+        _, objs, char, _ = make_scene(seed)
         q, a = r["question"], r["answers"][0]
         if r["type"] == "count":
             shape = next(s for s in ("circle", "square", "triangle", "star") if s + "s" in q.split())

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import tokencomp as tc
-from tokencomp.data import JsonlDataset, make_shapes_dataset, prompt
+from tokencomp.data import JsonlDataset, prompt
 from tokencomp.metrics import exact_match, normalize, vqa_accuracy, yes_no, yes_no_scores
 
 
@@ -33,22 +33,6 @@ def test_yes_no_scores():
     s = yes_no_scores(["yes", "no", "yes", "maybe"], ["yes", "yes", "no", "no"])
     assert s["accuracy"] == 0.25
     assert s["precision"] == 0.5 and s["recall"] == 0.5 and s["f1"] == 0.5
-
-
-def test_generator_is_deterministic_and_loads(tmp_path):
-    a = make_shapes_dataset(tmp_path / "a", n=6, seed=4)
-    b = make_shapes_dataset(tmp_path / "b", n=6, seed=4)
-    c = make_shapes_dataset(tmp_path / "c", n=6, seed=5)
-    assert a.read_text() != c.read_text()
-    assert [json.loads(x)["question"] for x in a.read_text().splitlines()] == [
-        json.loads(x)["question"] for x in b.read_text().splitlines()
-    ]
-    assert (tmp_path / "a" / "images" / "0003.png").read_bytes() == (
-        tmp_path / "b" / "images" / "0003.png"
-    ).read_bytes()
-    ds = JsonlDataset(a, limit=4)
-    assert len(ds) == 4 and {s.type for s in ds} <= {"attribute", "count", "yes/no"}
-    assert prompt(ds.samples[0], "llava").startswith("USER: <image>\n")
 
 
 def test_dataset_errors(tmp_path):

@@ -23,10 +23,10 @@ name = "m"
 source = "tiny-random:llava"
 
 [[dataset]]
-name = "shapes"
-generator = "shapes"
+name = "scenes"
+generator = "tc-scenes"
+split = "val"
 n = 5
-seed = 3
 
 [[method]]
 name = "identity"
@@ -106,10 +106,16 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
             lambda t: t + '\n[[method]]\nname = "random"\nbudget = [64, 0]\n',
             r"budget \(tokens kept per view\)=0 is outside the allowed range \[1, 576\]",
         ),
-        (lambda t: t.replace('generator = "shapes"', 'path = "missing.jsonl"'), "missing.jsonl' does not exist"),
+        (lambda t: t.replace('generator = "tc-scenes"', 'path = "missing.jsonl"'), "missing.jsonl' does not exist"),
         (lambda t: t.replace("batch_size = 2", "batch_size = 0"), "batch_size=0 must be an integer >= 1"),
         (lambda t: t.replace("[experiment]", "[experiment]\nbatchsize = 3"), "unknown key"),
         (lambda t: t + '\n[[method]]\nname = "globalcom2"\n', "GlobalCom² allocates tokens over LLaVA-NeXT crops"),
+        (
+            lambda t: t.replace('source = "tiny-random:llava"', 'source = "tiny-random:llava"\ndatasets = ["gqa"]'),
+            "unknown datasets",
+        ),
+        (lambda t: t.replace('split = "val"', 'split = "dev"'), "split must be one of"),
+        (lambda t: t.replace('generator = "tc-scenes"', 'generator = "shapes"'), "generator = one of"),
     ],
 )
 def test_invalid_experiment_fails_before_any_cell(tmp_path, edit, pattern):
@@ -118,6 +124,16 @@ def test_invalid_experiment_fails_before_any_cell(tmp_path, edit, pattern):
         run_experiment(load_experiment(exp_file, tmp_path / "out"), progress=False)
     results = tmp_path / "out" / "results.jsonl"
     assert not results.exists() or results.read_text() == ""
+
+
+def test_model_datasets_restrict_the_grid(tmp_path):
+    text = EXPERIMENT.replace('source = "tiny-random:llava"', 'source = "tiny-random:llava"\ndatasets = ["scenes"]')
+    text += '\n[[model]]\nname = "n"\nsource = "tiny-random:llava-next"\ndatasets = ["other"]\n'
+    text += '\n[[dataset]]\nname = "other"\ngenerator = "tc-scenes-next"\nn = 2\n'
+    exp = load_experiment(_write(tmp_path, text), tmp_path / "out")
+    pairs = {(c.model, c.dataset) for c in exp.cells}
+    assert pairs == {("m", "scenes"), ("n", "other")}
+    assert len(exp.cells) == 8  # 4 method cells per model, each on its one dataset
 
 
 def test_report_has_every_plot_and_table(tmp_path, capsys):
@@ -170,9 +186,10 @@ def test_failed_validation_does_not_lock_the_run_dir(tmp_path):
 
 
 def test_duplicate_sample_ids_rejected(tmp_path):
-    from tokencomp.data import JsonlDataset, make_shapes_dataset
+    from tokencomp.benchmark import generate_split
+    from tokencomp.data import JsonlDataset
 
-    path = make_shapes_dataset(tmp_path / "d", n=3)
+    path = generate_split(tmp_path / "d", "val", 3)
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines + lines[:1]) + "\n")
     with pytest.raises(tc.TokencompError, match="sample ids must be unique"):

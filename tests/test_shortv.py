@@ -11,7 +11,8 @@ from conftest import PROMPTS, make_images
 
 import tokencomp as tc
 from methods.shortv import calibrate, kl_divergence, layer_contribution, lowest_layers, plot_layer_contribution
-from tokencomp.data import JsonlDataset, make_shapes_dataset
+from tokencomp.benchmark import generate_split
+from tokencomp.data import JsonlDataset
 from tokencomp.profiler import run_flops
 from tokencomp.tiny import tiny_llava
 
@@ -51,7 +52,7 @@ def test_lc_zero_for_dead_layer_and_large_for_loud_layer(models, family):
 
 def test_calibration_deterministic_file_and_selection(models, tmp_path):
     model = models["llava"]
-    data = JsonlDataset(make_shapes_dataset(tmp_path / "d", n=6, seed=2, size=(84, 84)))
+    data = JsonlDataset(generate_split(tmp_path / "d", "val", 6, size=(84, 84)))
     a = calibrate(model, data, num_samples=3, seed=5, batch_size=2, path=tmp_path / "lc.json")
     b = calibrate(model, data, num_samples=3, seed=5, batch_size=2)
     assert a["visual"] == b["visual"] and a["ids"] == b["ids"]

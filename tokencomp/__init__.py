@@ -7,7 +7,7 @@
     print(out.text, out.record.tokens_per_layer)
 """
 
-from .api import GenerationOutput, generate, prepare
+from .api import EvalResult, GenerationOutput, evaluate, generate, prepare
 from .engine import Batch, Engine, EngineOptions, PrefillOutput
 from .errors import BudgetError, InputMismatchError, TokencompError, UnknownMethodError, UnsupportedModelError
 from .model import Model, load_model
@@ -32,6 +32,7 @@ __all__ = [
     "BudgetError",
     "Engine",
     "EngineOptions",
+    "EvalResult",
     "FreezeStrategy",
     "GenerationOutput",
     "InputMismatchError",
@@ -50,6 +51,7 @@ __all__ = [
     "VisionView",
     "ViewTokens",
     "available_methods",
+    "evaluate",
     "generate",
     "load_model",
     "method",

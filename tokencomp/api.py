@@ -95,3 +95,69 @@ def generate(
         )
     text = [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
     return GenerationOutput(text=text, tokens=tokens, record=pre.record, prefill=pre)
+
+
+@dataclass
+class EvalResult:
+    """Result of `evaluate`.
+
+    Attributes:
+        accuracy: mean score over the samples (exact match, or VQA soft accuracy for 10-answer items).
+        by_type: mean score per question type.
+        predictions: one dict per sample: ``id``, ``type``, ``prediction``, ``answers``, ``score``.
+    """
+
+    accuracy: float
+    by_type: dict[str, float]
+    predictions: list[dict]
+
+
+def evaluate(
+    model: Model,
+    data,
+    method=None,
+    batch_size: int = 8,
+    max_new_tokens: int = 4,
+    template: str | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Score a method on a dataset (greedy answers; no latency or FLOPs: see ``tokencomp compare``).
+
+    Args:
+        model: a `tokencomp.Model`.
+        data: a `tokencomp.data.JsonlDataset` (or any iterable of `Sample`).
+        method: as in `generate`.
+        batch_size: samples per forward pass.
+        max_new_tokens: answer length limit in tokens.
+        template: prompt template name or format string (default: the model's family).
+        progress: show a progress bar.
+    """
+    from tqdm import tqdm
+
+    from .data import prompt
+    from .metrics import exact_match, vqa_accuracy
+
+    samples = list(data)
+    if not samples:
+        raise InputMismatchError("evaluate needs at least one sample")
+    engine = Engine(model, method)
+    tok = model.tokenizer
+    template = template or model.family
+    rows = []
+    for i in tqdm(range(0, len(samples), batch_size), desc="evaluate", disable=not progress):
+        chunk = samples[i : i + batch_size]
+        batch = prepare(model, [s.load_image() for s in chunk], [prompt(s, template) for s in chunk])
+        with torch.no_grad():
+            tokens, _ = engine.generate(batch, max_new_tokens, tok.eos_token_id, tok.pad_token_id or 0)
+        for s, t in zip(chunk, tokens):
+            text = tok.decode(t, skip_special_tokens=True).strip()
+            score = vqa_accuracy(text, s.answers) if len(s.answers) > 1 else exact_match(text, s.answers)
+            rows.append({"id": s.id, "type": s.type, "prediction": text, "answers": s.answers, "score": score})
+    by_type: dict[str, list[float]] = {}
+    for r in rows:
+        by_type.setdefault(r["type"], []).append(r["score"])
+    return EvalResult(
+        accuracy=sum(r["score"] for r in rows) / len(rows),
+        by_type={k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+        predictions=rows,
+    )

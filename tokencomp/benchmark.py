@@ -21,6 +21,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -41,6 +42,18 @@ CHARACTERS = tuple("0123456789ABCDEFHKLMNPRTXY")
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]
 SPLIT_SEED = {"train": 0, "val": 10_000_000, "test": 20_000_000}
 QUESTION_TYPES = ("attribute", "count", "position", "exist", "read")
+# Accuracy of the best image-blind answer per question type (answer priors, measured on 600 test
+# scenes: "count" answers "zero" 43% of the time; a position question names its axis, so 50%).
+CHANCE = {"attribute": 0.25, "count": 0.45, "position": 0.5, "exist": 0.52, "read": 1 / len(CHARACTERS)}
+# LLaVA-NeXT-style image sizes (height, width): several aspect ratios, unpadding included
+NEXT_SIZES = [(672, 672), (672, 504), (504, 672), (336, 672), (672, 336), (560, 616)]
+PRESETS = {
+    # the embedded tiny-llava's benchmark: 336 px, tag font readable at that size
+    "tc-scenes": {"size": (336, 336), "tag_px": 12},
+    # the embedded tiny-llava-next's: larger images whose tag is readable in the 336 px crops but
+    # not in the 2x-downscaled thumbnail
+    "tc-scenes-next": {"size": NEXT_SIZES, "tag_px": 11},
+}
 
 PHRASES = {
     "color": ["what color is the {obj} ?", "which color does the {obj} have ?", "the {obj} is what color ?"],
@@ -98,9 +111,18 @@ def _background(rng: np.random.Generator, h: int, w: int) -> Image.Image:
     return im
 
 
-def _draw(d: ImageDraw.ImageDraw, o: Obj) -> None:
+class Scene(NamedTuple):
+    """A generated scene: the image, its objects, the tag's character and the tag plate's box."""
+
+    image: Image.Image
+    objects: list[Obj]
+    char: str
+    tag_box: tuple[int, int, int, int]
+
+
+def _draw(d: ImageDraw.ImageDraw, o: Obj, fill=None) -> None:
     x0, y0, x1, y1 = o.box
-    c = COLORS[o.color]
+    c = COLORS[o.color] if fill is None else fill
     if o.shape == "circle":
         d.ellipse(o.box, fill=c)
     elif o.shape == "square":
@@ -126,8 +148,9 @@ def _place(rng, h, w, size_px, taken) -> tuple[int, int, int, int] | None:
     return None
 
 
-def make_scene(seed: int, size: tuple[int, int] = (336, 336), tag_px: int = 7):
-    """One scene: (image, objects, tag character). Object sizes scale with the image."""
+def make_scene(seed: int, size: tuple[int, int] = (336, 336), tag_px: int = 7) -> Scene:
+    """One scene of ``size`` = (height, width) pixels; object sizes scale with the image, the tag's
+    font is ``tag_px`` pixels whatever the image size."""
     rng = np.random.default_rng(seed)
     h, w = size
     im = _background(rng, h, w)
@@ -152,7 +175,19 @@ def make_scene(seed: int, size: tuple[int, int] = (336, 336), tag_px: int = 7):
     d.rectangle(box, fill=(250, 250, 250))
     font = ImageFont.load_default(size=tag_px) if hasattr(ImageFont, "load_default") else None
     d.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), char, fill=(0, 0, 0), font=font, anchor="mm")
-    return im, objs, char
+    return Scene(im, objs, char, box)
+
+
+def label_map(scene: Scene) -> np.ndarray:
+    """``(H, W)`` int map of what covers each pixel: 0 background, ``j + 1`` object ``j``,
+    ``len(objects) + 1`` the tag plate (training targets for the vision tower)."""
+    w, h = scene.image.size
+    im = Image.new("L", (w, h), 0)
+    d = ImageDraw.Draw(im)
+    for j, o in enumerate(scene.objects):
+        _draw(d, o, fill=j + 1)
+    d.rectangle(scene.tag_box, fill=len(scene.objects) + 1)
+    return np.asarray(im).astype(np.int64)
 
 
 def _unique(objs: list[Obj], o: Obj) -> str | None:
@@ -218,15 +253,17 @@ def generate_split(
     out_dir: str | Path,
     split: str,
     n: int,
-    size: tuple[int, int] = (336, 336),
+    size: tuple[int, int] | list[tuple[int, int]] = (336, 336),
     types: tuple[str, ...] = QUESTION_TYPES,
     tag_px: int = 7,
 ) -> Path:
     """Write ``n`` samples of ``split`` (train / val / test) as ``out_dir/<split>.jsonl`` + images.
 
     Question types cycle through ``types`` so each is equally frequent; a scene that cannot ask
-    a type (e.g. no uniquely named pair for ``position``) is replaced by the next seed.
+    a type (e.g. no uniquely named pair for ``position``) is replaced by the next seed. ``size`` is
+    one (height, width) or a list of them, chosen per scene by its seed (varied aspect ratios).
     """
+    sizes = [tuple(size)] if isinstance(size[0], int) else [tuple(s) for s in size]
     if split not in SPLIT_SEED:
         raise TokencompError(f"split must be one of {sorted(SPLIT_SEED)}, got {split!r}")
     out = Path(out_dir)
@@ -234,7 +271,7 @@ def generate_split(
     lines, seed = [], SPLIT_SEED[split]
     while len(lines) < n:
         qtype = types[len(lines) % len(types)]
-        im, objs, char = make_scene(seed, size, tag_px)
+        im, objs, char, _ = make_scene(seed, sizes[seed % len(sizes)], tag_px)
         qa = make_question(np.random.default_rng(seed + 7_777_777), objs, char, qtype) if objs else None
         if qa is not None:
             name = f"images/{split}/{seed:08d}.png"

@@ -1,4 +1,5 @@
-"""Datasets for evaluation: a local JSONL format, prompt templates, and a small synthetic generator.
+"""Datasets for evaluation: a local JSONL format and prompt templates (the synthetic benchmark
+that writes this format is `tokencomp.benchmark`).
 
 JSONL format, one sample per line (paths relative to the file's folder or absolute)::
 
@@ -16,8 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .errors import TokencompError
 
@@ -113,65 +113,3 @@ def prompt(sample: Sample, template: str) -> str:
             f"template {template!r} is neither a known name {sorted(TEMPLATES)} nor contains {{question}}"
         )
     return fmt.format(question=sample.question)
-
-
-# ------------------------------------------------------------------------------------------------
-# a small synthetic scene generator (deterministic by seed)
-
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
-SHAPES = ("circle", "square", "triangle")
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five"]
-
-
-def _draw(draw: ImageDraw.ImageDraw, shape: str, box, color) -> None:
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        draw.ellipse(box, fill=color)
-    elif shape == "square":
-        draw.rectangle(box, fill=color)
-    else:
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=color)
-
-
-def make_shapes_dataset(out_dir: str | Path, n: int = 32, seed: int = 0, size: tuple[int, int] = (336, 336)) -> Path:
-    """Write ``n`` scenes of a few small shapes on a textured background, with questions about
-    colour, count and existence, as ``out_dir/data.jsonl`` + PNG images. Returns the JSONL path.
-
-    Deterministic in ``seed``; used by the demo experiment and the runner tests.
-    """
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    lines = []
-    for i in range(n):
-        h, w = size
-        bg = (rng.random((h, w, 3)) * 40 + 100 + rng.integers(-20, 20, 3)).clip(0, 255).astype("uint8")
-        img = Image.fromarray(bg)
-        draw = ImageDraw.Draw(img)
-        k = int(rng.integers(1, 4))
-        objects = []
-        for _ in range(k):
-            shape = SHAPES[rng.integers(len(SHAPES))]
-            color = list(COLORS)[rng.integers(len(COLORS))]
-            s = int(rng.integers(h // 10, h // 5))
-            x, y = int(rng.integers(0, w - s)), int(rng.integers(0, h - s))
-            _draw(draw, shape, (x, y, x + s, y + s), COLORS[color])
-            objects.append((shape, color))
-        name = f"images/{i:04d}.png"
-        img.save(out / name)
-        kind = i % 3
-        if kind == 0:
-            shape, color = objects[0]
-            q, a, t = f"what color is the {shape} ?", color, "attribute"
-        elif kind == 1:
-            shape = objects[0][0]
-            count = sum(1 for o in objects if o[0] == shape)
-            q, a, t = f"how many {shape} are there ?", NUMBER_WORDS[count], "count"
-        else:
-            shape = SHAPES[rng.integers(len(SHAPES))]
-            present = any(o[0] == shape for o in objects)
-            q, a, t = f"is there a {shape} ?", "yes" if present else "no", "yes/no"
-        lines.append(json.dumps({"id": f"{seed}-{i}", "image": name, "question": q, "answers": [a], "type": t}))
-    path = out / "data.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path

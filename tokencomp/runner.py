@@ -11,12 +11,13 @@ An experiment file names models, datasets and a grid of methods::
 
     [[model]]
     name = "tiny-llava"      # embedded name, local checkpoint path, or "tiny-random:llava[-next]"
+    datasets = ["scenes"]    # optional: the datasets this model runs on (default: all)
 
     [[dataset]]
-    name = "shapes"
-    generator = "shapes"     # a generated synthetic set (n, seed); or path = "data.jsonl"
+    name = "scenes"
+    generator = "tc-scenes"  # the project's benchmark (tokencomp.benchmark.PRESETS; split, n,
+    split = "test"           # optional size = [h, w] and tag_px), or path = "data.jsonl"
     n = 24
-    limit = 24
 
     [[method]]
     name = "visionzip"
@@ -46,7 +47,8 @@ import torch
 from tqdm import tqdm
 
 from .api import prepare
-from .data import JsonlDataset, make_shapes_dataset, prompt
+from .benchmark import PRESETS, SPLIT_SEED, generate_split
+from .data import JsonlDataset, prompt
 from .engine import Engine
 from .errors import TokencompError
 from .metrics import exact_match, vqa_accuracy, yes_no_scores
@@ -139,19 +141,28 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
     for key in ("batch_size", "max_new_tokens", "latency_repeats"):
         if not isinstance(settings[key], int) or settings[key] < 1:
             raise TokencompError(f"[experiment] {key}={settings[key]!r} must be an integer >= 1")
-    models = {}
+    models, model_datasets = {}, {}
     for m in doc.get("model", []):
         if "name" not in m:
             raise TokencompError("each [[model]] needs a name")
         models[m["name"]] = m.get("source", m["name"])
+        if "datasets" in m:
+            model_datasets[m["name"]] = list(m["datasets"])
     if not models:
         raise TokencompError(f"{path}: no [[model]] given")
     datasets = {}
     for d in doc.get("dataset", []):
         if "name" not in d:
             raise TokencompError("each [[dataset]] needs a name")
-        if "path" not in d and d.get("generator") != "shapes":
-            raise TokencompError(f"dataset {d['name']!r} needs path = 'file.jsonl' or generator = 'shapes'")
+        if "path" not in d and d.get("generator") not in PRESETS:
+            raise TokencompError(
+                f"dataset {d['name']!r} needs path = 'file.jsonl' or generator = one of {sorted(PRESETS)}"
+            )
+        if "generator" in d:
+            if d.get("split", "test") not in SPLIT_SEED:
+                raise TokencompError(f"dataset {d['name']!r}: split must be one of {sorted(SPLIT_SEED)}")
+            if not isinstance(d.get("n", 32), int) or d.get("n", 32) < 1:
+                raise TokencompError(f"dataset {d['name']!r}: n must be a positive integer, got {d.get('n')!r}")
         if "path" in d:
             p = Path(d["path"])
             p = p if p.is_absolute() else path.parent / p
@@ -161,6 +172,9 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
         datasets[d["name"]] = d
     if not datasets:
         raise TokencompError(f"{path}: no [[dataset]] given")
+    for mname, names in model_datasets.items():
+        if set(names) - set(datasets):
+            raise TokencompError(f"model {mname!r} names unknown datasets {sorted(set(names) - set(datasets))}")
     cells = []
     for table in doc.get("method", []):
         only = table.get("models")
@@ -172,7 +186,7 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
             for mname in models:
                 if only and mname not in only:
                     continue
-                for dname in datasets:
+                for dname in model_datasets.get(mname, datasets):
                     cells.append(Cell(mname, dname, label, spec))
     if not cells:
         raise TokencompError(f"{path}: no [[method]] given")
@@ -194,11 +208,14 @@ def _load_model(source: str) -> Model:
 
 
 def _dataset(spec: dict, out: Path) -> JsonlDataset:
-    if spec.get("generator") == "shapes":
+    if "generator" in spec:
         folder = out / "data" / spec["name"]
-        path = folder / "data.jsonl"
+        split = spec.get("split", "test")
+        path = folder / f"{split}.jsonl"
         if not path.is_file():
-            make_shapes_dataset(folder, n=spec.get("n", 32), seed=spec.get("seed", 0))
+            opts = dict(PRESETS[spec["generator"]])
+            opts.update({k: spec[k] for k in ("size", "tag_px") if k in spec})
+            generate_split(folder, split, spec.get("n", 32), **opts)
         return JsonlDataset(path, spec.get("limit"), spec["name"])
     return JsonlDataset(spec["path"], spec.get("limit"), spec["name"])
 
@@ -309,7 +326,7 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
     by_type: dict[str, list[float]] = {}
     for r in rows:
         by_type.setdefault(r["type"], []).append(r["score"])
-    yn = [r for r in rows if r["type"] == "yes/no"]
+    yn = [r for r in rows if r["answers"][0].strip().lower() in ("yes", "no")]  # POPE-style yes/no items
     n = len(rows)
 
     def mean(key):

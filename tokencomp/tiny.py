@@ -72,6 +72,10 @@ def tiny_llava(
     kv_heads: int = 2,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    vision_hidden: int | None = None,
+    vision_mlp: int | None = None,
+    mlp: int | None = None,
+    words: list[str] | None = None,
 ):
     """Build a random-weight LLaVA-1.5 (``family="llava"``) or LLaVA-NeXT (``"llava-next"``) model.
 
@@ -82,30 +86,35 @@ def tiny_llava(
         patch_size: ViT patch size in pixels.
         text_layers: decoder layers.
         vision_layers: CLIP encoder layers (``vision_feature_layer=-2`` reads the second to last).
-        hidden: decoder hidden size (the vision tower uses half of it).
+        hidden: decoder hidden size.
         heads: decoder attention heads; ``kv_heads`` < ``heads`` gives grouped-query attention.
         attn_implementation: ``"sdpa"`` or ``"eager"`` for the whole model.
         dtype: parameter dtype.
+        vision_hidden: vision tower width (default ``hidden // 2``).
+        vision_mlp: vision MLP width (default ``hidden``).
+        mlp: decoder MLP width (default ``2 * hidden``).
+        words: tokenizer vocabulary after the special tokens (default: a small English set).
 
     Returns:
         ``(hf_model, processor)``: a transformers model in eval mode and its processor.
     """
     if family not in ("llava", "llava-next"):
         raise ValueError(f"family must be 'llava' or 'llava-next', got {family!r}")
-    tokenizer = word_tokenizer()
+    tokenizer = word_tokenizer(words)
+    vision_hidden = vision_hidden or hidden // 2
     vision = CLIPVisionConfig(
-        hidden_size=hidden // 2,
-        intermediate_size=hidden,
+        hidden_size=vision_hidden,
+        intermediate_size=vision_mlp or hidden,
         num_hidden_layers=vision_layers,
         num_attention_heads=heads,
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=hidden // 2,
+        projection_dim=vision_hidden,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=mlp or hidden * 2,
         num_hidden_layers=text_layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,

@@ -1,0 +1,63 @@
+"""The embedded default models: shipped checkpoints load by name and answer the benchmark.
+
+Accuracy bars (issue: embedded default) on small fixed slices of the test split; the full-split
+table is ``experiments/results/embedded/`` (made by ``tokencomp compare experiments/embedded.toml``).
+"""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+import tokencomp as tc
+from tokencomp.benchmark import CHANCE, PRESETS, QUESTION_TYPES, generate_split, vocabulary
+from tokencomp.data import JsonlDataset
+from tokencomp.model import EMBEDDED_DIR
+
+CHECKPOINTS = {"tiny-llava": LlavaForConditionalGeneration, "tiny-llava-next": LlavaNextForConditionalGeneration}
+
+
+def test_checkpoints_are_small_safetensors():
+    total = 0
+    for name in CHECKPOINTS:
+        files = list((EMBEDDED_DIR / name).iterdir())
+        assert any(f.suffix == ".safetensors" for f in files) and not any(f.suffix == ".bin" for f in files)
+        total += sum(f.stat().st_size for f in files)
+    assert total < 40 * 2**20
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_load_by_name_is_the_transformers_checkpoint(name):
+    model = tc.load_model(name)
+    cls = CHECKPOINTS[name]
+    assert type(model.hf) is cls and model.family == ("llava" if name == "tiny-llava" else "llava-next")
+    hf = cls.from_pretrained(EMBEDDED_DIR / name)  # plain transformers loads it the same
+    ref = dict(hf.named_parameters())
+    assert all((p == ref[k]).all() for k, p in model.hf.named_parameters())
+    cfg = model.hf.config
+    assert cfg.vision_config.image_size == 336 and cfg.vision_config.patch_size == 14
+    assert cfg.text_config.num_hidden_layers >= 8 and model.grid == (24, 24)
+    if name == "tiny-llava-next":
+        assert max(model.views_per_image(s) for s in PRESETS["tc-scenes-next"]["size"]) == 5  # thumbnail + 4 crops
+    proc = AutoProcessor.from_pretrained(EMBEDDED_DIR / name)
+    assert type(proc) is type(model.processor)
+
+
+def test_tokenizer_round_trip():
+    tok = tc.load_model("tiny-llava").tokenizer
+    text = "USER: <image>\nwhat color is the small square ? ASSISTANT: red"
+    ids = tok(text)["input_ids"]
+    assert tok.unk_token_id not in ids and ids[0] == tok.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True).split() == text.replace("<image>", "").replace(":", " :").split()
+    assert all(tok.convert_tokens_to_ids(w) != tok.unk_token_id for w in vocabulary())
+
+
+@pytest.mark.parametrize(
+    "name, preset, n, bar", [("tiny-llava", "tc-scenes", 100, 0.85), ("tiny-llava-next", "tc-scenes-next", 40, 0.80)]
+)
+def test_accuracy_bar_on_a_test_slice(tmp_path, name, preset, n, bar):
+    path = generate_split(tmp_path, "test", n, **PRESETS[preset])
+    result = tc.evaluate(tc.load_model(name), JsonlDataset(path), batch_size=8)
+    assert result.accuracy >= bar, result.by_type
+    assert set(result.by_type) == set(QUESTION_TYPES)
+    assert all(result.by_type[t] >= CHANCE[t] + 0.2 for t in QUESTION_TYPES), result.by_type  # well above chance
