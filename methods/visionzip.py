@@ -12,6 +12,10 @@ Per view, from the vision tower's second-to-last encoder layer (the projector's 
    of the target and its assigned tokens).
 3. Output per view: ``[CLS, dominant ; contextual]`` before the projector.
 
+Towers without CLS (SigLIP, ``vision_feature_select_strategy="full"``): the dominant score is the
+attention each patch receives averaged over all query rows (summed over heads), and all
+``dominant`` slots are patches.
+
 Budget split (tokens per view, CLS included): 192 = 162 + 30, 128 = 108 + 20, 64 = 54 + 10; for any
 other budget ``contextual = round(budget * 5 / 32)`` (the same 15.6% share), unless ``dominant``
 and ``contextual`` are given. LLaVA-NeXT: every view (thumbnail and each crop) gets the same split
@@ -30,7 +34,7 @@ import torch
 
 import kernels
 import tokencomp as tc
-from tokencomp.errors import BudgetError, TokencompError, UnsupportedModelError
+from tokencomp.errors import BudgetError, TokencompError
 from tokencomp.strategy import check_int
 
 PUBLISHED_SPLITS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
@@ -70,23 +74,23 @@ class VisionZip(tc.VisionStrategy):
         return default_split(self.budget)
 
     def check(self, info: tc.RunInfo) -> None:
-        if not info.has_cls:
-            raise UnsupportedModelError("VisionZip needs a vision tower with a CLS token")
+        c = int(info.has_cls)  # 1: one dominant slot is the CLS token
         n = info.patches_per_view
         if self.dominant is None:
-            check_int("budget (tokens per view, CLS included)", self.budget, 2, n + 1)
+            check_int("budget (tokens per view, CLS included)", self.budget, 1 + c, n + c)
         dominant, contextual = self.split()
-        check_int("dominant (CLS included)", dominant, 1, n + 1)
-        check_int("contextual", contextual, 0, n - (dominant - 1))
+        check_int("dominant (CLS included)", dominant, c, n + c)
+        check_int("contextual", contextual, 0, n - (dominant - c))
 
-    def needs(self) -> list[tc.Need]:
-        return [tc.Need("vision_cls_attention", self.layer), tc.Need("vision_keys", self.layer)]
+    def needs_for_model(self, model) -> list[tc.Need]:
+        score = "vision_cls_attention" if model.has_cls else "vision_mean_attention"
+        return [tc.Need(score, self.layer), tc.Need("vision_keys", self.layer)]
 
     def overhead_flops(self, model, record, sample: int) -> float:
         """Key-cosine similarities of the contextual merge: ``2 * n_other * contextual * d_head`` per view."""
         dominant, contextual = self.split()
         vc = model.hf.config.vision_config
-        n_other = model.patches_per_view - (dominant - 1) - contextual
+        n_other = model.patches_per_view - (dominant - int(model.has_cls)) - contextual
         views = sum(len(v) for v in record.tokens_per_view[sample])
         return float(views * 2 * n_other * contextual * (vc.hidden_size // vc.num_attention_heads))
 
@@ -96,18 +100,25 @@ class VisionZip(tc.VisionStrategy):
         nv, n, d = x.shape
         dev = x.device
         be = view.backend
-        # 1. dominant: CLS-attention summed over heads, patches only
-        score = view.cls_attention(self.layer)[:, :, 1:].sum(dim=1)  # (V, N)
-        top = score.topk(dominant - 1, dim=-1).indices
+        c = int(view.cls is not None)  # the CLS token takes one dominant slot
+        # 1. dominant: CLS attention (or, without CLS, mean received attention) summed over heads
+        if c:
+            score = view.cls_attention(self.layer)[:, :, 1:].sum(dim=1)  # (V, N)
+        else:
+            score = view.mean_attention(self.layer).sum(dim=1)
+        top = score.topk(dominant - c, dim=-1).indices
         is_dom = torch.zeros(nv, n, dtype=torch.bool, device=dev).scatter_(1, top, True)
-        dom_idx = is_dom.nonzero()[:, 1].view(nv, dominant - 1)  # raster order
-        parts = [view.cls[:, None].to(x.dtype), kernels.gather_tokens(x, dom_idx, backend=be)]
-        index = [torch.full((nv, 1), -1, device=dev), dom_idx]
+        dom_idx = is_dom.nonzero()[:, 1].view(nv, dominant - c)  # raster order
+        parts = [kernels.gather_tokens(x, dom_idx, backend=be)]
+        index = [dom_idx]
+        if c:
+            parts.insert(0, view.cls[:, None].to(x.dtype))
+            index.insert(0, torch.full((nv, 1), -1, device=dev))
         # 2. contextual: merge the remaining tokens into uniformly spaced targets by key cosine
         if contextual > 0:
-            rest = (~is_dom).nonzero()[:, 1].view(nv, n - (dominant - 1))
+            rest = (~is_dom).nonzero()[:, 1].view(nv, n - (dominant - c))
             n_rest = rest.shape[1]
-            keys = kernels.gather_tokens(view.keys(self.layer)[:, 1:], rest, backend=be)
+            keys = kernels.gather_tokens(view.keys(self.layer)[:, c:], rest, backend=be)
             keys = keys / keys.norm(dim=-1, keepdim=True)
             step = max(1, n_rest // contextual)
             targets = torch.arange(0, n_rest, step, device=dev)[:contextual]

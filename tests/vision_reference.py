@@ -30,13 +30,19 @@ def eager_tower(hf_eager, pix, layer: int):
     return out.hidden_states[hf_eager.config.vision_feature_layer], out.attentions[layer], keys
 
 
-def visionzip_view(hidden, attn, keys, dominant: int, contextual: int, merge: str = "code"):
-    """One view: returns (tokens (dominant+contextual, d), kept patch indices (0-based, raster))."""
+def visionzip_view(hidden, attn, keys, dominant: int, contextual: int, merge: str = "code", cls: bool = True):
+    """One view: returns (tokens (dominant+contextual, d), kept patch indices (0-based, raster)).
+    ``cls=False`` (SigLIP): score = attention received, averaged over query rows, summed over heads."""
     n1 = hidden.shape[0]
-    cls_att = attn.sum(0)[0, 1:]
-    top = (cls_att.topk(dominant - 1).indices + 1).tolist()
-    keep = sorted([0, *top])
-    out = [hidden[i] for i in keep]
+    if not cls:
+        received = attn.mean(1).sum(0)  # (N,)
+        keep = sorted(received.topk(dominant).indices.tolist())
+        out, kept = [hidden[i] for i in keep], keep
+    else:
+        cls_att = attn.sum(0)[0, 1:]
+        top = (cls_att.topk(dominant - 1).indices + 1).tolist()
+        keep = sorted([0, *top])
+        out, kept = [hidden[i] for i in keep], [i - 1 for i in keep[1:]]
     rest = [i for i in range(n1) if i not in keep]
     if contextual:
         m = keys[rest]
@@ -52,7 +58,7 @@ def visionzip_view(hidden, attn, keys, dominant: int, contextual: int, merge: st
                 out.append(hidden[rest[t]] + extra)
             else:
                 out.append(torch.stack([hidden[i] for i in [rest[t], *members]]).mean(0))
-    return torch.stack(out), [i - 1 for i in keep[1:]]
+    return torch.stack(out), kept
 
 
 def prumerge_view(x, q_cls, keys, k_neighbours=32, plus=False, neighbours="all", extra=True, order="score"):

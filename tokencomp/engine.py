@@ -30,11 +30,12 @@ import torch
 import kernels
 
 from .cache import LayerKVCache
-from .errors import InputMismatchError, TokencompError
+from .errors import InputMismatchError, TokencompError, UnsupportedModelError
 from .layout import pad_left, repack
 from .model import Model
 from .record import RunRecord
 from .strategy import (
+    CLS_NEEDS,
     DECODER_NEEDS,
     NEWLINE,
     PAD,
@@ -193,11 +194,13 @@ class Engine:
         L = model.num_layers
         self.needs: set[Need] = set()
         for s in self.strategies:
-            for need in s.needs_for(L):
+            for need in s.needs_for_model(model):
                 need = Need(*need)
                 if need.kind in VISION_NEEDS:
                     nv = model.vision_num_layers
                     check_int(f"{s}: vision capture layer", need.layer, -nv, nv - 1)
+                    if need.kind in CLS_NEEDS and not model.has_cls:
+                        raise UnsupportedModelError(f"{s} needs {need.kind}, but the vision tower has no CLS token")
                 elif need.kind in DECODER_NEEDS:
                     check_int(f"{s}: decoder capture layer", need.layer, 0, L - 1)
                 else:
@@ -350,8 +353,8 @@ class Engine:
         pixel = torch.cat(pix).to(dev, m.vision_model.embeddings.patch_embedding.weight.dtype)
         feats, captures = self._vision_tower(pixel)
         view = VisionView(
-            features=feats[:, 1:],
-            cls=feats[:, 0],
+            features=feats[:, 1:] if m.has_cls else feats,
+            cls=feats[:, 0] if m.has_cls else None,
             grid=m.grid,
             valid=torch.cat(valid).to(dev),
             role=torch.tensor(role, device=dev),
@@ -404,12 +407,21 @@ class Engine:
         q, k = got["q_proj"], got["k_proj"]
         v, n, _ = k.shape
         heads = attn.num_heads
-        qh = q[:, :1].view(v, 1, heads, -1).transpose(1, 2)  # (V, H, 1, hd): the CLS query only
         kh = k.view(v, n, heads, -1).transpose(1, 2)  # (V, H, n, hd)
-        logits, probs = kernels.attention_rows(qh, kh, attn.scale, backend=self.options.kernel_backend)
-        logits, probs = logits.squeeze(2), probs.squeeze(2)  # (V, H, n)
-        for need in self.needs:
-            if need.kind not in VISION_NEEDS or need.layer % nl != layer:
+        be = self.options.kernel_backend
+        mine = [need for need in self.needs if need.kind in VISION_NEEDS and need.layer % nl == layer]
+        if any(need.kind in CLS_NEEDS for need in mine):
+            qh = q[:, :1].view(v, 1, heads, -1).transpose(1, 2)  # (V, H, 1, hd): the CLS query only
+            logits, probs = kernels.attention_rows(qh, kh, attn.scale, backend=be)
+            logits, probs = logits.squeeze(2), probs.squeeze(2)  # (V, H, n)
+        for need in mine:
+            if need.kind == "vision_mean_attention":  # all query rows, a chunk at a time (no n x n map kept)
+                qa = q.view(v, n, heads, -1).transpose(1, 2)
+                total = kh.new_zeros((v, heads, n), dtype=torch.float32)
+                for s in range(0, n, 256):
+                    _, p = kernels.attention_rows(qa[:, :, s : s + 256].contiguous(), kh, attn.scale, backend=be)
+                    total += p.float().sum(2)
+                captures[need] = total / n
                 continue
             if need.kind == "vision_cls_logits":
                 captures[need] = logits

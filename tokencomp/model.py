@@ -69,10 +69,12 @@ class Model:
         self.vision_model = vm
         self.vision_layers_list = self.vision_model.encoder.layers
         self.has_cls = hasattr(self.vision_model.embeddings, "class_embedding")
-        if cfg.vision_feature_select_strategy != "default" or not self.has_cls:
+        # 'default' drops CLS (CLIP); 'full' keeps every token, supported for towers without CLS (SigLIP)
+        select = cfg.vision_feature_select_strategy
+        if (select, self.has_cls) not in (("default", True), ("full", False)):
             raise UnsupportedModelError(
-                "only vision_feature_select_strategy='default' with a CLS token is supported, got "
-                f"{cfg.vision_feature_select_strategy!r} (has CLS: {self.has_cls})"
+                "supported: vision_feature_select_strategy='default' with a CLS tower (CLIP) or 'full' with a "
+                f"tower without CLS (SigLIP); got {select!r} (has CLS: {self.has_cls})"
             )
         fl = cfg.vision_feature_layer
         self.feature_layers = [fl] if isinstance(fl, int) else list(fl)

@@ -22,7 +22,15 @@ import torch
 
 from .errors import BudgetError
 
-VISION_NEEDS = ("vision_cls_attention", "vision_cls_logits", "vision_keys", "vision_cls_query", "vision_keys_full")
+VISION_NEEDS = (
+    "vision_cls_attention",
+    "vision_cls_logits",
+    "vision_keys",
+    "vision_cls_query",
+    "vision_keys_full",
+    "vision_mean_attention",
+)
+CLS_NEEDS = ("vision_cls_attention", "vision_cls_logits", "vision_cls_query")  # towers with a CLS token only
 DECODER_NEEDS = ("decoder_attention_last", "decoder_attention_text")
 
 # token kinds in a sequence (`TokenLayout.kind`)
@@ -98,6 +106,11 @@ class Strategy:
         """`needs` for a decoder of ``num_layers`` layers; override when the needs depend on depth."""
         return self.needs()
 
+    def needs_for_model(self, model) -> list[Need]:
+        """`needs_for` the model's depth; override when the needs depend on other model facts
+        (e.g. whether the vision tower has a CLS token). The engine calls this one."""
+        return self.needs_for(model.num_layers)
+
     def check(self, info: RunInfo) -> None:
         """Raise a `TokencompError` if this strategy cannot serve ``info``; runs before any work."""
 
@@ -166,15 +179,22 @@ class VisionView:
         return self._get("vision_cls_logits", layer)
 
     def keys(self, layer: int = -2) -> torch.Tensor:
-        """``(V, 1 + N, d_head)`` keys of encoder ``layer`` averaged over heads (row 0 = CLS)."""
+        """``(V, 1 + N, d_head)`` keys of encoder ``layer`` averaged over heads (row 0 = CLS;
+        ``(V, N, d_head)`` for towers without CLS)."""
         return self._get("vision_keys", layer)
+
+    def mean_attention(self, layer: int = -2) -> torch.Tensor:
+        """``(V, heads, T)`` attention each token receives at encoder ``layer``, averaged over all
+        ``T`` query rows (``T = 1 + N`` with CLS, ``N`` without); the score for towers without CLS."""
+        return self._get("vision_mean_attention", layer)
 
     def cls_query(self, layer: int = -1) -> torch.Tensor:
         """``(V, d_v)`` raw CLS query projection (bias included, unscaled, heads not split)."""
         return self._get("vision_cls_query", layer)
 
     def keys_full(self, layer: int = -1) -> torch.Tensor:
-        """``(V, 1 + N, d_v)`` raw key projections of encoder ``layer`` (heads not split)."""
+        """``(V, 1 + N, d_v)`` raw key projections of encoder ``layer`` (heads not split; no CLS row
+        for towers without CLS)."""
         return self._get("vision_keys_full", layer)
 
 

@@ -20,6 +20,7 @@ from transformers import (
     LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
@@ -76,6 +77,7 @@ def tiny_llava(
     vision_mlp: int | None = None,
     mlp: int | None = None,
     words: list[str] | None = None,
+    vision: str = "clip",
 ):
     """Build a random-weight LLaVA-1.5 (``family="llava"``) or LLaVA-NeXT (``"llava-next"``) model.
 
@@ -94,6 +96,8 @@ def tiny_llava(
         vision_mlp: vision MLP width (default ``hidden``).
         mlp: decoder MLP width (default ``2 * hidden``).
         words: tokenizer vocabulary after the special tokens (default: a small English set).
+        vision: ``"clip"`` (CLS token, ``vision_feature_select_strategy="default"``) or ``"siglip"``
+            (no CLS, ``"full"``: every patch token reaches the projector); LLaVA-1.5 family only.
 
     Returns:
         ``(hf_model, processor)``: a transformers model in eval mode and its processor.
@@ -101,15 +105,18 @@ def tiny_llava(
     if family not in ("llava", "llava-next"):
         raise ValueError(f"family must be 'llava' or 'llava-next', got {family!r}")
     tokenizer = word_tokenizer(words)
+    if vision not in ("clip", "siglip") or (vision == "siglip" and family != "llava"):
+        raise ValueError(f"vision must be 'clip', or 'siglip' with family 'llava'; got {vision!r} ({family!r})")
     vision_hidden = vision_hidden or hidden // 2
-    vision = CLIPVisionConfig(
+    select = "default" if vision == "clip" else "full"
+    vision_cls = CLIPVisionConfig if vision == "clip" else SiglipVisionConfig
+    vision = vision_cls(
         hidden_size=vision_hidden,
         intermediate_size=vision_mlp or hidden,
         num_hidden_layers=vision_layers,
         num_attention_heads=heads,
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=vision_hidden,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -130,7 +137,7 @@ def tiny_llava(
         text_config=text,
         image_token_id=image_token_id,
         vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=select,
         tie_word_embeddings=False,
     )
     mean, std = [0.481, 0.458, 0.408], [0.269, 0.261, 0.276]
@@ -146,8 +153,8 @@ def tiny_llava(
             image_processor=image_processor,
             tokenizer=tokenizer,
             patch_size=patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
+            vision_feature_select_strategy=select,
+            num_additional_image_tokens=1 if select == "default" else 0,
         )
     else:
         s = image_size
