@@ -87,12 +87,18 @@ class VisionZip(tc.VisionStrategy):
         return [tc.Need(score, self.layer), tc.Need("vision_keys", self.layer)]
 
     def overhead_flops(self, model, record, sample: int) -> float:
-        """Key-cosine similarities of the contextual merge: ``2 * n_other * contextual * d_head`` per view."""
+        """Key-cosine similarities of the contextual merge, ``2 * n_other * contextual * d_head`` per
+        view; without CLS also the attention logits of every query row but the one the profiler
+        already counts, ``2 * (n - 1) * n * d``."""
         dominant, contextual = self.split()
         vc = model.hf.config.vision_config
-        n_other = model.patches_per_view - (dominant - int(model.has_cls)) - contextual
+        n = model.patches_per_view
+        n_other = n - (dominant - int(model.has_cls)) - contextual
         views = sum(len(v) for v in record.tokens_per_view[sample])
-        return float(views * 2 * n_other * contextual * (vc.hidden_size // vc.num_attention_heads))
+        flops = views * 2 * n_other * contextual * (vc.hidden_size // vc.num_attention_heads)
+        if not model.has_cls:
+            flops += views * 2 * (n - 1) * n * vc.hidden_size
+        return float(flops)
 
     def compress(self, view: tc.VisionView) -> tc.ViewTokens:
         dominant, contextual = self.split()

@@ -71,3 +71,19 @@ def test_cls_methods_refuse_a_tower_without_cls(siglip):
         tc.Engine(siglip, tc.method("_test-cls-reader"))
     with pytest.raises(tc.BudgetError, match="dominant"):
         tc.Engine(siglip, tc.method("visionzip", dominant=40, contextual=0)).validate(batch)
+
+
+@pytest.mark.parametrize("method", [None, "visionzip"])
+def test_flops_match_flop_counter_without_cls(method):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tokencomp.profiler import run_flops
+
+    model = tc.Model(*tiny_llava("llava", seed=4, vision="siglip", attn_implementation="eager", text_layers=4))
+    strat = tc.method("visionzip", dominant=8, contextual=4) if method else None
+    engine = tc.Engine(model, strat)
+    batch = tc.prepare(model, make_images([(60, 100)], seed=3), PROMPTS[:1])
+    with FlopCounterMode(display=False) as counter:
+        engine.generate(batch, max_new_tokens=4, eos_token_id=None)
+    report = run_flops(model, engine.generate(batch, max_new_tokens=4, eos_token_id=None)[1].record, engine.strategies)
+    assert report[0].total == pytest.approx(counter.get_total_flops(), rel=0.02), report[0].to_dict()

@@ -87,9 +87,11 @@ class VisionShape:
     image_size: int
     patch_size: int
     channels: int = 3
+    cls_token: bool = True
 
     @classmethod
-    def from_config(cls, cfg) -> VisionShape:
+    def from_config(cls, cfg, cls_token: bool = True) -> VisionShape:
+        """From a vision config; ``cls_token=False`` for towers without CLS (SigLIP)."""
         return cls(
             cfg.hidden_size,
             cfg.intermediate_size,
@@ -98,16 +100,21 @@ class VisionShape:
             cfg.image_size,
             cfg.patch_size,
             getattr(cfg, "num_channels", 3),
+            cls_token,
         )
 
     @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
     def tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 + 1
+        return self.patches + int(self.cls_token)
 
     def tower(self, views: int, layers_run: int) -> float:
         """Patch embedding plus ``layers_run`` encoder layers over ``views`` views."""
         n, d = self.tokens, self.hidden
-        conv = 2 * (n - 1) * self.channels * self.patch_size**2 * d
+        conv = 2 * self.patches * self.channels * self.patch_size**2 * d
         layer = 2 * n * d * d * 4 + 4 * n * n * d + 2 * n * d * self.intermediate * 2
         return float(views * (conv + layers_run * layer))
 
@@ -164,7 +171,7 @@ def run_flops(model, record: RunRecord, strategies=()) -> list[FlopsReport]:
     """
     cfg = model.hf.config
     dec = DecoderShape.from_config(cfg.text_config)
-    vis = VisionShape.from_config(cfg.vision_config)
+    vis = VisionShape.from_config(cfg.vision_config, model.has_cls)
     proj_in = vis.hidden * len(model.feature_layers)
     reports = []
     frozen = set(record.frozen_layers)
