@@ -75,12 +75,14 @@ ARCH = dict(
     heads=4,
     kv_heads=2,
 )
-LLAVA_TAG_PX = PRESETS["tc-scenes"]["tag_px"]  # readable at 336 px
-NEXT_TAG_PX = PRESETS["tc-scenes-next"]["tag_px"]  # readable in the 336 px crops, not in the thumbnail
+# tag settings of the benchmark presets (a 14 px plate on the patch grid; NeXT: readable in crops only)
+LLAVA_TAG = {k: v for k, v in PRESETS["tc-scenes"].items() if k != "size"}
+NEXT_TAG = {k: v for k, v in PRESETS["tc-scenes-next"].items() if k != "size"}
 TRAIN_TYPES = ["attribute"] * 3 + ["count"] * 3 + ["position"] * 2 + ["exist"] * 2 + ["read"] * 2
 MEAN = np.array([0.481, 0.458, 0.408], dtype=np.float32)
 STD = np.array([0.269, 0.261, 0.276], dtype=np.float32)
 GRID, PATCH = 24, 14
+AUX_WEIGHT = 0.3  # curriculum: weight of naming what lies under each visual token (see subset_step)
 
 
 def log(path: Path, **row) -> None:
@@ -144,18 +146,19 @@ def tower_views(rng: random.Random, seed: int):
     """A few (pixels 336x336x3 uint8, targets) views of one scene: a 1.5 scene, or a NeXT scene's
     thumbnail and two random crops."""
     if rng.random() < 0.5:
-        scene = make_scene(seed, (336, 336), rng.choice([16, 18, 20, 22]))
+        scene = make_scene(seed, (336, 336), **LLAVA_TAG)
         regions = [(0, 0, 336, 336)]
     else:
         h, w = rng.choice(NEXT_SIZES)
-        scene = make_scene(seed, (h, w), NEXT_TAG_PX)
+        scene = make_scene(seed, (h, w), **NEXT_TAG)
         regions = [(0, 0, w, h)]
         for _ in range(2):
-            x, y = rng.randrange(0, w - 336 + 1), rng.randrange(0, h - 336 + 1)
+            # crops on the 14 px grid, as LLaVA-NeXT's tiles of these sizes are
+            x, y = PATCH * rng.randrange(0, (w - 336) // PATCH + 1), PATCH * rng.randrange(0, (h - 336) // PATCH + 1)
             regions.append((x, y, x + 336, y + 336))
-        tx, ty = (scene.tag_box[0] + scene.tag_box[2]) // 2, (scene.tag_box[1] + scene.tag_box[3]) // 2
-        x = min(max(0, tx - rng.randrange(40, 296)), w - 336)  # a crop that holds the tag
-        y = min(max(0, ty - rng.randrange(40, 296)), h - 336)
+        tr, tc_ = scene.tag_box[1] // PATCH, scene.tag_box[0] // PATCH
+        x = min(max(0, (tc_ - rng.randrange(2, 22)) * PATCH), w - 336)  # a crop that holds the tag
+        y = min(max(0, (tr - rng.randrange(2, 22)) * PATCH), h - 336)
         regions.append((x, y, x + 336, y + 336))
     labels = label_map(scene)
     out = []
@@ -186,9 +189,13 @@ def tower_loss(heads: TowerHeads, feats, patch_t, pairs_t, counts_t, tag_t):
     for i, n in enumerate(sizes):
         logits = patch_out[..., start : start + n].reshape(-1, n)
         tgt = patch_t[:, i].reshape(-1)
-        w = torch.where(tgt > 0, 5.0, 1.0)  # object patches are rare
-        part = (F.cross_entropy(logits, tgt, reduction="none") * w).sum() / w.sum()
-        loss = loss + (3.0 * part if i == 3 else part)  # reading the tag is the hardest target
+        if i == 3:  # the character: a 26-way read-out on the tag patches only (a handful per view)
+            on_tag = tgt > 0
+            if on_tag.any():
+                loss = loss + F.cross_entropy(logits[on_tag], tgt[on_tag])
+        else:
+            w = torch.where(tgt > 0, 5.0, 1.0)  # object patches are rare
+            loss = loss + (F.cross_entropy(logits, tgt, reduction="none") * w).sum() / w.sum()
         start += n
     loss = loss + F.binary_cross_entropy_with_logits(cls_out[:, :N_PAIRS], pairs_t)
     counts = cls_out[:, N_PAIRS : N_PAIRS + len(SHAPES) * 5].reshape(-1, len(SHAPES), 5)
@@ -255,11 +262,11 @@ def train_tower(args, model, logf: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def conversation(seed: int, size, tag_px: int, types: list[str], rng: random.Random, with_scene: bool = False):
+def conversation(seed: int, size, tag: dict, types: list[str], rng: random.Random, with_scene: bool = False):
     """(image, [(question, answer, type), ...]) for one scene; the first turn's type is random."""
-    scene = make_scene(seed, size, tag_px)
+    scene = make_scene(seed, size, **tag)
     if with_scene:
-        return scene, conversation(seed, size, tag_px, types, rng)[1]
+        return scene, conversation(seed, size, tag, types, rng)[1]
     if not scene.objects:
         return scene.image, []
     types = types[:]
@@ -318,7 +325,7 @@ def collate(items, pad_id: int, device: str):
     return {k: v.to(device) for k, v in batch.items()}, labels.to(device)
 
 
-def validation_set(processor, family: str, size_of, tag_px: int, n: int):
+def validation_set(processor, family: str, size_of, tag_px: dict, n: int):
     """``n`` single-turn validation items from the val seed range, question types cycled."""
     items, seed = [], SPLIT_SEED["val"] + 5_000_000
     while len(items) < n:
@@ -354,17 +361,29 @@ def subset_step(model, processor, scenes_turns, bg_fraction: float, rng: random.
     """Curriculum loss (LLaVA-1.5 stage only): each sequence keeps the visual tokens over objects and
     the tag plate plus a random ``bg_fraction`` of the background ones, at their original positions
     or renumbered contiguously (half of the sequences each), so the decoder finds the informative
-    tokens among few before it meets all 576. Returns the answers-only loss."""
+    tokens among few before it meets all 576.
+
+    Auxiliary loss (weight ``AUX_WEIGHT``): at each kept visual token the LM head names what
+    lies under it (the colour word over an object, the character over the tag), which aligns the
+    projected tokens with the answer words before the decoder has learnt where to look.
+    Returns the loss."""
     image_id = model.config.image_token_id
+    tok = processor.tokenizer
+    colour_ids = np.array([tok.convert_tokens_to_ids(c) for c in COLORS])
+    char_ids = np.array([tok.convert_tokens_to_ids(c.lower()) for c in CHARACTERS])
     items = [encode(processor, "llava", sc.image, turns, train=True) for sc, turns in scenes_turns]
     pix = torch.cat([it[2]["pixel_values"] for it in items]).to(device)
     with torch.no_grad():
         feats = model.model.vision_tower(pixel_values=pix, output_hidden_states=True).hidden_states[-2][:, 1:]
     feats = model.model.multi_modal_projector(feats)  # (B, 576, d)
     embed = model.get_input_embeddings()
-    rows, labs, poss = [], [], []
+    rows, labs, poss, auxs = [], [], [], []
     for b, ((scene, _), (ids, labels, _)) in enumerate(zip(scenes_turns, items)):
         lab = label_map(scene)
+        patch = view_targets(scene, lab, (0, 0, 336, 336))[1]
+        aux = np.full(GRID * GRID, -100)
+        aux[patch[0] > 0] = colour_ids[patch[0][patch[0] > 0] - 1]
+        aux[patch[3] > 0] = char_ids[patch[3][patch[3] > 0] - 1]
         informative = (lab.reshape(GRID, PATCH, GRID, PATCH) > 0).any(axis=(1, 3)).reshape(-1)
         keep_patch = informative | (np.array([rng.random() for _ in range(GRID * GRID)]) < bg_fraction)
         ids_t = torch.tensor(ids, device=device)
@@ -377,17 +396,23 @@ def subset_step(model, processor, scenes_turns, bg_fraction: float, rng: random.
         rows.append(emb[keep])
         labs.append(torch.tensor(labels, device=device)[keep])
         poss.append(pos)
+        aux_seq = torch.full((len(ids),), -100, device=device)
+        aux_seq[img] = torch.from_numpy(aux).to(device)
+        auxs.append(aux_seq[keep])
     n = max(len(r) for r in rows)
     d = rows[0].shape[-1]
     x = torch.zeros((len(rows), n, d), device=device)
     y = torch.full((len(rows), n), -100, device=device)
+    ya = torch.full((len(rows), n), -100, device=device)
     pos = torch.zeros((len(rows), n), dtype=torch.long, device=device)
     mask = torch.zeros((len(rows), n), dtype=torch.long, device=device)
-    for b, (r, lab, p) in enumerate(zip(rows, labs, poss)):
-        x[b, : len(r)], y[b, : len(r)], pos[b, : len(r)], mask[b, : len(r)] = r, lab, p, 1
+    for b, (r, lab, p, a) in enumerate(zip(rows, labs, poss, auxs)):
+        x[b, : len(r)], y[b, : len(r)], pos[b, : len(r)], mask[b, : len(r)], ya[b, : len(r)] = r, lab, p, 1, a
     hidden = model.model.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state
-    logits = model.lm_head(hidden)[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=-100)
+    logits = model.lm_head(hidden)
+    v = logits.shape[-1]
+    answers = F.cross_entropy(logits[:, :-1].reshape(-1, v), y[:, 1:].reshape(-1), ignore_index=-100)
+    return answers + AUX_WEIGHT * F.cross_entropy(logits.reshape(-1, v), ya.reshape(-1), ignore_index=-100)
 
 
 def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: float, logf: Path) -> None:
@@ -396,11 +421,11 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
     params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     if family == "llava":
-        size_of, tag_px, seed = (lambda s: (336, 336)), LLAVA_TAG_PX, SPLIT_SEED["train"]
+        size_of, tag_px, seed = (lambda s: (336, 336)), LLAVA_TAG, SPLIT_SEED["train"]
     else:
         size_of, tag_px, seed = (
             (lambda s: NEXT_SIZES[s % len(NEXT_SIZES)]),
-            NEXT_TAG_PX,
+            NEXT_TAG,
             SPLIT_SEED["train"] + 2_000_000,
         )
     val = validation_set(processor, family, size_of, tag_px, args.val_n)

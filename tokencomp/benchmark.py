@@ -46,14 +46,15 @@ QUESTION_TYPES = ("attribute", "count", "position", "exist", "read")
 # scenes: "count" answers "zero" 43% of the time; a position question names its axis, so 50%).
 CHANCE = {"attribute": 0.25, "count": 0.45, "position": 0.5, "exist": 0.52, "read": 1 / len(CHARACTERS)}
 # LLaVA-NeXT-style image sizes (height, width): several aspect ratios, unpadding included
-NEXT_SIZES = [(672, 672), (672, 504), (504, 672), (336, 672), (672, 336), (560, 616)]
+# (sizes LLaVA-NeXT's AnyRes crops without resampling, so a grid-aligned tag stays aligned in its crop)
+NEXT_SIZES = [(672, 672), (672, 504), (504, 672), (336, 672), (672, 336)]
 PRESETS = {
-    # the embedded tiny-llava's benchmark: 336 px, a tag font the tiny tower can read at patch 14
-    # (a linear probe on the trained tower could not read 12 px characters: chance level)
-    "tc-scenes": {"size": (336, 336), "tag_px": 20},
+    # the embedded tiny-llava's benchmark: 336 px; the tag is one 14 px plate on the patch grid
+    # (the tiny tower trained on free-floating 12-20 px characters never read them above chance)
+    "tc-scenes": {"size": (336, 336), "tag_px": 12, "tag_grid": 14},
     # the embedded tiny-llava-next's: larger images whose tag is readable in the 336 px crops but
-    # not in the 2x-downscaled thumbnail (8 px there)
-    "tc-scenes-next": {"size": NEXT_SIZES, "tag_px": 16},
+    # not in the 2x-downscaled thumbnail (6 px there)
+    "tc-scenes-next": {"size": NEXT_SIZES, "tag_px": 12, "tag_grid": 14},
 }
 
 PHRASES = {
@@ -149,9 +150,10 @@ def _place(rng, h, w, size_px, taken) -> tuple[int, int, int, int] | None:
     return None
 
 
-def make_scene(seed: int, size: tuple[int, int] = (336, 336), tag_px: int = 7) -> Scene:
+def make_scene(seed: int, size: tuple[int, int] = (336, 336), tag_px: int = 7, tag_grid: int | None = None) -> Scene:
     """One scene of ``size`` = (height, width) pixels; object sizes scale with the image, the tag's
-    font is ``tag_px`` pixels whatever the image size."""
+    font is ``tag_px`` pixels whatever the image size. ``tag_grid``: the tag plate is one
+    ``tag_grid`` px cell of that grid (e.g. the ViT patch grid) instead of a free 1.8 x font plate."""
     rng = np.random.default_rng(seed)
     h, w = size
     im = _background(rng, h, w)
@@ -171,8 +173,19 @@ def make_scene(seed: int, size: tuple[int, int] = (336, 336), tag_px: int = 7) -
         taken.append(box)
     # the tag: a small white plate with one character in a tiny font
     char = CHARACTERS[int(rng.integers(len(CHARACTERS)))]
-    plate = int(tag_px * 1.8)
-    box = _place(rng, h, w, plate, taken) or (4, 4, 4 + plate, 4 + plate)
+    if tag_grid:
+        box = None
+        for _ in range(100):
+            r, c = int(rng.integers(0, h // tag_grid)), int(rng.integers(0, w // tag_grid))
+            cand = (c * tag_grid, r * tag_grid, (c + 1) * tag_grid, (r + 1) * tag_grid)
+            if all(cand[2] + 2 < t[0] or t[2] + 2 < cand[0] or cand[3] + 2 < t[1] or t[3] + 2 < cand[1] for t in taken):
+                box = cand
+                break
+        box = box or (0, 0, tag_grid, tag_grid)
+        box = (box[0], box[1], box[2] - 1, box[3] - 1)  # PIL rectangles include their end pixel
+    else:
+        plate = int(tag_px * 1.8)
+        box = _place(rng, h, w, plate, taken) or (4, 4, 4 + plate, 4 + plate)
     d.rectangle(box, fill=(250, 250, 250))
     font = ImageFont.load_default(size=tag_px) if hasattr(ImageFont, "load_default") else None
     d.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), char, fill=(0, 0, 0), font=font, anchor="mm")
@@ -257,6 +270,7 @@ def generate_split(
     size: tuple[int, int] | list[tuple[int, int]] = (336, 336),
     types: tuple[str, ...] = QUESTION_TYPES,
     tag_px: int = 7,
+    tag_grid: int | None = None,
 ) -> Path:
     """Write ``n`` samples of ``split`` (train / val / test) as ``out_dir/<split>.jsonl`` + images.
 
@@ -272,7 +286,7 @@ def generate_split(
     lines, seed = [], SPLIT_SEED[split]
     while len(lines) < n:
         qtype = types[len(lines) % len(types)]
-        im, objs, char, _ = make_scene(seed, sizes[seed % len(sizes)], tag_px)
+        im, objs, char, _ = make_scene(seed, sizes[seed % len(sizes)], tag_px, tag_grid)
         qa = make_question(np.random.default_rng(seed + 7_777_777), objs, char, qtype) if objs else None
         if qa is not None:
             name = f"images/{split}/{seed:08d}.png"
