@@ -66,3 +66,15 @@ def test_bad_split(tmp_path):
     with pytest.raises(tc.TokencompError, match="split must be one of"):
         generate_split(tmp_path, "dev", 3)
     assert SPLIT_SEED["val"] - SPLIT_SEED["train"] >= 1_000_000
+
+
+def test_grid_tag_is_one_patch_and_labelled():
+    from tokencomp.benchmark import PRESETS, label_map
+
+    for seed in range(5):
+        scene = make_scene(seed, (336, 336), **{k: v for k, v in PRESETS["tc-scenes"].items() if k != "size"})
+        x0, y0, x1, y1 = scene.tag_box
+        assert x0 % 14 == 0 and y0 % 14 == 0 and (x1 + 1 - x0, y1 + 1 - y0) == (14, 14)
+        labels = label_map(scene)
+        assert (labels[y0 : y1 + 1, x0 : x1 + 1] == len(scene.objects) + 1).all()  # the plate's pixels
+        assert (labels == len(scene.objects) + 1).sum() == 14 * 14
