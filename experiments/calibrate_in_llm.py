@@ -10,7 +10,8 @@ Writes, under ``--out`` (default ``experiments/results/in-llm``):
   validation samples, step ``--step``);
 * ``psigmoid-fastv.json``, ``psigmoid-pdrop.json``, ``psigmoid-gsearch.json``: P-Sigmoid schedules
   tuned by Bayesian optimisation at the LLM prefill FLOPs of FastV (K=2, R=50%), PyramidDrop
-  (default stages) and the G-Search schedule;
+  (default stages) and the G-Search schedule (sigmoid centre ``alpha`` searched over [0, L-1], so a
+  steep drop right at the first pruned layer, as G-Search may find, is reachable);
 * ``flops.md``: each method's LLM prefill FLOPs ratio.
 
 ``experiments/in_llm.toml`` then scores them all on the test split. Each output that exists is
@@ -135,6 +136,7 @@ def main() -> None:
                 batches,
                 flops_ratio=ratio,
                 n_iter=args.bo_iter,
+                alpha_bounds=(0.0, model.num_layers - 1.0),  # the drop may centre before the first pruned layer
                 metric="accuracy",
                 answers=answers,
                 seed=args.seed,

@@ -194,3 +194,10 @@ def test_duplicate_sample_ids_rejected(tmp_path):
     path.write_text("\n".join(lines + lines[:1]) + "\n")
     with pytest.raises(tc.TokencompError, match="sample ids must be unique"):
         JsonlDataset(path)
+
+
+def test_labelled_grid_keeps_cells_apart(tmp_path):
+    text = EXPERIMENT + '\n[[method]]\nname = "random"\nlabel = "rnd"\nbudget = [20, 10]\n'
+    exp = load_experiment(_write(tmp_path, text), tmp_path / "out")
+    labels = [c.label for c in exp.cells]
+    assert "rnd-budget20" in labels and "rnd-budget10" in labels and len(set(labels)) == len(labels)

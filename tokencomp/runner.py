@@ -117,7 +117,11 @@ def _grid(table: dict) -> list[tuple[str, list[dict]]]:
         params = dict(zip(axes, values))
         params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
         suffix = "-".join(f"{k}{v}" for k, v in params.items() if len(axes[k]) > 1 or k == "budget")
-        out.append((label or (f"{name}-{suffix}" if suffix else name), [{"name": name, **params}]))
+        if label:  # a label names the table; grid axes still tell its cells apart
+            varying = "-".join(f"{k}{v}" for k, v in params.items() if len(axes[k]) > 1)
+            out.append((f"{label}-{varying}" if varying else label, [{"name": name, **params}]))
+        else:
+            out.append((f"{name}-{suffix}" if suffix else name, [{"name": name, **params}]))
     return out
 
 
