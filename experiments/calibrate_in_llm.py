@@ -143,8 +143,7 @@ def main() -> None:
             )
             save_schedule(sched, p)
         print(f"P-Sigmoid at {label}'s FLOPs ({ratio:.3f}):", json.loads(p.read_text())["keep"])
-    nv = sum(c for _, c in tc.Engine(model).image_spans(batches[0])[0])
-    nt = int(batches[0].attention_mask[0].sum()) - nv
+    # nv, nt: visual / text tokens of the first calibration sample (set by the ratio loop above)
     lines = [
         f"# LLM prefill FLOPs ratios on {model.name} ({nv} visual + {nt} text tokens of the first sample)",
         "",

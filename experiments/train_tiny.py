@@ -262,13 +262,11 @@ def train_tower(args, model, logf: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def conversation(seed: int, size, tag: dict, types: list[str], rng: random.Random, with_scene: bool = False):
-    """(image, [(question, answer, type), ...]) for one scene; the first turn's type is random."""
+def conversation(seed: int, size, tag: dict, types: list[str], rng: random.Random):
+    """(scene, [(question, answer, type), ...]) for one scene; the first turn's type is random."""
     scene = make_scene(seed, size, **tag)
-    if with_scene:
-        return scene, conversation(seed, size, tag, types, rng)[1]
     if not scene.objects:
-        return scene.image, []
+        return scene, []
     types = types[:]
     rng.shuffle(types)
     turns = []
@@ -276,7 +274,7 @@ def conversation(seed: int, size, tag: dict, types: list[str], rng: random.Rando
         qa = make_question(np.random.default_rng(seed * 31 + i), scene.objects, scene.char, qt)
         if qa is not None:
             turns.append((qa[0], qa[1], qt))
-    return scene.image, turns
+    return scene, turns
 
 
 def encode(processor, family: str, image, turns, train: bool):
@@ -325,15 +323,15 @@ def collate(items, pad_id: int, device: str):
     return {k: v.to(device) for k, v in batch.items()}, labels.to(device)
 
 
-def validation_set(processor, family: str, size_of, tag_px: dict, n: int):
+def validation_set(processor, family: str, size_of, tag: dict, n: int):
     """``n`` single-turn validation items from the val seed range, question types cycled."""
     items, seed = [], SPLIT_SEED["val"] + 5_000_000
     while len(items) < n:
         qt = QUESTION_TYPES[len(items) % len(QUESTION_TYPES)]
-        image, turns = conversation(seed, size_of(seed), tag_px, [qt], random.Random(seed))
+        scene, turns = conversation(seed, size_of(seed), tag, [qt], random.Random(seed))
         seed += 1
         if turns:
-            ids, _, extra = encode(processor, family, image, turns, train=False)
+            ids, _, extra = encode(processor, family, scene.image, turns, train=False)
             answer = processor.tokenizer(f" {turns[0][1]}", add_special_tokens=False)["input_ids"][0]
             items.append((ids, [-100] * len(ids), extra, answer, qt))
     return items
@@ -421,14 +419,14 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
     params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     if family == "llava":
-        size_of, tag_px, seed = (lambda s: (336, 336)), LLAVA_TAG, SPLIT_SEED["train"]
+        size_of, tag, seed = (lambda s: (336, 336)), LLAVA_TAG, SPLIT_SEED["train"]
     else:
-        size_of, tag_px, seed = (
+        size_of, tag, seed = (
             (lambda s: NEXT_SIZES[s % len(NEXT_SIZES)]),
             NEXT_TAG,
             SPLIT_SEED["train"] + 2_000_000,
         )
-    val = validation_set(processor, family, size_of, tag_px, args.val_n)
+    val = validation_set(processor, family, size_of, tag, args.val_n)
     pad = processor.tokenizer.pad_token_id
     rng = random.Random(args.seed + 1)
     model.train()
@@ -438,7 +436,7 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
     for step in range(curriculum):
         scenes_turns = []
         while len(scenes_turns) < args.curriculum_batch:
-            scene, turns = conversation(seed, size_of(seed), tag_px, TRAIN_TYPES, rng, with_scene=True)
+            scene, turns = conversation(seed, size_of(seed), tag, TRAIN_TYPES, rng)
             seed += 1
             if turns:
                 scenes_turns.append((scene, turns))
@@ -470,10 +468,10 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
     for step in range(steps):
         items = []
         while len(items) < batch:
-            image, turns = conversation(seed, size_of(seed), tag_px, TRAIN_TYPES, rng)
+            scene, turns = conversation(seed, size_of(seed), tag, TRAIN_TYPES, rng)
             seed += 1
             if turns:
-                items.append(encode(processor, family, image, turns, train=True))
+                items.append(encode(processor, family, scene.image, turns, train=True))
         inputs, labels = collate(items, pad, args.device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr)

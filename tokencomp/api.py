@@ -135,7 +135,7 @@ def evaluate(
     from tqdm import tqdm
 
     from .data import prompt
-    from .metrics import exact_match, vqa_accuracy
+    from .metrics import answer_score, scores_by_type
 
     samples = list(data)
     if not samples:
@@ -151,13 +151,10 @@ def evaluate(
             tokens, _ = engine.generate(batch, max_new_tokens, tok.eos_token_id, tok.pad_token_id or 0)
         for s, t in zip(chunk, tokens):
             text = tok.decode(t, skip_special_tokens=True).strip()
-            score = vqa_accuracy(text, s.answers) if len(s.answers) > 1 else exact_match(text, s.answers)
+            score = answer_score(text, s.answers)
             rows.append({"id": s.id, "type": s.type, "prediction": text, "answers": s.answers, "score": score})
-    by_type: dict[str, list[float]] = {}
-    for r in rows:
-        by_type.setdefault(r["type"], []).append(r["score"])
     return EvalResult(
         accuracy=sum(r["score"] for r in rows) / len(rows),
-        by_type={k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+        by_type=scores_by_type(rows),
         predictions=rows,
     )

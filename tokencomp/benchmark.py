@@ -141,11 +141,16 @@ def _draw(d: ImageDraw.ImageDraw, o: Obj, fill=None) -> None:
         d.polygon(pts, fill=c)
 
 
+def _free(box, taken, gap: int) -> bool:
+    """True if ``box`` keeps more than ``gap`` pixels from every box in ``taken``."""
+    return all(box[2] + gap < t[0] or t[2] + gap < box[0] or box[3] + gap < t[1] or t[3] + gap < box[1] for t in taken)
+
+
 def _place(rng, h, w, size_px, taken) -> tuple[int, int, int, int] | None:
     for _ in range(50):
         x, y = int(rng.integers(4, w - size_px - 4)), int(rng.integers(4, h - size_px - 4))
         box = (x, y, x + size_px, y + size_px)
-        if all(box[2] + 6 < t[0] or t[2] + 6 < box[0] or box[3] + 6 < t[1] or t[3] + 6 < box[1] for t in taken):
+        if _free(box, taken, 6):
             return box
     return None
 
@@ -178,7 +183,7 @@ def make_scene(seed: int, size: tuple[int, int] = (336, 336), tag_px: int = 7, t
         for _ in range(100):
             r, c = int(rng.integers(0, h // tag_grid)), int(rng.integers(0, w // tag_grid))
             cand = (c * tag_grid, r * tag_grid, (c + 1) * tag_grid, (r + 1) * tag_grid)
-            if all(cand[2] + 2 < t[0] or t[2] + 2 < cand[0] or cand[3] + 2 < t[1] or t[3] + 2 < cand[1] for t in taken):
+            if _free(cand, taken, 2):
                 box = cand
                 break
         box = box or (0, 0, tag_grid, tag_grid)

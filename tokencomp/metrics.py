@@ -35,6 +35,20 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     return sum(scores) / len(scores)
 
 
+def answer_score(prediction: str, answers: list[str]) -> float:
+    """The harness's score of one answer: VQA soft accuracy for multi-reference items (VQA-style
+    lists), normalised exact match for a single reference."""
+    return vqa_accuracy(prediction, answers) if len(answers) > 1 else exact_match(prediction, answers)
+
+
+def scores_by_type(rows: list[dict]) -> dict[str, float]:
+    """Mean ``score`` per ``type`` over per-sample rows (types sorted)."""
+    by_type: dict[str, list[float]] = {}
+    for r in rows:
+        by_type.setdefault(r["type"], []).append(r["score"])
+    return {k: sum(v) / len(v) for k, v in sorted(by_type.items())}
+
+
 def yes_no(prediction: str) -> str | None:
     """``"yes"``/``"no"`` if the prediction starts with one (POPE-style parsing), else None."""
     m = re.match(r"\s*(yes|no)\b", prediction.lower())

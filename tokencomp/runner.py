@@ -51,7 +51,7 @@ from .benchmark import PRESETS, SPLIT_SEED, generate_split
 from .data import JsonlDataset, prompt
 from .engine import Engine
 from .errors import TokencompError
-from .metrics import exact_match, vqa_accuracy, yes_no_scores
+from .metrics import answer_score, scores_by_type, yes_no_scores
 from .model import Model, load_model
 from .profiler import measure, run_flops
 from .registry import method as make_method
@@ -116,12 +116,10 @@ def _grid(table: dict) -> list[tuple[str, list[dict]]]:
     for values in itertools.product(*axes.values()) if axes else [()]:
         params = dict(zip(axes, values))
         params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-        suffix = "-".join(f"{k}{v}" for k, v in params.items() if len(axes[k]) > 1 or k == "budget")
-        if label:  # a label names the table; grid axes still tell its cells apart
-            varying = "-".join(f"{k}{v}" for k, v in params.items() if len(axes[k]) > 1)
-            out.append((f"{label}-{varying}" if varying else label, [{"name": name, **params}]))
-        else:
-            out.append((f"{name}-{suffix}" if suffix else name, [{"name": name, **params}]))
+        # a label names the table; its grid axes still tell its cells apart (a bare name also shows the budget)
+        suffix = "-".join(f"{k}{v}" for k, v in params.items() if len(axes[k]) > 1 or (k == "budget" and not label))
+        base = label or name
+        out.append((f"{base}-{suffix}" if suffix else base, [{"name": name, **params}]))
     return out
 
 
@@ -242,12 +240,6 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _score(sample, prediction: str) -> float:
-    return (
-        vqa_accuracy(prediction, sample.answers) if len(sample.answers) > 1 else exact_match(prediction, sample.answers)
-    )
-
-
 def run_experiment(exp: Experiment, progress: bool = True) -> Path:
     """Run every unfinished cell of ``exp``; returns the results file."""
     out = exp.out
@@ -305,7 +297,7 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
                     "question": x.question,
                     "answers": x.answers,
                     "prediction": text,
-                    "score": _score(x, text),
+                    "score": answer_score(text, x.answers),
                     "visual_tokens_llm": pre.record.visual_tokens_llm[b],
                     "tokens_per_layer": pre.record.tokens_per_layer[b],
                     "prefill_flops": flops[b].prefill,
@@ -327,9 +319,6 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
     first = data.samples[:bs]  # latency always on the dataset's first batch, so a resumed run measures the same
     first_batch = prepare(model, [x.load_image() for x in first], [prompt(x, template) for x in first])
     timing = measure(engine, first_batch, repeats=s["latency_repeats"], new_tokens=min(4, s["max_new_tokens"]))
-    by_type: dict[str, list[float]] = {}
-    for r in rows:
-        by_type.setdefault(r["type"], []).append(r["score"])
     yn = [r for r in rows if r["answers"][0].strip().lower() in ("yes", "no")]  # POPE-style yes/no items
     n = len(rows)
 
@@ -346,7 +335,7 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
         "spec": cell.spec,
         "samples": n,
         "accuracy": mean("score"),
-        "accuracy_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+        "accuracy_by_type": scores_by_type(rows),
         "yes_no": yes_no_scores([r["prediction"] for r in yn], [r["answers"][0] for r in yn]) if yn else None,
         "visual_tokens_llm": mean("visual_tokens_llm"),
         "tokens_per_layer": [
