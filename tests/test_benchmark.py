@@ -78,3 +78,43 @@ def test_grid_tag_is_one_patch_and_labelled():
         labels = label_map(scene)
         assert (labels[y0 : y1 + 1, x0 : x1 + 1] == len(scene.objects) + 1).all()  # the plate's pixels
         assert (labels == len(scene.objects) + 1).sum() == 14 * 14
+
+
+def test_question_evidence_supports_the_answer():
+    """Each question's evidence (the objects it names) determines its answer, independently
+    recomputed from the scene's objects."""
+    import numpy as np
+
+    from tokencomp.benchmark import make_question
+
+    seen = collections.Counter()
+    for seed in range(40):
+        scene = make_scene(seed)
+        objs = scene.objects
+        for qt in QUESTION_TYPES:
+            qa = make_question(np.random.default_rng(seed), objs, scene.char, qt)
+            if qa is None:
+                continue
+            seen[qt] += 1
+            ev = qa.evidence
+            if qt == "attribute":
+                (j,) = ev[0]
+                assert qa.answer in (objs[j].color, objs[j].shape) and qa.answer not in qa.question.split()
+            elif qt == "count":
+                shape = next(s for s in ("circle", "square", "triangle", "star") if s + "s" in qa.question.split())
+                assert all(objs[j].shape == shape for j in ev[0]) and qa.answer == NUMBERS[len(ev[0])]
+            elif qt == "exist":
+                assert (qa.answer == "yes") == bool(ev[0])
+                assert all(f"{objs[j].color} {objs[j].shape}" in qa.question for j in ev[0])
+            elif qt == "position":
+                (a,), (b,) = ev
+                (ax, ay), (bx, by) = objs[a].center, objs[b].center
+                expect = (
+                    ("left" if ax < bx else "right")
+                    if abs(ax - bx) >= abs(ay - by)
+                    else ("above" if ay < by else "below")
+                )
+                assert qa.answer == expect
+            else:
+                assert ev == ((len(objs),),) and qa.answer == scene.char.lower()
+    assert all(seen[t] >= 10 for t in QUESTION_TYPES), seen

@@ -218,53 +218,66 @@ def _unique(objs: list[Obj], o: Obj) -> str | None:
     return None
 
 
-def make_question(rng: np.random.Generator, objs: list[Obj], char: str, qtype: str):
-    """(question, answer) of ``qtype`` about a scene, or None when the scene cannot ask it."""
+class QA(NamedTuple):
+    """A question about a scene, its one-word answer, and its visual evidence: groups of indices into
+    the scene's objects (``len(objects)`` stands for the tag plate), one group per thing the question
+    names (``position``: the object asked about, then the reference object; ``count`` and ``exist``:
+    every matching object, possibly none)."""
+
+    question: str
+    answer: str
+    evidence: tuple[tuple[int, ...], ...]
+
+
+def make_question(rng: np.random.Generator, objs: list[Obj], char: str, qtype: str) -> QA | None:
+    """A :class:`QA` of ``qtype`` about a scene, or None when the scene cannot ask it."""
     pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
     if qtype == "attribute":  # name the object without the asked attribute
         opts = []
-        for o in objs:
+        for j, o in enumerate(objs):
             for name, same in (
                 (o.shape, lambda p, o=o: p.shape == o.shape),
                 (f"{o.size} {o.shape}", lambda p, o=o: p.shape == o.shape and p.size == o.size),
             ):
                 if sum(map(same, objs)) == 1:
-                    opts.append((pick(PHRASES["color"]).format(obj=name), o.color))
+                    opts.append(QA(pick(PHRASES["color"]).format(obj=name), o.color, ((j,),)))
                     break
             for name, same in (
                 (f"{o.color} object", lambda p, o=o: p.color == o.color),
                 (f"{o.size} {o.color} object", lambda p, o=o: p.color == o.color and p.size == o.size),
             ):
                 if sum(map(same, objs)) == 1:
-                    opts.append((pick(PHRASES["shape"]).format(obj=name), o.shape))
+                    opts.append(QA(pick(PHRASES["shape"]).format(obj=name), o.shape, ((j,),)))
                     break
         return pick(opts) if opts else None
     if qtype == "count":
         shape = pick(SHAPES)
-        return pick(PHRASES["count"]).format(shape=shape), NUMBERS[sum(o.shape == shape for o in objs)]
+        match = tuple(j for j, o in enumerate(objs) if o.shape == shape)
+        return QA(pick(PHRASES["count"]).format(shape=shape), NUMBERS[len(match)], (match,))
     if qtype == "position":
-        named = [(o, _unique(objs, o)) for o in objs]
-        named = [(o, n) for o, n in named if n]
-        pairs = [(a, b) for a in named for b in named if a[0] is not b[0]]
+        named = [(j, _unique(objs, o)) for j, o in enumerate(objs)]
+        named = [(j, n) for j, n in named if n]
+        pairs = [(a, b) for a in named for b in named if a[0] != b[0]]
         if not pairs:
             return None
         (a, na), (b, nb) = pick(pairs)
-        dx, dy = a.center[0] - b.center[0], a.center[1] - b.center[1]
+        dx, dy = objs[a].center[0] - objs[b].center[0], objs[a].center[1] - objs[b].center[1]
         if abs(dx) >= abs(dy):
-            return pick(PHRASES["leftright"]).format(a=na, b=nb), "left" if dx < 0 else "right"
-        return pick(PHRASES["abovebelow"]).format(a=na, b=nb), "above" if dy < 0 else "below"
+            return QA(pick(PHRASES["leftright"]).format(a=na, b=nb), "left" if dx < 0 else "right", ((a,), (b,)))
+        return QA(pick(PHRASES["abovebelow"]).format(a=na, b=nb), "above" if dy < 0 else "below", ((a,), (b,)))
     if qtype == "exist":
         present = rng.random() < 0.5
         if present:
             o = pick(objs)
-            return pick(PHRASES["exist"]).format(obj=f"{o.color} {o.shape}"), "yes"
+            match = tuple(j for j, p in enumerate(objs) if (p.color, p.shape) == (o.color, o.shape))
+            return QA(pick(PHRASES["exist"]).format(obj=f"{o.color} {o.shape}"), "yes", (match,))
         for _ in range(30):
             color, shape = pick(list(COLORS)), pick(SHAPES)
             if not any(o.color == color and o.shape == shape for o in objs):
-                return pick(PHRASES["exist"]).format(obj=f"{color} {shape}"), "no"
+                return QA(pick(PHRASES["exist"]).format(obj=f"{color} {shape}"), "no", ((),))
         return None
     if qtype == "read":
-        return pick(PHRASES["read"]), char.lower()
+        return QA(pick(PHRASES["read"]), char.lower(), ((len(objs),),))
     raise TokencompError(f"unknown question type {qtype!r}; known: {QUESTION_TYPES}")
 
 
