@@ -1,0 +1,68 @@
+"""The embedded models' training recipe (experiments/train_tiny.py): its auxiliary targets and its
+recomputation of the taught heads' attention, checked against transformers' own eager attention."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+import train_tiny as T  # noqa: E402
+
+from tokencomp.benchmark import label_map, vocabulary  # noqa: E402
+from tokencomp.tiny import tiny_llava  # noqa: E402
+
+
+def _samples(model, processor, n: int):
+    rng, items, scenes, seed = random.Random(0), [], [], 0
+    while len(items) < n:
+        scene, turns = T.conversation(seed, (336, 336), T.LLAVA_TAG, T.TRAIN_TYPES, rng)
+        seed += 1
+        if turns:
+            items.append(T.encode(processor, "llava", scene.image, turns[: 2 + len(items)], train=True))
+            scenes.append((scene, turns[: 2 + len(items) - 1]))
+    return items, scenes
+
+
+def test_taught_attention_matches_eager_attention():
+    torch.manual_seed(0)
+    model, processor = tiny_llava(
+        "llava",
+        image_size=336,
+        text_layers=T.TAUGHT_LAYER + 1,
+        hidden=64,
+        words=vocabulary(),
+        attn_implementation="eager",
+    )
+    items, _ = _samples(model, processor, 3)  # different lengths: right padding in the batch
+    inputs, _ = T.collate(items, processor.tokenizer.pad_token_id, "cpu")
+    with T.TaughtAttention(model) as taught:
+        out = model(**inputs, output_attentions=True)
+    b = torch.tensor([0, 1, 2, 2])
+    pos = torch.tensor([items[0][3][0], items[1][3][1], items[2][3][0], items[2][3][-1]])
+    reference = out.attentions[T.TAUGHT_LAYER][b, :, pos][:, :2]
+    torch.testing.assert_close(taught.rows(b, pos), reference, atol=1e-6, rtol=1e-5)
+
+
+def test_evidence_targets_lie_on_the_evidence():
+    model, processor = tiny_llava("llava", image_size=336, text_layers=2, hidden=32, words=vocabulary())
+    items, scenes = _samples(model, processor, 3)
+    checked = 0
+    for row, (item, (scene, turns)) in enumerate(zip(items, scenes)):
+        attention, naming = T.sample_targets(model, processor, scene, turns, item, row, "llava")
+        labels = label_map(scene)
+        for _, pos, cols, target in attention:
+            assert item[0][pos + 1] != model.config.image_token_id and np.allclose(target.sum(1), 1)
+            assert all(item[0][c] == model.config.image_token_id for c in cols[1:])
+            on = np.flatnonzero(target[0][1:])  # patches the first head should attend to
+            patches = labels.reshape(24, 14, 24, 14).transpose(0, 2, 1, 3).reshape(576, -1)
+            assert all((patches[p] > 0).any() for p in on)  # an object or the tag under each
+            checked += 1
+        # naming: each named visual token lies over an object or the tag
+        _, where, words, weights = naming
+        assert len(where) and np.allclose(weights.sum(1), 1)
+    assert checked >= 5
