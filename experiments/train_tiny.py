@@ -34,7 +34,8 @@ whole answer: every answer is one word) per question type. Usage::
 
     python experiments/train_tiny.py --work runs/train-tiny --out tokencomp/assets
 
-Runs on 2 CPU cores in about 75 minutes with the defaults; ``--device cuda`` uses a GPU.
+Estimated at about 75 minutes on 2 CPU cores with the defaults (step times measured: tower 1.35 s,
+LLaVA stage 3.2 s; the full run has not been timed); ``--device cuda`` uses a GPU.
 
 Status (2026-11-23): the shipped checkpoints were trained by this script as of commit a0a59f4
 (token-subset curriculum, equal per-head tower weights; log in experiments/results/embedded/).
@@ -128,8 +129,9 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 50) -> float:
 PATCH_HEADS = [1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES), 1 + len(CHARACTERS), 1 + len(SHAPES), GRID, GRID]
 HEAD_WEIGHT = [1.0, 2.0, 1.0, 1.0, 2.0, 0.2, 0.2]  # shape is the hard one (see experiments/probe_tower.py)
 # Object-patch losses are averaged over object patches; background patches weigh this much. (The
-# earlier 5x-per-object-patch weighting left object patches at ~13% of the loss: measured, a tower
-# trained 150 steps with it on shape alone had weighted loss 0.2 and object-patch accuracy at chance.)
+# earlier 5x-per-object-patch weighting left object patches at ~10% of the loss, as 2.2% of the
+# tower's training-view patches are object patches; measured, a tower trained 150 steps with it on
+# shape alone had weighted loss 0.2 and object-patch accuracy at chance.)
 BACKGROUND_WEIGHT = 0.2
 N_PATCH_OUT = sum(PATCH_HEADS)
 N_PAIRS = len(COLORS) * len(SHAPES)
@@ -187,15 +189,15 @@ def view_targets(scene, labels: np.ndarray, region: tuple[int, int, int, int]):
     return patch, pairs, np.minimum(counts, 4), tag
 
 
-def evidence_target(scene, labels: np.ndarray, region, qtype: str, evidence) -> np.ndarray | None:
+def evidence_target(scene, cover: np.ndarray, hit: np.ndarray, region, qtype: str, evidence) -> np.ndarray | None:
     """Where the answer's evidence lies among the view's 576 patches, as the attention distribution
     the taught heads should have at the answer position: ``(2, 1 + 576)`` over (BOS, patches), one
     row per taught head (the second evidence group for ``position``, else the first again).
 
     ``attribute``, ``position``, ``read``: uniform over the named object's patches. ``count`` and
     ``exist``: uniform over BOS and the centre patch of each matching object, so the share left on
-    BOS tells how many there are (1 / (n + 1); all of it when none matches)."""
-    cover, hit = _cover(scene, labels, region)
+    BOS tells how many there are (1 / (n + 1); all of it when none matches). ``cover``, ``hit``:
+    the view's patch cover from ``_cover``."""
     cover, hit = cover.reshape(-1), hit.reshape(-1)
     rows = []
     for group in evidence[:2]:
@@ -446,11 +448,12 @@ def sample_targets(model, processor, scene, turns, item, b: int, family: str):
     cols = np.concatenate([[0], image_pos])
     w, h = scene.image.size
     labels = label_map(scene)
+    cover, hit = _cover(scene, labels, (0, 0, w, h))  # one view: shared by every turn
     attention = []
     for (_, _, qt, evidence), pos in zip(turns, answer_pos):
         if family != "llava" and qt == "read":
             continue
-        t = evidence_target(scene, labels, (0, 0, w, h), qt, evidence)
+        t = evidence_target(scene, cover, hit, (0, 0, w, h), qt, evidence)
         if t is not None:
             attention.append((b, pos, cols, t))
     return attention, naming_targets(processor.tokenizer, scene, labels, (0, 0, w, h), image_pos, b)

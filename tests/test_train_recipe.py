@@ -23,8 +23,9 @@ def _samples(model, processor, n: int):
         scene, turns = T.conversation(seed, (336, 336), T.LLAVA_TAG, T.TRAIN_TYPES, rng)
         seed += 1
         if turns:
-            items.append(T.encode(processor, "llava", scene.image, turns[: 2 + len(items)], train=True))
-            scenes.append((scene, turns[: 2 + len(items) - 1]))
+            turns = turns[: 2 + len(items)]  # samples of different lengths
+            items.append(T.encode(processor, "llava", scene.image, turns, train=True))
+            scenes.append((scene, turns))
     return items, scenes
 
 
@@ -54,12 +55,11 @@ def test_evidence_targets_lie_on_the_evidence():
     checked = 0
     for row, (item, (scene, turns)) in enumerate(zip(items, scenes)):
         attention, naming = T.sample_targets(model, processor, scene, turns, item, row, "llava")
-        labels = label_map(scene)
+        patches = label_map(scene).reshape(24, 14, 24, 14).transpose(0, 2, 1, 3).reshape(576, -1)
         for _, pos, cols, target in attention:
             assert item[0][pos + 1] != model.config.image_token_id and np.allclose(target.sum(1), 1)
             assert all(item[0][c] == model.config.image_token_id for c in cols[1:])
             on = np.flatnonzero(target[0][1:])  # patches the first head should attend to
-            patches = labels.reshape(24, 14, 24, 14).transpose(0, 2, 1, 3).reshape(576, -1)
             assert all((patches[p] > 0).any() for p in on)  # an object or the tag under each
             checked += 1
         # naming: each named visual token lies over an object or the tag
