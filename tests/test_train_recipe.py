@@ -66,3 +66,26 @@ def test_evidence_targets_lie_on_the_evidence():
         _, where, words, weights = naming
         assert len(where) and np.allclose(weights.sum(1), 1)
     assert checked >= 5
+
+
+def test_window_forward_is_the_view_without_the_other_patches():
+    """``tower_features`` on a window equals the model's own forward on the whole view when every
+    patch is in the window, and a window's pixels and targets are those of its patch positions."""
+    torch.manual_seed(0)
+    model, _ = tiny_llava("llava", image_size=336, text_layers=1, hidden=32, words=vocabulary())
+    tower = model.model.vision_tower.eval()
+    pix = torch.randn(2, 3, 336, 336)
+    everything = torch.arange(576).expand(2, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            T.tower_features(tower, pix, everything), T.tower_features(tower, pix), atol=1e-5, rtol=1e-5
+        )
+    rng = random.Random(0)
+    (pixels, patch, *_), *_ = T.tower_views(random.Random(1), 3)
+    windows = T.object_windows(pixels, patch, rng)
+    assert len(windows) == int((patch[4] > 0).sum()) > 0
+    for win, targets, index in windows:
+        r0, c0 = divmod(int(index[0]), 24)
+        assert index.tolist() == [(r0 + i) * 24 + c0 + j for i in range(T.WINDOW) for j in range(T.WINDOW)]
+        assert np.array_equal(win, pixels[r0 * 14 : (r0 + T.WINDOW) * 14, c0 * 14 : (c0 + T.WINDOW) * 14])
+        assert np.array_equal(targets, patch[:, index]) and (targets[4] > 0).any()  # the centre inside
