@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 from conftest import PROMPTS, make_images
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig
 
 import tokencomp as tc
-from tokencomp.profiler import DecoderShape, measure, prefill_flops_from_config, run_flops
+from tokencomp.profiler import DecoderShape, _rss_bytes, measure, prefill_flops_from_config, run_flops
 from tokencomp.tiny import tiny_llava
 
 
@@ -107,3 +110,14 @@ def test_measure_reports_timings(models, images):
     t = measure(tc.Engine(model, tc.method("fastv")), batch, repeats=2, new_tokens=3)
     assert t.prefill_median > 0 and t.decode_per_token_median > 0 and t.prefill_spread >= 0
     assert t.kv_cache_bytes > 0 and t.peak_memory_bytes > 0 and t.device == "cpu"
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_cpu_peak_memory_covers_the_timed_runs_only(models, images):
+    model = models["llava"]
+    batch = tc.prepare(model, images[:1], PROMPTS[:1])
+    spike = torch.ones(2**28, dtype=torch.uint8)  # 256 MiB resident before the measurement, then freed
+    del spike
+    lifetime_peak = _rss_bytes()
+    t = measure(tc.Engine(model, tc.method("identity")), batch, repeats=1, new_tokens=2)
+    assert 0 < t.peak_memory_bytes < lifetime_peak - 2**27  # the spike is not in it

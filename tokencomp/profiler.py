@@ -261,12 +261,24 @@ def _rss_bytes() -> int:
     return 0
 
 
+def _reset_rss_peak() -> bool:
+    """Reset this process's peak-RSS mark (Linux ``clear_refs``; False where unsupported)."""
+    try:
+        with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def measure(engine, batch, repeats: int = 5, warmup: int = 1, new_tokens: int = 8) -> Timing:
     """Prefill (time to first token) and per-token decode time of ``engine`` on ``batch``.
 
     Warm-up runs first; then ``repeats`` timed runs (CUDA events on GPU, a monotonic clock on
-    CPU, device-synchronised). Peak memory is CUDA max-allocated on GPU, the process's peak RSS
-    on CPU (a high-water mark over the whole process, so compare it within one run only).
+    CPU, device-synchronised). Peak memory is CUDA max-allocated on GPU; on CPU the process's peak
+    RSS over the timed runs (Linux: the high-water mark is reset before them; where it cannot be,
+    the mark covers the whole process, so compare it within one run only). It includes the model's
+    weights and the Python runtime, not just activations.
     """
     device = engine.model.device
     cuda = device.type == "cuda"
@@ -274,6 +286,8 @@ def measure(engine, batch, repeats: int = 5, warmup: int = 1, new_tokens: int = 
         engine.generate(batch, max_new_tokens=2)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_rss_peak()
     prefill, decode = [], []
     kv = 0
     for _ in range(repeats):
