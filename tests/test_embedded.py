@@ -53,8 +53,9 @@ def test_tokenizer_round_trip():
 
 
 # Regression floors of the shipped checkpoints on fixed test slices (the bars, 85% / 80%,
-# are not reached yet: see experiments/results/embedded/ for the full-split table).
-FLOORS = {"tiny-llava": 0.45, "tiny-llava-next": 0.40}
+# are not reached yet; these slices measured 0.58 and 0.475 with the 2026-11-24 checkpoints: see
+# experiments/results/embedded/ for the full-split table).
+FLOORS = {"tiny-llava": 0.50, "tiny-llava-next": 0.40}
 
 
 @pytest.mark.parametrize(
