@@ -35,6 +35,8 @@ Stages 2 and 3 log training loss and validation accuracy (greedy first answer to
 whole answer: every answer is one word) per question type. Usage::
 
     python experiments/train_tiny.py --work runs/train-tiny --out tokencomp/assets
+    # longer decoder training from the shipped weights (stage 1 skipped):
+    python experiments/train_tiny.py --init-from tokencomp/assets/tiny-llava --llava-steps 2000 ...
 
 The shipped checkpoints come from this script with its defaults (commit 7f5c067's recipe with
 ``--tower-steps 2400``, now the default): 82 minutes on 2 CPU cores (tower 31 min, LLaVA stage
@@ -686,6 +688,11 @@ def main() -> None:
     ap.add_argument("--work", default="runs/train-tiny", help="work folder: stage outputs and the log")
     ap.add_argument("--out", default="tokencomp/assets", help="where the two checkpoints are written")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--init-from",
+        help="a tiny-llava checkpoint folder to start from (e.g. tokencomp/assets/tiny-llava): its tower "
+        "is kept (no stage 1) and stage 2 trains its projector and decoder further",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tower-steps", type=int, default=2400)
@@ -701,6 +708,8 @@ def main() -> None:
     ap.add_argument("--val-n", type=int, default=200)
     ap.add_argument("--val-every", type=int, default=200)
     args = ap.parse_args()
+    if args.init_from and not (Path(args.init_from) / "model.safetensors").exists():
+        raise SystemExit(f"--init-from: no model.safetensors in {args.init_from}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     work, out = Path(args.work), Path(args.out)
@@ -712,7 +721,9 @@ def main() -> None:
     tower_path = work / "tower.pt"
     model, processor = build("llava", args.seed)
     model.to(args.device)
-    if tower_path.exists():
+    if args.init_from:  # continue from a trained checkpoint: its tower is kept, stage 1 skipped
+        model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(args.init_from).state_dict())
+    elif tower_path.exists():
         model.model.vision_tower.load_state_dict(torch.load(tower_path))
     else:
         train_tower(args, model, logf)

@@ -142,6 +142,7 @@ def test_report_has_every_plot_and_table(tmp_path, capsys):
     assert main(["compare", str(exp_file), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
+    assert md.startswith("# tokencomp report: t\n")  # the experiment's name, not the folder's ("run")
     for plot in PLOTS:
         files = list((out / "plots").glob(f"{plot}_*.png"))
         assert files, plot

@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import re
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +24,11 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .errors import TokencompError  # noqa: E402
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 PLOTS = ("accuracy_vs_tflops", "accuracy_vs_tokens", "latency_vs_tokens", "speedup", "tokens_per_layer", "overlays")
 
@@ -74,6 +80,14 @@ def _overlay(ax, image_path: str, patches: list[int], grid, family: str) -> None
     ax.imshow(mask.reshape(gh, gw), cmap="Reds", alpha=0.45, extent=(0, side, side, 0), vmin=0, vmax=1)
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def _title(run: Path) -> str:
+    """The experiment's ``[experiment] name`` from the run's copy of its file, else the folder name."""
+    try:
+        return str(tomllib.loads((run / "experiment.toml").read_text())["experiment"]["name"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return run.name
 
 
 def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
@@ -208,17 +222,18 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
         images += list(files.values())
 
     unit = rows[0].get("flops_unit", "FLOPs")
+    title = _title(run)
     md = [
-        f"# tokencomp report: {run.name}",
+        f"# tokencomp report: {title}",
         "",
         f"FLOPs are {unit}; TFLOPs per sample. Latency: median prefill of the first batch, after warm-up.",
         "",
     ]
     page = [
-        f"<html><head><meta charset='utf-8'><title>tokencomp report {html.escape(run.name)}</title>",
+        f"<html><head><meta charset='utf-8'><title>tokencomp report {html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}img{max-width:100%}</style></head><body>",
-        f"<h1>tokencomp report: {html.escape(run.name)}</h1><p>FLOPs are {html.escape(unit)}.</p>",
+        f"<h1>tokencomp report: {html.escape(title)}</h1><p>FLOPs are {html.escape(unit)}.</p>",
     ]
     for title, table, files in sections:
         md += [f"## {title}", "", table, ""]
