@@ -702,7 +702,7 @@ def main() -> None:
     ap.add_argument("--llava-steps", type=int, default=600)
     ap.add_argument("--llava-batch", type=int, default=16)
     ap.add_argument("--llava-lr", type=float, default=2e-3)
-    ap.add_argument("--next-steps", type=int, default=80)
+    ap.add_argument("--next-steps", type=int, default=80, help="0: stop after the LLaVA-1.5 model")
     ap.add_argument("--next-batch", type=int, default=8)
     ap.add_argument("--next-lr", type=float, default=5e-4)
     ap.add_argument("--val-n", type=int, default=200)
@@ -736,7 +736,7 @@ def main() -> None:
     state = LlavaForConditionalGeneration.from_pretrained(llava_path).state_dict()  # also when resuming
 
     next_path = out / "tiny-llava-next"
-    if not (next_path / "model.safetensors").exists():
+    if args.next_steps and not (next_path / "model.safetensors").exists():  # 0: no NeXT model
         nxt, nproc = build("llava-next", args.seed)
         missing, unexpected = nxt.load_state_dict(state, strict=False)
         assert not unexpected and all("image_newline" in m for m in missing), (missing, unexpected)
