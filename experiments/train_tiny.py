@@ -390,13 +390,13 @@ def train_tower(args, model, logf: Path) -> None:
                 )
                 row.update(window_centre_acc=_acc(patch_out, patch_t, 4, patch_t[:, 4] > 0))
                 if full:
-                    patch_t = full_t[0]
-                    obj = patch_t[:, 0] > 0
+                    view_t = full_t[0]
+                    obj = view_t[:, 0] > 0
                     row.update(
-                        object_patch_colour_acc=_acc(full_out, patch_t, 0, obj),
-                        object_patch_shape_acc=_acc(full_out, patch_t, 1, obj),
-                        tag_patch_char_acc=_acc(full_out, patch_t, 3, patch_t[:, 3] > 0),
-                        centre_patch_shape_acc=_acc(full_out, patch_t, 4, patch_t[:, 4] > 0),
+                        object_patch_colour_acc=_acc(full_out, view_t, 0, obj),
+                        object_patch_shape_acc=_acc(full_out, view_t, 1, obj),
+                        tag_patch_char_acc=_acc(full_out, view_t, 3, view_t[:, 3] > 0),
+                        centre_patch_shape_acc=_acc(full_out, view_t, 4, view_t[:, 4] > 0),
                         cls_tag_acc=round(
                             (cls_out[:, N_PAIRS + len(SHAPES) * 5 :].argmax(-1) == tag_t).float().mean().item(), 3
                         ),

@@ -261,14 +261,13 @@ def _rss_bytes() -> int:
     return 0
 
 
-def _reset_rss_peak() -> bool:
-    """Reset this process's peak-RSS mark (Linux ``clear_refs``; False where unsupported)."""
+def _reset_rss_peak() -> None:
+    """Reset this process's peak-RSS mark (Linux ``clear_refs``; left as it is where unsupported)."""
     try:
         with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
             f.write("5")
-        return True
     except OSError:
-        return False
+        pass
 
 
 def measure(engine, batch, repeats: int = 5, warmup: int = 1, new_tokens: int = 8) -> Timing:

@@ -222,18 +222,18 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
         images += list(files.values())
 
     unit = rows[0].get("flops_unit", "FLOPs")
-    title = _title(run)
+    experiment = _title(run)
     md = [
-        f"# tokencomp report: {title}",
+        f"# tokencomp report: {experiment}",
         "",
         f"FLOPs are {unit}; TFLOPs per sample. Latency: median prefill of the first batch, after warm-up.",
         "",
     ]
     page = [
-        f"<html><head><meta charset='utf-8'><title>tokencomp report {html.escape(title)}</title>",
+        f"<html><head><meta charset='utf-8'><title>tokencomp report {html.escape(experiment)}</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}img{max-width:100%}</style></head><body>",
-        f"<h1>tokencomp report: {html.escape(title)}</h1><p>FLOPs are {html.escape(unit)}.</p>",
+        f"<h1>tokencomp report: {html.escape(experiment)}</h1><p>FLOPs are {html.escape(unit)}.</p>",
     ]
     for title, table, files in sections:
         md += [f"## {title}", "", table, ""]
