@@ -119,6 +119,12 @@ def log(path: Path, **row) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def autocast(args) -> torch.autocast:
+    """bf16 autocast of the decoder stages' forward (``--precision bf16``; weights stay fp32). Measured
+    on 2 CPU cores (AVX512-BF16), batch 16: 2.2 s per step against 3.4 s in fp32."""
+    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
 def lr_at(step: int, steps: int, peak: float, warmup: int = 50) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -284,6 +290,11 @@ def tower_features(tower, pixel_values: torch.Tensor, index: torch.Tensor | None
     return h
 
 
+def stacked(rows, i: int, device, join=np.stack) -> torch.Tensor:
+    """Field ``i`` of every row (numpy arrays), joined by ``join`` (stack or concatenate) on ``device``."""
+    return torch.from_numpy(join([r[i] for r in rows])).to(device)
+
+
 def _pixels(batch) -> torch.Tensor:
     """Normalised ``(B, 3, h, w)`` float pixels from the uint8 images of a batch of views/windows."""
     pix = ((np.stack([b[0] for b in batch]) / 255.0 - MEAN) / STD).astype(np.float32)
@@ -366,13 +377,13 @@ def train_tower(args, model, logf: Path) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.tower_steps, args.tower_lr)
         batch, windows = windows[: args.window_batch], windows[args.window_batch :]
-        index = torch.from_numpy(np.stack([b[2] for b in batch])).to(args.device)
+        index = stacked(batch, 2, args.device)
         _, patch_out = heads(tower_features(tower, _pixels(batch).to(args.device), index))
-        patch_t = torch.from_numpy(np.stack([b[1] for b in batch])).to(args.device)
+        patch_t = stacked(batch, 1, args.device)
         loss = patch_loss(patch_out, patch_t)
         if full:
             batch, views = views[: args.tower_batch], views[args.tower_batch :]
-            full_t = [torch.from_numpy(np.stack([b[i] for b in batch])).to(args.device) for i in (1, 2, 3)]
+            full_t = [stacked(batch, i, args.device) for i in (1, 2, 3)]
             tag_t = torch.tensor([b[4] for b in batch], device=args.device)
             feats = tower_features(tower, _pixels(batch).to(args.device))
             full_loss, cls_out, full_out = tower_loss(heads, feats, *full_t, tag_t)
@@ -410,17 +421,31 @@ def train_tower(args, model, logf: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+# words that name what a question asks about (two turns naming the same ones ask the same thing)
+ATTRIBUTE_WORDS = frozenset([*COLORS, *SHAPES, *(s + "s" for s in SHAPES), *SIZES])
+
+
 def conversation(seed: int, size, tag: dict, types: list[str], rng: random.Random):
-    """(scene, [(question, answer, type), ...]) for one scene; the first turn's type is random."""
+    """(scene, [(question, answer, type, evidence), ...]) for one scene, the turns in random order.
+
+    A turn that repeats an earlier one (same type, same attribute words, same evidence: e.g. a second
+    ``read`` or a second count of the same shape) is dropped: in a multi-turn sample its answer could
+    be copied from the earlier turn instead of read from the image, and the single-turn test has no
+    earlier turn (measured on 500 training scenes before this rule: 23% of the turns were repeats; 65% of
+    the samples asked one count twice, and every sample asked ``read`` twice)."""
     scene = make_scene(seed, size, **tag)
     if not scene.objects:
         return scene, []
     types = types[:]
     rng.shuffle(types)
-    turns = []
+    turns, asked = [], set()
     for i, qt in enumerate(types):
         qa = make_question(np.random.default_rng(seed * 31 + i), scene.objects, scene.char, qt)
-        if qa is not None:
+        if qa is None:
+            continue
+        key = (qt, frozenset(qa.question.split()) & ATTRIBUTE_WORDS, qa.evidence)
+        if key not in asked:  # a repeated question's answer could be copied from the earlier turn
+            asked.add(key)
             turns.append((qa.question, qa.answer, qt, qa.evidence))
     return scene, turns
 
@@ -551,9 +576,9 @@ def naming_loss(logits: torch.Tensor, targets: list[tuple]) -> torch.Tensor:
     """Soft-target cross-entropy of the LM head at the visual tokens (``logits``: (B, T, V))."""
     dev = logits.device
     b = torch.cat([torch.full((len(t[1]),), t[0]) for t in targets]).to(dev)
-    pos = torch.from_numpy(np.concatenate([t[1] for t in targets])).to(dev)
-    words = torch.from_numpy(np.concatenate([t[2] for t in targets])).to(dev)
-    weights = torch.from_numpy(np.concatenate([t[3] for t in targets])).to(dev)
+    pos = stacked(targets, 1, dev, np.concatenate)
+    words = stacked(targets, 2, dev, np.concatenate)
+    weights = stacked(targets, 3, dev, np.concatenate)
     logp = logits[b, pos].log_softmax(-1).gather(1, words)
     return -(weights * logp).sum(-1).mean()
 
@@ -589,7 +614,7 @@ class TaughtAttention:
         k = k[:, :, [0 // groups, 1 // groups]].transpose(1, 2)  # (N, 2, T, D)
         q = q * cos[b, pos][:, None] + rotate_half(q) * sin[b, pos][:, None]
         k = k * cos[b][:, None] + rotate_half(k) * sin[b][:, None]
-        scores = (k @ q[..., None]).squeeze(-1) * a.scaling  # (N, 2, T)
+        scores = (k.float() @ q.float()[..., None]).squeeze(-1) * a.scaling  # (N, 2, T), fp32 under autocast
         future = torch.arange(h.shape[1], device=h.device)[None, :] > pos[:, None]
         return scores.masked_fill(future[:, None], float("-inf")).softmax(-1)
 
@@ -600,8 +625,8 @@ def attention_loss(taught: TaughtAttention, targets: list[tuple]) -> torch.Tenso
     dev = taught.inputs["hidden"].device
     b = torch.tensor([t[0] for t in targets], device=dev)
     pos = torch.tensor([t[1] for t in targets], device=dev)
-    cols = torch.from_numpy(np.stack([t[2] for t in targets])).to(dev)
-    tgt = torch.from_numpy(np.stack([t[3] for t in targets])).to(dev)
+    cols = stacked(targets, 2, dev)
+    tgt = stacked(targets, 3, dev)
     p = taught.rows(b, pos).gather(2, cols[:, None, :].expand(-1, 2, -1))
     return -(tgt * (p + 1e-6).log()).sum(-1).mean()
 
@@ -639,11 +664,11 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
         inputs, labels = collate(items, pad, args.device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr)
-        with TaughtAttention(model) as attention:
-            logits = model(**inputs).logits
+        with TaughtAttention(model) as attention, autocast(args):
+            logits = model(**inputs).logits.float()
+            taught = attention_loss(attention, targets)
         v = logits.shape[-1]
         answers = F.cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1), ignore_index=-100)
-        taught = attention_loss(attention, targets)
         naming = naming_loss(logits, names)
         loss = answers + ATTN_WEIGHT * taught + NAMING_WEIGHT * naming
         opt.zero_grad()
@@ -697,6 +722,9 @@ def main() -> None:
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="bf16", help="decoder stages' autocast (tower: fp32)"
+    )
     ap.add_argument("--tower-steps", type=int, default=2400)
     ap.add_argument("--tower-batch", type=int, default=32, help="whole views per full-view step")
     ap.add_argument("--window-batch", type=int, default=96, help="object windows per step")

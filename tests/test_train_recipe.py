@@ -89,3 +89,21 @@ def test_window_forward_is_the_view_without_the_other_patches():
         assert index.tolist() == [(r0 + i) * 24 + c0 + j for i in range(T.WINDOW) for j in range(T.WINDOW)]
         assert np.array_equal(win, pixels[r0 * 14 : (r0 + T.WINDOW) * 14, c0 * 14 : (c0 + T.WINDOW) * 14])
         assert np.array_equal(targets, patch[:, index]) and (targets[4] > 0).any()  # the centre inside
+
+
+def test_conversations_do_not_repeat_a_question():
+    """A multi-turn training sample never asks the same thing twice (its answer could be copied from the
+    earlier turn): one ``read`` turn, one count per shape, and every turn's evidence and named attributes
+    differ; the types every scene can ask are still asked."""
+    rng = random.Random(0)
+    for seed in range(40):
+        scene, turns = T.conversation(seed, (336, 336), T.LLAVA_TAG, T.TRAIN_TYPES, rng)
+        if not turns:
+            continue
+        kinds = [t[2] for t in turns]
+        assert kinds.count("read") == 1
+        counted = [frozenset(q.split()) & T.ATTRIBUTE_WORDS for q, _, qt, _ in turns if qt == "count"]
+        assert len(counted) == len(set(counted)) >= 1
+        keys = [(qt, frozenset(q.split()) & T.ATTRIBUTE_WORDS, ev) for q, _, qt, ev in turns]
+        assert len(keys) == len(set(keys))
+        assert {"count", "exist", "read"} <= set(kinds)  # (attribute, position need uniquely named objects)

@@ -12,7 +12,6 @@ import base64
 import html
 import json
 import re
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -23,12 +22,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from ._compat import tomllib  # noqa: E402
 from .errors import TokencompError  # noqa: E402
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 PLOTS = ("accuracy_vs_tflops", "accuracy_vs_tokens", "latency_vs_tokens", "speedup", "tokens_per_layer", "overlays")
 

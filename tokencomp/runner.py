@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ._compat import tomllib
 from .api import prepare
 from .benchmark import PRESETS, SPLIT_SEED, generate_split
 from .data import JsonlDataset, prompt
@@ -55,11 +55,6 @@ from .metrics import answer_score, scores_by_type, yes_no_scores
 from .model import Model, load_model
 from .profiler import measure, run_flops
 from .registry import method as make_method
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 EXPERIMENT_KEYS = {"name", "out", "batch_size", "max_new_tokens", "latency_repeats", "seed", "template"}
 
