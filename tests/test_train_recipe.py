@@ -56,6 +56,16 @@ def test_evidence_targets_lie_on_the_evidence():
     for row, (item, (scene, turns)) in enumerate(zip(items, scenes)):
         attention, naming = T.sample_targets(model, processor, scene, turns, item, row, "llava")
         patches = label_map(scene).reshape(24, 14, 24, 14).transpose(0, 2, 1, 3).reshape(576, -1)
+        # the taught positions: every turn's answer position, and for attribute / count / exist turns
+        # the question's last colour / shape / size word (the word's own query)
+        tokens = processor.tokenizer.convert_ids_to_tokens(item[0])
+        words = [tokens[pos] for _, pos, _, _ in attention if pos not in item[3]]
+        expected = [
+            [w for w in q.split() if w in T.ATTRIBUTE_WORDS][-1]
+            for q, _, qt, _ in turns
+            if qt in ("attribute", "count", "exist")
+        ]
+        assert words == expected and len(attention) == len(turns) + len(expected)
         for _, pos, cols, target in attention:
             assert item[0][pos + 1] != model.config.image_token_id and np.allclose(target.sum(1), 1)
             assert all(item[0][c] == model.config.image_token_id for c in cols[1:])
