@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -273,11 +272,12 @@ def _reset_rss_peak() -> None:
 def measure(engine, batch, repeats: int = 5, warmup: int = 1, new_tokens: int = 8) -> Timing:
     """Prefill (time to first token) and per-token decode time of ``engine`` on ``batch``.
 
-    Warm-up runs first; then ``repeats`` timed runs (CUDA events on GPU, a monotonic clock on
-    CPU, device-synchronised). Peak memory is CUDA max-allocated on GPU; on CPU the process's peak
-    RSS over the timed runs (Linux: the high-water mark is reset before them; where it cannot be,
-    the mark covers the whole process, so compare it within one run only). It includes the model's
-    weights and the Python runtime, not just activations.
+    Warm-up runs first; then ``repeats`` timed greedy generations of ``new_tokens`` tokens, each
+    timing its prefill and its decode steps apart (a monotonic clock, device-synchronised). Peak
+    memory is CUDA max-allocated on GPU; on CPU the process's peak RSS over the timed runs (Linux:
+    the high-water mark is reset before them; where it cannot be, the mark covers the whole
+    process, so compare it within one run only). It includes the model's weights and the Python
+    runtime, not just activations.
     """
     device = engine.model.device
     cuda = device.type == "cuda"
@@ -290,21 +290,10 @@ def measure(engine, batch, repeats: int = 5, warmup: int = 1, new_tokens: int = 
     prefill, decode = [], []
     kv = 0
     for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            engine.prefill(batch)
-            end.record()
-            torch.cuda.synchronize(device)
-            prefill.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            engine.prefill(batch)
-            prefill.append(time.perf_counter() - t0)
+        # one greedy generation per repeat: its record times the prefill and the decode steps apart
         tokens, pre = engine.generate(batch, max_new_tokens=new_tokens, eos_token_id=None)
-        steps = max(len(tokens[0]) - 1, 1)
-        decode.append(pre.record.decode_s / steps)
+        prefill.append(pre.record.prefill_s)
+        decode.append(pre.record.decode_s / max(len(tokens[0]) - 1, 1))
         kv = pre.record.kv_cache_bytes
     peak = torch.cuda.max_memory_allocated(device) if cuda else _rss_bytes()
     return Timing(
