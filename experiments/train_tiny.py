@@ -118,9 +118,9 @@ ATTN_WEIGHT = 1.0  # weight of that attention loss (see evidence_target)
 # Also teach those heads at the question's last attribute word ("... the red circle ?": at "circle")
 # for attribute, count and exist turns, with the same evidence target: there the query is the word's
 # own embedding (plus its neighbour), an easier match than at the answer position, whose query must
-# first gather the named words. Without it the heads put 0.74 (count) / 0.81 (exist) of their
-# attention on BOS and 0.06 / 0.02 on the matching objects' centres after 600 steps (6 validation
-# questions per type, experiments/diagnose_attention.py on the checkpoint of commit d08815d).
+# first gather the named words. Without it the heads put 0.72 (count) / 0.78 (exist) of their
+# attention on BOS and 0.047 / 0.027 on the matching objects' centres after 600 steps (40 validation
+# questions per type: experiments/results/embedded/taught-attention.md, checkpoint of d08815d).
 WORD_TARGETS = True
 NAMING_WEIGHT = 0.3  # weight of naming what lies under each visual token (see naming_targets)
 
@@ -133,7 +133,8 @@ def log(path: Path, **row) -> None:
 
 def autocast(args) -> torch.autocast:
     """bf16 autocast of the decoder stages' forward (``--precision bf16``; weights stay fp32). Measured
-    on 2 CPU cores (AVX512-BF16), batch 16: 2.2 s per step against 3.4 s in fp32."""
+    on 2 CPU cores (AVX512-BF16): forward + backward of a batch-16 LLaVA step 2.25 s against 3.4 s in
+    fp32 (the whole step, with data and optimiser: ~2.7 s)."""
     return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
