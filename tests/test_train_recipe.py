@@ -54,7 +54,7 @@ def test_evidence_targets_lie_on_the_evidence():
     items, scenes = _samples(model, processor, 3)
     checked = 0
     for row, (item, (scene, turns)) in enumerate(zip(items, scenes)):
-        attention, naming = T.sample_targets(model, processor, scene, turns, item, row, "llava")
+        attention, naming, _ = T.sample_targets(model, processor, scene, turns, item, row, "llava")
         patches = label_map(scene).reshape(24, 14, 24, 14).transpose(0, 2, 1, 3).reshape(576, -1)
         # the taught positions: every turn's answer position, and for attribute / count / exist turns
         # the question's last colour / shape / size word (the word's own query)
@@ -76,6 +76,44 @@ def test_evidence_targets_lie_on_the_evidence():
         _, where, words, weights = naming
         assert len(where) and np.allclose(weights.sum(1), 1)
     assert checked >= 5
+
+
+def test_position_code_targets_and_capture():
+    """The offset target of each ``position`` turn points the way its answer says (from the reference
+    object to the one asked about), sits at that turn's answer position, and ``PositionCode`` records
+    the projector's output (the visual tokens) and the taught layer's output, hooks gone on exit."""
+    torch.manual_seed(0)
+    # one layer past the taught one: transformers' last hidden state is after the final norm
+    model, processor = tiny_llava(
+        "llava", image_size=336, text_layers=T.TAUGHT_LAYER + 2, hidden=32, words=vocabulary()
+    )
+    rng, seen, seed = random.Random(0), 0, 0
+    while seen < 6:
+        scene, turns = T.conversation(seed, (336, 336), T.LLAVA_TAG, ["position"] * 2 + ["count"], rng)
+        seed += 1
+        if not any(t[2] == "position" for t in turns):
+            continue
+        item = T.encode(processor, "llava", scene.image, turns, train=True)
+        _, _, offsets = T.sample_targets(model, processor, scene, turns, item, 0, "llava")
+        asked = [(a, pos) for (_, a, qt, _), pos in zip(turns, item[3]) if qt == "position"]
+        assert [o[1] for o in offsets] == [pos for _, pos in asked]
+        for (answer, _), (_, _, (drow, dcol)) in zip(asked, offsets):
+            axis, ahead = {"left": (dcol, -1), "right": (dcol, 1), "above": (drow, -1), "below": (drow, 1)}[answer]
+            assert np.sign(axis) == ahead and abs(axis) >= max(abs(drow), abs(dcol))
+            seen += 1
+    code = T.PositionCode(model)
+    inputs, _ = T.collate([item], processor.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad(), code:
+        out = model(**inputs, output_hidden_states=True)
+        loss = code.loss(offsets)
+    tokens = model.get_image_features(pixel_values=inputs["pixel_values"])
+    tokens = tokens.pooler_output if hasattr(tokens, "pooler_output") else tokens
+    torch.testing.assert_close(code.outputs["tokens"].reshape(-1, 32), torch.cat(list(tokens)).reshape(-1, 32))
+    torch.testing.assert_close(code.outputs["layer"], out.hidden_states[T.TAUGHT_LAYER + 1])
+    assert loss.item() > 0
+    for module in (model.model.multi_modal_projector, model.model.language_model.layers[T.TAUGHT_LAYER]):
+        # (transformers keeps hooks of its own there, for output_hidden_states)
+        assert not [h for h in module._forward_hooks.values() if "PositionCode" in h.__qualname__]
 
 
 def test_window_forward_is_the_view_without_the_other_patches():
