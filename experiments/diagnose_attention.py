@@ -12,7 +12,11 @@ and its accuracy stays near the answer prior. Usage::
 
 Columns: ``evidence``: mean attention mass (head mean) on the target's support (for count / exist:
 BOS included); ``objects``: mass on the evidence patches alone (BOS excluded); ``BOS``: mass on BOS;
-``accuracy``: greedy first answer token correct.
+``accuracy``: greedy first answer token correct. For ``position`` (each head is taught its own
+object: head 0 the object asked about, head 1 the reference): ``own``: mean over the two heads of
+the mass each puts on its own object; ``crossed``: on the other head's object. When ``own`` is no
+larger than ``crossed`` the heads do not tell the two named objects apart, and their difference
+(what the answer needs) carries nothing.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def diagnose(model, processor, per_type: int, seed0: int) -> list[dict]:
     ``per_type`` validation scenes (seeds from ``seed0``)."""
     rows = []
     for qt in QUESTION_TYPES:
-        mass, objects, bos, hits, seed = [], [], [], [], seed0
+        mass, objects, bos, hits, own, crossed, seed = [], [], [], [], [], [], seed0
         rng = random.Random(seed0)
         while len(hits) < per_type:
             scene, turns = T.conversation(seed, (336, 336), T.LLAVA_TAG, [qt], rng)
@@ -46,14 +50,20 @@ def diagnose(model, processor, per_type: int, seed0: int) -> list[dict]:
             if not turns:
                 continue
             item = T.encode(processor, "llava", scene.image, turns, train=False)
-            targets, _ = T.sample_targets(model, processor, scene, turns, item, 0, "llava")
+            targets, *_ = T.sample_targets(model, processor, scene, turns, item, 0, "llava")
             if not targets:
                 continue
             inputs, _ = T.collate([item[:3]], processor.tokenizer.pad_token_id, "cpu")
             with T.TaughtAttention(model) as taught:
                 logits = model(**inputs).logits
             _, pos, cols, target = targets[0]
-            p = taught.rows(torch.tensor([0]), torch.tensor([pos]))[0].mean(0)[torch.from_numpy(cols)].numpy()
+            heads = taught.rows(torch.tensor([0]), torch.tensor([pos]))[0][:, torch.from_numpy(cols)].numpy()
+            p = heads.mean(0)
+            if qt == "position":  # (2 heads, 2 objects) mass of each head on each named object
+                on = heads[:, None, 1:] * (target[None, :, 1:] > 0)
+                per = on.sum(-1)
+                own.append((per[0, 0] + per[1, 1]) / 2)
+                crossed.append((per[0, 1] + per[1, 0]) / 2)
             support = target.max(0) > 0  # (577,) over (BOS, patches); both heads' evidence
             mass.append(p[support].sum())
             objects.append(p[1:][support[1:]].sum())
@@ -68,6 +78,8 @@ def diagnose(model, processor, per_type: int, seed0: int) -> list[dict]:
                 bos=float(np.mean(bos)),
                 accuracy=float(np.mean(hits)),
                 n=len(hits),
+                own=float(np.mean(own)) if own else None,
+                crossed=float(np.mean(crossed)) if crossed else None,
             )
         )
     return rows
@@ -77,12 +89,14 @@ def table(rows: list[dict], model: str) -> str:
     lines = [
         f"Taught heads (layer {T.TAUGHT_LAYER}, heads 0-1, head mean) of `{model}` at the answer position",
         "",
-        "| type | n | evidence | objects | BOS | accuracy |",
-        "|---|---|---|---|---|---|",
+        "| type | n | evidence | objects | BOS | own | crossed | accuracy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in rows:
         lines.append(
-            f"| {r['type']} | {r['n']} | {r['evidence']:.3f} | {r['objects']:.3f} | {r['bos']:.3f} | {r['accuracy']:.3f} |"
+            f"| {r['type']} | {r['n']} | {r['evidence']:.3f} | {r['objects']:.3f} | {r['bos']:.3f} "
+            f"| {f(r['own'])} | {f(r['crossed'])} | {r['accuracy']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
