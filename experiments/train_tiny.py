@@ -38,24 +38,30 @@ whole answer: every answer is one word) per question type. Usage::
     # longer decoder training from the shipped weights (stage 1 skipped):
     python experiments/train_tiny.py --init-from tokencomp/assets/tiny-llava --llava-steps 2000 ...
 
-The shipped checkpoints come from two runs of this script. First its defaults at commit d08815d
-(tower 2400 steps, LLaVA stage 600 steps, without the two rules below; 82 minutes on 2 CPU cores),
+The shipped checkpoints come from three runs of this script. First its defaults at commit d08815d
+(tower 2400 steps, LLaVA stage 600 steps, without the rules added later; 82 minutes on 2 CPU cores),
 then a continuation with de-duplicated turns and word-position attention targets (``conversation``,
-``WORD_TARGETS``; 63 minutes)::
+``WORD_TARGETS``; 63 minutes), then one with the position-code losses (``PositionCode``; 76 minutes:
+LLaVA stage 1789 s, NeXT stage 200 steps, 2755 s)::
 
     python experiments/train_tiny.py --init-from tokencomp/assets/tiny-llava --work runs/v5 \
         --out runs/v5/assets --llava-lr 1e-3 --llava-steps 1000 --next-steps 60
+    python experiments/train_tiny.py --init-from tokencomp/assets/tiny-llava --work runs/v6 \
+        --out runs/v6/assets --llava-lr 1e-3 --llava-steps 600 --next-steps 200 --val-every 150
 
-Both logs are in experiments/results/embedded/train-log.jsonl, one after the other. ``--device cuda``
-uses a GPU.
+(each ``--init-from`` being the previous run's LLaVA-1.5 output; the NeXT stage always starts again
+from the LLaVA-1.5 weights it has just written). The three logs are in
+experiments/results/embedded/train-log.jsonl, one after the other. ``--device cuda`` uses a GPU.
 
-Status (2026-11-24): validation accuracy (200 questions) 0.615 before the continuation, 0.735 after
-it (attribute 0.675, count 0.80, exist 0.775, position 0.425, read 1.0), still short of the 85%
-target. Position questions stay at their prior although the taught heads find both named objects
-(0.69 of their attention; experiments/results/embedded/taught-attention.md): the decoder does not
-compare the two objects' positions. A linear (ordinal) position code in the features, e.g. a
-regression target for each patch's row and column in the tower instead of the 24-way classes, is
-the next thing to try there; longer decoder training (a GPU) for the rest.
+Status (2026-11-24): validation accuracy (200 questions) of the LLaVA-1.5 model 0.615 after the first
+run, 0.735 after the second, 0.755 after the third (attribute 0.675, count 0.725, exist 0.80, position
+0.575, read 1.0); of the NeXT model 0.55, 0.57, 0.695. Both are short of the issue's 85% / 80%.
+Position stays near its prior: the projector's output now holds a linear position code
+(R^2 of row / column 0.37 / 0.43, was 0.08, ``experiments/probe_tower.py``) but the tower's features
+hold little (0.26 / 0.31), and the taught heads only partly tell the two named objects apart (0.49
+of their mass on their own object, 0.20 on the other: ``experiments/diagnose_attention.py``). A
+regression (ordinal) row / column target in the tower stage, in place of the 24-way classes, is the
+next thing to try; longer decoder training (a GPU) for the rest.
 """
 
 from __future__ import annotations
