@@ -37,6 +37,9 @@ whole answer: every answer is one word) per question type. Usage::
     python experiments/train_tiny.py --work runs/train-tiny --out tokencomp/assets
     # longer decoder training from the shipped weights (stage 1 skipped):
     python experiments/train_tiny.py --init-from tokencomp/assets/tiny-llava --llava-steps 2000 ...
+    # longer NeXT fine-tune from the shipped NeXT weights (the LLaVA-1.5 model left as it is):
+    python experiments/train_tiny.py --init-from tokencomp/assets/tiny-llava --llava-steps 0 \
+        --next-init-from tokencomp/assets/tiny-llava-next --next-steps 150 --out runs/next/assets
 
 The shipped checkpoints come from three runs of this script. First its defaults at commit d08815d
 (tower 2400 steps, LLaVA stage 600 steps, without the rules added later; 82 minutes on 2 CPU cores),
@@ -79,7 +82,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 from transformers.models.llama.modeling_llama import rotate_half
 
 from tokencomp.benchmark import (
@@ -833,6 +836,12 @@ def main() -> None:
         help="a tiny-llava checkpoint folder to start from (e.g. tokencomp/assets/tiny-llava): its tower "
         "is kept (no stage 1) and stage 2 trains its projector and decoder further",
     )
+    ap.add_argument(
+        "--next-init-from",
+        help="a tiny-llava-next checkpoint folder to start the NeXT stage from (e.g. tokencomp/assets/"
+        "tiny-llava-next) instead of the LLaVA-1.5 weights; with --init-from and --llava-steps 0 only the "
+        "NeXT model trains further",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
@@ -851,8 +860,9 @@ def main() -> None:
     ap.add_argument("--val-n", type=int, default=200)
     ap.add_argument("--val-every", type=int, default=200)
     args = ap.parse_args()
-    if args.init_from and not (Path(args.init_from) / "model.safetensors").exists():
-        raise SystemExit(f"--init-from: no model.safetensors in {args.init_from}")
+    for flag, path in (("--init-from", args.init_from), ("--next-init-from", args.next_init_from)):
+        if path and not (Path(path) / "model.safetensors").exists():
+            raise SystemExit(f"{flag}: no model.safetensors in {path}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     work, out = Path(args.work), Path(args.out)
@@ -881,8 +891,11 @@ def main() -> None:
     next_path = out / "tiny-llava-next"
     if args.next_steps and not (next_path / "model.safetensors").exists():  # 0: no NeXT model
         nxt, nproc = build("llava-next", args.seed)
-        missing, unexpected = nxt.load_state_dict(state, strict=False)
-        assert not unexpected and all("image_newline" in m for m in missing), (missing, unexpected)
+        if args.next_init_from:
+            nxt.load_state_dict(LlavaNextForConditionalGeneration.from_pretrained(args.next_init_from).state_dict())
+        else:
+            missing, unexpected = nxt.load_state_dict(state, strict=False)
+            assert not unexpected and all("image_newline" in m for m in missing), (missing, unexpected)
         nxt.to(args.device)
         train_lm(args, nxt, nproc, "llava-next", args.next_steps, args.next_batch, args.next_lr, logf)
         save(nxt, nproc, next_path)
