@@ -60,8 +60,8 @@ Status (2026-11-24): validation accuracy (200 questions) of the LLaVA-1.5 model 
 run, 0.735 after the second, 0.755 after the third (attribute 0.675, count 0.725, exist 0.80, position
 0.575, read 1.0); of the NeXT model 0.55, 0.57, 0.695. Both are short of the issue's 85% / 80%.
 Position stays near its prior: the projector's output now holds a linear position code
-(R^2 of row / column 0.37 / 0.43, was 0.08, ``experiments/probe_tower.py``) but the tower's features
-hold little (0.26 / 0.31), and the taught heads only partly tell the two named objects apart (0.49
+(R^2 of row / column 0.38 / 0.44, was 0.12 / 0.11: ``experiments/probe_tower.py``) but the tower's
+features hold little (0.27 / 0.31), and the taught heads only partly tell the two named objects apart (0.49
 of their mass on their own object, 0.20 on the other: ``experiments/diagnose_attention.py``). A
 regression (ordinal) row / column target in the tower stage, in place of the 24-way classes, is the
 next thing to try; longer decoder training (a GPU) for the rest.
@@ -687,10 +687,11 @@ def attention_loss(taught: TaughtAttention, targets: list[tuple]) -> torch.Tenso
 
 
 # Position questions compare where two named objects lie. The tower's features hold each patch's row
-# and column only as 24-way classes (probed on the shipped tiny-llava of commit 5fcf35d, 40 scenes: a
-# linear least-squares read-out of row / column explains R^2 = 0.26 / 0.29 of their variance from the
-# tower's features and 0.08 / 0.08 from the projector's output), so the taught heads' values carry no
-# linear position to subtract, and position accuracy stayed at its prior (0.50) through 1600 steps.
+# and column mostly as 24-way classes: a linear least-squares read-out explains R^2 = 0.27 / 0.31 of
+# their variance from the feature layer, and 0.12 / 0.11 from the projector's output of the
+# checkpoint of commit 5fcf35d (`python experiments/probe_tower.py --model <checkpoint>`). So the taught
+# heads' values carry little linear position to subtract, and position accuracy stayed at its prior
+# (0.50) through 1600 steps. With these losses (third run) the projector's output reached 0.38 / 0.44.
 OFFSET_SCALE = 12.0  # offsets (in patches, up to +-23) are divided by this
 
 
