@@ -3,9 +3,11 @@ recomputation of the taught heads' attention, checked against transformers' own 
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -155,3 +157,23 @@ def test_conversations_do_not_repeat_a_question():
         keys = [(qt, frozenset(q.split()) & T.ATTRIBUTE_WORDS, ev) for q, _, qt, ev in turns]
         assert len(keys) == len(set(keys))
         assert {"count", "exist", "read"} <= set(kinds)  # (attribute, position need uniquely named objects)
+
+
+def test_last_layer_stage_trains_only_the_last_layer():
+    """Stage 1b changes the tower's last layer and post-layernorm and nothing the projector reads:
+    the feature layer's output (``hidden_states[-2]``) is bit-identical before and after."""
+    torch.manual_seed(0)
+    model, _ = tiny_llava("llava", image_size=336, vision_layers=2, text_layers=1, hidden=32, words=vocabulary())
+    tower = model.model.vision_tower.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pix = torch.randn(2, 3, 336, 336)
+    with torch.no_grad():
+        feats = T.tower_features(tower, pix)
+    args = SimpleNamespace(device="cpu", tower_lr=1e-2, tower_batch=4, seed=0)
+    T.train_last_layer(args, model, Path(os.devnull), steps=2)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    last = {k for k in before if "encoder.layers.1." in k or "post_layernorm" in k}
+    assert changed and changed <= last and any("self_attn" in k for k in changed)
+    with torch.no_grad():
+        assert torch.equal(T.tower_features(tower, pix), feats)
+    assert not any(p.requires_grad for p in tower.parameters())
