@@ -5,9 +5,10 @@ One script, fixed seed, four stages (each resumes: a stage whose output exists i
 1. **tower**: a CLIP vision tower (336 px, patch 14, 576 patches + CLS) trained from scratch on
    scene views with dense targets. The CLS token of the feature layer (``vision_feature_layer=-2``)
    predicts which (colour, shape) pairs are present, how many objects of each shape there are and
-   the tag's character, so CLS attention carries trained global meaning (VisionZip reads this layer's); every patch predicts the colour, shape and size of the object over it, the
-   tag character over the tag plate, whether an object's centre lies in it, and its own row and
-   column (position questions compare them). Views: 336 px LLaVA-1.5 scenes, and thumbnails and
+   the tag's character, so CLS attention carries trained global meaning (VisionZip reads this
+   layer's); every patch predicts the colour, shape and size of the object over it, the tag
+   character over the tag plate, whether an object's centre lies in it, and its own row and column
+   (position questions compare them). Views: 336 px LLaVA-1.5 scenes, and thumbnails and
    336 px crops of larger LLaVA-NeXT scenes. Most steps train the per-patch read-outs on
    ``WINDOW`` x ``WINDOW``-patch windows around objects (the view's forward with the other patches
    removed: ``tower_features``); every ``FULL_EVERY``-th step adds a batch of whole views.
@@ -182,6 +183,7 @@ FULL_EVERY = 4
 N_PATCH_OUT = sum(PATCH_HEADS)
 N_PAIRS = len(COLORS) * len(SHAPES)
 N_CLS_OUT = N_PAIRS + len(SHAPES) * 5 + (1 + len(CHARACTERS))
+TAG_OUT = slice(N_PAIRS + len(SHAPES) * 5, N_CLS_OUT)  # the CLS read-outs' tag-character logits
 
 
 def _cover(scene, labels: np.ndarray, region: tuple[int, int, int, int]):
@@ -374,7 +376,7 @@ def cls_loss(cls_out: torch.Tensor, pairs_t, counts_t, tag_t) -> torch.Tensor:
     loss = F.binary_cross_entropy_with_logits(cls_out[:, :N_PAIRS], pairs_t)
     counts = cls_out[:, N_PAIRS : N_PAIRS + len(SHAPES) * 5].reshape(-1, len(SHAPES), 5)
     loss = loss + F.cross_entropy(counts.reshape(-1, 5), counts_t.reshape(-1))
-    return loss + F.cross_entropy(cls_out[:, N_PAIRS + len(SHAPES) * 5 :], tag_t)
+    return loss + F.cross_entropy(cls_out[:, TAG_OUT], tag_t)
 
 
 def tower_loss(heads: TowerHeads, feats, patch_t, pairs_t, counts_t, tag_t):
@@ -444,12 +446,15 @@ def train_tower(args, model, logf: Path) -> None:
                         object_patch_shape_acc=_acc(full_out, view_t, 1, obj),
                         tag_patch_char_acc=_acc(full_out, view_t, 3, view_t[:, 3] > 0),
                         centre_patch_shape_acc=_acc(full_out, view_t, 4, view_t[:, 4] > 0),
-                        cls_tag_acc=round(
-                            (cls_out[:, N_PAIRS + len(SHAPES) * 5 :].argmax(-1) == tag_t).float().mean().item(), 3
-                        ),
+                        cls_tag_acc=round((cls_out[:, TAG_OUT].argmax(-1) == tag_t).float().mean().item(), 3),
                     )
                 log(logf, **row, seconds=round(time.time() - t0))
     tower.eval()
+
+
+def last_layer(tower) -> nn.ModuleList:
+    """What stage 1b trains (and saves): the tower's last encoder layer and ``post_layernorm``."""
+    return nn.ModuleList([tower.encoder.layers[-1], tower.post_layernorm])
 
 
 def train_last_layer(args, model, logf: Path, steps: int) -> None:
@@ -465,7 +470,7 @@ def train_last_layer(args, model, logf: Path, steps: int) -> None:
     everything after it are unchanged (checked in tests/test_train_recipe.py)."""
     tower = model.model.vision_tower
     tower.requires_grad_(False)
-    last = nn.ModuleList([tower.encoder.layers[-1], tower.post_layernorm])
+    last = last_layer(tower)
     last.requires_grad_(True)
     head = nn.Linear(tower.config.hidden_size, N_CLS_OUT).to(args.device)
     params = list(last.parameters()) + list(head.parameters())
@@ -480,7 +485,7 @@ def train_last_layer(args, model, logf: Path, steps: int) -> None:
         batch, views = views[: args.tower_batch], views[args.tower_batch :]
         with torch.no_grad():
             feats = tower_features(tower, _pixels(batch).to(args.device))  # the (frozen) feature layer
-        pooled = tower.post_layernorm(tower.encoder.layers[-1](feats, None)[:, 0])
+        pooled = tower.post_layernorm(tower.encoder.layers[-1](feats, None)[:, 0])  # CLIP's pooled output
         tag_t = torch.tensor([b[4] for b in batch], device=args.device)
         out = head(pooled)
         loss = cls_loss(out, *(stacked(batch, i, args.device) for i in (2, 3)), tag_t)
@@ -491,7 +496,7 @@ def train_last_layer(args, model, logf: Path, steps: int) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 25 == 0 or step == steps - 1:
-            tag_acc = (out[:, N_PAIRS + len(SHAPES) * 5 :].argmax(-1) == tag_t).float().mean().item()
+            tag_acc = (out[:, TAG_OUT].argmax(-1) == tag_t).float().mean().item()
             log(
                 logf,
                 stage="last-layer",
@@ -638,9 +643,9 @@ def sample_targets(model, processor, scene, turns, item, b: int, family: str):
     attention, offsets = [], []
     for (_, _, qt, evidence), pos in zip(turns, answer_pos):
         if qt == "position":
-            (a,), (b_,) = evidence[:2]
+            (asked,), (ref,) = evidence[:2]
             offsets.append(
-                (b, pos, (_grid_xy(scene.objects[a], w, h) - _grid_xy(scene.objects[b_], w, h)) / OFFSET_SCALE)
+                (b, pos, (_grid_xy(scene.objects[asked], w, h) - _grid_xy(scene.objects[ref], w, h)) / OFFSET_SCALE)
             )
         if family != "llava" and qt == "read":
             continue
@@ -953,7 +958,7 @@ def main() -> None:
         train_tower(args, model, logf)
         torch.save(model.model.vision_tower.state_dict(), tower_path)
     last_path = work / "last-layer.pt"
-    last = nn.ModuleList([model.model.vision_tower.encoder.layers[-1], model.model.vision_tower.post_layernorm])
+    last = last_layer(model.model.vision_tower)
     if last_path.exists():
         last.load_state_dict(torch.load(last_path))
     elif args.last_layer_steps:
