@@ -177,3 +177,33 @@ def test_last_layer_stage_trains_only_the_last_layer():
     with torch.no_grad():
         assert torch.equal(T.tower_features(tower, pix), feats)
     assert not any(p.requires_grad for p in tower.parameters())
+
+
+def _position_r2(tower, pix: torch.Tensor) -> float:
+    """R^2 of a least-squares linear read-out of every patch's (row, column) from the feature layer."""
+    with torch.no_grad():
+        feats = T.tower_features(tower, pix)[:, 1:].flatten(0, 1).double()
+    row, col = np.indices((T.GRID, T.GRID))
+    y = torch.from_numpy(np.stack([row, col], -1).reshape(-1, 2)).double().repeat(len(pix), 1)
+    x = torch.cat([feats, torch.ones(len(feats), 1, dtype=torch.float64)], 1)
+    err = ((x @ torch.linalg.lstsq(x, y).solution - y) ** 2).sum(0)
+    return (1 - err / ((y - y.mean(0)) ** 2).sum(0)).mean().item()
+
+
+def test_position_stage_codes_position_and_keeps_the_last_layer():
+    """Stage 1c raises the feature layer's linear code of position (R^2 of a least-squares read-out,
+    measured on views it did not train on) and leaves the last layer and post-layernorm untouched."""
+    torch.manual_seed(0)
+    model, _ = tiny_llava("llava", image_size=336, vision_layers=2, text_layers=1, hidden=32, words=vocabulary())
+    tower = model.model.vision_tower.eval()
+    rng = random.Random(5)
+    pix = T._pixels([v for s in range(3) for v in T.tower_views(rng, 10**8 + s)][:6])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r2 = _position_r2(tower, pix)
+    args = SimpleNamespace(device="cpu", tower_lr=2e-2, tower_batch=4, seed=0)
+    T.train_tower_position(args, model, Path(os.devnull), steps=25)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    last = {k for k in before if "encoder.layers.1." in k or "post_layernorm" in k}
+    assert changed and not changed & last and any("position_embedding" in k for k in changed)
+    assert _position_r2(tower, pix) > r2 + 0.1, r2
+    assert not any(p.requires_grad for p in tower.parameters())
