@@ -142,6 +142,7 @@ ATTN_WEIGHT = 1.0  # weight of that attention loss (see evidence_target)
 WORD_TARGETS = True
 NAMING_WEIGHT = 0.3  # weight of naming what lies under each visual token (see naming_targets)
 POSITION_WEIGHT = 1.0  # weight of the two linear position-code losses (see PositionCode)
+LOOKING_WEIGHT = 1.0  # weight of the taught heads' "where I look" read-out (see looking_loss)
 
 
 def log(path: Path, **row) -> None:
@@ -818,6 +819,15 @@ class TaughtAttention:
         future = torch.arange(h.shape[1], device=h.device)[None, :] > pos[:, None]
         return scores.masked_fill(future[:, None], float("-inf")).softmax(-1)
 
+    def heads(self, b: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Output of heads 0 and 1 (their attention-weighted values, before ``o_proj``) at the
+        (row ``b``, query position ``pos``) pairs: ``(N, 2, head_dim)``."""
+        a, h = self.attn, self.inputs["hidden"]
+        d = a.head_dim
+        groups = a.config.num_attention_heads // a.config.num_key_value_heads
+        v = a.v_proj(h).view(h.shape[0], h.shape[1], -1, d)[b][:, :, [0 // groups, 1 // groups]]  # (N, T, 2, D)
+        return (self.rows(b, pos)[..., None] * v.transpose(1, 2).float()).sum(2)
+
 
 def attention_loss(taught: TaughtAttention, targets: list[tuple]) -> torch.Tensor:
     """Cross-entropy between the taught heads' attention at the answer positions and the evidence
@@ -829,6 +839,22 @@ def attention_loss(taught: TaughtAttention, targets: list[tuple]) -> torch.Tenso
     tgt = stacked(targets, 3, dev)
     p = taught.rows(b, pos).gather(2, cols[:, None, :].expand(-1, 2, -1))
     return -(tgt * (p + 1e-6).log()).sum(-1).mean()
+
+
+def looking_loss(taught: TaughtAttention, code: PositionCode, targets: list[tuple]) -> torch.Tensor:
+    """Each taught head's output should tell where its evidence lies: a linear read-out of the head's
+    output (``code.looking``, shared: heads 0 and 1 share their values under GQA) against the centroid
+    (row, column scaled to [-1, 1]) of its target's patches, on the targets with no mass on BOS (a named
+    object or the tag). A position question's answer is then a linear function of the two heads'
+    outputs (their difference), which ``PositionCode.offset`` reads later in the same layer."""
+    keep = [t for t in targets if t[3][:, 0].max() == 0]
+    if not keep:
+        return taught.inputs["hidden"].sum() * 0
+    dev = taught.inputs["hidden"].device
+    b = torch.tensor([t[0] for t in keep], device=dev)
+    pos = torch.tensor([t[1] for t in keep], device=dev)
+    where = stacked(keep, 3, dev)[:, :, 1:] @ code.grid.to(dev)  # (N, 2, 2): targets sum to 1
+    return F.mse_loss(code.looking(taught.heads(b, pos)), where)
 
 
 # Position questions compare where two named objects lie. The tower's features hold each patch's row
@@ -854,6 +880,7 @@ class PositionCode(nn.Module):
         super().__init__()
         d = model.config.text_config.hidden_size
         self.token, self.offset = nn.Linear(d, 2), nn.Linear(d, 2)
+        self.looking = nn.Linear(model.config.text_config.head_dim, 2)  # see looking_loss
         self.watched = {
             "tokens": model.model.multi_modal_projector,
             "layer": model.model.language_model.layers[TAUGHT_LAYER],
@@ -927,7 +954,7 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
         with TaughtAttention(model) as attention, code, autocast(args):
             logits = model(**inputs).logits.float()
             taught = attention_loss(attention, targets)
-            position = code.loss(offsets)
+            position = code.loss(offsets) + LOOKING_WEIGHT * looking_loss(attention, code, targets)
         v = logits.shape[-1]
         answers = F.cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1), ignore_index=-100)
         naming = naming_loss(logits, names)

@@ -43,12 +43,19 @@ def test_taught_attention_matches_eager_attention():
     )
     items, _ = _samples(model, processor, 3)  # different lengths: right padding in the batch
     inputs, _ = T.collate(items, processor.tokenizer.pad_token_id, "cpu")
+    attn = model.model.language_model.layers[T.TAUGHT_LAYER].self_attn
+    seen = {}
+    hook = attn.o_proj.register_forward_pre_hook(lambda _m, args: seen.update(heads=args[0]))
     with T.TaughtAttention(model) as taught:
         out = model(**inputs, output_attentions=True)
+    hook.remove()
     b = torch.tensor([0, 1, 2, 2])
     pos = torch.tensor([items[0][3][0], items[1][3][1], items[2][3][0], items[2][3][-1]])
     reference = out.attentions[T.TAUGHT_LAYER][b, :, pos][:, :2]
     torch.testing.assert_close(taught.rows(b, pos), reference, atol=1e-6, rtol=1e-5)
+    # the taught heads' outputs: what eager attention hands o_proj for heads 0 and 1
+    heads = seen["heads"][b, pos].view(len(b), -1, attn.head_dim)[:, :2]
+    torch.testing.assert_close(taught.heads(b, pos), heads, atol=1e-5, rtol=1e-4)
 
 
 def test_evidence_targets_lie_on_the_evidence():
