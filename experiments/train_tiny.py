@@ -847,14 +847,22 @@ def looking_loss(taught: TaughtAttention, code: PositionCode, targets: list[tupl
     (row, column scaled to [-1, 1]) of its target's patches, on the targets with no mass on BOS (a named
     object or the tag). A position question's answer is then a linear function of the two heads'
     outputs (their difference), which ``PositionCode.offset`` reads later in the same layer."""
-    keep = [t for t in targets if t[3][:, 0].max() == 0]
+    keep, where = looking_targets(targets, code.grid)
     if not keep:
         return taught.inputs["hidden"].sum() * 0
     dev = taught.inputs["hidden"].device
     b = torch.tensor([t[0] for t in keep], device=dev)
     pos = torch.tensor([t[1] for t in keep], device=dev)
-    where = stacked(keep, 3, dev)[:, :, 1:] @ code.grid.to(dev)  # (N, 2, 2): targets sum to 1
-    return F.mse_loss(code.looking(taught.heads(b, pos)), where)
+    return F.mse_loss(code.looking(taught.heads(b, pos)), where.to(dev))
+
+
+def looking_targets(targets: list[tuple], grid: torch.Tensor) -> tuple[list[tuple], torch.Tensor]:
+    """The attention targets with no mass on BOS, and per taught head the centroid of its target's
+    patches on ``grid`` ``(576, 2)`` (row, column scaled to [-1, 1]): ``(N, 2, 2)``."""
+    keep = [t for t in targets if t[3][:, 0].max() == 0]
+    if not keep:
+        return keep, torch.zeros(0, 2, 2)
+    return keep, torch.from_numpy(np.stack([t[3][:, 1:] for t in keep])) @ grid  # targets sum to 1
 
 
 # Position questions compare where two named objects lie. The tower's features hold each patch's row

@@ -111,6 +111,14 @@ def test_position_code_targets_and_capture():
             assert np.sign(axis) == ahead and abs(axis) >= max(abs(drow), abs(dcol))
             seen += 1
     code = T.PositionCode(model)
+    # the looking targets: each head's centroid lies on its own object (the two differ the answer's way)
+    attention, _, _ = T.sample_targets(model, processor, scene, turns, item, 0, "llava")
+    keep, where = T.looking_targets(attention, code.grid)
+    at = {pos: w for (_, pos, *_), w in zip(keep, where)}
+    for answer, pos in asked:
+        (drow, dcol) = (at[pos][0] - at[pos][1]).tolist()
+        axis, ahead = {"left": (dcol, -1), "right": (dcol, 1), "above": (drow, -1), "below": (drow, 1)}[answer]
+        assert np.sign(axis) == ahead
     inputs, _ = T.collate([item], processor.tokenizer.pad_token_id, "cpu")
     with torch.no_grad(), code:
         out = model(**inputs, output_hidden_states=True)
