@@ -84,8 +84,8 @@ a LLaVA continuation with the looking loss, and a NeXT continuation on the resul
 
 (each ``--init-from`` being the previous run's LLaVA-1.5 output, and ``--next-init-from`` the NeXT model
 then shipped; in the second and third runs the NeXT stage started again from the LLaVA-1.5 weights
-just written). The stage-1c run's log lines came from a first run of that stage in its own work folder,
-whose ``tower-position.pt`` the run above then loaded. The logs are in
+just written). The stage-1c run's log lines came from a first run of that stage in its own work
+folder, whose ``tower-position.pt`` the run above then loaded. The logs are in
 experiments/results/embedded/train-log.jsonl, one after the other. ``--device cuda`` uses a GPU. Every
 continuation draws its training scenes from the start of the train seed range again.
 
@@ -1061,8 +1061,8 @@ def main() -> None:
     ap.add_argument(
         "--position-steps",
         type=int,
-        default=0,
-        help="stage 1c: a linear position code in the feature layer (0: skip; see train_tower_position)",
+        help="stage 1c: a linear position code in the feature layer (0: skip; see train_tower_position); "
+        "default 400 steps, 0 with --init-from (a trained tower is kept as it is)",
     )
     ap.add_argument(
         "--last-layer-steps",
@@ -1082,6 +1082,8 @@ def main() -> None:
     for flag, path in (("--init-from", args.init_from), ("--next-init-from", args.next_init_from)):
         if path and not (Path(path) / "model.safetensors").exists():
             raise SystemExit(f"{flag}: no model.safetensors in {path}")
+    if args.position_steps is None:
+        args.position_steps = 0 if args.init_from else 400
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     work, out = Path(args.work), Path(args.out)
