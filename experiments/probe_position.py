@@ -114,7 +114,12 @@ def main() -> None:
         lines.append(f"| {name} | {r2[0]:.2f} | {r2[1]:.2f} |")
     pairs = Counter((a, p) for _, a, p in te["answers"])
     accuracy = sum(v for (a, p), v in pairs.items() if a == p) / len(te["answers"])
-    lines += ["", f"Accuracy on the {args.test} test questions: {accuracy:.3f}.", "", "| answer | model said | count |"]
+    lines += [
+        "",
+        f"Accuracy on the {args.test} held-out (validation-split) questions: {accuracy:.3f}.",
+        "",
+        "| answer | model said | count |",
+    ]
     lines += ["|---|---|---|"] + [f"| {a} | {p} | {v} |" for (a, p), v in sorted(pairs.items())]
     text = "\n".join(lines) + "\n"
     print(text)
