@@ -110,6 +110,7 @@ Longer decoder training (a GPU) is the next thing to try.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -297,6 +298,13 @@ def evidence_target(scene, cover: np.ndarray, hit: np.ndarray, region, qtype: st
     return np.stack([rows[0], rows[-1]])
 
 
+def scaled_grid() -> torch.Tensor:
+    """Every patch's (row, column) on the 24 x 24 grid, scaled to [-1, 1]: ``(576, 2)`` float32, raster
+    order (the target of the linear position read-outs of stage 1c and ``PositionCode``)."""
+    row, col = np.indices((GRID, GRID))
+    return torch.from_numpy(np.stack([row, col], -1).reshape(-1, 2) / (GRID - 1) * 2 - 1).float()
+
+
 def tower_views(rng: random.Random, seed: int):
     """A few (pixels 336x336x3 uint8, targets) views of one scene: a 1.5 scene, or a NeXT scene's
     thumbnail and two random crops."""
@@ -321,6 +329,17 @@ def tower_views(rng: random.Random, seed: int):
         pix = np.asarray(scene.image.crop(reg).resize((336, 336), Image.BICUBIC))
         out.append((pix, *view_targets(scene, labels, reg)))
     return out
+
+
+def view_batches(rng: random.Random, seed: int, size: int):
+    """Endless batches of ``size`` whole views (see ``tower_views``) of scenes ``seed``, ``seed + 1``, ..."""
+    views: list = []
+    while True:
+        while len(views) < size:
+            views += tower_views(rng, seed)
+            seed += 1
+        batch, views = views[:size], views[size:]
+        yield batch
 
 
 def object_windows(pix: np.ndarray, patch: np.ndarray, rng: random.Random, size: int = WINDOW):
@@ -505,16 +524,13 @@ def train_tower_position(args, model, logf: Path, steps: int) -> None:
     trained = nn.ModuleList([tower.embeddings, tower.pre_layrnorm, *tower.encoder.layers[:-1]])
     tower.requires_grad_(False)
     trained.requires_grad_(True)
-    row, col = np.indices((GRID, GRID))
-    grid = torch.from_numpy(np.stack([row, col], -1).reshape(-1, 2) / (GRID - 1) * 2 - 1).float().to(args.device)
-    rng, seed = random.Random(args.seed + 3), SPLIT_SEED["train"] + 7_000_000  # a train-range block of its own
-    views: list = []
-    while len(views) < args.tower_batch:
-        views += tower_views(rng, seed)
-        seed += 1
+    grid = scaled_grid().to(args.device)
+    # (a train-range block of its own)
+    batches = view_batches(random.Random(args.seed + 3), SPLIT_SEED["train"] + 7_000_000, args.tower_batch)
+    first = next(batches)
     head = nn.Linear(tower.config.hidden_size, 2).to(args.device)
     with torch.no_grad():  # the read-out starts as the least-squares fit to the features as they are
-        feats = tower_features(teacher, _pixels(views[: args.tower_batch]).to(args.device))[:, 1:].flatten(0, 1)
+        feats = tower_features(teacher, _pixels(first).to(args.device))[:, 1:].flatten(0, 1)
         x = torch.cat([feats, torch.ones(len(feats), 1, device=feats.device)], 1).double()
         w = torch.linalg.lstsq(x, grid.repeat(args.tower_batch, 1).double()).solution.float()
         head.weight.copy_(w[:-1].T)
@@ -527,11 +543,7 @@ def train_tower_position(args, model, logf: Path, steps: int) -> None:
     params = [p for g in opt.param_groups for p in g["params"]]
     t0 = time.time()
     tower.train()
-    for step in range(steps):
-        while len(views) < args.tower_batch:
-            views += tower_views(rng, seed)
-            seed += 1
-        batch, views = views[: args.tower_batch], views[args.tower_batch :]
+    for step, batch in zip(range(steps), itertools.chain([first], batches)):
         pix = _pixels(batch).to(args.device)
         with torch.no_grad():
             old = tower_features(teacher, pix)
@@ -583,14 +595,10 @@ def train_last_layer(args, model, logf: Path, steps: int) -> None:
     head = nn.Linear(tower.config.hidden_size, N_CLS_OUT).to(args.device)
     params = list(last.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.tower_lr, weight_decay=0.01)
-    rng, seed = random.Random(args.seed + 2), SPLIT_SEED["train"] + 6_000_000  # a train-range block of its own
-    views: list = []
+    # (a train-range block of its own)
+    batches = view_batches(random.Random(args.seed + 2), SPLIT_SEED["train"] + 6_000_000, args.tower_batch)
     t0 = time.time()
-    for step in range(steps):
-        while len(views) < args.tower_batch:
-            views += tower_views(rng, seed)
-            seed += 1
-        batch, views = views[: args.tower_batch], views[args.tower_batch :]
+    for step, batch in zip(range(steps), batches):
         with torch.no_grad():
             feats = tower_features(tower, _pixels(batch).to(args.device))  # the (frozen) feature layer
         pooled = tower.post_layernorm(tower.encoder.layers[-1](feats, None)[:, 0])  # CLIP's pooled output
@@ -925,8 +933,7 @@ class PositionCode(nn.Module):
             "layer": model.model.language_model.layers[TAUGHT_LAYER],
         }
         self.outputs: dict = {}
-        row, col = np.indices((GRID, GRID))
-        self.grid = torch.from_numpy(np.stack([row, col], -1).reshape(-1, 2) / (GRID - 1) * 2 - 1).float()
+        self.grid = scaled_grid()
 
     def __enter__(self) -> PositionCode:
         def grab(name):
