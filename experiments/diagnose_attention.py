@@ -56,7 +56,7 @@ def diagnose(model, processor, per_type: int, seed0: int) -> list[dict]:
             inputs, _ = T.collate([item[:3]], processor.tokenizer.pad_token_id, "cpu")
             with T.TaughtAttention(model) as taught:
                 logits = model(**inputs).logits
-            _, pos, cols, target = targets[0]
+            pos, cols, target = targets[0].pos, targets[0].cols, targets[0].target
             heads = taught.rows(torch.tensor([0]), torch.tensor([pos]))[0][:, torch.from_numpy(cols)].numpy()
             p = heads.mean(0)
             if qt == "position":  # (2 heads, 2 objects) mass of each head on each named object

@@ -117,6 +117,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -141,6 +142,7 @@ from tokencomp.benchmark import (
     vocabulary,
 )
 from tokencomp.data import TEMPLATES
+from tokencomp.model import Model
 from tokencomp.tiny import tiny_llava
 
 # Architecture of both embedded models (the NeXT model shares all weights with the 1.5 one).
@@ -219,26 +221,30 @@ N_CLS_OUT = N_PAIRS + len(SHAPES) * 5 + (1 + len(CHARACTERS))
 TAG_OUT = slice(N_PAIRS + len(SHAPES) * 5, N_CLS_OUT)  # the CLS read-outs' tag-character logits
 
 
-def _cover(scene, labels: np.ndarray, region: tuple[int, int, int, int]):
-    """Per patch of the 336 px view ``region`` (x0, y0, x1, y1) of the scene: which label covers most
-    of it (0 background, j + 1 object j, k + 1 the tag) and whether that cover exceeds 20%."""
+def _cover(scene, labels: np.ndarray, region: tuple[int, int, int, int], grid: tuple[int, int] = (GRID, GRID)):
+    """Per patch of the view ``region`` (x0, y0, x1, y1) of the scene resized to ``grid`` (rows, cols)
+    patches (default: one 336 px view): which label covers most of it (0 background, j + 1 object j,
+    k + 1 the tag) and whether that cover exceeds 20%."""
     x0, y0, x1, y1 = region
-    lab = Image.fromarray(labels[y0:y1, x0:x1].astype(np.uint8)).resize((336, 336), Image.NEAREST)
+    gh, gw = grid
+    lab = Image.fromarray(labels[y0:y1, x0:x1].astype(np.uint8)).resize((gw * PATCH, gh * PATCH), Image.NEAREST)
     lab = np.asarray(lab).astype(np.int64)
     k = len(scene.objects)
-    frac = np.stack([(lab == j).reshape(GRID, PATCH, GRID, PATCH).mean((1, 3)) for j in range(k + 2)])
+    frac = np.stack([(lab == j).reshape(gh, PATCH, gw, PATCH).mean((1, 3)) for j in range(k + 2)])
     frac[0] = 0  # background never "covers"
     return frac.argmax(0), frac.max(0) > 0.2
 
 
-def _centre(o, region) -> tuple[int, int] | None:
-    """(row, col) of the patch of view ``region`` holding object ``o``'s centre (None if outside)."""
+def _centre(o, region, grid: tuple[int, int] = (GRID, GRID)) -> tuple[int, int] | None:
+    """(row, col) of the patch of view ``region`` (resized to ``grid`` patches) holding object ``o``'s
+    centre (None if outside)."""
     x0, y0, x1, y1 = region
     cx, cy = o.center
     if not (x0 <= cx < x1 and y0 <= cy < y1):
         return None
-    sx, sy = 336 / (x1 - x0), 336 / (y1 - y0)
-    return min(GRID - 1, int((cy - y0) * sy / PATCH)), min(GRID - 1, int((cx - x0) * sx / PATCH))
+    gh, gw = grid
+    sx, sy = gw * PATCH / (x1 - x0), gh * PATCH / (y1 - y0)
+    return min(gh - 1, int((cy - y0) * sy / PATCH)), min(gw - 1, int((cx - x0) * sx / PATCH))
 
 
 def view_targets(scene, labels: np.ndarray, region: tuple[int, int, int, int]):
@@ -270,28 +276,28 @@ def view_targets(scene, labels: np.ndarray, region: tuple[int, int, int, int]):
     return patch, pairs, np.minimum(counts, 4), tag
 
 
-def evidence_target(scene, cover: np.ndarray, hit: np.ndarray, region, qtype: str, evidence) -> np.ndarray | None:
-    """Where the answer's evidence lies among the view's 576 patches, as the attention distribution
-    the taught heads should have at the answer position: ``(2, 1 + 576)`` over (BOS, patches), one
-    row per taught head (the second evidence group for ``position``, else the first again).
+def evidence_target(scene, keys: Keys, qtype: str, evidence) -> np.ndarray | None:
+    """Where the answer's evidence lies among the visual ``keys``' n patches, as the attention
+    distribution the taught heads should have at the answer position: ``(2, 1 + n)`` over (BOS,
+    patches), one row per taught head (the second evidence group for ``position``, else the first
+    again).
 
     ``attribute``, ``position``, ``read``: uniform over the named object's patches. ``count`` and
     ``exist``: uniform over BOS and the centre patch of each matching object, so the share left on
-    BOS tells how many there are (1 / (n + 1); all of it when none matches). ``cover``, ``hit``:
-    the view's patch cover from ``_cover``."""
-    cover, hit = cover.reshape(-1), hit.reshape(-1)
+    BOS tells how many there are (1 / (n + 1); all of it when none matches)."""
+    gw = keys.shape[1]
     rows = []
     for group in evidence[:2]:
-        t = np.zeros(1 + GRID * GRID, np.float32)
+        t = np.zeros(1 + len(keys.positions), np.float32)
         if qtype in ("count", "exist"):
             t[0] = 1
             for j in group:
-                rc = _centre(scene.objects[j], region)
+                rc = _centre(scene.objects[j], keys.region, keys.shape)
                 if rc is not None:
-                    t[1 + rc[0] * GRID + rc[1]] = 1
+                    t[1 + rc[0] * gw + rc[1]] = 1
         else:
             for j in group:
-                t[1:][hit & (cover == j + 1)] = 1
+                t[1:][keys.hit & (keys.cover == j + 1)] = 1
         if t.sum() == 0:
             return None
         rows.append(t / t.sum())
@@ -739,20 +745,111 @@ def validate(model, items, pad_id: int, device: str, batch: int = 8) -> dict:
     return per
 
 
+class Keys(NamedTuple):
+    """The visual tokens the taught heads are taught on, for one sample: ``n`` patches on a
+    ``shape`` = (rows, cols) grid over the scene's pixel ``region`` (x0, y0, x1, y1)."""
+
+    positions: np.ndarray  # (n,) their positions in the token sequence, raster order
+    cover: np.ndarray  # (n,) label covering most of each patch (see _cover)
+    hit: np.ndarray  # (n,) bool: that cover exceeds 20%
+    region: tuple[int, int, int, int]
+    shape: tuple[int, int]
+    grid: np.ndarray  # (n, 2) float32: each patch's place in the scene (see scene_code)
+
+
+class Evidence(NamedTuple):
+    """One attention target: at (batch row ``b``, query position ``pos``) the taught heads should
+    attend over ``cols`` = (BOS, the keys' positions) as ``target`` ``(2, len(cols))`` says; ``grid``
+    ``(len(cols) - 1, 2)``: the keys' places in the scene (``scene_code``), for ``looking_loss``."""
+
+    b: int
+    pos: int
+    cols: np.ndarray
+    target: np.ndarray
+    grid: np.ndarray
+
+
+def scene_code(frac: np.ndarray) -> np.ndarray:
+    """The position code of a patch whose centre lies at fraction ``frac`` of the scene's height (or
+    width): the scale of ``scaled_grid`` (a 336 px view's patch r gets r / 23 * 2 - 1), extended to
+    any patch grid over the scene, so a LLaVA-NeXT crop's patch and the thumbnail's patch over the
+    same place get the same code."""
+    return ((frac * GRID - 0.5) / (GRID - 1) * 2 - 1).astype(np.float32)
+
+
+def thumbnail_keys(scene, labels: np.ndarray, image_pos: np.ndarray) -> Keys:
+    """The first view's 576 patches: the LLaVA-1.5 image, or the LLaVA-NeXT thumbnail (the whole
+    scene resized to 336 px); ``image_pos``: positions of the sample's image tokens."""
+    w, h = scene.image.size
+    cover, hit = _cover(scene, labels, (0, 0, w, h))
+    return Keys(
+        image_pos[: GRID * GRID], cover.reshape(-1), hit.reshape(-1), (0, 0, w, h), (GRID, GRID), scaled_grid().numpy()
+    )
+
+
+def crop_region(model, size: tuple[int, int]) -> tuple[int, int, int, int, int, int]:
+    """The LLaVA-NeXT ``model``'s crop layout for a ``size`` (height, width) image: (crop rows, crop
+    cols, r0, height, c0, width), the unpadded window of the crop grid in patches
+    (``tokencomp.Model.crop_region``); the model's train / eval mode is kept."""
+    training = model.training
+    region = Model(model).crop_region(size)
+    model.train(training)
+    return region
+
+
+def crop_keys(model, scene, labels: np.ndarray, image_pos: np.ndarray) -> tuple[Keys, np.ndarray]:
+    """The LLaVA-NeXT crops' patches that survive unpadding (each image token after the thumbnail's
+    576, row by row, each row closed by a newline token), and the position code of every token the
+    projector makes for this sample: ``(1 + crops, 576, 2)``, thumbnail first, then the crops in raster
+    order, NaN on the padding that unpadding drops. Needs a scene size that AnyRes tiles without
+    resampling (``NEXT_SIZES``): then crop patch (R, C) of the unpadded grid covers scene pixels
+    [14 R, 14 R + 14) x [14 C, 14 C + 14)."""
+    w, h = scene.image.size
+    rows, cols, r0, height, c0, width = crop_region(model, (h, w))
+    if (height * PATCH, width * PATCH) != (h, w) or len(image_pos) != GRID * GRID + height * (width + 1):
+        raise ValueError(f"a {h}x{w} scene is not tiled without resampling: crop targets need one of {NEXT_SIZES}")
+    R, C = np.indices((height, width))
+    positions = image_pos[GRID * GRID + R * (width + 1) + C].reshape(-1)
+    cover, hit = _cover(scene, labels, (0, 0, w, h), (height, width))
+    grid = np.stack([scene_code((R + 0.5) / height), scene_code((C + 0.5) / width)], -1).reshape(-1, 2)
+    keys = Keys(positions, cover.reshape(-1), hit.reshape(-1), (0, 0, w, h), (height, width), grid)
+    # every crop's 24 x 24 tokens, placed on the scene: canvas patch (kr * 24 + r, kc * 24 + c)
+    cr, cc = np.indices((rows * GRID, cols * GRID))
+    sr, sc = cr - r0, cc - c0
+    canvas = np.stack([scene_code((sr + 0.5) / height), scene_code((sc + 0.5) / width)], -1)
+    canvas[(sr < 0) | (sr >= height) | (sc < 0) | (sc >= width)] = np.nan
+    crops = canvas.reshape(rows, GRID, cols, GRID, 2).transpose(0, 2, 1, 3, 4).reshape(rows * cols, GRID * GRID, 2)
+    return keys, np.concatenate([scaled_grid().numpy()[None], crops])
+
+
+# Which LLaVA-NeXT tokens the taught heads are taught on: "crops" (the full-resolution crop patches,
+# where objects look as they do in a LLaVA-1.5 view and the tag is legible) or "thumbnail" (the
+# first view; the NeXT runs before 2026-11-24, which left attribute questions near chance: the
+# thumbnail halves every object, so "big" ones there look like LLaVA-1.5's small ones).
+NEXT_EVIDENCE = "crops"
+
+
 def sample_targets(model, processor, scene, turns, item, b: int, family: str):
-    """Auxiliary targets of one encoded training sample ``item`` (batch row ``b``) on its first view
-    (LLaVA-NeXT: the thumbnail, whose ``read`` turns are not taught: the tag is legible only in the
-    crops). Returns (attention targets: per answered turn (row, answer position, key positions =
-    BOS + the view's 576 patches, target ``(2, 577)``), naming targets: (row, positions ``(K,)``,
-    word ids ``(K, 2)``, weights ``(K, 2)``), offset targets: per ``position`` turn (row, answer
-    position, ``(2,)`` = (row, column) of the object asked about minus the reference object's, in
-    patches of the view / ``OFFSET_SCALE``))."""
+    """Auxiliary targets of one encoded training sample ``item`` (batch row ``b``). The taught heads
+    are taught on its one view (LLaVA-1.5) or, for LLaVA-NeXT, on the keys ``NEXT_EVIDENCE`` names
+    (on the thumbnail, ``read`` turns are not taught: the tag is legible only in the crops).
+
+    Returns (attention targets: an ``Evidence`` per taught turn; naming targets: (row, positions
+    ``(K,)``, word ids ``(K, 2)``, weights ``(K, 2)``) over every view; offset targets: per ``position``
+    turn (row, answer position, ``(2,)`` = (row, column) of the object asked about minus the reference
+    object's, in patches of a 336 px view of the scene / ``OFFSET_SCALE``); the position code of every
+    projected token, ``(views, 576, 2)`` (see ``crop_keys``))."""
     ids, _, _, answer_pos = item
-    image_pos = np.array([i for i, t in enumerate(ids) if t == model.config.image_token_id][: GRID * GRID])
-    cols = np.concatenate([[0], image_pos])
+    image_pos = np.array([i for i, t in enumerate(ids) if t == model.config.image_token_id])
     w, h = scene.image.size
     labels = label_map(scene)
-    cover, hit = _cover(scene, labels, (0, 0, w, h))  # one view: shared by every turn
+    thumb = thumbnail_keys(scene, labels, image_pos)
+    if family == "llava":
+        keys, views, codes = thumb, [thumb], scaled_grid().numpy()[None]
+    else:
+        crops, codes = crop_keys(model, scene, labels, image_pos)
+        keys, views = (crops if NEXT_EVIDENCE == "crops" else thumb), [thumb, crops]
+    cols = np.concatenate([[0], keys.positions])
     tok = processor.tokenizer
     named = {tok.convert_tokens_to_ids(w) for w in ATTRIBUTE_WORDS}
     turn_start = {tok.convert_tokens_to_ids("USER"), model.config.image_token_id}
@@ -763,17 +860,17 @@ def sample_targets(model, processor, scene, turns, item, b: int, family: str):
             offsets.append(
                 (b, pos, (_grid_xy(scene.objects[asked], w, h) - _grid_xy(scene.objects[ref], w, h)) / OFFSET_SCALE)
             )
-        if family != "llava" and qt == "read":
+        if family != "llava" and qt == "read" and keys is thumb:
             continue
-        t = evidence_target(scene, cover, hit, (0, 0, w, h), qt, evidence)
+        t = evidence_target(scene, keys, qt, evidence)
         if t is None:
             continue
-        attention.append((b, pos, cols, t))
+        attention.append(Evidence(b, pos, cols, t, keys.grid))
         if WORD_TARGETS and qt in ("attribute", "count", "exist"):
             word = last_named_word(ids, pos, named, turn_start)
             if word is not None:
-                attention.append((b, word, cols, t))
-    return attention, naming_targets(tok, scene, labels, (0, 0, w, h), image_pos, b), offsets
+                attention.append(Evidence(b, word, cols, t, keys.grid))
+    return attention, naming_targets(tok, scene, views, b), offsets, codes
 
 
 def _grid_xy(o, w: int, h: int) -> np.ndarray:
@@ -793,23 +890,23 @@ def last_named_word(ids: list[int], pos: int, named: set[int], turn_start: set[i
     return None
 
 
-def naming_targets(tok, scene, labels, region, image_pos: np.ndarray, b: int):
+def naming_targets(tok, scene, views: list[Keys], b: int):
     """At each visual token over an object the LM head should name its colour and shape (half each);
     over the tag plate, the character. Aligns the projected tokens with the answer words long before
     the decoder has learnt to answer (the earlier recipe without it needed 300 steps to read tags)."""
-    patch = view_targets(scene, labels, region)[0]
-    colour_ids = np.array([tok.convert_tokens_to_ids(c) for c in COLORS])
-    shape_ids = np.array([tok.convert_tokens_to_ids(s) for s in SHAPES])
-    char_ids = np.array([tok.convert_tokens_to_ids(c.lower()) for c in CHARACTERS])
-    obj, tag = patch[0] > 0, patch[3] > 0
-    words = np.concatenate(
-        [
-            np.stack([colour_ids[patch[0][obj] - 1], shape_ids[patch[1][obj] - 1]], 1),
-            np.repeat(char_ids[patch[3][tag] - 1][:, None], 2, 1),
-        ]
-    )
-    where = np.concatenate([image_pos[obj], image_pos[tag]])
-    return b, where, words, np.full(words.shape, 0.5, np.float32)
+    colour_ids = np.array([tok.convert_tokens_to_ids(o.color) for o in scene.objects], np.int64)
+    shape_ids = np.array([tok.convert_tokens_to_ids(o.shape) for o in scene.objects], np.int64)
+    char_id = tok.convert_tokens_to_ids(scene.char.lower())
+    k = len(scene.objects)
+    where, words = [], []
+    for keys in views:
+        obj = keys.hit & (keys.cover >= 1) & (keys.cover <= k)
+        tag = keys.hit & (keys.cover == k + 1)
+        j = keys.cover[obj] - 1
+        where += [keys.positions[obj], keys.positions[tag]]
+        words += [np.stack([colour_ids[j], shape_ids[j]], 1), np.full((int(tag.sum()), 2), char_id, np.int64)]
+    words = np.concatenate(words)
+    return b, np.concatenate(where), words, np.full(words.shape, 0.5, np.float32)
 
 
 def naming_loss(logits: torch.Tensor, targets: list[tuple]) -> torch.Tensor:
@@ -868,14 +965,20 @@ class TaughtAttention:
         return (self.rows(b, pos)[..., None] * v.transpose(1, 2).float()).sum(2)
 
 
-def attention_loss(taught: TaughtAttention, targets: list[tuple]) -> torch.Tensor:
+def attention_loss(taught: TaughtAttention, targets: list[Evidence]) -> torch.Tensor:
     """Cross-entropy between the taught heads' attention at the answer positions and the evidence
-    targets (``TAUGHT_LAYER``, heads 0 and 1)."""
+    targets (``TAUGHT_LAYER``, heads 0 and 1). Targets over fewer keys than the batch's longest are
+    padded with BOS columns of target 0."""
     dev = taught.inputs["hidden"].device
-    b = torch.tensor([t[0] for t in targets], device=dev)
-    pos = torch.tensor([t[1] for t in targets], device=dev)
-    cols = stacked(targets, 2, dev)
-    tgt = stacked(targets, 3, dev)
+    b = torch.tensor([t.b for t in targets], device=dev)
+    pos = torch.tensor([t.pos for t in targets], device=dev)
+    n = max(len(t.cols) for t in targets)
+    cols = torch.zeros(len(targets), n, dtype=torch.long)
+    tgt = torch.zeros(len(targets), 2, n)
+    for i, t in enumerate(targets):
+        cols[i, : len(t.cols)] = torch.from_numpy(t.cols)
+        tgt[i, :, : len(t.cols)] = torch.from_numpy(t.target)
+    cols, tgt = cols.to(dev), tgt.to(dev)
     p = taught.rows(b, pos).gather(2, cols[:, None, :].expand(-1, 2, -1))
     return -(tgt * (p + 1e-6).log()).sum(-1).mean()
 
@@ -886,22 +989,22 @@ def looking_loss(taught: TaughtAttention, code: PositionCode, targets: list[tupl
     (row, column scaled to [-1, 1]) of its target's patches, on the targets with no mass on BOS (a named
     object or the tag). A position question's answer is then a linear function of the two heads'
     outputs (their difference), which ``PositionCode.offset`` reads later in the same layer."""
-    keep, where = looking_targets(targets, code.grid)
+    keep, where = looking_targets(targets)
     if not keep:
         return taught.inputs["hidden"].sum() * 0
     dev = taught.inputs["hidden"].device
-    b = torch.tensor([t[0] for t in keep], device=dev)
-    pos = torch.tensor([t[1] for t in keep], device=dev)
+    b = torch.tensor([t.b for t in keep], device=dev)
+    pos = torch.tensor([t.pos for t in keep], device=dev)
     return F.mse_loss(code.looking(taught.heads(b, pos)), where.to(dev))
 
 
-def looking_targets(targets: list[tuple], grid: torch.Tensor) -> tuple[list[tuple], torch.Tensor]:
+def looking_targets(targets: list[Evidence]) -> tuple[list[Evidence], torch.Tensor]:
     """The attention targets with no mass on BOS, and per taught head the centroid of its target's
-    patches on ``grid`` ``(576, 2)`` (row, column scaled to [-1, 1]): ``(N, 2, 2)``."""
-    keep = [t for t in targets if t[3][:, 0].max() == 0]
+    patches in the scene (their ``grid`` codes, row and column on the [-1, 1] scale): ``(N, 2, 2)``."""
+    keep = [t for t in targets if t.target[:, 0].max() == 0]
     if not keep:
         return keep, torch.zeros(0, 2, 2)
-    return keep, torch.from_numpy(np.stack([t[3][:, 1:] for t in keep])) @ grid  # targets sum to 1
+    return keep, torch.from_numpy(np.stack([t.target[:, 1:] @ t.grid for t in keep]))  # targets sum to 1
 
 
 # Position questions compare where two named objects lie. The tower's features hold each patch's row
@@ -917,8 +1020,9 @@ class PositionCode(nn.Module):
     """Two training-only linear read-outs (not saved with the model) whose losses give the decoder a
     linear code of position, recorded by forward hooks removed on exit:
 
-    * ``token``: every projected visual token ``(N_views, 576, d)`` should tell its own (row, column)
-      in its view, scaled to [-1, 1] (mean squared error);
+    * ``token``: every projected visual token ``(N_views, 576, d)`` should tell its own place in the
+      scene, (row, column) on the [-1, 1] scale of ``scene_code`` (mean squared error; LLaVA-NeXT's
+      crop tokens: their place in the whole scene, not in their crop; padding left out);
     * ``offset``: the residual stream after ``TAUGHT_LAYER`` at a ``position`` turn's answer should
       tell the (row, column) offset between the two named objects (the taught heads attend to one each:
       their values' difference is the offset), in patches / ``OFFSET_SCALE`` (mean squared error)."""
@@ -933,7 +1037,6 @@ class PositionCode(nn.Module):
             "layer": model.model.language_model.layers[TAUGHT_LAYER],
         }
         self.outputs: dict = {}
-        self.grid = scaled_grid()
 
     def __enter__(self) -> PositionCode:
         def grab(name):
@@ -949,11 +1052,13 @@ class PositionCode(nn.Module):
         for h in self.handles:
             h.remove()
 
-    def loss(self, offsets: list[tuple]) -> torch.Tensor:
-        """Token-position loss plus (when the batch asks position questions) the offset loss."""
+    def loss(self, offsets: list[tuple], codes: torch.Tensor) -> torch.Tensor:
+        """Token-position loss against ``codes`` ``(N_views, 576, 2)`` (the samples' ``sample_targets``
+        codes, joined in batch order; NaN rows left out) plus (when the batch asks position questions)
+        the offset loss."""
         tokens = self.outputs["tokens"].float()
-        grid = self.grid.to(tokens.device).expand(tokens.shape[0], -1, -1)
-        loss = F.mse_loss(self.token(tokens), grid)
+        on = ~codes.isnan().any(-1)
+        loss = F.mse_loss(self.token(tokens)[on], codes[on])
         if offsets:
             hidden = self.outputs["layer"]
             b = torch.tensor([o[0] for o in offsets], device=hidden.device)
@@ -969,12 +1074,12 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
     params = [p for n, p in model.named_parameters() if "vision_tower" not in n] + list(code.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     if family == "llava":
-        size_of, tag, seed = (lambda s: (336, 336)), LLAVA_TAG, SPLIT_SEED["train"]
+        size_of, tag, seed = (lambda s: (336, 336)), LLAVA_TAG, SPLIT_SEED["train"] + args.scene_offset
     else:
         size_of, tag, seed = (
             (lambda s: NEXT_SIZES[s % len(NEXT_SIZES)]),
             NEXT_TAG,
-            SPLIT_SEED["train"] + 2_000_000,
+            SPLIT_SEED["train"] + 2_000_000 + args.scene_offset,
         )
     val = validation_set(processor, family, size_of, tag, args.val_n)
     pad = processor.tokenizer.pad_token_id
@@ -983,16 +1088,19 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
     model.model.vision_tower.eval()
     t0 = time.time()
     for step in range(steps):
-        items, targets, names, offsets = [], [], [], []
+        items, targets, names, offsets, codes = [], [], [], [], []
         while len(items) < batch:
             scene, turns = conversation(seed, size_of(seed), tag, TRAIN_TYPES, rng)
             seed += 1
             if turns:
                 item = encode(processor, family, scene.image, turns, train=True)
-                attention, naming, offset = sample_targets(model, processor, scene, turns, item, len(items), family)
+                attention, naming, offset, code_ = sample_targets(
+                    model, processor, scene, turns, item, len(items), family
+                )
                 targets += attention
                 names.append(naming)
                 offsets += offset
+                codes.append(code_)
                 items.append(item)
         inputs, labels = collate(items, pad, args.device)
         for g in opt.param_groups:
@@ -1000,7 +1108,8 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
         with TaughtAttention(model) as attention, code, autocast(args):
             logits = model(**inputs).logits.float()
             taught = attention_loss(attention, targets)
-            position = code.loss(offsets) + LOOKING_WEIGHT * looking_loss(attention, code, targets)
+            codes_t = torch.from_numpy(np.concatenate(codes)).to(args.device)
+            position = code.loss(offsets, codes_t) + LOOKING_WEIGHT * looking_loss(attention, code, targets)
         v = logits.shape[-1]
         answers = F.cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1), ignore_index=-100)
         naming = naming_loss(logits, names)
@@ -1088,12 +1197,21 @@ def main() -> None:
     ap.add_argument("--next-steps", type=int, default=80, help="0: stop after the LLaVA-1.5 model")
     ap.add_argument("--next-batch", type=int, default=8)
     ap.add_argument("--next-lr", type=float, default=5e-4)
+    ap.add_argument(
+        "--scene-offset",
+        type=int,
+        default=0,
+        help="stages 2 and 3 draw their training scenes from this far into their train seed ranges "
+        "(a continuation given a new offset sees scenes the earlier runs did not; 0 to 999999)",
+    )
     ap.add_argument("--val-n", type=int, default=200)
     ap.add_argument("--val-every", type=int, default=200)
     args = ap.parse_args()
     for flag, path in (("--init-from", args.init_from), ("--next-init-from", args.next_init_from)):
         if path and not (Path(path) / "model.safetensors").exists():
             raise SystemExit(f"{flag}: no model.safetensors in {path}")
+    if not 0 <= args.scene_offset < 1_000_000:
+        raise SystemExit(f"--scene-offset {args.scene_offset}: must lie in 0 to 999999 (the stages' seed ranges)")
     if args.position_steps is None:
         args.position_steps = 0 if args.init_from else 400
     torch.set_num_threads(args.threads)

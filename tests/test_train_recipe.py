@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
 import train_tiny as T  # noqa: E402
 
-from tokencomp.benchmark import label_map, vocabulary  # noqa: E402
+from tokencomp.benchmark import NEXT_SIZES, label_map, vocabulary  # noqa: E402
 from tokencomp.tiny import tiny_llava  # noqa: E402
 
 
@@ -63,19 +63,20 @@ def test_evidence_targets_lie_on_the_evidence():
     items, scenes = _samples(model, processor, 3)
     checked = 0
     for row, (item, (scene, turns)) in enumerate(zip(items, scenes)):
-        attention, naming, _ = T.sample_targets(model, processor, scene, turns, item, row, "llava")
+        attention, naming, _, codes = T.sample_targets(model, processor, scene, turns, item, row, "llava")
+        torch.testing.assert_close(torch.from_numpy(codes[0]), T.scaled_grid())
         patches = label_map(scene).reshape(24, 14, 24, 14).transpose(0, 2, 1, 3).reshape(576, -1)
         # the taught positions: every turn's answer position, and for attribute / count / exist turns
         # the question's last colour / shape / size word (the word's own query)
         tokens = processor.tokenizer.convert_ids_to_tokens(item[0])
-        words = [tokens[pos] for _, pos, _, _ in attention if pos not in item[3]]
+        words = [tokens[t.pos] for t in attention if t.pos not in item[3]]
         expected = [
             [w for w in q.split() if w in T.ATTRIBUTE_WORDS][-1]
             for q, _, qt, _ in turns
             if qt in ("attribute", "count", "exist")
         ]
         assert words == expected and len(attention) == len(turns) + len(expected)
-        for _, pos, cols, target in attention:
+        for _, pos, cols, target, _ in attention:
             assert item[0][pos + 1] != model.config.image_token_id and np.allclose(target.sum(1), 1)
             assert all(item[0][c] == model.config.image_token_id for c in cols[1:])
             on = np.flatnonzero(target[0][1:])  # patches the first head should attend to
@@ -103,7 +104,7 @@ def test_position_code_targets_and_capture():
         if not any(t[2] == "position" for t in turns):
             continue
         item = T.encode(processor, "llava", scene.image, turns, train=True)
-        _, _, offsets = T.sample_targets(model, processor, scene, turns, item, 0, "llava")
+        _, _, offsets, codes = T.sample_targets(model, processor, scene, turns, item, 0, "llava")
         asked = [(a, pos) for (_, a, qt, _), pos in zip(turns, item[3]) if qt == "position"]
         assert [o[1] for o in offsets] == [pos for _, pos in asked]
         for (answer, _), (_, _, (drow, dcol)) in zip(asked, offsets):
@@ -112,9 +113,9 @@ def test_position_code_targets_and_capture():
             seen += 1
     code = T.PositionCode(model)
     # the looking targets: each head's centroid lies on its own object (the two differ the answer's way)
-    attention, _, _ = T.sample_targets(model, processor, scene, turns, item, 0, "llava")
-    keep, where = T.looking_targets(attention, code.grid)
-    at = {pos: w for (_, pos, *_), w in zip(keep, where)}
+    attention, _, _, _ = T.sample_targets(model, processor, scene, turns, item, 0, "llava")
+    keep, where = T.looking_targets(attention)
+    at = {t.pos: w for t, w in zip(keep, where)}
     for answer, pos in asked:
         (drow, dcol) = (at[pos][0] - at[pos][1]).tolist()
         axis, ahead = {"left": (dcol, -1), "right": (dcol, 1), "above": (drow, -1), "below": (drow, 1)}[answer]
@@ -122,7 +123,7 @@ def test_position_code_targets_and_capture():
     inputs, _ = T.collate([item], processor.tokenizer.pad_token_id, "cpu")
     with torch.no_grad(), code:
         out = model(**inputs, output_hidden_states=True)
-        loss = code.loss(offsets)
+        loss = code.loss(offsets, torch.from_numpy(codes))
     tokens = model.get_image_features(pixel_values=inputs["pixel_values"])
     tokens = tokens.pooler_output if hasattr(tokens, "pooler_output") else tokens
     torch.testing.assert_close(code.outputs["tokens"].reshape(-1, 32), torch.cat(list(tokens)).reshape(-1, 32))
@@ -131,6 +132,61 @@ def test_position_code_targets_and_capture():
     for module in (model.model.multi_modal_projector, model.model.language_model.layers[T.TAUGHT_LAYER]):
         # (transformers keeps hooks of its own there, for output_hidden_states)
         assert not [h for h in module._forward_hooks.values() if "PositionCode" in h.__qualname__]
+
+
+def test_next_crop_keys_are_the_tokens_llava_next_places_there():
+    """For LLaVA-NeXT scenes of every ``NEXT_SIZES`` shape, each crop key (a scene patch of the
+    unpadded crop grid) is the token transformers' LlavaNext puts in the sequence for those pixels:
+    its input embedding equals the projected feature of the crop patch that ``crop_keys``' codes place
+    there. The taught targets lie on the crop patches over the named object (or the tag)."""
+    torch.manual_seed(0)
+    model, processor = tiny_llava("llava-next", image_size=336, text_layers=2, hidden=32, words=vocabulary())
+    seen = {}
+    hooks = [
+        model.model.language_model.register_forward_pre_hook(
+            lambda _m, _a, kw: seen.update(embeds=kw["inputs_embeds"]), with_kwargs=True
+        ),
+        model.model.multi_modal_projector.register_forward_hook(lambda _m, _a, out: seen.update(views=out)),
+    ]
+    seed, checked = 0, 0
+    for size in NEXT_SIZES:
+        while True:
+            scene, turns = T.conversation(seed, size, T.NEXT_TAG, ["attribute", "read"], random.Random(seed))
+            seed += 1
+            if len(turns) == 2:
+                break
+        item = T.encode(processor, "llava-next", scene.image, turns, train=True)
+        inputs, _ = T.collate([item], processor.tokenizer.pad_token_id, "cpu")
+        with torch.no_grad():
+            model(**inputs)
+        views = seen["views"]  # the projector's output (1 + crops, 576, d): thumbnail, then the crops
+        attention, _, _, codes = T.sample_targets(model, processor, scene, turns, item, 0, "llava-next")
+        image_pos = np.flatnonzero(np.array(item[0]) == model.config.image_token_id)
+        keys, _ = T.crop_keys(model, scene, label_map(scene), image_pos)
+        assert codes.shape == (len(views), 576, 2) and len(keys.positions) == size[0] * size[1] // 14**2
+        place = {
+            tuple(np.round(c, 4)): (v, i)
+            for v in range(1, len(views))
+            for i, c in enumerate(codes[v])
+            if not np.isnan(c).any()
+        }
+        assert len(place) == len(keys.positions)  # unpadding keeps exactly the scene's patches
+        embeds = seen["embeds"][0]
+        for n in range(0, len(keys.positions), 37):
+            v, i = place[tuple(np.round(keys.grid[n], 4))]
+            torch.testing.assert_close(embeds[keys.positions[n]], views[v][i])
+            checked += 1
+        # the taught targets: over the crop keys, on the named object's / the tag's pixels
+        patches = label_map(scene).reshape(size[0] // 14, 14, size[1] // 14, 14).transpose(0, 2, 1, 3)
+        patches = patches.reshape(len(keys.positions), -1)
+        for (_, _, qt, evidence), pos in zip(turns, item[3]):
+            (t,) = [t for t in attention if t.pos == pos]
+            assert list(t.cols[1:]) == list(keys.positions)
+            label = len(scene.objects) + 1 if qt == "read" else evidence[0][0] + 1
+            assert all((patches[p] == label).any() for p in np.flatnonzero(t.target[0][1:]))
+    for h in hooks:
+        h.remove()
+    assert checked > 100
 
 
 def test_window_forward_is_the_view_without_the_other_patches():
