@@ -153,6 +153,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 from transformers.models.llama.modeling_llama import rotate_half
 
@@ -837,16 +838,16 @@ def crop_keys(model, scene, labels: np.ndarray, image_pos: np.ndarray) -> tuple[
     rows, cols, r0, height, c0, width = crop_region(model, (h, w))
     if (height * PATCH, width * PATCH) != (h, w) or len(image_pos) != GRID * GRID + height * (width + 1):
         raise ValueError(f"a {h}x{w} scene is not tiled without resampling: crop targets need one of {NEXT_SIZES}")
-    R, C = np.indices((height, width))
-    positions = image_pos[GRID * GRID + R * (width + 1) + C].reshape(-1)
-    cover, hit = _cover(scene, labels, (0, 0, w, h), (height, width))
-    grid = np.stack([scene_code((R + 0.5) / height), scene_code((C + 0.5) / width)], -1).reshape(-1, 2)
-    keys = Keys(positions, cover.reshape(-1), hit.reshape(-1), (0, 0, w, h), (height, width), grid)
     # every crop's 24 x 24 tokens, placed on the scene: canvas patch (kr * 24 + r, kc * 24 + c)
     cr, cc = np.indices((rows * GRID, cols * GRID))
     sr, sc = cr - r0, cc - c0
     canvas = np.stack([scene_code((sr + 0.5) / height), scene_code((sc + 0.5) / width)], -1)
+    grid = canvas[r0 : r0 + height, c0 : c0 + width].reshape(-1, 2)  # the unpadded window: the scene
     canvas[(sr < 0) | (sr >= height) | (sc < 0) | (sc >= width)] = np.nan
+    R, C = np.indices((height, width))
+    positions = image_pos[GRID * GRID + R * (width + 1) + C].reshape(-1)
+    cover, hit = _cover(scene, labels, (0, 0, w, h), (height, width))
+    keys = Keys(positions, cover.reshape(-1), hit.reshape(-1), (0, 0, w, h), (height, width), grid)
     crops = canvas.reshape(rows, GRID, cols, GRID, 2).transpose(0, 2, 1, 3, 4).reshape(rows * cols, GRID * GRID, 2)
     return keys, np.concatenate([scaled_grid().numpy()[None], crops])
 
@@ -1001,13 +1002,8 @@ def attention_loss(taught: TaughtAttention, targets: list[Evidence]) -> torch.Te
     dev = taught.inputs["hidden"].device
     b = torch.tensor([t.b for t in targets], device=dev)
     pos = torch.tensor([t.pos for t in targets], device=dev)
-    n = max(len(t.cols) for t in targets)
-    cols = torch.zeros(len(targets), n, dtype=torch.long)
-    tgt = torch.zeros(len(targets), 2, n)
-    for i, t in enumerate(targets):
-        cols[i, : len(t.cols)] = torch.from_numpy(t.cols)
-        tgt[i, :, : len(t.cols)] = torch.from_numpy(t.target)
-    cols, tgt = cols.to(dev), tgt.to(dev)
+    cols = pad_sequence([torch.from_numpy(t.cols) for t in targets], batch_first=True).to(dev)  # (N, n)
+    tgt = pad_sequence([torch.from_numpy(t.target.T) for t in targets], batch_first=True).to(dev).transpose(1, 2)
     p = taught.rows(b, pos).gather(2, cols[:, None, :].expand(-1, 2, -1))
     return -(tgt * (p + 1e-6).log()).sum(-1).mean()
 
