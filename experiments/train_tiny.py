@@ -191,7 +191,7 @@ ARCH = dict(
 # tag settings of the benchmark presets (a 14 px plate on the patch grid; NeXT: readable in crops only)
 LLAVA_TAG = {k: v for k, v in PRESETS["tc-scenes"].items() if k != "size"}
 NEXT_TAG = {k: v for k, v in PRESETS["tc-scenes-next"].items() if k != "size"}
-TRAIN_TYPES = ["attribute"] * 3 + ["count"] * 3 + ["position"] * 2 + ["exist"] * 2 + ["read"] * 2
+TRAIN_MIX = "attribute=3,count=3,position=2,exist=2,read=2"  # turns asked per training scene (--type-mix)
 MEAN = np.array([0.481, 0.458, 0.408], dtype=np.float32)
 STD = np.array([0.269, 0.261, 0.276], dtype=np.float32)
 GRID, PATCH = 24, 14
@@ -669,6 +669,19 @@ def train_last_layer(args, model, logf: Path, steps: int) -> None:
 ATTRIBUTE_WORDS = frozenset([*COLORS, *SHAPES, *(s + "s" for s in SHAPES), *SIZES])
 
 
+def parse_mix(mix: str) -> list[str]:
+    """``"attribute=3,count=2"`` -> ``["attribute"] * 3 + ["count"] * 2``; a clear error on a bad mix."""
+    types = []
+    for part in mix.split(","):
+        name, _, n = part.partition("=")
+        if name.strip() not in QUESTION_TYPES or not n.strip().isdigit():
+            raise SystemExit(f"--type-mix {mix!r}: expected type=count pairs, the types from {QUESTION_TYPES}")
+        types += [name.strip()] * int(n)
+    if not types:
+        raise SystemExit(f"--type-mix {mix!r}: asks no turns")
+    return types
+
+
 def conversation(seed: int, size, tag: dict, types: list[str], rng: random.Random):
     """(scene, [(question, answer, type, evidence), ...]) for one scene, the turns in random order.
 
@@ -1115,7 +1128,7 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
     for step in range(steps):
         items, targets, names, offsets, codes = [], [], [], [], []
         while len(items) < batch:
-            scene, turns = conversation(seed, size_of(seed), tag, TRAIN_TYPES, rng)
+            scene, turns = conversation(seed, size_of(seed), tag, args.types, rng)
             seed += 1
             if turns:
                 item = encode(processor, family, scene.image, turns, train=True)
@@ -1229,6 +1242,12 @@ def main() -> None:
         help="stages 2 and 3 draw their training scenes from this far into their train seed ranges "
         "(a continuation given a new offset sees scenes the earlier runs did not; 0 to 999999)",
     )
+    ap.add_argument(
+        "--type-mix",
+        default=TRAIN_MIX,
+        help="how many turns of each question type a training scene asks, before repeats are dropped "
+        f"(default {TRAIN_MIX})",
+    )
     ap.add_argument("--val-n", type=int, default=200)
     ap.add_argument("--val-every", type=int, default=200)
     args = ap.parse_args()
@@ -1237,6 +1256,7 @@ def main() -> None:
             raise SystemExit(f"{flag}: no model.safetensors in {path}")
     if not 0 <= args.scene_offset < 1_000_000:
         raise SystemExit(f"--scene-offset {args.scene_offset}: must lie in 0 to 999999 (the stages' seed ranges)")
+    args.types = parse_mix(args.type_mix)
     if args.position_steps is None:
         args.position_steps = 0 if args.init_from else 400
     torch.set_num_threads(args.threads)

@@ -22,7 +22,7 @@ from tokencomp.tiny import tiny_llava  # noqa: E402
 def _samples(model, processor, n: int):
     rng, items, scenes, seed = random.Random(0), [], [], 0
     while len(items) < n:
-        scene, turns = T.conversation(seed, (336, 336), T.LLAVA_TAG, T.TRAIN_TYPES, rng)
+        scene, turns = T.conversation(seed, (336, 336), T.LLAVA_TAG, T.parse_mix(T.TRAIN_MIX), rng)
         seed += 1
         if turns:
             turns = turns[: 2 + len(items)]  # samples of different lengths
@@ -218,7 +218,7 @@ def test_conversations_do_not_repeat_a_question():
     differ; the types every scene can ask are still asked."""
     rng = random.Random(0)
     for seed in range(40):
-        scene, turns = T.conversation(seed, (336, 336), T.LLAVA_TAG, T.TRAIN_TYPES, rng)
+        scene, turns = T.conversation(seed, (336, 336), T.LLAVA_TAG, T.parse_mix(T.TRAIN_MIX), rng)
         if not turns:
             continue
         kinds = [t[2] for t in turns]
