@@ -35,7 +35,8 @@ class Model:
     """A LLaVA-family model the engine can drive.
 
     Args:
-        hf: a ``LlavaForConditionalGeneration`` (LLaVA-1.5) or ``LlavaNextForConditionalGeneration``.
+        hf: a ``LlavaForConditionalGeneration`` (LLaVA-1.5) or ``LlavaNextForConditionalGeneration``;
+            it is switched to eval mode (``hf.eval()``: dropout off), which the caller undoes to train it.
         processor: its processor (tokenizer + image processor); needed by `tokencomp.generate`.
         name: a label for records.
 
