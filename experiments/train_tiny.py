@@ -1,6 +1,7 @@
 """Train the embedded default models ``tiny-llava`` and ``tiny-llava-next`` on tc-scenes.
 
-One script, fixed seed, four stages (each resumes: a stage whose output exists is skipped):
+One script, fixed seed, four stages (each resumes: a stage whose output exists is skipped, and a
+decoder stage stopped part-way goes on from its last validation point, ``train_lm``):
 
 1. **tower**: a CLIP vision tower (336 px, patch 14, 576 patches + CLS) trained from scratch on
    scene views with dense targets. The CLS token of the feature layer (``vision_feature_layer=-2``)
@@ -1106,7 +1107,11 @@ class PositionCode(nn.Module):
 
 
 def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: float, logf: Path) -> None:
-    """Train projector + decoder (+ image_newline) with the tower frozen, answers-only loss."""
+    """Train projector + decoder (+ image_newline) with the tower frozen, answers-only loss.
+
+    At every validation point the whole training state (weights, position code, optimiser, scene seed
+    and sampler state) is written to ``<work>/<family>-resume.pt``; a run started again with the same
+    work folder and settings goes on from there, and the file is removed when the stage ends."""
     model.model.vision_tower.requires_grad_(False)
     code = PositionCode(model).to(args.device)
     params = [p for n, p in model.named_parameters() if "vision_tower" not in n] + list(code.parameters())
@@ -1122,10 +1127,27 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
     val = validation_set(processor, family, size_of, tag, args.val_n)
     pad = processor.tokenizer.pad_token_id
     rng = random.Random(args.seed + 1)
+    resume_path = Path(args.work) / f"{family}-resume.pt"
+    settings = {"steps": steps, "batch": batch, "lr": lr, "types": args.types, "scene_offset": args.scene_offset}
+    start = 0
+    if resume_path.exists():
+        saved = torch.load(resume_path, weights_only=False)
+        if saved["settings"] != settings:
+            raise SystemExit(
+                f"{resume_path} was written with {saved['settings']}, not {settings}: "
+                "start with the same settings or delete the file"
+            )
+        model.load_state_dict(saved["model"])
+        code.load_state_dict(saved["code"])
+        opt.load_state_dict(saved["optimiser"])
+        rng.setstate(saved["rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        seed, start = saved["seed"], saved["step"] + 1
+        log(logf, stage=family, resumed_at=start)
     model.train()
     model.model.vision_tower.eval()
     t0 = time.time()
-    for step in range(steps):
+    for step in range(start, steps):
         items, targets, names, offsets, codes = [], [], [], [], []
         while len(items) < batch:
             scene, turns = conversation(seed, size_of(seed), tag, args.types, rng)
@@ -1175,7 +1197,22 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
                 val_acc=validate(model, val, pad, args.device),
                 seconds=round(time.time() - t0),
             )
+            model.train()
+            model.model.vision_tower.eval()
+            state = {
+                "settings": settings,
+                "model": model.state_dict(),
+                "code": code.state_dict(),
+                "optimiser": opt.state_dict(),
+                "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+                "seed": seed,
+                "step": step,
+            }
+            torch.save(state, resume_path.with_suffix(".tmp"))
+            resume_path.with_suffix(".tmp").replace(resume_path)
     model.eval()
+    resume_path.unlink(missing_ok=True)
 
 
 def build(family: str, seed: int):
