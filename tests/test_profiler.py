@@ -112,17 +112,11 @@ def test_measure_reports_timings(models, images):
     assert t.kv_cache_bytes > 0 and t.peak_memory_bytes > 0 and t.device == "cpu"
 
 
-def _resident_bytes() -> int:
-    """This process's current resident set size in bytes (Linux ``VmRSS``)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
 def test_cpu_peak_memory_covers_the_timed_runs_only(models, images):
     model = models["llava"]
     batch = tc.prepare(model, images[:1], PROMPTS[:1])
-    resident = _resident_bytes()  # the model and everything else now held: the timed runs' floor
+    resident = _rss_bytes("VmRSS")  # the model and everything else now held: the timed runs' floor
     # 1 GiB resident before the measurement, then freed (was 256 MiB with a 128 MiB margin, which a
     # timed run's own transient allocations once filled in a full-suite run)
     spike = torch.ones(2**30, dtype=torch.uint8)

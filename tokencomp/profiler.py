@@ -249,11 +249,13 @@ class Timing:
         return asdict(self)
 
 
-def _rss_bytes() -> int:
+def _rss_bytes(field: str = "VmHWM") -> int:
+    """This process's peak resident set size in bytes (``field="VmRSS"``: the current one); 0 where
+    ``/proc`` has no such line."""
     try:
         with open(f"/proc/{os.getpid()}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):  # peak resident set size
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
