@@ -786,6 +786,8 @@ def validation_set(processor, family: str, size_of, tag: dict, n: int):
 
 @torch.no_grad()
 def validate(model, items, pad_id: int, device: str, batch: int = 8) -> dict:
+    """Greedy first-token accuracy per question type; every module is left in the mode it was in."""
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     hits: dict[str, list[bool]] = {}
     for s in range(0, len(items), batch):
@@ -796,7 +798,8 @@ def validate(model, items, pad_id: int, device: str, batch: int = 8) -> dict:
         pred = logits[torch.arange(len(chunk)), last].argmax(-1).tolist()
         for c, p in zip(chunk, pred):
             hits.setdefault(c[4], []).append(p == c[3])
-    model.train()
+    for m, training in modes.items():
+        m.train(training)
     per = {t: round(float(np.mean(v)), 3) for t, v in sorted(hits.items())}
     per["all"] = round(float(np.mean([x for v in hits.values() for x in v])), 3)
     return per
@@ -1210,8 +1213,6 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
                 val_acc=validate(model, val, pad, args.device),
                 seconds=round(time.time() - t0),
             )
-            model.train()
-            model.model.vision_tower.eval()
             state = {
                 "settings": settings,
                 "model": model.state_dict(),
@@ -1222,8 +1223,9 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
                 "seed": seed,
                 "step": step,
             }
-            torch.save(state, resume_path.with_suffix(".tmp"))
-            resume_path.with_suffix(".tmp").replace(resume_path)
+            tmp = resume_path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(resume_path)
     model.eval()
     resume_path.unlink(missing_ok=True)
 
