@@ -93,7 +93,7 @@ continuation of it on new scenes (the last two commands)::
     python experiments/train_tiny.py --init-from runs/v10/assets/tiny-llava --position-steps 0 \
         --last-layer-steps 0 --llava-lr 1e-3 --llava-steps 900 --val-every 150 --next-steps 0 \
         --scene-offset 100000 --work runs/v12 --out runs/v12/assets
-    # a new NeXT model from that one, taught on its crops (NEXT_EVIDENCE = "crops")
+    # a new NeXT model from that one, taught on its crops (--next-evidence crops)
     python experiments/train_tiny.py --init-from runs/v12/assets/tiny-llava --position-steps 0 \
         --last-layer-steps 0 --llava-steps 0 --next-steps 120 --val-every 40 --scene-offset 100000 \
         --work runs/v13 --out runs/v13/assets
@@ -882,17 +882,22 @@ def crop_keys(model, scene, labels: np.ndarray, image_pos: np.ndarray) -> tuple[
     return keys, np.concatenate([scaled_grid().numpy()[None], crops])
 
 
-# Which LLaVA-NeXT tokens the taught heads are taught on: "crops" (the full-resolution crop patches,
-# where objects look as they do in a LLaVA-1.5 view and the tag is legible) or "thumbnail" (the
-# first view; the NeXT runs before 2026-11-24, which left attribute questions near chance: the
-# thumbnail halves every object, so "big" ones there look like LLaVA-1.5's small ones).
-NEXT_EVIDENCE = "crops"
+# Which LLaVA-NeXT tokens the taught heads are taught on (``--next-evidence``): "crops" (the
+# full-resolution crop patches, where objects look as they do in a LLaVA-1.5 view and the tag is
+# legible), "thumbnail" (the first view; the NeXT runs before 2026-11-24, which left attribute
+# questions near chance: the thumbnail halves every object, so "big" ones there look like LLaVA-1.5's
+# small ones) or "position-thumbnail" (position turns on the thumbnail, the rest on the crops: the
+# tower codes a patch's row and column within its own view, so only the thumbnail's code says where
+# in the scene a patch lies; a crop-taught model answered left / right at chance, 10 of 20, when the
+# two objects lay in different crops, and 7 of 8 when they shared one).
+NEXT_EVIDENCE = ("crops", "thumbnail", "position-thumbnail")
 
 
-def sample_targets(model, processor, scene, turns, item, b: int, family: str):
+def sample_targets(model, processor, scene, turns, item, b: int, family: str, evidence: str = "crops"):
     """Auxiliary targets of one encoded training sample ``item`` (batch row ``b``). The taught heads
-    are taught on its one view (LLaVA-1.5) or, for LLaVA-NeXT, on the keys ``NEXT_EVIDENCE`` names
-    (on the thumbnail, ``read`` turns are not taught: the tag is legible only in the crops).
+    are taught on its one view (LLaVA-1.5) or, for LLaVA-NeXT, on the keys ``evidence`` (one of
+    ``NEXT_EVIDENCE``) names (on the thumbnail, ``read`` turns are not taught: the tag is legible only
+    in the crops).
 
     Returns (attention targets: an ``Evidence`` per taught turn; naming targets: (row, positions
     ``(K,)``, word ids ``(K, 2)``, weights ``(K, 2)``) over every view; offset targets: per ``position``
@@ -905,26 +910,34 @@ def sample_targets(model, processor, scene, turns, item, b: int, family: str):
     labels = label_map(scene)
     thumb = thumbnail_keys(scene, labels, image_pos)
     if family == "llava":
-        keys, views, codes = thumb, [thumb], scaled_grid().numpy()[None]
+        views, codes = [thumb], scaled_grid().numpy()[None]
     else:
         crops, codes = crop_keys(model, scene, labels, image_pos)
-        keys, views = (crops if NEXT_EVIDENCE == "crops" else thumb), [thumb, crops]
-    cols = np.concatenate([[0], keys.positions])
+        views = [thumb, crops]
+
+    def keys_for(qt: str) -> Keys:
+        on_thumb = (
+            family == "llava" or evidence == "thumbnail" or (evidence == "position-thumbnail" and qt == "position")
+        )
+        return thumb if on_thumb else crops
+
     tok = processor.tokenizer
     named = {tok.convert_tokens_to_ids(w) for w in ATTRIBUTE_WORDS}
     turn_start = {tok.convert_tokens_to_ids("USER"), model.config.image_token_id}
     attention, offsets = [], []
-    for (_, _, qt, evidence), pos in zip(turns, answer_pos):
+    for (_, _, qt, groups), pos in zip(turns, answer_pos):
         if qt == "position":
-            (asked,), (ref,) = evidence[:2]
+            (asked,), (ref,) = groups[:2]
             offsets.append(
                 (b, pos, (_grid_xy(scene.objects[asked], w, h) - _grid_xy(scene.objects[ref], w, h)) / OFFSET_SCALE)
             )
+        keys = keys_for(qt)
         if family != "llava" and qt == "read" and keys is thumb:
             continue
-        t = evidence_target(scene, keys, qt, evidence)
+        t = evidence_target(scene, keys, qt, groups)
         if t is None:
             continue
+        cols = np.concatenate([[0], keys.positions])
         attention.append(Evidence(b, pos, cols, t, keys.grid))
         if WORD_TARGETS and qt in ("attribute", "count", "exist"):
             word = last_named_word(ids, pos, named, turn_start)
@@ -1144,7 +1157,14 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
     pad = processor.tokenizer.pad_token_id
     rng = random.Random(args.seed + 1)
     resume_path = Path(args.work) / f"{family}-resume.pt"
-    settings = {"steps": steps, "batch": batch, "lr": lr, "types": args.types, "scene_offset": args.scene_offset}
+    settings = {
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "types": args.types,
+        "scene_offset": args.scene_offset,
+        "next_evidence": args.next_evidence,
+    }
     start = 0
     if resume_path.exists():
         saved = torch.load(resume_path, weights_only=False)
@@ -1171,7 +1191,7 @@ def train_lm(args, model, processor, family: str, steps: int, batch: int, lr: fl
             if turns:
                 item = encode(processor, family, scene.image, turns, train=True)
                 attention, naming, offset, code_ = sample_targets(
-                    model, processor, scene, turns, item, len(items), family
+                    model, processor, scene, turns, item, len(items), family, args.next_evidence
                 )
                 targets += attention
                 names.append(naming)
@@ -1287,6 +1307,12 @@ def main() -> None:
     ap.add_argument("--next-steps", type=int, default=80, help="0: stop after the LLaVA-1.5 model")
     ap.add_argument("--next-batch", type=int, default=8)
     ap.add_argument("--next-lr", type=float, default=5e-4)
+    ap.add_argument(
+        "--next-evidence",
+        choices=NEXT_EVIDENCE,
+        default="crops",
+        help="which LLaVA-NeXT tokens the taught heads are taught on (see NEXT_EVIDENCE)",
+    )
     ap.add_argument(
         "--scene-offset",
         type=int,

@@ -189,6 +189,43 @@ def test_next_crop_keys_are_the_tokens_llava_next_places_there():
     assert checked > 100
 
 
+def test_next_position_turns_can_be_taught_on_the_thumbnail():
+    """``evidence="position-thumbnail"``: a LLaVA-NeXT position turn's target lies over the thumbnail's
+    576 tokens, on the thumbnail patches of the object each head is taught on, and the two heads'
+    looking centroids differ the way the answer says; every other turn stays on the crop keys."""
+    torch.manual_seed(0)
+    model, processor = tiny_llava("llava-next", image_size=336, text_layers=2, hidden=32, words=vocabulary())
+    rng, seed, seen = random.Random(0), 0, 0
+    while seen < 4:
+        size = NEXT_SIZES[seed % len(NEXT_SIZES)]
+        scene, turns = T.conversation(seed, size, T.NEXT_TAG, ["position", "attribute", "read"], rng)
+        seed += 1
+        if not any(t[2] == "position" for t in turns):
+            continue
+        item = T.encode(processor, "llava-next", scene.image, turns, train=True)
+        image_pos = np.flatnonzero(np.array(item[0]) == model.config.image_token_id)
+        attention, _, _, _ = T.sample_targets(
+            model, processor, scene, turns, item, 0, "llava-next", "position-thumbnail"
+        )
+        thumb = T.thumbnail_keys(scene, label_map(scene), image_pos)
+        crops, _ = T.crop_keys(model, scene, label_map(scene), image_pos)
+        keep, where = T.looking_targets([t for t in attention if len(t.cols) == 577])
+        at = {t.pos: w for t, w in zip(keep, where)}
+        for (_, answer, qt, evidence), pos in zip(turns, item[3]):
+            (t,) = [t for t in attention if t.pos == pos]
+            if qt != "position":
+                assert list(t.cols[1:]) == list(crops.positions)
+                continue
+            assert list(t.cols[1:]) == list(image_pos[:576])
+            for head, (obj,) in enumerate(evidence[:2]):  # head 0: the object asked about, 1: the reference
+                on = np.flatnonzero(t.target[head][1:])
+                assert len(on) and all(thumb.cover[on] == obj + 1)
+            (drow, dcol) = (at[pos][0] - at[pos][1]).tolist()
+            axis, ahead = {"left": (dcol, -1), "right": (dcol, 1), "above": (drow, -1), "below": (drow, 1)}[answer]
+            assert np.sign(axis) == ahead
+            seen += 1
+
+
 def test_window_forward_is_the_view_without_the_other_patches():
     """``tower_features`` on a window equals the model's own forward on the whole view when every
     patch is in the window, and a window's pixels and targets are those of its patch positions."""
