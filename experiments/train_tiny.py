@@ -145,9 +145,9 @@ of 52; ``position-probe.md``).
 Before its continuation the crop-taught NeXT model answered a position word ("above", "below") to
 a colour or shape question in 22 of its 26 attribute errors on those 260 harness questions (the
 thumbnail-taught model: 10 of 21; tiny-llava: 0 of its 7 on the test split); after it, in 3 of 10.
-On 300 test questions (``experiments/embedded.toml`` since 2026-11-24; 60 before) the shipped NeXT
-model scores 0.783 (attribute 0.70, count 0.767, exist 0.75, position 0.70, read 1.0): its 0.80 on 60
-was the luck of a small draw, and it sits just under its bar. The position-heavier continuation above
+On 300 test questions (``experiments/embedded.toml`` since 2026-11-24; 60 before) the NeXT model of
+the v14 run scores 0.783 (attribute 0.70, count 0.767, exist 0.75, position 0.70, read 1.0): its 0.80
+on 60 was the luck of a small draw, and it sat just under its bar. The position-heavier continuation above
 (validation 0.81 / 0.845 / 0.84 / 0.81 / 0.835 / 0.83 every 40 steps) scores 0.793 there (attribute
 0.783, count 0.75, exist 0.75, position 0.683): within the noise of 300 questions (standard error
 about 0.023), so it was not shipped. Left / right stays the weak pair (19 / 30 and 17 / 30; above /
