@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokencomp.benchmark import NEXT_SIZES, PRESETS, SPLIT_SEED, make_question, make_scene
+from tokencomp.benchmark import PRESETS, SPLIT_SEED, split_sample
 
 CROP = 336  # AnyRes crop side in scene pixels for NEXT_SIZES
 
@@ -32,16 +32,13 @@ def crop_table(rows: list[dict]) -> dict[tuple[str, bool, bool], list[float]]:
     """Position rows (harness predictions with ``id`` = "<split>-<seed>", ``score``) grouped by
     (axis "left/right" or "above/below", the scene spans more than one crop along that axis, the two
     objects lie in the same crop along it): the list of their scores."""
-    preset = PRESETS["tc-scenes-next"]
     groups: dict[tuple[str, bool, bool], list[float]] = defaultdict(list)
     for r in rows:
         split, seed = r["id"].rsplit("-", 1)
         if split not in SPLIT_SEED:
             raise SystemExit(f"{r['id']!r}: not a tc-scenes id (<split>-<seed>)")
-        seed = int(seed)
-        h, w = NEXT_SIZES[seed % len(NEXT_SIZES)]
-        scene = make_scene(seed, (h, w), preset["tag_px"], preset["tag_grid"])
-        qa = make_question(np.random.default_rng(seed + 7_777_777), scene.objects, scene.char, "position")
+        scene, qa = split_sample(int(seed), "position", **PRESETS["tc-scenes-next"])
+        w, h = scene.image.size
         if qa is None or [qa.answer] != r["answers"]:
             raise SystemExit(f"{r['id']}: the regenerated question does not match; not a tc-scenes-next split?")
         (a,), (b,) = qa.evidence[:2]

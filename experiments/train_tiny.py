@@ -924,16 +924,14 @@ def sample_targets(model, processor, scene, turns, item, b: int, family: str, ev
     w, h = scene.image.size
     labels = label_map(scene)
     thumb = thumbnail_keys(scene, labels, image_pos)
-    if family == "llava":
-        views, codes = [thumb], scaled_grid().numpy()[None]
+    if family == "llava":  # one view, which every turn is taught on
+        crops, views, codes = thumb, [thumb], scaled_grid().numpy()[None]
     else:
         crops, codes = crop_keys(model, scene, labels, image_pos)
         views = [thumb, crops]
 
     def keys_for(qt: str) -> Keys:
-        on_thumb = (
-            family == "llava" or evidence == "thumbnail" or (evidence == "position-thumbnail" and qt == "position")
-        )
+        on_thumb = evidence == "thumbnail" or (evidence == "position-thumbnail" and qt == "position")
         return thumb if on_thumb else crops
 
     tok = processor.tokenizer

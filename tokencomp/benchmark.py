@@ -281,6 +281,24 @@ def make_question(rng: np.random.Generator, objs: list[Obj], char: str, qtype: s
     raise TokencompError(f"unknown question type {qtype!r}; known: {QUESTION_TYPES}")
 
 
+def split_sample(
+    seed: int,
+    qtype: str,
+    size: tuple[int, int] | list[tuple[int, int]] = (336, 336),
+    tag_px: int = 7,
+    tag_grid: int | None = None,
+) -> tuple[Scene, QA | None]:
+    """The scene of ``seed`` and its ``qtype`` question (None when the scene cannot ask it), exactly as
+    :func:`generate_split` makes them: ``size`` is one (height, width) or a list chosen from by the
+    seed; the other arguments as for :func:`make_scene`. Lets analyses regenerate a written sample's
+    objects from its id (``<split>-<seed>``)."""
+    sizes = [tuple(size)] if isinstance(size[0], int) else [tuple(s) for s in size]
+    scene = make_scene(seed, sizes[seed % len(sizes)], tag_px, tag_grid)
+    if not scene.objects:
+        return scene, None
+    return scene, make_question(np.random.default_rng(seed + 7_777_777), scene.objects, scene.char, qtype)
+
+
 def generate_split(
     out_dir: str | Path,
     split: str,
@@ -296,7 +314,6 @@ def generate_split(
     a type (e.g. no uniquely named pair for ``position``) is replaced by the next seed. ``size`` is
     one (height, width) or a list of them, chosen per scene by its seed (varied aspect ratios).
     """
-    sizes = [tuple(size)] if isinstance(size[0], int) else [tuple(s) for s in size]
     if split not in SPLIT_SEED:
         raise TokencompError(f"split must be one of {sorted(SPLIT_SEED)}, got {split!r}")
     out = Path(out_dir)
@@ -304,11 +321,10 @@ def generate_split(
     lines, seed = [], SPLIT_SEED[split]
     while len(lines) < n:
         qtype = types[len(lines) % len(types)]
-        im, objs, char, _ = make_scene(seed, sizes[seed % len(sizes)], tag_px, tag_grid)
-        qa = make_question(np.random.default_rng(seed + 7_777_777), objs, char, qtype) if objs else None
+        scene, qa = split_sample(seed, qtype, size, tag_px, tag_grid)
         if qa is not None:
             name = f"images/{split}/{seed:08d}.png"
-            im.save(out / name)
+            scene.image.save(out / name)
             lines.append(
                 json.dumps(
                     {"id": f"{split}-{seed}", "image": name, "question": qa[0], "answers": [qa[1]], "type": qtype}
