@@ -154,3 +154,42 @@ def test_engine_with_triton_backend_equals_reference(models, images):
             )
     with pytest.raises(ValueError, match="backend must be"):
         tc.EngineOptions(kernel_backend="cuda")
+
+
+def test_kernel_benchmark_covers_and_checks_every_kernel(monkeypatch):
+    """experiments/bench_kernels.py times every public kernel (both pooling modes) and refuses a wrong one.
+
+    Run at its tiny shapes on the CPU through the interpreter, so a GPU session finds a script
+    that works; its times here mean nothing and are not looked at.
+    """
+    import importlib.util
+    import sys
+    from functools import partial
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "experiments" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_kernels", bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+
+    shapes = list(bench.shapes(tiny=True))
+    cases = bench.cases(shapes[0], "cpu")
+    assert {fn.func.__name__ for fn, _ in cases.values()} == set(kernels.__all__) - {"backend"}
+    assert {fn.args[3] for fn, _ in cases.values() if fn.func is kernels.pool_grid} == {"avg", "bilinear"}
+    # the byte counts are at least what the outputs alone take
+    for name, (fn, nbytes) in cases.items():
+        out = fn(backend="torch")
+        assert nbytes > sum(o.nbytes for o in (out if isinstance(out, tuple) else (out,))), name
+
+    rows = bench.run(tiny=True, device="cpu", repeats=1, warmup=0)  # checks each case against its reference
+    assert len(rows) == len(shapes) * len(cases)
+    assert all(r["triton_us"] > 0 and r["copy_frac"] > 0 for r in rows)
+
+    def wrong(backend, good):
+        out = good(backend=backend)
+        return out + 1e-2 if backend == "triton" else out
+
+    fn, _ = cases[next(n for n in cases if n.startswith("merge"))]
+    with pytest.raises(AssertionError, match="disagrees"):
+        bench.check("merge", partial(wrong, good=fn), shapes[0].dtype)
