@@ -363,11 +363,20 @@ def evidence_target(scene, keys: Keys, qtype: str, evidence) -> np.ndarray | Non
     return np.stack([rows[0], rows[-1]])
 
 
+def scene_code(frac: np.ndarray) -> np.ndarray:
+    """The position code of a patch whose centre lies at fraction ``frac`` of the scene's height (or
+    width), float32: a 336 px view's patch r (centre at (r + 0.5) / 24) gets r / 23 * 2 - 1, in
+    [-1, 1]; the same scale covers any patch grid over the scene, so a LLaVA-NeXT crop's patch and
+    the thumbnail's patch over the same place get the same code."""
+    return ((frac * GRID - 0.5) / (GRID - 1) * 2 - 1).astype(np.float32)
+
+
 def scaled_grid() -> torch.Tensor:
-    """Every patch's (row, column) on the 24 x 24 grid, scaled to [-1, 1]: ``(576, 2)`` float32, raster
+    """``scene_code`` of every patch of one 24 x 24 view: ``(576, 2)`` float32 (row, column), raster
     order (the target of the linear position read-outs of stage 1c and ``PositionCode``)."""
     row, col = np.indices((GRID, GRID))
-    return torch.from_numpy(np.stack([row, col], -1).reshape(-1, 2) / (GRID - 1) * 2 - 1).float()
+    code = np.stack([scene_code((row + 0.5) / GRID), scene_code((col + 0.5) / GRID)], -1)
+    return torch.from_numpy(code.reshape(-1, 2))
 
 
 def tower_views(rng: random.Random, seed: int):
@@ -842,14 +851,6 @@ class Evidence(NamedTuple):
     cols: np.ndarray
     target: np.ndarray
     grid: np.ndarray
-
-
-def scene_code(frac: np.ndarray) -> np.ndarray:
-    """The position code of a patch whose centre lies at fraction ``frac`` of the scene's height (or
-    width): the scale of ``scaled_grid`` (a 336 px view's patch r gets r / 23 * 2 - 1), extended to
-    any patch grid over the scene, so a LLaVA-NeXT crop's patch and the thumbnail's patch over the
-    same place get the same code."""
-    return ((frac * GRID - 0.5) / (GRID - 1) * 2 - 1).astype(np.float32)
 
 
 def thumbnail_keys(scene, labels: np.ndarray, image_pos: np.ndarray) -> Keys:
