@@ -4,8 +4,9 @@
 as LLaVA-NeXT-style grid pooling does. The output grid is ``grid=(gh, gw)`` when given, else the
 factor pair of ``budget`` closest to square (64 -> 8x8, 128 -> 8x16, 192 -> 12x16). Pooling acts on
 vision features before the projector. On LLaVA-NeXT the pooled crop grids are re-assembled,
-unpadded and given newline tokens as the uncompressed model does on its full grid, so the tokens
-entering the LLM can be fewer than ``budget`` per crop.
+unpadded to the image's content (by its aspect ratio, also on a non-square grid such as 8 x 16:
+`tokencomp.Model.crop_region`) and given newline tokens as the uncompressed model does on its full
+grid, so the tokens entering the LLM can be fewer than ``budget`` per crop.
 """
 
 from __future__ import annotations

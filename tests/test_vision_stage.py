@@ -143,3 +143,30 @@ def test_tokens_per_view_counts_empty_views(models, images):
     for b, im in enumerate(images):
         nv = model.views_per_image((im.size[1], im.size[0]))
         assert pre.record.tokens_per_view[b] == [[3] + [0] * (nv - 1)]
+
+
+def test_next_pooled_grid_unpads_the_image_content(models):
+    """The unpadded window of any crop token grid is the image content: the image, resized to fit
+    the canvas of square crops, fills a fraction ``min(1, aspect ratio / canvas aspect ratio)`` of
+    each axis, centred. transformers' ``unpad_image`` assumes square tokens, so on a non-square
+    pooled grid (8 x 16) it would trim by the wrong aspect ratio."""
+    model = models["llava-next"]
+    gh, gw = model.grid
+    sizes = [(100, 60), (60, 100), (50, 90), (80, 40), (40, 40), (30, 200), (200, 30)]
+    for h, w in sizes:
+        rows, cols = model.crop_grid((h, w))
+        content = (min(1.0, (h / w) * (cols / rows)), min(1.0, (w / h) * (rows / cols)))
+        for grid in [(gh, gw), (gh // 2, gw), (gh, gw // 2), (gh // 2, gw // 2), (gh // 3, gw // 2)]:
+            _, _, r0, height, c0, width = model.crop_region((h, w), grid)
+            for axis, (start, kept, n) in enumerate([(r0, height, rows * grid[0]), (c0, width, cols * grid[1])]):
+                assert abs(kept - content[axis] * n) <= 1.5, ((h, w), grid, axis)  # rounding, then halving the pad
+                assert abs(start - (n - kept) / 2) <= 0.5, ((h, w), grid, axis)  # centred
+    # end to end: the LLM receives the thumbnail's pooled grid, then the crops' window, a newline per row
+    images = make_images(sizes[:3], seed=3)
+    grid = (gh // 2, gw)
+    batch = tc.prepare(model, images, PROMPTS)
+    pre = tc.Engine(model, tc.method("pool", budget=grid[0] * grid[1], grid=grid)).prefill(batch)
+    for b, im in enumerate(images):
+        _, _, _, height, _, width = model.crop_region((im.size[1], im.size[0]), grid)
+        assert pre.record.visual_tokens_llm[b] == grid[0] * grid[1] + height * width
+        assert int((pre.input_state.kind[b] == NEWLINE).sum()) == height

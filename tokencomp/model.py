@@ -167,11 +167,15 @@ class Model:
         """The unpadded region of the combined crop grid, as LLaVA-NeXT computes it.
 
         Returns ``(rows, cols, r0, height, c0, width)``: crop grid shape and the kept window
-        ``[r0, r0+height) x [c0, c0+width)`` of the ``(rows*gh, cols*gw)`` token grid.
+        ``[r0, r0+height) x [c0, c0+width)`` of the ``(rows*gh, cols*gw)`` token grid, where ``grid``
+        ``(gh, gw)`` is the token grid of one crop (default: the tower's patch grid). A square
+        ``grid`` is unpadded by transformers' ``unpad_image``, as the model does; a non-square one
+        (a pooled grid such as 8 x 16) by the same rule applied to the crop's pixels, since
+        ``unpad_image`` assumes square tokens and would trim the wrong window.
         """
         rows, cols = self.crop_grid(image_size)
         gh, gw = grid or self.grid
-        return (rows, cols, *_unpadded_window(rows * gh, cols * gw, int(image_size[0]), int(image_size[1])))
+        return (rows, cols, *_unpadded_window(rows, cols, gh, gw, int(image_size[0]), int(image_size[1])))
 
     def image_token_count(self, image_size: tuple[int, int]) -> int:
         """Visual tokens of one image in the uncompressed prompt (newline tokens included)."""
@@ -212,11 +216,24 @@ class Model:
 
 
 @lru_cache(maxsize=4096)
-def _unpadded_window(full_h: int, full_w: int, orig_h: int, orig_w: int) -> tuple[int, int, int, int]:
-    probe = torch.arange(full_h * full_w).view(1, full_h, full_w)
-    kept = unpad_image(probe, (orig_h, orig_w))
-    first = int(kept[0, 0, 0])
-    return first // full_w, kept.shape[1], first % full_w, kept.shape[2]
+def _unpadded_window(rows: int, cols: int, gh: int, gw: int, orig_h: int, orig_w: int) -> tuple[int, int, int, int]:
+    """``(r0, height, c0, width)`` kept of a ``rows x cols`` crop grid of ``gh x gw`` tokens each,
+    for an ``orig_h x orig_w`` image (see `Model.crop_region`)."""
+    full_h, full_w = rows * gh, cols * gw
+    if gh == gw:
+        probe = torch.arange(full_h * full_w).view(1, full_h, full_w)
+        kept = unpad_image(probe, (orig_h, orig_w))
+        first = int(kept[0, 0, 0])
+        return first // full_w, kept.shape[1], first % full_w, kept.shape[2]
+    # unpad_image's rule on the padded canvas of square crops: the image, resized to fit, is
+    # centred along the axis it does not fill; the content's length there, in this grid's tokens
+    if orig_w / orig_h > cols / rows:  # wider than the canvas: rows are trimmed
+        content = int(round(orig_h * cols * gh / orig_w, 7))
+        pad = (full_h - content) // 2
+        return pad, full_h - 2 * pad, 0, full_w
+    content = int(round(orig_w * rows * gw / orig_h, 7))
+    pad = (full_w - content) // 2
+    return 0, full_h, pad, full_w - 2 * pad
 
 
 def load_model(name_or_path: str | Path, **kwargs) -> Model:
