@@ -697,7 +697,7 @@ class Engine:
                         state.hidden,
                         attention_mask=mask,
                         position_ids=state.positions,
-                        past_key_values=cache,
+                        **{self.model.cache_kwarg: cache},
                         use_cache=True,
                         position_embeddings=cos_sin,
                     )
@@ -854,7 +854,7 @@ class Engine:
                     x,
                     attention_mask=mask,
                     position_ids=pos,
-                    past_key_values=cache,
+                    **{self.model.cache_kwarg: cache},
                     use_cache=True,
                     position_embeddings=self._rope(x, pos),
                 )

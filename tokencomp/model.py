@@ -7,6 +7,7 @@ Nothing here patches transformers: the engine calls these modules directly.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from functools import lru_cache
@@ -96,6 +97,12 @@ class Model:
         self._rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
         if self._rope is None:
             raise UnsupportedModelError(f"cannot find apply_rotary_pos_emb for {type(attn).__name__}")
+        # the decoder layers' KV-cache keyword: ``cache`` since transformers 5.24, ``past_key_values``
+        # before (5.24 still accepts the old name, with a warning, until 5.40)
+        params = inspect.signature(type(self.layers[0]).forward).parameters
+        self.cache_kwarg = next((k for k in ("cache", "past_key_values") if k in params), None)
+        if self.cache_kwarg is None:
+            raise UnsupportedModelError(f"decoder layer {type(self.layers[0]).__name__} takes no KV cache keyword")
         vc = cfg.vision_config
         self.view_size = vc.image_size
         self.grid = (vc.image_size // vc.patch_size, vc.image_size // vc.patch_size)
