@@ -2,7 +2,8 @@
 
 After decoder layer ``k`` (default 2) drop the fraction ``ratio`` (default 50%) of image tokens
 with the lowest head-mean attention they receive from the **last token** at layer ``k - 1``
-(the released code; the paper averages over all queries: ``query="text"``). Kept tokens keep
+(the released code). The paper averages over all queries; ``query="text"`` averages over the
+text-token queries only (image-token queries, an n x n map, are not offered). Kept tokens keep
 their position ids; the pruned tokens are gone from layer ``k`` on, KV cache included.
 ``budget`` (tokens kept) overrides ``ratio`` when given. On LLaVA-NeXT the image span includes
 the newline tokens, as in the authors' span-index implementation.

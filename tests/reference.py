@@ -73,3 +73,57 @@ def fastv_reference(hf, inputs: dict, image_token_id: int, k: int, ratio: float,
             x = run_layers(hf, x[:, sel], sel[None], range(k, L))
             tokens.append(int(logits_last(hf, x).argmax(-1)))
     return kept, first, tokens
+
+
+def pdrop_reference(hf, inputs: dict, image_token_id: int, boundaries, ratio: float, steps: int):
+    """PyramidDrop on one unpadded sample as its authors' code does it: at each boundary ``b`` the
+    hidden states leaving layer ``b - 1`` go through layer ``b``'s own ``input_layernorm``, q and k
+    projections and RoPE; the head-mean softmax row of the last token ranks the image tokens, the
+    top ``int(ratio * remaining)`` are kept and every kept token is renumbered 0..k-1.
+
+    Returns (kept original indices after the last stage, prefill last logits, greedy tokens by
+    no-cache recomputation with each stage's kept set fixed from the prefill).
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    lm = hf.model.language_model
+    L = len(lm.layers)
+    with torch.no_grad():
+        ids = inputs["input_ids"][0]
+        h = hf(**inputs, output_hidden_states=True).hidden_states[0]
+        x0 = h
+        kept = torch.arange(len(ids))
+        stages = [(0, kept)]  # (first layer, prompt tokens it runs on)
+        for b in boundaries:
+            start = stages[-1][0]
+            pos = torch.arange(len(kept))[None]
+            h = run_layers(hf, h, pos, range(start, b))
+            layer = lm.layers[b]
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            hd = attn.head_dim
+            q = attn.q_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2)
+            k = attn.k_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2)
+            cos, sin = lm.rotary_emb(h, pos)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k = repeat_kv(k, q.shape[1] // k.shape[1])
+            row = ((q[:, :, -1:] @ k.transpose(-1, -2)) * attn.scaling).softmax(-1)[0, :, 0].mean(0)
+            img = (ids[kept] == image_token_id).nonzero().flatten()
+            top = img[row[img].argsort(descending=True, stable=True)[: int(len(img) * ratio)]]
+            keep = ids[kept] != image_token_id
+            keep[top] = True
+            kept, h = kept[keep], h[:, keep]
+            stages.append((b, kept))
+        first = logits_last(hf, run_layers(hf, h, torch.arange(len(kept))[None], range(stages[-1][0], L)))
+        tokens = [int(first.argmax(-1))]
+        emb = lm.embed_tokens
+        for _ in range(steps - 1):
+            x = torch.cat([x0, emb(torch.tensor([tokens]))], dim=1)
+            for s, (start, sel) in enumerate(stages):
+                end = stages[s + 1][0] if s + 1 < len(stages) else L
+                if s:  # the stage's kept prompt tokens, then the decoded ones; renumbered
+                    prev = stages[s - 1][1]
+                    x = x[:, torch.cat([torch.searchsorted(prev, sel), torch.arange(len(prev), x.shape[1])])]
+                x = run_layers(hf, x, torch.arange(x.shape[1])[None], range(start, end))
+            tokens.append(int(logits_last(hf, x).argmax(-1)))
+    return kept, first, tokens

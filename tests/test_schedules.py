@@ -143,3 +143,32 @@ def test_compositions(deep, calib, combo):
         one = tc.Batch(one.input_ids[:, keep], one.attention_mask[:, keep], one.pixel_values)
         alone = tc.Engine(deep, combo()).prefill(one)
         torch.testing.assert_close(alone.logits[0], pre.logits[b], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scoring", ["preprune", "previous"])
+def test_pdrop_matches_the_authors_rule(model, images, scoring):
+    """PyramidDrop against a reference from the unmodified HF modules (tests/reference.py): layer b's
+    own attention before the drop, kept tokens renumbered, decoding included. The FastV-style
+    ``scoring="previous"`` must pick a different set on some sample (else the test shows nothing)."""
+    from conftest import hf_inputs
+    from reference import pdrop_reference
+
+    L = model.num_layers
+    method = tc.method("pdrop", scoring=scoring)
+    bounds = method.boundaries(L)
+    differs = False
+    for i in range(3):
+        batch = tc.prepare(model, [images[i]], [PROMPTS[i]])
+        kept, ref_logits, ref_tokens = pdrop_reference(
+            model.hf, hf_inputs(batch), model.image_token_id, bounds, 0.5, steps=4
+        )
+        tokens, pre = tc.Engine(model, method).generate(batch, max_new_tokens=4, eos_token_id=None)
+        same = pre.state.orig_index[0].tolist() == kept.tolist()
+        if scoring == "preprune":
+            assert same
+            assert pre.state.positions[0].tolist() == list(range(len(kept)))
+            torch.testing.assert_close(pre.logits[0], ref_logits[0], rtol=1e-4, atol=1e-4)
+            assert tokens[0] == ref_tokens
+        differs |= not same
+    if scoring == "previous":
+        assert differs

@@ -14,7 +14,9 @@ Position-id policy (one per stage, both switchable in `EngineOptions`):
   are spread evenly over their image's span.
 * ``llm_positions="original"`` (default): tokens dropped inside the LLM leave gaps; kept tokens
   keep their position ids (as FastV does). ``"contiguous"``: the kept tokens are renumbered
-  0..k-1 from the pruned layer on (earlier layers keep their numbering in the KV cache).
+  0..k-1 from the pruned layer on (earlier layers keep their numbering in the KV cache). A layer
+  strategy with ``llm_positions = "contiguous"`` (PyramidDrop, as its authors' code) renumbers at
+  its own pruning whatever the option says.
 Decoded tokens continue, in each layer, from that layer's last position + 1.
 """
 
@@ -39,6 +41,7 @@ from .strategy import (
     DECODER_NEEDS,
     NEWLINE,
     PAD,
+    PREPRUNE_NEEDS,
     TEXT,
     VISION_NEEDS,
     VISUAL,
@@ -216,7 +219,11 @@ class Engine:
         self.vision_capture_layers = sorted({n.layer % nl for n in self.needs if n.kind in VISION_NEEDS})
         self.vision_layers_run = max([f for f in self.feature_hidden] + [c + 1 for c in self.vision_capture_layers])
         self.decoder_captures = sorted(
-            {(n.layer, n.kind.rsplit("_", 1)[1]) for n in self.needs if n.kind in DECODER_NEEDS}
+            {
+                (n.layer, n.kind.rsplit("_", 1)[1], n.kind in PREPRUNE_NEEDS)
+                for n in self.needs
+                if n.kind in DECODER_NEEDS
+            }
         )
         self.frozen: dict[int, str] = {}  # layer -> the token type that passes through unchanged
         for s in self.freeze:
@@ -682,12 +689,21 @@ class Engine:
         cos_sin = self._rope(state.hidden, state.positions)
         mask = self._mask(state.valid, None, state.hidden.dtype)
         for i, layer in enumerate(m.layers):
+            early = [n for n in self.needs if n.kind in PREPRUNE_NEEDS and n.layer == i]
+            if early:  # layer i's own norm and q/k on the tokens entering it, before its pruning
+                normed = layer.input_layernorm(state.hidden)
+                got = {"input_layernorm": normed, "k_proj": layer.self_attn.k_proj(normed)}
+                for need in early:
+                    captures[need] = self._decoder_rows(layer, got, state, cos_sin, need.kind.rsplit("_", 1)[1])
+                    scores[need] = captures[need].mean(dim=(1, 2))
             if i in self.prune_at:
                 state, changed = self._prune(state, i, scores, input_images)
                 if changed:
                     cos_sin = self._rope(state.hidden, state.positions)
                     mask = self._mask(state.valid, None, state.hidden.dtype)
-            wanted = [n for n in self.needs if n.kind in DECODER_NEEDS and n.layer == i]
+            wanted = [
+                n for n in self.needs if n.kind in DECODER_NEEDS and n.kind not in PREPRUNE_NEEDS and n.layer == i
+            ]
             hooks = _capture(layer, ["input_layernorm"], {"k_proj": layer.self_attn.k_proj}) if wanted else _nothing()
             with hooks as got:
                 if i in self.frozen:
@@ -755,7 +771,8 @@ class Engine:
         new = state.gather(index, valid, self.options.kernel_backend)
         for need in scores:  # scores captured earlier follow their tokens into the new packing
             scores[need] = torch.gather(scores[need], 1, index)
-        if self.options.llm_positions == "contiguous":
+        wants = {getattr(s, "llm_positions", None) for s in self.prune_at[layer]}
+        if self.options.llm_positions == "contiguous" or "contiguous" in wants:
             new.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         return new, True
 

@@ -185,10 +185,14 @@ def run_flops(model, record: RunRecord, strategies=()) -> list[FlopsReport]:
             active = n - v if i in frozen else v if i in frozen_text else None  # tokens that get updates
             layers.append(dec.layer(n, text=active))
         overhead = views * record.vision_capture_layers * 2 * vis.tokens * vis.hidden  # CLS row: q . K
-        for layer, query in record.decoder_captures:
-            n = record.tokens_per_layer[b][layer]
-            rows = 1 if query == "last" else n - record.visual_per_layer[b][layer]
+        for layer, query, *preprune in record.decoder_captures:
+            early = bool(preprune and preprune[0])  # before the pruning at `layer`: the tokens leaving layer - 1
+            at = layer - 1 if early and layer > 0 else layer
+            n = record.tokens_per_layer[b][at]
+            rows = 1 if query == "last" else n - record.visual_per_layer[b][at]
             overhead += 2 * rows * dec.hidden * dec.heads * dec.head_dim + 2 * rows * n * dec.heads * dec.head_dim
+            if early:  # keys of every token, which the layer itself computes only for the kept ones
+                overhead += 2 * n * dec.hidden * dec.kv_heads * dec.head_dim
         for s in strategies:
             if hasattr(s, "overhead_flops"):
                 overhead += s.overhead_flops(model, record, b)

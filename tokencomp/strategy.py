@@ -31,7 +31,16 @@ VISION_NEEDS = (
     "vision_mean_attention",
 )
 CLS_NEEDS = ("vision_cls_attention", "vision_cls_logits", "vision_cls_query")  # towers with a CLS token only
-DECODER_NEEDS = ("decoder_attention_last", "decoder_attention_text")
+# decoder attention rows of layer L, from the last token or the text tokens: "decoder_attention_*"
+# while layer L runs (after any pruning before L); "decoder_preprune_attention_*" from layer L's own
+# norm and q/k projections of the hidden states entering L, before the pruning at L (PyramidDrop)
+DECODER_NEEDS = (
+    "decoder_attention_last",
+    "decoder_attention_text",
+    "decoder_preprune_attention_last",
+    "decoder_preprune_attention_text",
+)
+PREPRUNE_NEEDS = DECODER_NEEDS[2:]
 
 # token kinds in a sequence (`TokenLayout.kind`)
 PAD, TEXT, VISUAL, NEWLINE = 0, 1, 2, 3
@@ -315,10 +324,12 @@ class LayerContext:
         """``(B,)`` long: image-span tokens per sample."""
         return self.image_mask.sum(1)
 
-    def attention(self, layer: int, query: str = "last") -> torch.Tensor:
+    def attention(self, layer: int, query: str = "last", preprune: bool = False) -> torch.Tensor:
         """``(B, n)`` head-mean softmax attention at decoder ``layer`` from the last token
-        (``query="last"``) or averaged over all text tokens (``"text"``), on this layer's tokens."""
-        need = Need(f"decoder_attention_{query}", layer)
+        (``query="last"``) or averaged over all text tokens (``"text"``), on this layer's tokens.
+        ``preprune``: the ``decoder_preprune_attention_*`` capture (layer ``layer``'s attention
+        computed before the pruning at that layer) instead of the one taken while it ran."""
+        need = Need(f"decoder_{'preprune_' if preprune else ''}attention_{query}", layer)
         if need not in self.scores:
             raise KeyError(f"{need} was not captured; declare it in needs() (captured: {sorted(self.scores)})")
         return self.scores[need]
@@ -342,7 +353,9 @@ class LayerStrategy(Strategy):
 
     Implement ``prune_layers(num_layers) -> list[int]`` (layers before which ``keep`` runs) and
     ``keep(ctx) -> (B, n) bool``; text tokens are always kept whatever ``keep`` returns, and a
-    dropped token stays dropped in every later layer and in the KV cache.
+    dropped token stays dropped in every later layer and in the KV cache. A strategy whose
+    ``llm_positions`` attribute is ``"contiguous"`` has the kept tokens renumbered 0..k-1 at its
+    pruning (see `tokencomp.engine`); otherwise `EngineOptions.llm_positions` decides.
     """
 
     stage: ClassVar[str] = "layer"
