@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import PROMPTS, hf_inputs, make_images
 
@@ -170,3 +171,27 @@ def test_next_pooled_grid_unpads_the_image_content(models):
         _, _, _, height, _, width = model.crop_region((im.size[1], im.size[0]), grid)
         assert pre.record.visual_tokens_llm[b] == grid[0] * grid[1] + height * width
         assert int((pre.input_state.kind[b] == NEWLINE).sum()) == height
+
+
+def test_random_draws_per_image_and_is_stable_in_a_batch(models):
+    """``random`` draws a different token set for each image, the same for an image alone, twice in
+    a batch or padded among NeXT images with more crops; ``draw="fixed"`` keeps one mask for all."""
+    for family in ("llava", "llava-next"):
+        model = models[family]
+        ims = make_images([(60, 100), (100, 70), (90, 90)], seed=8)
+        images = [ims[0], ims[1], ims[2], ims[0]]
+        prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[1]]
+
+        def kept(strat, imgs, prm, model=model):
+            st = tc.Engine(model, strat).prefill(tc.prepare(model, imgs, prm)).input_state
+            return [st.layout(b)["patch"][st.layout(b)["view"] == 0].tolist() for b in range(len(imgs))]
+
+        got = kept(tc.method("random", budget=6), images, prompts)
+        assert got[0] == got[3]  # the same image, twice in one batch
+        assert len({tuple(g) for g in got[:3]}) == 3  # three images, three draws
+        assert kept(tc.method("random", budget=6), [ims[1]], [PROMPTS[2]])[0] == got[1]  # alone
+        assert kept(tc.method("random", budget=6, seed=1), images[:1], prompts[:1])[0] != got[0]
+        fixed = kept(tc.method("random", budget=6, draw="fixed"), images, prompts)
+        assert all(f == fixed[0] for f in fixed)
+    with pytest.raises(tc.TokencompError, match="draw must be"):
+        tc.method("random", draw="each")

@@ -370,6 +370,7 @@ class Engine:
             crop_grid=crop_grid,
             captures=captures,
             backend=self.options.kernel_backend,
+            pixels=pixel,
         )
         if self.vision is None:
             n = m.patches_per_view

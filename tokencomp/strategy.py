@@ -15,6 +15,7 @@ Vision kinds index the vision tower's encoder layers (negative counts from the e
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, NamedTuple
 
@@ -153,6 +154,7 @@ class VisionView:
         crop_grid: per image ``(rows, cols)`` of its crop grid, ``(0, 0)`` without crops.
         captures: captured scores, keyed by `Need`; read them through the accessors below.
         backend: token-kernel backend of this run (pass it to `kernels` calls).
+        pixels: ``(V, 3, H, W)`` the views' pixel values as the tower saw them (see `content_key`).
     """
 
     features: torch.Tensor
@@ -165,10 +167,19 @@ class VisionView:
     crop_grid: list[tuple[int, int]]
     captures: dict[Need, torch.Tensor] = field(default_factory=dict)
     backend: str = "auto"
+    pixels: torch.Tensor | None = None
 
     @property
     def num_views(self) -> int:
         return self.features.shape[0]
+
+    def content_key(self) -> list[int]:
+        """Per view, a 56-bit hash of its pixel values' bytes: an id that differs between images
+        and is the same for an image alone or in a batch (for seeding per-image randomness)."""
+        if self.pixels is None:
+            raise KeyError("this view carries no pixel values")
+        raw = self.pixels.detach().cpu().contiguous().flatten(1).view(torch.uint8)  # any dtype's bytes
+        return [int.from_bytes(hashlib.blake2b(r.numpy().tobytes(), digest_size=7).digest(), "little") for r in raw]
 
     def _get(self, kind: str, layer: int) -> torch.Tensor:
         for need, value in self.captures.items():
