@@ -18,7 +18,9 @@ logits q·k/sqrt(d_head), patches only. With the global retention ratio R (``rat
 6. Unpadding as the uncompressed model. Newline tokens (``newline_rows``): ``"model"`` one after
    every unpadded row, as the uncompressed model; ``"code"`` one after every row of the padded crop
    grid, as the released code emits them. (The released code also places kept tokens of padded
-   crops by their index in the unpadded list, shifting them in the grid; that bug is not reproduced.)
+   crops by their index in the unpadded list, shifting them in the grid; that bug is not reproduced.
+   Nor is its reading of the first image's scores for every image of a batch: here each image is
+   scored by its own views.)
 
 Scores come from the engine's SDPA-compatible capture (the CLS row of one layer only).
 """

@@ -38,7 +38,7 @@ import torch
 import tokencomp as tc
 from tokencomp.metrics import exact_match
 from tokencomp.profiler import prefill_flops_from_config
-from tokencomp.strategy import check_ratio
+from tokencomp.strategy import check_int, check_ratio
 
 # Published LLaVA-1.5-7B G-Search schedule (read off the paper's plot; 1-indexed layers 1..31 given,
 # layer 32 takes layer 31's value).
@@ -210,6 +210,7 @@ def gsearch(
         A schedule dict: ``keep`` (L rates), ``loss``, ``evaluations``, and the settings.
     """
     L = model.num_layers
+    check_int("first_pruned (first layer that may be pruned)", first_pruned, 1, L - 1)
     ev = _Evaluator(model, batches, metric, answers, query)
     rates = [1.0] * L
 
@@ -289,6 +290,7 @@ def psigmoid(
 
     check_ratio("flops_ratio", flops_ratio, 0.0, 1.0)
     L = model.num_layers
+    check_int("first_pruned (first layer that may be pruned)", first_pruned, 1, L - 1)
     first = batches[0]
     spans = tc.Engine(model).image_spans(first)
     n_visual = sum(c for _, c in spans[0])

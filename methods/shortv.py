@@ -176,6 +176,8 @@ class ShortV(tc.FreezeStrategy):
         given = [x is not None for x in (self.layers, self.preset, self.calibration)]
         if sum(given) != 1:
             raise tc.TokencompError("give exactly one of layers=, preset= or calibration= to shortv")
+        if self.n is not None and self.calibration is None:
+            raise tc.TokencompError("n= (how many layers to freeze) applies to calibration= only")
         if self.preset is not None and self.preset not in PRESETS:
             raise tc.TokencompError(f"unknown ShortV preset {self.preset!r}; presets: {sorted(PRESETS)}")
         if self.calibration is not None:

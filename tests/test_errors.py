@@ -73,6 +73,20 @@ def test_bad_ratio_at_construction():
         tc.method("fastv", ratio=1.0)
 
 
+def test_bad_in_llm_settings_before_any_work(models):
+    from methods.gsearch import gsearch, psigmoid
+
+    with pytest.raises(tc.TokencompError, match="n= .* applies to calibration= only"):
+        tc.method("shortv", layers=(1, 2), n=3)
+    with pytest.raises(tc.TokencompError, match="scoring must be"):
+        tc.method("pdrop", scoring="next")
+    model = models["llava"]
+    for search in (gsearch, lambda m, b, first_pruned: psigmoid(m, b, 0.5, first_pruned=first_pruned)):
+        for bad in (0, model.num_layers):
+            with pytest.raises(tc.BudgetError, match=f"first_pruned .*={bad} is outside the allowed range"):
+                search(model, [], first_pruned=bad)  # no calibration batches: it must stop before using them
+
+
 def test_method_model_cannot_serve(models, images):
     llava = models["llava"]
     calls = []
