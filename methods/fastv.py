@@ -2,8 +2,9 @@
 
 After decoder layer ``k`` (default 2) drop the fraction ``ratio`` (default 50%) of image tokens
 with the lowest head-mean attention they receive from the **last token** at layer ``k - 1``
-(the released code). The paper averages over all queries; ``query="text"`` averages over the
-text-token queries only (image-token queries, an n x n map, are not offered). Kept tokens keep
+(the released code). ``query="all"``: the attention each image token receives averaged over all
+queries, as the paper describes it (computed a chunk of rows at a time, no n x n map kept);
+``"text"``: averaged over the text-token queries only. Kept tokens keep
 their position ids; the pruned tokens are gone from layer ``k`` on, KV cache included.
 ``budget`` (tokens kept) overrides ``ratio`` when given. On LLaVA-NeXT the image span includes
 the newline tokens, as in the authors' span-index implementation.
@@ -24,8 +25,8 @@ class FastV(tc.LayerStrategy):
 
     def __post_init__(self) -> None:
         check_ratio("ratio", self.ratio, 0.0, 1.0, open_high=True)
-        if self.query not in ("last", "text"):
-            raise tc.TokencompError(f"query must be 'last' or 'text', got {self.query!r}")
+        if self.query not in ("last", "text", "all"):
+            raise tc.TokencompError(f"query must be 'last', 'text' or 'all', got {self.query!r}")
 
     def check(self, info: tc.RunInfo) -> None:
         if self.budget is not None:

@@ -38,8 +38,10 @@ def embeds(hf, batch_one: dict) -> torch.Tensor:
     return out.hidden_states[0]
 
 
-def fastv_reference(hf, inputs: dict, image_token_id: int, k: int, ratio: float, steps: int):
+def fastv_reference(hf, inputs: dict, image_token_id: int, k: int, ratio: float, steps: int, query: str = "last"):
     """FastV on one unpadded sample, from eager attentions and an explicitly shortened sequence.
+    Image tokens are ranked by the head-mean attention of layer ``k - 1`` from the last token
+    (``query="last"``), averaged over the text tokens' rows (``"text"``) or over every row (``"all"``).
 
     Returns (kept original indices, prefill last logits, greedy tokens by no-cache recomputation).
     """
@@ -48,7 +50,9 @@ def fastv_reference(hf, inputs: dict, image_token_id: int, k: int, ratio: float,
         ids = inputs["input_ids"][0]
         n = ids.shape[0]
         img = (ids == image_token_id).nonzero().flatten()
-        score = out.attentions[k - 1][0, :, -1, :].mean(0)[img]
+        att = out.attentions[k - 1][0].mean(0)  # (n, n) head mean
+        rows = {"last": att[-1:], "text": att[ids != image_token_id], "all": att}[query]
+        score = rows.mean(0)[img]
         n_keep = int(len(img) * (1 - ratio))
         top = img[score.argsort(descending=True, stable=True)[:n_keep]]
         keep = torch.ones(n, dtype=torch.bool)

@@ -30,6 +30,7 @@ METHODS = {
     "pool": lambda: tc.method("pool", budget=9),
     "fastv": lambda: tc.method("fastv", k=2, ratio=0.5),
     "fastv-text": lambda: tc.method("fastv", k=1, ratio=0.7, query="text"),
+    "fastv-all": lambda: tc.method("fastv", k=2, ratio=0.5, query="all"),
     "pdrop": lambda: tc.method("pdrop"),  # scores before each drop: extra keys of the tokens entering
     "pdrop-text": lambda: tc.method("pdrop", query="text", layers=(1, 3)),
     "freeze": lambda: tc.method("freeze", layers=(0, 2, 3)),

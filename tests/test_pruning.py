@@ -10,13 +10,17 @@ from reference import fastv_reference
 import tokencomp as tc
 
 
-@pytest.mark.parametrize("k,ratio", [(2, 0.5), (1, 0.75), (3, 0.25)])
-def test_fastv_matches_reference_prefill_and_decode(model, images, k, ratio):
+@pytest.mark.parametrize(
+    "k,ratio,query", [(2, 0.5, "last"), (1, 0.75, "last"), (3, 0.25, "last"), (2, 0.5, "all"), (1, 0.75, "text")]
+)
+def test_fastv_matches_reference_prefill_and_decode(model, images, k, ratio, query):
     hf = eager_copy(model)
     for i in range(2):
         batch = tc.prepare(model, [images[i]], [PROMPTS[i]])
-        kept, ref_logits, ref_tokens = fastv_reference(hf, hf_inputs(batch), model.image_token_id, k, ratio, steps=6)
-        tokens, pre = tc.Engine(model, tc.method("fastv", k=k, ratio=ratio)).generate(
+        kept, ref_logits, ref_tokens = fastv_reference(
+            hf, hf_inputs(batch), model.image_token_id, k, ratio, steps=6, query=query
+        )
+        tokens, pre = tc.Engine(model, tc.method("fastv", k=k, ratio=ratio, query=query)).generate(
             batch, max_new_tokens=6, eos_token_id=None
         )
         assert pre.state.orig_index[0].tolist() == kept.tolist()
@@ -76,3 +80,20 @@ def test_kv_lengths_stop_at_each_samples_eos(models, images):
     for b in range(3):
         prefill = [int(n) for n in pre.record.tokens_per_layer[b]]
         assert pre.record.kv_cache_lengths[b] == [n + len(tokens[b]) - 1 for n in prefill]
+
+
+def test_mean_attention_rows_do_not_depend_on_the_chunk_size(models, images, monkeypatch):
+    """Scores averaged over many query rows are computed a chunk of rows at a time; a chunk of 7
+    rows (many chunks, a ragged last one) gives the scores of one chunk holding every row."""
+    import tokencomp.engine as engine
+
+    model = models["llava-next"]
+    batch = tc.prepare(model, images, PROMPTS)
+    need = tc.Need("decoder_attention_all", 1)
+    got = {}
+    for chunk in (10_000, 7):
+        monkeypatch.setattr(engine, "ROW_CHUNK", chunk)
+        pre = tc.Engine(model, tc.method("fastv", k=2, ratio=0.5, query="all")).prefill(batch)
+        assert batch.input_ids.shape[1] > 7 * 3
+        got[chunk] = pre.captures[need]
+    torch.testing.assert_close(got[7], got[10_000], rtol=1e-5, atol=1e-7)

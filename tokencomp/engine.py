@@ -57,6 +57,8 @@ from .strategy import (
     check_int,
 )
 
+ROW_CHUNK = 256  # query rows per attention-rows call when scores average over many queries
+
 
 @dataclass
 class EngineOptions:
@@ -778,7 +780,9 @@ class Engine:
         return new, True
 
     def _decoder_rows(self, layer, got, state: SeqState, cos_sin, query: str) -> torch.Tensor:
-        """Per-head softmax attention rows ``(B, heads, rows, n)`` from the captured norm output and keys."""
+        """Per-head softmax attention rows from the captured norm output and keys: ``(B, heads, 1, n)``,
+        the last token's row (``query="last"``) or the mean row over the text tokens (``"text"``) or
+        all tokens (``"all"``), computed ``ROW_CHUNK`` query rows at a time (no n x n map kept)."""
         m = self.model
         attn = layer.self_attn
         x, k = got["input_layernorm"], got["k_proj"]
@@ -789,18 +793,22 @@ class Engine:
             rows = torch.full((b, 1), n - 1, device=x.device)
             row_ok = torch.ones(b, 1, dtype=torch.bool, device=x.device)
         else:
-            rows, row_ok = repack(state.valid & (state.kind == TEXT))
+            rows, row_ok = repack(state.valid & (state.kind == TEXT) if query == "text" else state.valid)
         gather = self._gather
-        q = attn.q_proj(gather(x, rows)).view(b, rows.shape[1], -1, hd).transpose(1, 2)
-        q = m.apply_rope(q, gather(cos, rows), gather(sin, rows))
         kh = m.apply_rope(k.view(b, n, -1, hd).transpose(1, 2), cos, sin)  # (B, H_kv, n, hd)
-        _, probs = kernels.attention_rows(
-            q, kh, attn.scaling, state.valid, rows, backend=self.options.kernel_backend
-        )  # (B, H, r, n)
-        probs = probs.masked_fill(~row_ok[:, None, :, None], 0.0)
-        if query != "last":  # mean over the real text rows, kept per head
-            probs = probs.sum(2, keepdim=True) / row_ok.sum(1).clamp(min=1)[:, None, None, None]
-        return probs
+        total = None
+        for s in range(0, rows.shape[1], ROW_CHUNK):
+            r, ok = rows[:, s : s + ROW_CHUNK], row_ok[:, s : s + ROW_CHUNK]
+            q = attn.q_proj(gather(x, r)).view(b, r.shape[1], -1, hd).transpose(1, 2)
+            q = m.apply_rope(q, gather(cos, r), gather(sin, r))
+            _, probs = kernels.attention_rows(
+                q, kh, attn.scaling, state.valid, r, backend=self.options.kernel_backend
+            )  # (B, H, chunk, n)
+            part = probs.masked_fill(~ok[:, None, :, None], 0.0).sum(2, keepdim=True)
+            total = part if total is None else total + part
+        if total is None:  # no query rows at all
+            return x.new_zeros((b, attn.config.num_attention_heads, 1, n), dtype=torch.float32)
+        return total / row_ok.sum(1).clamp(min=1)[:, None, None, None]
 
     def _frozen_layer(
         self, layer, idx: int, state: SeqState, cos_sin, cache: LayerKVCache, frozen: str = "visual"

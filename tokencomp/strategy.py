@@ -32,16 +32,13 @@ VISION_NEEDS = (
     "vision_mean_attention",
 )
 CLS_NEEDS = ("vision_cls_attention", "vision_cls_logits", "vision_cls_query")  # towers with a CLS token only
-# decoder attention rows of layer L, from the last token or the text tokens: "decoder_attention_*"
-# while layer L runs (after any pruning before L); "decoder_preprune_attention_*" from layer L's own
-# norm and q/k projections of the hidden states entering L, before the pruning at L (PyramidDrop)
-DECODER_NEEDS = (
-    "decoder_attention_last",
-    "decoder_attention_text",
-    "decoder_preprune_attention_last",
-    "decoder_preprune_attention_text",
-)
-PREPRUNE_NEEDS = DECODER_NEEDS[2:]
+# decoder attention rows of layer L, from the last token, averaged over the text tokens or over all
+# tokens (DECODER_QUERIES): "decoder_attention_*" while layer L runs (after any pruning before L);
+# "decoder_preprune_attention_*" from layer L's own norm and q/k projections of the hidden states
+# entering L, before the pruning at L (PyramidDrop)
+DECODER_QUERIES = ("last", "text", "all")
+PREPRUNE_NEEDS = tuple(f"decoder_preprune_attention_{q}" for q in DECODER_QUERIES)
+DECODER_NEEDS = tuple(f"decoder_attention_{q}" for q in DECODER_QUERIES) + PREPRUNE_NEEDS
 
 # token kinds in a sequence (`TokenLayout.kind`)
 PAD, TEXT, VISUAL, NEWLINE = 0, 1, 2, 3
@@ -337,7 +334,8 @@ class LayerContext:
 
     def attention(self, layer: int, query: str = "last", preprune: bool = False) -> torch.Tensor:
         """``(B, n)`` head-mean softmax attention at decoder ``layer`` from the last token
-        (``query="last"``) or averaged over all text tokens (``"text"``), on this layer's tokens.
+        (``query="last"``), averaged over the text tokens (``"text"``) or over every token
+        (``"all"``; causal, so a token receives from those after it), on this layer's tokens.
         ``preprune``: the ``decoder_preprune_attention_*`` capture (layer ``layer``'s attention
         computed before the pruning at that layer) instead of the one taken while it ran."""
         need = Need(f"decoder_{'preprune_' if preprune else ''}attention_{query}", layer)
