@@ -18,8 +18,8 @@ lowers any single layer by one step while that still passes, so the result is a 
 lowering any one layer by one more step breaks the tolerance.
 
 **P-Sigmoid** (`psigmoid`): ``r(i) = b + (1 - b) / (1 + exp(k (i - alpha)))`` for i >= 2 (1 before);
-``b`` is the largest value meeting a FLOPs budget (a fraction of the unreduced LLM prefill FLOPs,
-by bisection), and (k, alpha) are tuned by Bayesian optimisation (the `bayesian-optimization`
+``b`` is the largest value meeting a FLOPs budget (a fraction of the unreduced LLM prefill FLOPs
+summed over the calibration prompts, by bisection), and (k, alpha) are tuned by Bayesian optimisation (the `bayesian-optimization`
 library) for calibration quality. The paper's formula is not public; this is the documented form
 METHODS.md accepts.
 
@@ -262,13 +262,29 @@ def psigmoid_rates(num_layers: int, k: float, alpha: float, b: float, first_prun
     return out
 
 
-def schedule_flops_ratio(model: tc.Model, rates, n_visual: int, n_text: int) -> float:
-    """LLM prefill FLOPs of ``rates`` over the unreduced prefill, with the engine's rounding."""
+def calibration_shapes(model: tc.Model, batches) -> list[tuple[int, int]]:
+    """``(visual, text)`` prompt tokens of every sample of ``batches`` (image spans, newlines included)."""
+    shapes = []
+    for batch in batches:
+        for i, spans in enumerate(tc.Engine(model).image_spans(batch)):
+            n_visual = sum(c for _, c in spans)
+            shapes.append((n_visual, int(batch.attention_mask[i].sum()) - n_visual))
+    return shapes
+
+
+def schedule_flops_ratio(
+    model: tc.Model, rates, n_visual: int = 0, n_text: int = 0, shapes: list[tuple[int, int]] | None = None
+) -> float:
+    """LLM prefill FLOPs of ``rates`` over the unreduced prefill, with the engine's rounding, for one
+    prompt of ``n_visual`` + ``n_text`` tokens, or summed over the ``(visual, text)`` prompts ``shapes``
+    (`calibration_shapes`) before dividing."""
     cfg = model.hf.config.text_config
-    keep = [round(min(rates[: i + 1]) * n_visual) for i in range(len(rates))]
-    return prefill_flops_from_config(cfg, n_visual, n_text, keep=keep) / prefill_flops_from_config(
-        cfg, n_visual, n_text
-    )
+    kept = full = 0.0
+    for nv, nt in shapes or [(n_visual, n_text)]:
+        keep = [round(min(rates[: i + 1]) * nv) for i in range(len(rates))]
+        kept += prefill_flops_from_config(cfg, nv, nt, keep=keep)
+        full += prefill_flops_from_config(cfg, nv, nt)
+    return kept / full
 
 
 def psigmoid(
@@ -291,22 +307,19 @@ def psigmoid(
     check_ratio("flops_ratio", flops_ratio, 0.0, 1.0)
     L = model.num_layers
     check_int("first_pruned (first layer that may be pruned)", first_pruned, 1, L - 1)
-    first = batches[0]
-    spans = tc.Engine(model).image_spans(first)
-    n_visual = sum(c for _, c in spans[0])
-    n_text = int(first.attention_mask[0].sum()) - n_visual
+    shapes = calibration_shapes(model, batches)
     alpha_bounds = alpha_bounds or (float(first_pruned), float(L - 1))
+
+    def ratio(rates) -> float:
+        return schedule_flops_ratio(model, rates, shapes=shapes)
 
     def solve_b(k: float, alpha: float) -> float:
         lo, hi = 0.0, 1.0
-        if schedule_flops_ratio(model, psigmoid_rates(L, k, alpha, 0.0, first_pruned), n_visual, n_text) > flops_ratio:
+        if ratio(psigmoid_rates(L, k, alpha, 0.0, first_pruned)) > flops_ratio:
             return -1.0  # infeasible even with b = 0
         for _ in range(40):
             mid = (lo + hi) / 2
-            if (
-                schedule_flops_ratio(model, psigmoid_rates(L, k, alpha, mid, first_pruned), n_visual, n_text)
-                <= flops_ratio
-            ):
+            if ratio(psigmoid_rates(L, k, alpha, mid, first_pruned)) <= flops_ratio:
                 lo = mid
             else:
                 hi = mid
@@ -317,7 +330,7 @@ def psigmoid(
     def objective(k: float, alpha: float) -> float:
         b = solve_b(k, alpha)
         if b < 0:  # over budget even at b = 0: penalised by how far over, so the search moves back
-            over = schedule_flops_ratio(model, psigmoid_rates(L, k, alpha, 0.0, first_pruned), n_visual, n_text)
+            over = ratio(psigmoid_rates(L, k, alpha, 0.0, first_pruned))
             return -1e3 * (1 + over - flops_ratio)
         return -ev.loss(psigmoid_rates(L, k, alpha, b, first_pruned))
 
@@ -338,7 +351,7 @@ def psigmoid(
         "model": model.name,
         "params": {"k": best["k"], "alpha": best["alpha"], "b": b},
         "flops_ratio_budget": flops_ratio,
-        "flops_ratio": schedule_flops_ratio(model, rates, n_visual, n_text),
+        "flops_ratio": ratio(rates),
         "loss": -opt.max["target"],
         "evaluations": ev.evaluations,
     }
