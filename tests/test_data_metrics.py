@@ -8,7 +8,7 @@ import pytest
 
 import tokencomp as tc
 from tokencomp.data import JsonlDataset, prompt
-from tokencomp.metrics import exact_match, normalize, vqa_accuracy, yes_no, yes_no_scores
+from tokencomp.metrics import answer_score, exact_match, normalize, vqa_accuracy, yes_no, yes_no_scores
 
 
 def test_normalize_and_exact_match():
@@ -17,6 +17,18 @@ def test_normalize_and_exact_match():
     assert exact_match("two", ["2"]) == 1.0
     assert exact_match("a blue square.", ["Blue square"]) == 1.0
     assert exact_match("blue", ["red", "green"]) == 0.0
+    # a one-letter answer "a" (tc-scenes' read questions) is not an article to drop
+    assert exact_match("A", ["a"]) == 1.0
+    assert exact_match("", ["a"]) == 0.0 and exact_match("the", ["a"]) == 0.0 and exact_match("an", ["a"]) == 0.0
+
+
+def test_answer_score_soft_accuracy_only_for_ten_answers():
+    assert answer_score("two", ["2", "two"]) == 1.0  # synonyms: exact match against any
+    assert answer_score("red", ["red", "red", "red"]) == 1.0
+    assert answer_score("blue", ["red", "green"]) == 0.0
+    ten = ["red"] * 2 + ["blue"] * 8
+    assert answer_score("red", ten) == pytest.approx(vqa_accuracy("red", ten))
+    assert answer_score("red", ten) < 1.0
 
 
 def test_vqa_soft_accuracy():

@@ -6,8 +6,8 @@ JSONL format, one sample per line (paths relative to the file's folder or absolu
     {"id": "q0", "image": "images/0.png", "question": "what color is the circle?",
      "answers": ["red"], "type": "attribute"}
 
-``answers`` holds one or more reference answers (VQA-style lists of 10 work with the VQA soft
-metric); ``type`` names the question type (e.g. ``yes/no``, ``count``) for per-type scores. Real
+``answers`` holds one or more reference answers (a VQA-style list of 10 human answers is scored
+with the VQA soft metric, a shorter list by exact match against any); ``type`` names the question type (e.g. ``yes/no``, ``count``) for per-type scores. Real
 benchmark exports on disk (GQA, POPE, TextVQA, MME) plug in by writing them in this format.
 """
 

@@ -11,11 +11,12 @@ _ARTICLES = {"a", "an", "the"}
 
 
 def normalize(text: str) -> str:
-    """Lower-case, drop punctuation and articles, number words to digits, collapse spaces."""
+    """Lower-case, drop punctuation and articles, number words to digits, collapse spaces. A text of
+    articles only keeps them (the answer "a", a letter, stays "a" and matches neither "" nor "the")."""
     text = text.lower().strip()
     text = text.translate(str.maketrans({c: " " for c in string.punctuation}))
-    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
-    return " ".join(words)
+    words = [_NUMBERS.get(w, w) for w in text.split()]
+    return " ".join([w for w in words if w not in _ARTICLES] or words)
 
 
 def exact_match(prediction: str, answers: list[str]) -> float:
@@ -35,10 +36,16 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     return sum(scores) / len(scores)
 
 
+VQA_ANSWERS = 10  # VQAv2, TextVQA and VizWiz give ten human answers per question
+
+
 def answer_score(prediction: str, answers: list[str]) -> float:
-    """The harness's score of one answer: VQA soft accuracy for multi-reference items (VQA-style
-    lists), normalised exact match for a single reference."""
-    return vqa_accuracy(prediction, answers) if len(answers) > 1 else exact_match(prediction, answers)
+    """The harness's score of one answer: VQA soft accuracy for a list of ten human answers (the
+    VQA-style datasets), normalised exact match against any reference otherwise (one answer or a
+    few accepted synonyms, which soft accuracy would cap below 1)."""
+    if len(answers) >= VQA_ANSWERS:
+        return vqa_accuracy(prediction, answers)
+    return exact_match(prediction, answers)
 
 
 def scores_by_type(rows: list[dict]) -> dict[str, float]:
