@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import PROMPTS
 
 import tokencomp as tc
@@ -123,3 +124,26 @@ def test_composition_errors(model):
         tc.Engine(model, [tc.method("random"), tc.method("pool")])
     with pytest.raises(tc.TokencompError, match="expected a tokencomp strategy"):
         tc.Engine(model, ["fastv"])
+
+
+class _Uneven(tc.VisionStrategy):
+    """Keeps 5 tokens of the first view and 15 of the others: samples of different lengths."""
+
+    def select(self, view):
+        return [torch.arange(5 if v == 0 else 15) for v in range(view.num_views)]
+
+
+def test_flash_attention_refuses_samples_of_different_lengths(models, images, monkeypatch):
+    """FlashAttention would read the engine's (B, 1, q, n) mask as a padding mask: a clear error
+    before the first decoder layer runs, instead of wrong attention."""
+    model = models["llava"]
+    batch = tc.prepare(model, images[:2], [PROMPTS[0]] * 2)  # no padding in the prompt
+    calls = []
+    h = model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    monkeypatch.setattr(model, "attn_implementation", "flash_attention_2")
+    try:
+        with pytest.raises(tc.TokencompError, match="cannot run samples of different lengths"):
+            tc.Engine(model, _Uneven()).prefill(batch)
+    finally:
+        h.remove()
+    assert calls == []

@@ -80,6 +80,18 @@ def test_vision_original_positions_option(models, images):
     assert gap == model.patches_per_view - 6
     pre2 = tc.Engine(model, strat).prefill(batch)
     assert pre2.input_state.positions[0].tolist() == list(range(pre2.input_state.positions.shape[1]))
+    # merged tokens (no single source) are spread over the image's span; kept patches keep their place
+    opts = tc.EngineOptions(vision_positions="original")
+    st = tc.Engine(model, tc.method("visionzip", dominant=4, contextual=3), opts).prefill(batch).input_state
+    img = st.kind[0] == VISUAL
+    src, pos = st.orig_index[0][img], st.positions[0][img]
+    start = int(st.orig_index[0][img & (st.orig_index[0] >= 0)].min()) - int(
+        st.patch[0][img & (st.patch[0] >= 0)].min()
+    )
+    assert (src >= 0).sum() == 3 and (src < 0).sum() == 4  # CLS and contextual tokens have no single source
+    assert torch.equal(pos[src >= 0], src[src >= 0])
+    n = model.patches_per_view
+    assert pos[src < 0].tolist() == [start + j * n // 4 for j in range(4)]
 
 
 def test_multi_image_prompt_llava(models):
@@ -195,3 +207,21 @@ def test_random_draws_per_image_and_is_stable_in_a_batch(models):
         assert all(f == fixed[0] for f in fixed)
     with pytest.raises(tc.TokencompError, match="draw must be"):
         tc.method("random", draw="each")
+
+
+def test_next_text_only_prompts_and_extreme_aspect_ratios(models):
+    """LLaVA-NeXT serves prompts without images, and images so narrow that unpadding keeps no crop
+    column (only newline tokens), as the unmodified model does."""
+    model = models["llava-next"]
+    out = tc.generate(model, [None, None], ["USER : how many ? ASSISTANT :", "USER : what ? ASSISTANT :"])
+    ref = tc.generate(models["llava-next"], [None], ["USER : how many ? ASSISTANT :"])
+    assert out.tokens[0] == ref.tokens[0] and out.record.visual_tokens_llm == [0, 0]
+    ims = make_images([(290, 17), (17, 290)], seed=9)
+    for im in ims:
+        size = (im.size[1], im.size[0])
+        _, _, _, height, _, width = model.crop_region(size)
+        assert height * width == 0 and model.image_token_count(size) == model.patches_per_view + height * (width + 1)
+    batch = tc.prepare(model, ims, PROMPTS[:2])
+    with torch.no_grad():
+        hf_logits = model.hf(**hf_inputs(batch)).logits[:, -1].float()
+    torch.testing.assert_close(tc.Engine(model).prefill(batch).logits, hf_logits, rtol=1e-4, atol=1e-4)

@@ -276,7 +276,7 @@ class Engine:
         return spans
 
     def _image_sizes(self, batch: Batch, n_images: int) -> list[tuple[int, int]]:
-        if self.model.family == "llava":
+        if self.model.family == "llava" or n_images == 0:
             return [(self.model.view_size, self.model.view_size)] * n_images
         if batch.image_sizes is None or batch.image_sizes.shape[0] != n_images:
             raise InputMismatchError("LLaVA-NeXT needs image_sizes with one (height, width) row per image")
@@ -617,10 +617,12 @@ class Engine:
                 )
                 off = tok["offset"]
                 orig = torch.where(off >= 0, start + off, off)
-                if bool((off >= 0).all()):
-                    pos = start + off
-                else:  # no single source for some tokens: spread the image's tokens over its span
-                    pos = start + torch.arange(k, device=dev) * length // max(k, 1)
+                # tokens with a source keep their place; those without (merged, pooled) are spread
+                # evenly over the image's span
+                none = off < 0
+                spread = torch.zeros_like(off)
+                spread[none] = torch.arange(int(none.sum()), device=dev) * length // max(int(none.sum()), 1)
+                pos = start + torch.where(none, spread, off)
                 pieces["hidden"].append(tok["feats"].to(emb.dtype))
                 pieces["kind"].append(tok["kind"])
                 pieces["orig"].append(orig)
@@ -660,11 +662,16 @@ class Engine:
         """
         b, n = key_valid.shape
         dev = key_valid.device
+        impl = self.model.attn_implementation
         if query_index is None:
-            impl = self.model.attn_implementation
             if bool(key_valid.all()) and (impl == "sdpa" or impl.startswith("flash")):
                 return None  # plain causal: SDPA's fast path, FlashAttention's causal kernel
             query_index = torch.arange(n, device=dev).expand(b, n)
+        if impl.startswith("flash"):  # it would read a (B, 1, q, n) mask as a 2-D padding mask
+            raise TokencompError(
+                f"attn_implementation {impl!r} cannot run samples of different lengths (per-sample keep "
+                "counts, or a sample that stopped decoding before the others); load the model with 'sdpa'"
+            )
         allowed = key_valid[:, None, :] & (torch.arange(n, device=dev)[None, None, :] <= query_index[:, :, None])
         allowed |= ~allowed.any(-1, keepdim=True)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
@@ -686,8 +693,8 @@ class Engine:
         L = m.num_layers
         cache = LayerKVCache(L)
         bsz = state.hidden.shape[0]
-        tokens = torch.zeros(bsz, L, dtype=torch.long)
-        visual = torch.zeros(bsz, L, dtype=torch.long)
+        tokens = torch.zeros(bsz, L, dtype=torch.long, device=state.hidden.device)  # read once at the end:
+        visual = torch.zeros_like(tokens)  # no host sync per layer
         scores: dict[Need, torch.Tensor] = {}
         cos_sin = self._rope(state.hidden, state.positions)
         mask = self._mask(state.valid, None, state.hidden.dtype)
@@ -726,8 +733,8 @@ class Engine:
                 scores[need] = per_head.mean(dim=(1, 2))  # head-mean, query-mean -> (B, n)
             cache.valid[i] = state.valid
             cache.next_pos[i] = state.positions[:, -1] + 1
-            tokens[:, i] = state.valid.sum(1).cpu()
-            visual[:, i] = (state.valid & (state.kind >= VISUAL)).sum(1).cpu()
+            tokens[:, i] = state.valid.sum(1)
+            visual[:, i] = (state.valid & (state.kind >= VISUAL)).sum(1)
         h = m.norm(state.hidden if all_logits else state.hidden[:, -1])
         logits = m.lm_head(h).float()
         record = RunRecord(
@@ -736,8 +743,8 @@ class Engine:
             visual_tokens_llm=n_visual.tolist(),
             tokens_per_view=per_view,
             projected_tokens=projected,
-            tokens_per_layer=tokens.tolist(),
-            visual_per_layer=visual.tolist(),
+            tokens_per_layer=tokens.cpu().tolist(),
+            visual_per_layer=visual.cpu().tolist(),
             frozen_layers=sorted(k for k, v in self.frozen.items() if v == "visual"),
             frozen_text_layers=sorted(k for k, v in self.frozen.items() if v == "text"),
             vision_layers_run=self.vision_layers_run,
@@ -855,7 +862,7 @@ class Engine:
         if max_new_tokens < 1:
             raise TokencompError(f"max_new_tokens={max_new_tokens} is outside the allowed range [1, inf]")
         m = self.model
-        sync = torch.cuda.synchronize if m.device.type == "cuda" else (lambda: None)
+        sync = (lambda: torch.cuda.synchronize(m.device)) if m.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
         pre = self.prefill(batch)
@@ -865,16 +872,19 @@ class Engine:
         nxt = pre.logits.argmax(-1)
         steps = [nxt]
         done = nxt == eos_token_id if eos_token_id is not None else torch.zeros_like(nxt, dtype=torch.bool)
+        full = [bool(v.all()) for v in cache.valid] if max_new_tokens > 1 else []  # per layer: no padding key
         for _ in range(max_new_tokens - 1):
-            if bool(done.all()):
+            finished = done.tolist()  # one host sync per step
+            if all(finished):
                 break
             x = m.embed_tokens(nxt[:, None])
             live = ~done[:, None]  # a finished sample's padding steps leave no valid key behind
             for i, layer in enumerate(m.layers):
                 pos = cache.next_pos[i][:, None]
                 key_valid = torch.cat([cache.valid[i], live], dim=1)
+                full[i] = full[i] and not any(finished)
                 mask = None
-                if not bool(key_valid.all()):
+                if not full[i]:
                     mask = self._mask(key_valid, torch.full_like(pos, key_valid.shape[1] - 1), x.dtype)
                 x = layer(
                     x,

@@ -228,10 +228,9 @@ def _unpadded_window(rows: int, cols: int, gh: int, gw: int, orig_h: int, orig_w
     for an ``orig_h x orig_w`` image (see `Model.crop_region`)."""
     full_h, full_w = rows * gh, cols * gw
     if gh == gw:
-        probe = torch.arange(full_h * full_w).view(1, full_h, full_w)
-        kept = unpad_image(probe, (orig_h, orig_w))
-        first = int(kept[0, 0, 0])
-        return first // full_w, kept.shape[1], first % full_w, kept.shape[2]
+        kept = unpad_image(torch.empty(1, full_h, full_w), (orig_h, orig_w)).shape[1:]
+        # unpad_image keeps [pad, size - pad) on the trimmed axis (an extreme aspect ratio may keep none)
+        return (full_h - kept[0]) // 2, kept[0], (full_w - kept[1]) // 2, kept[1]
     # unpad_image's rule on the padded canvas of square crops: the image, resized to fit, is
     # centred along the axis it does not fill; the content's length there, in this grid's tokens
     if orig_w / orig_h > cols / rows:  # wider than the canvas: rows are trimmed
