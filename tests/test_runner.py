@@ -178,12 +178,53 @@ def test_newline_less_last_row_is_not_lost(tmp_path):
 
 
 def test_failed_validation_does_not_lock_the_run_dir(tmp_path):
-    bad = _write(tmp_path, EXPERIMENT.replace("ratio = 0.5", "ratio = 1.5"), "bad.toml")
+    """A file that fails validation leaves nothing a fixed file would reuse: not the run dir's lock,
+    not its generated data (here the fixed file also asks for more samples)."""
+    bad = _write(tmp_path, EXPERIMENT.replace("ratio = 0.5", "ratio = 1.5").replace("n = 5", "n = 3"), "bad.toml")
     with pytest.raises(tc.BudgetError):
         run_experiment(load_experiment(bad, tmp_path / "out"), progress=False)
     good = _write(tmp_path, EXPERIMENT, "good.toml")
     rows = _rows(run_experiment(load_experiment(good, tmp_path / "out"), progress=False))
-    assert len(rows) == 4
+    assert len(rows) == 4 and all(r["samples"] == 5 for r in rows)
+
+
+def test_next_budgets_checked_against_every_image_size(tmp_path):
+    """LLaVA-NeXT prompts differ in image tokens: a budget that only the first batch allows fails
+    before any cell runs, not after some have finished."""
+    from PIL import Image
+
+    from tokencomp.runner import _dataset
+
+    text = EXPERIMENT.replace("tiny-random:llava", "tiny-random:llava-next").replace('"tc-scenes"', '"tc-scenes-next"')
+    text = text.replace("n = 5", "n = 8")
+    exp = load_experiment(_write(tmp_path, text), tmp_path / "out")
+    data = _dataset(exp.datasets["scenes"], tmp_path / "out")
+    model = tc.Model(*__import__("tokencomp.tiny", fromlist=["x"]).tiny_llava("llava-next", image_size=336))
+    counts = []
+    for x in data.samples:
+        with Image.open(x.image) as im:
+            counts.append(model.image_token_count((im.size[1], im.size[0])))
+    first, fewest = min(counts[:2]), min(counts)
+    assert fewest < first, "the generated split should hold a smaller image after the first batch"
+    text = text.replace("ratio = 0.5", f"budget = {fewest + 1}")
+    with pytest.raises(tc.BudgetError, match=rf"budget \(image tokens kept\)={fewest + 1} is outside"):
+        run_experiment(load_experiment(_write(tmp_path, text), tmp_path / "out2"), progress=False)
+    assert not (tmp_path / "out2" / "results.jsonl").exists()
+
+
+def test_cells_sharing_a_label_are_rejected(tmp_path):
+    text = EXPERIMENT + '\n[[method]]\nname = "fastv"\nratio = 0.25\n'  # a second unlabelled "fastv"
+    with pytest.raises(tc.TokencompError, match="both labelled 'fastv'.*distinct label"):
+        load_experiment(_write(tmp_path, text), tmp_path / "out")
+
+
+def test_report_skips_a_torn_last_line(tmp_path):
+    out = tmp_path / "run"
+    run_experiment(load_experiment(_write(tmp_path), out), progress=False)
+    with (out / "results.jsonl").open("a") as f:
+        f.write('{"cell": "x", "mod')
+    assert main(["report", str(out)]) == 0
+    assert "fastv" in (out / "report.md").read_text()
 
 
 def test_duplicate_sample_ids_rejected(tmp_path):

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from ._compat import tomllib
@@ -190,6 +191,14 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
         raise TokencompError("two method entries expand to the same configuration")
+    seen: dict[tuple, Cell] = {}
+    for c in cells:  # the report names a cell by its label: two configurations may not share one
+        other = seen.setdefault((c.model, c.dataset, c.label), c)
+        if other is not c:
+            raise TokencompError(
+                f"methods {other.spec} and {c.spec} are both labelled {c.label!r} on {c.model} / {c.dataset}; "
+                "give each [[method]] a distinct label"
+            )
     out_dir = Path(out) if out else Path(exp.get("out", Path("runs") / name))
     return Experiment(name, out_dir, settings, models, datasets, cells, text)
 
@@ -205,16 +214,45 @@ def _load_model(source: str) -> Model:
 
 
 def _dataset(spec: dict, out: Path) -> JsonlDataset:
+    """The dataset of a [[dataset]] table; a generated split is (re)written under ``out/data`` unless
+    the files there were generated from the same settings (``<split>.spec.json`` records them)."""
     if "generator" in spec:
         folder = out / "data" / spec["name"]
         split = spec.get("split", "test")
         path = folder / f"{split}.jsonl"
-        if not path.is_file():
-            opts = dict(PRESETS[spec["generator"]])
-            opts.update({k: spec[k] for k in ("size", "tag_px") if k in spec})
+        opts = dict(PRESETS[spec["generator"]])
+        opts.update({k: spec[k] for k in ("size", "tag_px") if k in spec})
+        settings = json.dumps({"generator": spec["generator"], "n": spec.get("n", 32), **opts}, sort_keys=True)
+        record = folder / f"{split}.spec.json"
+        if not (path.is_file() and record.is_file() and record.read_text() == settings):
             generate_split(folder, split, spec.get("n", 32), **opts)
+            record.write_text(settings)
         return JsonlDataset(path, spec.get("limit"), spec["name"])
     return JsonlDataset(spec["path"], spec.get("limit"), spec["name"])
+
+
+def _validation_samples(model: Model, data: JsonlDataset, batch_size: int) -> list:
+    """The samples a cell is validated on before any work: the first batch, plus on LLaVA-NeXT the
+    samples with the fewest and the most image tokens (budgets are checked against them)."""
+    first = data.samples[:batch_size]
+    if model.family == "llava" or not data.samples:
+        return first
+    counts = []
+    for x in data.samples:
+        with Image.open(x.image) as im:  # the header only
+            counts.append(model.image_token_count((im.size[1], im.size[0])))
+    extremes = [data.samples[counts.index(min(counts))], data.samples[counts.index(max(counts))]]
+    ids = {x.id for x in first}
+    return first + [x for i, x in enumerate(extremes) if x.id not in ids and x not in extremes[:i]]
+
+
+def _decode_flops_per_token(rows: list[dict]) -> float:
+    """Decode FLOPs per decoded token over all samples (a sample that stopped at its first token
+    decodes nothing and weighs nothing); rows written before the totals were recorded fall back to
+    the mean of per-sample means."""
+    if all("decode_steps" in r for r in rows):
+        return sum(r["decode_flops"] for r in rows) / max(sum(r["decode_steps"] for r in rows), 1)
+    return sum(r["decode_flops_per_token"] for r in rows) / max(len(rows), 1)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -247,14 +285,18 @@ def run_experiment(exp: Experiment, progress: bool = True) -> Path:
     done = {r["cell"] for r in _read_jsonl(results)}
     models = {name: _load_model(src) for name, src in exp.models.items()}
     datasets = {name: _dataset(spec, out) for name, spec in exp.datasets.items()}
-    # validate every cell on its model and a first batch before any forward pass
-    engines = {}
+    # validate every cell on its model and data (first batch, extreme image sizes) before any forward pass
+    engines, checks = {}, {}
     for cell in exp.cells:
         model, data = models[cell.model], datasets[cell.dataset]
         engine = Engine(model, cell.strategies())
-        first = data.samples[: exp.settings["batch_size"]]
-        template = exp.settings["template"] or model.family
-        engine.validate(prepare(model, [s.load_image() for s in first], [prompt(s, template) for s in first]))
+        if (cell.model, cell.dataset) not in checks:
+            some = _validation_samples(model, data, exp.settings["batch_size"])
+            template = exp.settings["template"] or model.family
+            checks[cell.model, cell.dataset] = prepare(
+                model, [s.load_image() for s in some], [prompt(s, template) for s in some]
+            )
+        engine.validate(checks[cell.model, cell.dataset])
         engines[cell.id] = engine
     saved.write_text(exp.text)  # only once the whole file has passed validation
     (out / "predictions").mkdir(exist_ok=True)
@@ -300,6 +342,8 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
                     "vision_flops": flops[b].vision,
                     "overhead_flops": flops[b].overhead,
                     "decode_flops_per_token": sum(flops[b].decode) / max(len(flops[b].decode), 1),
+                    "decode_flops": sum(flops[b].decode),
+                    "decode_steps": len(flops[b].decode),
                     "kept_patches": lay["patch"][base].tolist(),
                     "image": str(x.image),
                 }
@@ -313,7 +357,8 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
         )
     first = data.samples[:bs]  # latency always on the dataset's first batch, so a resumed run measures the same
     first_batch = prepare(model, [x.load_image() for x in first], [prompt(x, template) for x in first])
-    timing = measure(engine, first_batch, repeats=s["latency_repeats"], new_tokens=min(4, s["max_new_tokens"]))
+    # at least one decode step is timed, even when answers are a single token
+    timing = measure(engine, first_batch, repeats=s["latency_repeats"], new_tokens=max(2, min(4, s["max_new_tokens"])))
     yn = [r for r in rows if r["answers"][0].strip().lower() in ("yes", "no")]  # POPE-style yes/no items
     n = len(rows)
 
@@ -340,7 +385,7 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
         "total_prefill_tflops": mean("total_prefill_flops") / 1e12,
         "vision_tflops": mean("vision_flops") / 1e12,
         "overhead_tflops": mean("overhead_flops") / 1e12,
-        "decode_tflops_per_token": mean("decode_flops_per_token") / 1e12,
+        "decode_tflops_per_token": _decode_flops_per_token(rows) / 1e12,
         "prefill_ms": timing.prefill_median * 1e3,
         "prefill_spread_ms": timing.prefill_spread * 1e3,
         "decode_ms_per_token": timing.decode_per_token_median * 1e3,
