@@ -243,3 +243,36 @@ def test_labelled_grid_keeps_cells_apart(tmp_path):
     exp = load_experiment(_write(tmp_path, text), tmp_path / "out")
     labels = [c.label for c in exp.cells]
     assert "rnd-budget20" in labels and "rnd-budget10" in labels and len(set(labels)) == len(labels)
+
+
+def test_resume_refuses_a_changed_dataset_file(tmp_path):
+    """A run continued on a dataset file whose contents changed would mix rows of two datasets."""
+    from tokencomp.benchmark import generate_split
+
+    data = generate_split(tmp_path / "d", "val", 3)
+    text = EXPERIMENT.replace('generator = "tc-scenes"\nsplit = "val"\nn = 5', f'path = "{data}"')
+    exp_file = _write(tmp_path, text)
+    out = tmp_path / "run"
+    Crashy.crash_after, Crashy.calls = 1, 0
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_experiment(exp_file, out), progress=False)
+    data.write_text(data.read_text().replace('"type": "attribute"', '"type": "colour"'))
+    with pytest.raises(tc.TokencompError, match=r"dataset file\(s\) of \['scenes'\] changed"):
+        run_experiment(load_experiment(exp_file, out), progress=False)
+
+
+def test_bad_lines_and_settings_are_clear_errors(tmp_path):
+    from tokencomp.data import JsonlDataset
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.png", "question": "q", "answers": ["a"]}\n{"image": \n')
+    with pytest.raises(tc.TokencompError, match=r"bad.jsonl:1: image .* does not exist"):
+        JsonlDataset(bad)
+    bad.write_text("[1, 2]\n")
+    with pytest.raises(tc.TokencompError, match=r"bad.jsonl:1 is not a JSON object"):
+        JsonlDataset(bad)
+    bad.write_text('{"image": \n')
+    with pytest.raises(tc.TokencompError, match=r"bad.jsonl:1 is not a JSON line"):
+        JsonlDataset(bad)
+    with pytest.raises(tc.TokencompError, match=r"seed='0' must be an integer >= 0"):
+        load_experiment(_write(tmp_path, EXPERIMENT.replace("[experiment]", "[experiment]\nseed = '0'")))

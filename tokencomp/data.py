@@ -71,7 +71,12 @@ class JsonlDataset:
             for i, line in enumerate(f):
                 if not line.strip():
                     continue
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TokencompError(f"{self.path}:{i + 1} is not a JSON line: {e}") from e
+                if not isinstance(row, dict):
+                    raise TokencompError(f"{self.path}:{i + 1} is not a JSON object")
                 missing = [k for k in self.REQUIRED if k not in row]
                 if missing:
                     raise TokencompError(f"{self.path}:{i + 1} lacks field(s) {missing}")

@@ -139,6 +139,8 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
     for key in ("batch_size", "max_new_tokens", "latency_repeats"):
         if not isinstance(settings[key], int) or settings[key] < 1:
             raise TokencompError(f"[experiment] {key}={settings[key]!r} must be an integer >= 1")
+    if not isinstance(settings["seed"], int) or isinstance(settings["seed"], bool) or settings["seed"] < 0:
+        raise TokencompError(f"[experiment] seed={settings['seed']!r} must be an integer >= 0")
     models, model_datasets = {}, {}
     for m in doc.get("model", []):
         if "name" not in m:
@@ -298,6 +300,17 @@ def run_experiment(exp: Experiment, progress: bool = True) -> Path:
             )
         engine.validate(checks[cell.model, cell.dataset])
         engines[cell.id] = engine
+    # the data a resumed run continues on must be the data its earlier rows came from
+    prints = {name: hashlib.sha256(d.path.read_bytes()).hexdigest() for name, d in datasets.items()}
+    record = out / "datasets.json"
+    if started and record.is_file():
+        before = json.loads(record.read_text())
+        changed = sorted(n for n in prints if n in before and before[n] != prints[n])
+        if changed:
+            raise TokencompError(
+                f"dataset file(s) of {changed} changed since {out} was started; choose another out directory"
+            )
+    record.write_text(json.dumps(prints, indent=1))
     saved.write_text(exp.text)  # only once the whole file has passed validation
     (out / "predictions").mkdir(exist_ok=True)
     todo = [c for c in exp.cells if c.id not in done]
