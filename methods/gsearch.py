@@ -19,8 +19,8 @@ lowering any one layer by one more step breaks the tolerance.
 
 **P-Sigmoid** (`psigmoid`): ``r(i) = b + (1 - b) / (1 + exp(k (i - alpha)))`` for i >= 2 (1 before);
 ``b`` is the largest value meeting a FLOPs budget (a fraction of the unreduced LLM prefill FLOPs
-summed over the calibration prompts, by bisection), and (k, alpha) are tuned by Bayesian optimisation (the `bayesian-optimization`
-library) for calibration quality. The paper's formula is not public; this is the documented form
+summed over the calibration prompts, by bisection), and (k, alpha) are tuned by Bayesian
+optimisation (the `bayesian-optimization` library) for calibration quality. The paper's formula is not public; this is the documented form
 METHODS.md accepts.
 
 Schedules are plain data: `save_schedule` / `load_schedule` (JSON), and the published

@@ -703,9 +703,7 @@ class Engine:
             if early:  # layer i's own norm and q/k on the tokens entering it, before its pruning
                 normed = layer.input_layernorm(state.hidden)
                 got = {"input_layernorm": normed, "k_proj": layer.self_attn.k_proj(normed)}
-                for need in early:
-                    captures[need] = self._decoder_rows(layer, got, state, cos_sin, need.kind.rsplit("_", 1)[1])
-                    scores[need] = captures[need].mean(dim=(1, 2))
+                self._score_rows(layer, got, state, cos_sin, early, captures, scores)
             if i in self.prune_at:
                 state, changed = self._prune(state, i, scores, input_images)
                 if changed:
@@ -727,10 +725,7 @@ class Engine:
                         use_cache=True,
                         position_embeddings=cos_sin,
                     )
-            for need in wanted:
-                per_head = self._decoder_rows(layer, got, state, cos_sin, need.kind.rsplit("_", 1)[1])
-                captures[need] = per_head
-                scores[need] = per_head.mean(dim=(1, 2))  # head-mean, query-mean -> (B, n)
+            self._score_rows(layer, got, state, cos_sin, wanted, captures, scores)
             cache.valid[i] = state.valid
             cache.next_pos[i] = state.positions[:, -1] + 1
             tokens[:, i] = state.valid.sum(1)
@@ -785,6 +780,13 @@ class Engine:
         if self.options.llm_positions == "contiguous" or "contiguous" in wants:
             new.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         return new, True
+
+    def _score_rows(self, layer, got, state: SeqState, cos_sin, needs, captures: dict, scores: dict) -> None:
+        """Each decoder need's per-head rows into ``captures`` and their head-mean, query-mean
+        ``(B, n)`` into ``scores``, from the norm output and keys in ``got``."""
+        for need in needs:
+            captures[need] = self._decoder_rows(layer, got, state, cos_sin, need.kind.rsplit("_", 1)[1])
+            scores[need] = captures[need].mean(dim=(1, 2))
 
     def _decoder_rows(self, layer, got, state: SeqState, cos_sin, query: str) -> torch.Tensor:
         """Per-head softmax attention rows from the captured norm output and keys: ``(B, heads, 1, n)``,
@@ -877,12 +879,13 @@ class Engine:
             finished = done.tolist()  # one host sync per step
             if all(finished):
                 break
+            all_live = not any(finished)
             x = m.embed_tokens(nxt[:, None])
             live = ~done[:, None]  # a finished sample's padding steps leave no valid key behind
             for i, layer in enumerate(m.layers):
                 pos = cache.next_pos[i][:, None]
                 key_valid = torch.cat([cache.valid[i], live], dim=1)
-                full[i] = full[i] and not any(finished)
+                full[i] = full[i] and all_live
                 mask = None
                 if not full[i]:
                     mask = self._mask(key_valid, torch.full_like(pos, key_valid.shape[1] - 1), x.dtype)

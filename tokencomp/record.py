@@ -22,8 +22,8 @@ class RunRecord:
         frozen_text_layers: decoder layers in which text tokens were frozen (layer-contribution probes).
         vision_layers_run: vision encoder layers the engine ran (it stops at the last one needed).
         vision_capture_layers: vision layers whose CLS row / keys were captured.
-        decoder_captures: ``[layer, query, preprune]`` decoder attention rows captured (query "last" or
-            "text"; ``preprune``: computed from the tokens entering ``layer`` before its pruning).
+        decoder_captures: ``[layer, query, preprune]`` decoder attention rows captured (query "last",
+            "text" or "all"; ``preprune``: computed from the tokens entering ``layer`` before its pruning).
         kernel_backend: which token-kernel backend ran (``"torch"`` reference or ``"triton"``).
         kv_cache_bytes: bytes of keys and values held at the end of the run.
         kv_cache_lengths: ``[sample][layer]`` cached tokens at the end of the run.

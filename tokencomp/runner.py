@@ -243,9 +243,10 @@ def _validation_samples(model: Model, data: JsonlDataset, batch_size: int) -> li
     for x in data.samples:
         with Image.open(x.image) as im:  # the header only
             counts.append(model.image_token_count((im.size[1], im.size[0])))
-    extremes = [data.samples[counts.index(min(counts))], data.samples[counts.index(max(counts))]]
-    ids = {x.id for x in first}
-    return first + [x for i, x in enumerate(extremes) if x.id not in ids and x not in extremes[:i]]
+    some = {x.id: x for x in first}
+    for i in (counts.index(min(counts)), counts.index(max(counts))):
+        some.setdefault(data.samples[i].id, data.samples[i])
+    return list(some.values())
 
 
 def _decode_flops_per_token(rows: list[dict]) -> float:
