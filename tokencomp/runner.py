@@ -27,10 +27,14 @@ An experiment file names models, datasets and a grid of methods::
     label = "pool64+fastv"   # a composition of strategies in one run
     compose = [{name = "pool", budget = 64}, {name = "fastv", k = 2}]
 
-The whole file is validated before any work (unknown method or parameter, bad budget, missing
-dataset, a method a model cannot serve). Every finished sample is appended to
+The whole file is validated before any work (unknown method or parameter, bad budget on the
+first batch or on the LLaVA-NeXT images with the fewest and most tokens, missing dataset, a method
+a model cannot serve, two configurations under one label). Every finished sample is appended to
 ``predictions/<cell>.jsonl`` and every finished cell to ``results.jsonl``; a crashed or
 interrupted run started again skips finished cells and samples, so nothing is lost or repeated.
+Generated splits live in ``data/<dataset>/`` with the settings they were made from
+(``<split>.spec.json``); ``datasets.json`` holds each dataset file's sha256, and a run is not
+resumed on changed data.
 """
 
 from __future__ import annotations
