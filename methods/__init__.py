@@ -1,6 +1,7 @@
 """Compression methods, one file per strategy, each registered by name on import."""
 
 from . import (  # noqa: F401
+    dart,
     fastv,
     freeze,
     globalcom2,

@@ -38,6 +38,27 @@ def embeds(hf, batch_one: dict) -> torch.Tensor:
     return out.hidden_states[0]
 
 
+def run_pruned(hf, out, kept: torch.Tensor, k: int, steps: int):
+    """Layers ``k..L-1`` on the prompt tokens ``kept`` (original position ids) of the full forward
+    ``out`` (with hidden states), then ``steps - 1`` greedy steps, each recomputed without a cache
+    with the kept set fixed from the prefill. Returns (prefill last logits, greedy tokens)."""
+    lm = hf.model.language_model
+    L = len(lm.layers)
+    n = out.hidden_states[0].shape[1]
+    h = run_layers(hf, out.hidden_states[k][:, kept], kept[None], range(k, L))
+    first = logits_last(hf, h)
+    x0 = out.hidden_states[0]
+    tokens = [int(first.argmax(-1))]
+    for _ in range(steps - 1):
+        x = torch.cat([x0, lm.embed_tokens(torch.tensor([tokens]))], dim=1)
+        m = x.shape[1]
+        x = run_layers(hf, x, torch.arange(m)[None], range(k))
+        sel = torch.cat([kept, torch.arange(n, m)])
+        x = run_layers(hf, x[:, sel], sel[None], range(k, L))
+        tokens.append(int(logits_last(hf, x).argmax(-1)))
+    return first, tokens
+
+
 def fastv_reference(hf, inputs: dict, image_token_id: int, k: int, ratio: float, steps: int, query: str = "last"):
     """FastV on one unpadded sample, from eager attentions and an explicitly shortened sequence.
     Image tokens are ranked by the head-mean attention of layer ``k - 1`` from the last token
@@ -59,23 +80,7 @@ def fastv_reference(hf, inputs: dict, image_token_id: int, k: int, ratio: float,
         keep[img] = False
         keep[top] = True
         kept = keep.nonzero().flatten()
-        L = len(hf.model.language_model.layers)
-        h = out.hidden_states[k][:, kept]
-        h = run_layers(hf, h, kept[None], range(k, L))
-        first = logits_last(hf, h)
-        # decoding: recompute everything without a cache, the kept set fixed from the prefill
-        x0 = out.hidden_states[0]
-        tokens = [int(first.argmax(-1))]
-        emb = hf.model.language_model.embed_tokens
-        for _ in range(steps - 1):
-            new = emb(torch.tensor([tokens]))
-            x = torch.cat([x0, new], dim=1)
-            m = x.shape[1]
-            pos = torch.arange(m)[None]
-            x = run_layers(hf, x, pos, range(k))
-            sel = torch.cat([kept, torch.arange(n, m)])
-            x = run_layers(hf, x[:, sel], sel[None], range(k, L))
-            tokens.append(int(logits_last(hf, x).argmax(-1)))
+        first, tokens = run_pruned(hf, out, kept, k, steps)
     return kept, first, tokens
 
 
@@ -131,3 +136,59 @@ def pdrop_reference(hf, inputs: dict, image_token_id: int, boundaries, ratio: fl
                 x = run_layers(hf, x, torch.arange(x.shape[1])[None], range(start, end))
             tokens.append(int(logits_last(hf, x).argmax(-1)))
     return kept, first, tokens
+
+
+def dart_reference(
+    hf, inputs: dict, image_token_id: int, k: int, budget: int, pivots: tuple[int, int], steps: int, exact: bool
+):
+    """DART on one unpadded sample, written after the authors' set-based loop: pivots by the L1
+    norm of layer ``k - 1``'s post-RoPE keys (read off a hook on its ``k_proj``), duplication by
+    cosine similarity of the final-normed hidden states entering layer ``k``; pivots visited in
+    sequence order. ``exact``: keep exactly ``budget`` (else the authors' per-pivot floor).
+
+    Returns (kept original indices, prefill last logits, greedy tokens).
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = hf.model.language_model
+    pivot_image, pivot_text = pivots
+    grabbed = []
+    handle = lm.layers[k - 1].self_attn.k_proj.register_forward_hook(lambda _m, _i, o: grabbed.append(o))
+    try:
+        with torch.no_grad():
+            out = hf(**inputs, output_hidden_states=True)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        ids = inputs["input_ids"][0]
+        n = len(ids)
+        hd = lm.layers[k - 1].self_attn.head_dim
+        key = grabbed[0].view(1, n, -1, hd).transpose(1, 2)
+        cos, sin = lm.rotary_emb(key, torch.arange(n)[None])
+        norm = apply_rotary_pos_emb(key, key, cos, sin)[0].abs().sum((1, 3))[0]
+        img = (ids == image_token_id).nonzero().flatten().tolist()
+        text = list(range(img[-1] + 1, n))
+
+        def top(cands, count):
+            order = norm[cands].argsort(descending=True, stable=True)[:count]
+            return [cands[i] for i in order.tolist()]
+
+        image_pivots, text_pivots = top(img, pivot_image), top(text, pivot_text)
+        P = pivot_image + pivot_text
+        if exact:
+            rest = min(budget, len(img)) - len(image_pivots)
+            real = len(image_pivots) + len(text_pivots)
+            take = [rest // real + (i < rest % real) for i in range(real)]
+        else:
+            take = [min(budget, len(img) - pivot_image) // P] * P
+        state = lm.norm(out.hidden_states[k])[0]
+        kept, pool = set(image_pivots), set(img) - set(image_pivots)
+        for piv, count in zip(sorted(image_pivots + text_pivots), take):
+            cands = sorted(pool)
+            sim = torch.nn.functional.cosine_similarity(state[piv][None], state[cands], dim=-1)
+            chosen = [cands[i] for i in sim.argsort(stable=True)[:count].tolist()]
+            kept |= set(chosen)
+            pool -= set(chosen)
+        keep = torch.tensor(sorted(set(range(n)) - set(img) | kept))
+        first, tokens = run_pruned(hf, out, keep, k, steps)
+    return keep, first, tokens

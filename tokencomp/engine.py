@@ -39,6 +39,7 @@ from .record import RunRecord
 from .strategy import (
     CLS_NEEDS,
     DECODER_NEEDS,
+    KEY_NORM_NEEDS,
     NEWLINE,
     PAD,
     PREPRUNE_NEEDS,
@@ -206,10 +207,11 @@ class Engine:
                     check_int(f"{s}: vision capture layer", need.layer, -nv, nv - 1)
                     if need.kind in CLS_NEEDS and not model.has_cls:
                         raise UnsupportedModelError(f"{s} needs {need.kind}, but the vision tower has no CLS token")
-                elif need.kind in DECODER_NEEDS:
+                elif need.kind in DECODER_NEEDS + KEY_NORM_NEEDS:
                     check_int(f"{s}: decoder capture layer", need.layer, 0, L - 1)
                 else:
-                    raise TokencompError(f"{s}: unknown need {need.kind!r}; known: {VISION_NEEDS + DECODER_NEEDS}")
+                    known = VISION_NEEDS + DECODER_NEEDS + KEY_NORM_NEEDS
+                    raise TokencompError(f"{s}: unknown need {need.kind!r}; known: {known}")
                 self.needs.add(need)
         self.prune_at: dict[int, list[LayerStrategy]] = {}
         for s in self.layer_strategies:
@@ -712,7 +714,12 @@ class Engine:
             wanted = [
                 n for n in self.needs if n.kind in DECODER_NEEDS and n.kind not in PREPRUNE_NEEDS and n.layer == i
             ]
-            hooks = _capture(layer, ["input_layernorm"], {"k_proj": layer.self_attn.k_proj}) if wanted else _nothing()
+            key_norms = [n for n in self.needs if n.kind in KEY_NORM_NEEDS and n.layer == i]
+            hooks = (
+                _capture(layer, ["input_layernorm"], {"k_proj": layer.self_attn.k_proj})
+                if wanted or key_norms
+                else _nothing()
+            )
             with hooks as got:
                 if i in self.frozen:
                     state.hidden = self._frozen_layer(layer, i, state, cos_sin, cache, self.frozen[i])
@@ -726,6 +733,8 @@ class Engine:
                         position_embeddings=cos_sin,
                     )
             self._score_rows(layer, got, state, cos_sin, wanted, captures, scores)
+            for need in key_norms:
+                captures[need] = scores[need] = self._key_norm(layer, got["k_proj"], cos_sin)
             cache.valid[i] = state.valid
             cache.next_pos[i] = state.positions[:, -1] + 1
             tokens[:, i] = state.valid.sum(1)
@@ -761,6 +770,7 @@ class Engine:
             orig_index=state.orig_index,
             scores=scores,
             input_image_count=input_images,
+            final_norm=self.model.norm,
         )
         keep = state.valid.clone()
         for s in self.prune_at[layer]:
@@ -787,6 +797,14 @@ class Engine:
         for need in needs:
             captures[need] = self._decoder_rows(layer, got, state, cos_sin, need.kind.rsplit("_", 1)[1])
             scores[need] = captures[need].mean(dim=(1, 2))
+
+    def _key_norm(self, layer, k: torch.Tensor, cos_sin) -> torch.Tensor:
+        """``(B, n)`` float32 L1 norm of each token's key, RoPE applied, over every key/value head
+        (from the captured ``k_proj`` output ``(B, n, H_kv * d_head)``)."""
+        b, n, _ = k.shape
+        cos, sin = cos_sin
+        kh = self.model.apply_rope(k.view(b, n, -1, layer.self_attn.head_dim).transpose(1, 2), cos, sin)
+        return kh.float().abs().sum(dim=(1, 3))
 
     def _decoder_rows(self, layer, got, state: SeqState, cos_sin, query: str) -> torch.Tensor:
         """Per-head softmax attention rows from the captured norm output and keys: ``(B, heads, 1, n)``,

@@ -16,6 +16,7 @@ Vision kinds index the vision tower's encoder layers (negative counts from the e
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, NamedTuple
 
@@ -39,13 +40,17 @@ CLS_NEEDS = ("vision_cls_attention", "vision_cls_logits", "vision_cls_query")  #
 DECODER_QUERIES = ("last", "text", "all")
 PREPRUNE_NEEDS = tuple(f"decoder_preprune_attention_{q}" for q in DECODER_QUERIES)
 DECODER_NEEDS = tuple(f"decoder_attention_{q}" for q in DECODER_QUERIES) + PREPRUNE_NEEDS
+# per-token L1 norm of decoder layer L's keys (RoPE applied, every key/value head), taken while
+# layer L runs (DART's pivot score)
+KEY_NORM_NEEDS = ("decoder_key_norm",)
 
 # token kinds in a sequence (`TokenLayout.kind`)
 PAD, TEXT, VISUAL, NEWLINE = 0, 1, 2, 3
 
 
 class Need(NamedTuple):
-    """One capture request: ``kind`` is one of `VISION_NEEDS` or `DECODER_NEEDS`, ``layer`` an index."""
+    """One capture request: ``kind`` is one of `VISION_NEEDS`, `DECODER_NEEDS` or `KEY_NORM_NEEDS`,
+    ``layer`` an index."""
 
     kind: str
     layer: int
@@ -308,8 +313,11 @@ class LayerContext:
         kind: ``(B, n)`` int8 token kinds (`PAD`, `TEXT`, `VISUAL`, `NEWLINE`).
         positions: ``(B, n)`` position ids.
         orig_index: ``(B, n)`` index of each token in the uncompressed prompt.
-        scores: captured decoder attention rows, keyed by `Need`; read with `attention`.
+        scores: captured per-token decoder scores, keyed by `Need`; read with `attention` and
+            `key_norm`.
         input_image_count: ``(B,)`` image-span tokens that entered the LLM (schedules count from it).
+        final_norm: the decoder's final norm module (``model.norm``), for methods that compare
+            hidden states in the space the LM head reads (DART).
     """
 
     layer: int
@@ -321,6 +329,7 @@ class LayerContext:
     orig_index: torch.Tensor
     scores: dict[Need, torch.Tensor]
     input_image_count: torch.Tensor | None = None
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def image_mask(self) -> torch.Tensor:
@@ -343,18 +352,33 @@ class LayerContext:
             raise KeyError(f"{need} was not captured; declare it in needs() (captured: {sorted(self.scores)})")
         return self.scores[need]
 
+    def key_norm(self, layer: int) -> torch.Tensor:
+        """``(B, n)`` float32 L1 norm of each token's key at decoder ``layer`` (RoPE applied, all
+        key/value heads concatenated), on this layer's tokens (the ``decoder_key_norm`` capture)."""
+        need = Need("decoder_key_norm", layer)
+        if need not in self.scores:
+            raise KeyError(f"{need} was not captured; declare it in needs() (captured: {sorted(self.scores)})")
+        return self.scores[need]
+
     def keep_top(self, scores: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
         """Keep mask ``(B, n)``: every non-image token, plus the ``count`` highest-scoring image
         tokens of each sample (``count`` an int or a ``(B,)`` tensor, clipped to what exists)."""
         img = self.image_mask
-        b, n = img.shape
-        count = torch.as_tensor(count, device=img.device).expand(b).clamp(min=0)
-        count = torch.minimum(count, img.sum(1))
-        s = scores.float().masked_fill(~img, float("-inf"))
-        order = s.argsort(dim=1, descending=True, stable=True)
-        rank_ok = torch.arange(n, device=img.device)[None] < count[:, None]
-        keep_img = torch.zeros_like(img).scatter(1, order, rank_ok)
-        return (self.valid & ~img) | (keep_img & img)
+        return (self.valid & ~img) | top_mask(scores, img, count)
+
+
+def top_mask(scores: torch.Tensor, allowed: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """``(B, n)`` bool: per row, the ``count`` highest ``scores`` among the ``allowed`` entries.
+
+    ``count`` is an int or a ``(B,)`` tensor, clipped to ``[0, allowed.sum(1)]``; ties go to the
+    lower index (stable sort).
+    """
+    b, n = allowed.shape
+    count = torch.as_tensor(count, device=allowed.device).expand(b).clamp(min=0)
+    count = torch.minimum(count, allowed.sum(1))
+    order = scores.float().masked_fill(~allowed, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    rank_ok = torch.arange(n, device=allowed.device)[None] < count[:, None]
+    return torch.zeros_like(allowed).scatter(1, order, rank_ok) & allowed
 
 
 class LayerStrategy(Strategy):

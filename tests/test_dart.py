@@ -1,0 +1,137 @@
+"""DART equals an independent reference built from the unmodified HF model (tests/reference.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROMPTS, hf_inputs
+from reference import dart_reference
+
+import tokencomp as tc
+from tokencomp.profiler import run_flops
+
+
+@pytest.fixture(scope="module")
+def normed_model(model):
+    """The tiny model with a non-uniform final norm weight (random init leaves it all ones, under
+    which cosine similarity cannot tell normed from raw hidden states)."""
+    import copy
+
+    hf = copy.deepcopy(model.hf)
+    with torch.no_grad():
+        hf.model.language_model.norm.weight.uniform_(0.2, 2.0, generator=torch.Generator().manual_seed(0))
+    return tc.Model(hf, model.processor)
+
+
+@pytest.mark.parametrize(
+    "k,budget,pivots,count", [(2, 16, (2, 2), "code"), (1, 11, (3, 2), "exact"), (3, 8, (1, 4), "exact")]
+)
+def test_dart_matches_reference_prefill_and_decode(normed_model, images, k, budget, pivots, count):
+    model = normed_model
+    method = tc.method("dart", k=k, budget=budget, pivot_image=pivots[0], pivot_text=pivots[1], count=count)
+    for i in range(3):
+        batch = tc.prepare(model, [images[i]], [PROMPTS[i]])
+        kept, ref_logits, ref_tokens = dart_reference(
+            model.hf, hf_inputs(batch), model.image_token_id, k, budget, pivots, steps=4, exact=count == "exact"
+        )
+        tokens, pre = tc.Engine(model, method).generate(batch, max_new_tokens=4, eos_token_id=None)
+        assert pre.state.orig_index[0].tolist() == kept.tolist()
+        assert pre.state.positions[0].tolist() == kept.tolist()  # original position ids
+        torch.testing.assert_close(pre.logits[0], ref_logits[0], rtol=1e-4, atol=1e-4)
+        assert tokens[0] == ref_tokens
+
+
+def test_dart_keeps_the_documented_counts_and_is_batch_independent(model, images):
+    batch = tc.prepare(model, images, PROMPTS)
+    n_img = [v[0] for v in tc.Engine(model).prefill(batch).record.visual_per_layer]  # image span, newlines in
+    for count, expect in (("code", 2 + 4 * (16 // 4)), ("exact", 16)):
+        method = tc.method("dart", budget=16, pivot_image=2, pivot_text=2, count=count)
+        pre = tc.Engine(model, method).prefill(batch)
+        for b in range(3):
+            assert pre.record.visual_per_layer[b][:2] == [n_img[b]] * 2
+            assert pre.record.visual_per_layer[b][2:] == [expect] * (model.num_layers - 2)
+        # each sample of the padded batch keeps what it keeps alone
+        for b in range(3):
+            alone = tc.Engine(model, method).prefill(tc.prepare(model, [images[b]], [PROMPTS[b]]))
+            st = pre.state
+            assert st.orig_index[b][st.valid[b]].tolist() == alone.state.orig_index[0].tolist()
+
+
+def test_dart_keeps_dissimilar_tokens_not_salient_ones(model, images):
+    """Duplication matters: with one image pivot and no text pivot, the kept tokens are the pivot
+    (largest key norm) and the 9 image tokens least similar to it, not the largest key norms."""
+    batch = tc.prepare(model, images[:1], PROMPTS[:1])
+    method = tc.method("dart", k=2, budget=9, pivot_image=1, pivot_text=0)
+    pre = tc.Engine(model, method).prefill(batch)
+    captured = {}
+
+    class Spy(tc.LayerStrategy):
+        def needs(self):
+            return [tc.Need("decoder_key_norm", 1)]
+
+        def prune_layers(self, num_layers):
+            return [2]
+
+        def keep(self, ctx):
+            captured["norm"] = ctx.key_norm(1)[0].clone()
+            captured["h"] = ctx.final_norm(ctx.hidden)[0].clone()
+            captured["img"] = ctx.image_mask[0].clone()
+            return ctx.valid
+
+    tc.Engine(model, [Spy()]).prefill(batch)
+    img = captured["img"].nonzero().flatten()
+    pivot = img[captured["norm"][img].argmax()]
+    h = torch.nn.functional.normalize(captured["h"].float(), dim=-1)
+    sim = h[img] @ h[pivot]
+    least = set(img[sim.argsort()[:9]].tolist()) | {int(pivot)}
+    kept = set(pre.state.orig_index[0][pre.state.kind[0] >= tc.strategy.VISUAL].tolist())
+    assert kept == least
+    assert kept != set(img[captured["norm"][img].argsort(descending=True)[:10]].tolist())
+
+
+def test_dart_overhead_counts_its_similarity_matmul(models, images):
+    """The analytic overhead covers the pivot-to-token similarities that torch's FLOP counter sees."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = models["llava"]
+    batch = tc.prepare(model, images[:1], PROMPTS[:1])
+    method = tc.method("dart", budget=12, pivot_image=2, pivot_text=3)
+    counter = FlopCounterMode(display=False)
+    original = method.keep
+
+    def counted(ctx):
+        with counter:
+            return original(ctx)
+
+    method.keep = counted
+    pre = tc.Engine(model, method).prefill(batch)
+    measured = counter.get_total_flops()
+    assert measured > 0
+    with_dart = run_flops(model, pre.record, [method])[0].overhead
+    without = run_flops(model, pre.record, [])[0].overhead
+    d = model.hf.config.text_config.hidden_size
+    n = pre.record.tokens_per_layer[0][1]
+    assert measured <= with_dart - without <= measured + 8 * n * d
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"budget": 0}, "budget"),
+        ({"pivot_image": 5, "budget": 4}, "pivot_image"),
+        ({"pivot_image": 0, "pivot_text": 0}, "pivot"),
+        ({"count": "all"}, "count"),
+        ({"similarity": "cosine"}, "similarity"),
+        ({"k": 0}, "k"),
+    ],
+)
+def test_dart_rejects_bad_parameters(kwargs, match):
+    with pytest.raises(tc.TokencompError, match=match):
+        tc.method("dart", **kwargs)
+
+
+def test_dart_budget_beyond_the_image_is_refused_before_work(models, images):
+    model = models["llava"]
+    batch = tc.prepare(model, images[:1], PROMPTS[:1])
+    with pytest.raises(tc.BudgetError, match="budget"):
+        tc.Engine(model, tc.method("dart", budget=1000)).prefill(batch)
