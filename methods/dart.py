@@ -18,14 +18,21 @@ Where the released code and the paper's wording differ, the choice is an option:
   so ``budget=128`` keeps 132 tokens (4 + 8 x 16), and the published "128 tokens" runs did too.
   ``"exact"``: exactly ``budget`` tokens, the image pivots included, the rest split as evenly as
   possible over the pivots (the first ones take one more).
-- Pivot order: the authors iterate a Python ``set`` (an order set by its hash table); here pivots
-  are taken in sequence order, a documented and batch-independent stand-in.
-- ``llm_positions="original"`` (default, the released code): kept tokens keep their position ids;
-  ``"contiguous"`` renumbers them.
+- ``pivot_order="set"`` (default, the released code): the authors loop over
+  ``list(set(image_pivots + text_pivots))``, each list by descending key norm, holding the tokens'
+  indices in the prompt; CPython orders a set of ints by their values (hash = value) and insertion
+  order, so the same indices give the same order here. ``"sequence"``: pivots in prompt order.
+  Order matters: a pivot picks from what the earlier ones left (and, with ``count="exact"``, the
+  first pivots take the remainder).
+- ``llm_positions="original"`` (default, the released code): kept tokens keep their position ids
+  (unless `EngineOptions.llm_positions` renumbers every pruning); ``"contiguous"`` renumbers them.
 - ``similarity="final_norm"`` (default, the released code) or ``"hidden"``: the raw hidden states.
 
 On LLaVA-NeXT the image span (newline tokens included) is one pool, as the authors' NeXT code
-treats it; their NeXT default budget is 320.
+treats it; their NeXT default budget is 320. Several images in one sample form one pool too, with
+the text pivots drawn from the text after the last image. A sample with fewer text tokens after
+the image than ``pivot_text`` has fewer pivots (the authors' code would fail); in code mode the
+missing pivots keep nothing.
 """
 
 from __future__ import annotations
@@ -46,18 +53,18 @@ class DART(tc.LayerStrategy):
     pivot_text: int = 4
     count: str = "code"
     similarity: str = "final_norm"
+    pivot_order: str = "set"
     llm_positions: str = "original"
 
     def __post_init__(self) -> None:
         check_int("k (prune before layer)", self.k, 1)
         check_int("budget (image tokens kept)", self.budget, 1)
-        check_int("pivot_image", self.pivot_image, 0, self.budget)
+        check_int("pivot_image (image pivots, kept)", self.pivot_image, 1, self.budget)
         check_int("pivot_text", self.pivot_text, 0)
-        if self.pivot_image + self.pivot_text < 1:
-            raise tc.BudgetError("DART needs at least one pivot (pivot_image + pivot_text >= 1)")
         for name, value, allowed in (
             ("count", self.count, ("code", "exact")),
             ("similarity", self.similarity, ("final_norm", "hidden")),
+            ("pivot_order", self.pivot_order, ("set", "sequence")),
             ("llm_positions", self.llm_positions, ("original", "contiguous")),
         ):
             if value not in allowed:
@@ -68,7 +75,9 @@ class DART(tc.LayerStrategy):
         return self.pivot_image + self.pivot_text
 
     def check(self, info: tc.RunInfo) -> None:
-        check_int("budget (image tokens kept)", self.budget, 1, min(info.visual_tokens or (0,)))
+        with_images = [v for v in info.visual_tokens if v]  # text-only samples have nothing to prune
+        if with_images:
+            check_int("budget (image tokens kept)", self.budget, 1, min(with_images))
 
     def needs(self) -> list[tc.Need]:
         return [tc.Need("decoder_key_norm", self.k - 1)]
@@ -86,7 +95,11 @@ class DART(tc.LayerStrategy):
         # 1. pivots: the largest key L1 norms among the image tokens and the text after the image
         key_norm = ctx.key_norm(self.k - 1)
         image_pivots = top_mask(key_norm, img, self.pivot_image)
-        pivot_index, pivot_ok = repack(image_pivots | top_mask(key_norm, text_after, self.pivot_text))
+        text_pivots = top_mask(key_norm, text_after, self.pivot_text)
+        if self.pivot_order == "sequence":
+            pivot_index, pivot_ok = repack(image_pivots | text_pivots)
+        else:
+            pivot_index, pivot_ok = self.set_order(ctx, key_norm, image_pivots, text_pivots)
 
         # 2. cosine similarity of every token to each pivot, (B, P, n)
         h = ctx.final_norm(ctx.hidden) if self.similarity == "final_norm" else ctx.hidden
@@ -102,6 +115,31 @@ class DART(tc.LayerStrategy):
             keep, pool = keep | chosen, pool & ~chosen
         return (ctx.valid & ~img) | keep
 
+    @staticmethod
+    def set_order(ctx: tc.LayerContext, key_norm, image_pivots, text_pivots) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, P)`` pivot columns and validity, per sample in the order of the authors'
+        ``list(set(image + text))`` over prompt indices (``ctx.orig_index``), each part by
+        descending key norm."""
+        b = key_norm.shape[0]
+        rows = []
+        for mask in (image_pivots, text_pivots):
+            order = key_norm.float().masked_fill(~mask, float("-inf")).argsort(dim=1, descending=True, stable=True)
+            rows.append((order, mask.gather(1, order)))
+        order = torch.cat([rows[0][0], rows[1][0]], 1).cpu()
+        ok = torch.cat([rows[0][1], rows[1][1]], 1).cpu()
+        prompt_index = ctx.orig_index.gather(1, order.to(ctx.orig_index.device)).cpu()
+        columns = []
+        for i in range(b):
+            column_of = {int(p): int(c) for p, c in zip(prompt_index[i][ok[i]], order[i][ok[i]])}
+            columns.append([column_of[p] for p in list(set(prompt_index[i][ok[i]].tolist()))])
+        width = max((len(c) for c in columns), default=0)
+        index = torch.zeros(b, width, dtype=torch.long)
+        valid = torch.zeros(b, width, dtype=torch.bool)
+        for i, c in enumerate(columns):
+            index[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            valid[i, : len(c)] = True
+        return index.to(key_norm.device), valid.to(key_norm.device)
+
     def per_pivot(self, image_count: torch.Tensor, image_pivots: torch.Tensor, pivot_ok: torch.Tensor) -> torch.Tensor:
         """``(B, P)`` long: tokens each pivot keeps, from ``(B,)`` image-token and image-pivot counts
         and the ``(B, P)`` mask of real pivots (a sample may have fewer text tokens than pivots)."""
@@ -115,11 +153,8 @@ class DART(tc.LayerStrategy):
         return ((rest // real)[:, None] + extra) * pivot_ok
 
     def overhead_flops(self, model, record, sample: int) -> float:
-        """DART's own work per sample: the final norm (~4 FLOPs per element), the pivot-to-token
-        cosine similarities (2 x pivots x n x d, n the tokens entering layer ``k``) and the keys'
-        L1 norm with their RoPE (~4 FLOPs per key element; the keys themselves the layer computes)."""
-        text = model.hf.config.text_config
-        d = text.hidden_size
-        head_dim = getattr(text, "head_dim", None) or d // text.num_attention_heads
+        """DART's own matrix products per sample (the profiler's convention: element-wise work such
+        as the norms is not counted): the pivot-to-token cosine similarities, 2 x pivots x n x d
+        FLOPs with n the tokens entering layer ``k`` (the keys themselves the layer computes)."""
         n = record.tokens_per_layer[sample][self.k - 1]
-        return float(2 * self.pivots * n * d + 4 * n * d + 4 * n * text.num_key_value_heads * head_dim)
+        return float(2 * self.pivots * n * model.hf.config.text_config.hidden_size)

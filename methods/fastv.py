@@ -29,8 +29,9 @@ class FastV(tc.LayerStrategy):
             raise tc.TokencompError(f"query must be 'last', 'text' or 'all', got {self.query!r}")
 
     def check(self, info: tc.RunInfo) -> None:
-        if self.budget is not None:
-            check_int("budget (image tokens kept)", self.budget, 1, min(info.visual_tokens or (0,)))
+        with_images = [v for v in info.visual_tokens if v]  # text-only samples have nothing to prune
+        if self.budget is not None and with_images:
+            check_int("budget (image tokens kept)", self.budget, 1, min(with_images))
 
     def needs(self) -> list[tc.Need]:
         return [tc.Need(f"decoder_attention_{self.query}", self.k - 1)]

@@ -142,30 +142,21 @@ def dart_reference(
     hf, inputs: dict, image_token_id: int, k: int, budget: int, pivots: tuple[int, int], steps: int, exact: bool
 ):
     """DART on one unpadded sample, written after the authors' set-based loop: pivots by the L1
-    norm of layer ``k - 1``'s post-RoPE keys (read off a hook on its ``k_proj``), duplication by
-    cosine similarity of the final-normed hidden states entering layer ``k``; pivots visited in
-    sequence order. ``exact``: keep exactly ``budget`` (else the authors' per-pivot floor).
+    norm of layer ``k - 1``'s post-RoPE keys (read from the HF model's own KV cache), duplication
+    by cosine similarity of the final-normed hidden states entering layer ``k``; the pivots visited
+    in the order of ``list(set(image_pivots + text_pivots))`` over prompt indices, as the authors'
+    loop does. ``exact``: keep exactly ``budget`` (else the authors' per-pivot floor).
 
     Returns (kept original indices, prefill last logits, greedy tokens).
     """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     lm = hf.model.language_model
     pivot_image, pivot_text = pivots
-    grabbed = []
-    handle = lm.layers[k - 1].self_attn.k_proj.register_forward_hook(lambda _m, _i, o: grabbed.append(o))
-    try:
-        with torch.no_grad():
-            out = hf(**inputs, output_hidden_states=True)
-    finally:
-        handle.remove()
     with torch.no_grad():
+        out = hf(**inputs, output_hidden_states=True, use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         ids = inputs["input_ids"][0]
         n = len(ids)
-        hd = lm.layers[k - 1].self_attn.head_dim
-        key = grabbed[0].view(1, n, -1, hd).transpose(1, 2)
-        cos, sin = lm.rotary_emb(key, torch.arange(n)[None])
-        norm = apply_rotary_pos_emb(key, key, cos, sin)[0].abs().sum((1, 3))[0]
+        norm = cache.layers[k - 1].keys[0].abs().sum((0, 2))  # (n,): every key/value head
         img = (ids == image_token_id).nonzero().flatten().tolist()
         text = list(range(img[-1] + 1, n))
 
@@ -174,16 +165,16 @@ def dart_reference(
             return [cands[i] for i in order.tolist()]
 
         image_pivots, text_pivots = top(img, pivot_image), top(text, pivot_text)
+        visit = list(set(image_pivots + text_pivots))
         P = pivot_image + pivot_text
         if exact:
             rest = min(budget, len(img)) - len(image_pivots)
-            real = len(image_pivots) + len(text_pivots)
-            take = [rest // real + (i < rest % real) for i in range(real)]
+            take = [rest // len(visit) + (i < rest % len(visit)) for i in range(len(visit))]
         else:
-            take = [min(budget, len(img) - pivot_image) // P] * P
+            take = [min(budget, len(img) - pivot_image) // P] * len(visit)
         state = lm.norm(out.hidden_states[k])[0]
         kept, pool = set(image_pivots), set(img) - set(image_pivots)
-        for piv, count in zip(sorted(image_pivots + text_pivots), take):
+        for piv, count in zip(visit, take):
             cands = sorted(pool)
             sim = torch.nn.functional.cosine_similarity(state[piv][None], state[cands], dim=-1)
             chosen = [cands[i] for i in sim.argsort(stable=True)[:count].tolist()]

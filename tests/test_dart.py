@@ -10,6 +10,9 @@ from reference import dart_reference
 import tokencomp as tc
 from tokencomp.profiler import run_flops
 
+# one text token after the image: fewer than the text pivots asked for
+SHORT_TAIL = "USER : what is in the picture ? <image> go"
+
 
 @pytest.fixture(scope="module")
 def normed_model(model):
@@ -29,8 +32,8 @@ def normed_model(model):
 def test_dart_matches_reference_prefill_and_decode(normed_model, images, k, budget, pivots, count):
     model = normed_model
     method = tc.method("dart", k=k, budget=budget, pivot_image=pivots[0], pivot_text=pivots[1], count=count)
-    for i in range(3):
-        batch = tc.prepare(model, [images[i]], [PROMPTS[i]])
+    for i, text in enumerate([*PROMPTS, SHORT_TAIL]):
+        batch = tc.prepare(model, [images[i % 3]], [text])
         kept, ref_logits, ref_tokens = dart_reference(
             model.hf, hf_inputs(batch), model.image_token_id, k, budget, pivots, steps=4, exact=count == "exact"
         )
@@ -42,24 +45,30 @@ def test_dart_matches_reference_prefill_and_decode(normed_model, images, k, budg
 
 
 def test_dart_keeps_the_documented_counts_and_is_batch_independent(model, images):
-    batch = tc.prepare(model, images, PROMPTS)
+    """Counts per sample in a padded batch with a short text tail (one text pivot fewer) and a
+    text-only sample, and each sample keeps what it keeps alone."""
+    prompts = [*PROMPTS, SHORT_TAIL, "USER : say hi . ASSISTANT :"]
+    imgs = [*images, images[0], None]
+    batch = tc.prepare(model, imgs, prompts)
     n_img = [v[0] for v in tc.Engine(model).prefill(batch).record.visual_per_layer]  # image span, newlines in
-    for count, expect in (("code", 2 + 4 * (16 // 4)), ("exact", 16)):
+    assert n_img[4] == 0
+    for count in ("code", "exact"):
         method = tc.method("dart", budget=16, pivot_image=2, pivot_text=2, count=count)
         pre = tc.Engine(model, method).prefill(batch)
-        for b in range(3):
+        # code: 2 image pivots + 16 // 4 per pivot; the short tail has 3 pivots. exact: 16
+        expect = [2 + 4 * 4] * 3 + [2 + 4 * 3, 0] if count == "code" else [16] * 4 + [0]
+        for b in range(5):
             assert pre.record.visual_per_layer[b][:2] == [n_img[b]] * 2
-            assert pre.record.visual_per_layer[b][2:] == [expect] * (model.num_layers - 2)
-        # each sample of the padded batch keeps what it keeps alone
-        for b in range(3):
-            alone = tc.Engine(model, method).prefill(tc.prepare(model, [images[b]], [PROMPTS[b]]))
+            assert pre.record.visual_per_layer[b][2:] == [expect[b]] * (model.num_layers - 2)
+            alone = tc.Engine(model, method).prefill(tc.prepare(model, [imgs[b]], [prompts[b]]))
             st = pre.state
             assert st.orig_index[b][st.valid[b]].tolist() == alone.state.orig_index[0].tolist()
 
 
-def test_dart_keeps_dissimilar_tokens_not_salient_ones(model, images):
+def test_dart_keeps_dissimilar_tokens_not_salient_ones(normed_model, images):
     """Duplication matters: with one image pivot and no text pivot, the kept tokens are the pivot
     (largest key norm) and the 9 image tokens least similar to it, not the largest key norms."""
+    model = normed_model
     batch = tc.prepare(model, images[:1], PROMPTS[:1])
     method = tc.method("dart", k=2, budget=9, pivot_image=1, pivot_text=0)
     pre = tc.Engine(model, method).prefill(batch)
@@ -111,7 +120,7 @@ def test_dart_overhead_counts_its_similarity_matmul(models, images):
     without = run_flops(model, pre.record, [])[0].overhead
     d = model.hf.config.text_config.hidden_size
     n = pre.record.tokens_per_layer[0][1]
-    assert measured <= with_dart - without <= measured + 8 * n * d
+    assert with_dart - without == measured == 2 * 5 * n * d  # 5 pivots x n tokens x d
 
 
 @pytest.mark.parametrize(
@@ -122,6 +131,7 @@ def test_dart_overhead_counts_its_similarity_matmul(models, images):
         ({"pivot_image": 0, "pivot_text": 0}, "pivot"),
         ({"count": "all"}, "count"),
         ({"similarity": "cosine"}, "similarity"),
+        ({"pivot_order": "random"}, "pivot_order"),
         ({"k": 0}, "k"),
     ],
 )

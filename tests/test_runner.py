@@ -276,3 +276,19 @@ def test_bad_lines_and_settings_are_clear_errors(tmp_path):
         JsonlDataset(bad)
     with pytest.raises(tc.TokencompError, match=r"seed='0' must be an integer >= 0"):
         load_experiment(_write(tmp_path, EXPERIMENT.replace("[experiment]", "[experiment]\nseed = '0'")))
+
+
+def test_jsonl_rows_drop_a_torn_tail_and_refuse_other_damage(tmp_path):
+    from tokencomp.data import read_rows
+
+    p = tmp_path / "rows.jsonl"
+    p.write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3, "b"')
+    assert read_rows(p) == [{"a": 1}, {"a": 2}]
+    assert p.read_text().endswith('"b"')  # reading alone changes nothing
+    assert read_rows(p, repair=True) == [{"a": 1}, {"a": 2}]
+    assert p.read_text() == '{"a": 1}\n{"a": 2}\n'  # appending resumes on a clean line
+    p.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
+    with pytest.raises(tc.TokencompError, match=r"rows.jsonl:2 is not a JSON line"):
+        read_rows(p, repair=True)
+    assert p.read_text() == '{"a": 1}\n{"a": \n{"a": 3}\n'  # damage is reported, not silently dropped
+    assert read_rows(tmp_path / "missing.jsonl") == []

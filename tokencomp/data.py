@@ -45,6 +45,31 @@ class Sample:
         return Image.open(self.image).convert("RGB")
 
 
+def read_rows(path: str | Path, repair: bool = False) -> list[dict]:
+    """The JSON lines of a results or predictions file (blank lines skipped; none if it is missing).
+
+    A torn last line, what a run that crashed mid-write leaves, is left out; with ``repair`` the
+    file is rewritten without it (and with a final newline), so that appending can resume. A bad
+    line anywhere else is damage no crash makes: a `TokencompError` naming it, the file untouched.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    lines = [x for x in text.splitlines() if x.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise TokencompError(f"{path}:{i + 1} is not a JSON line: {e}") from e
+            lines.pop()
+    if repair and (len(rows) != len(text.splitlines()) or (text and not text.endswith("\n"))):
+        path.write_text("".join(x + "\n" for x in lines))
+    return rows
+
+
 class JsonlDataset:
     """Samples read from a JSONL file (see the module docstring).
 

@@ -152,7 +152,8 @@ class PrefillOutput:
         cache: the per-layer KV cache.
         record: counts per layer and sample.
         captures: raw captured scores: vision ``Need -> (V, heads, 1+N)`` / keys, decoder
-            ``Need -> (B, heads, rows, n)`` per-head attention rows.
+            ``Need -> (B, heads, 1, n)`` per-head attention rows (query-averaged), key norms
+            ``Need -> (B, n)``.
     """
 
     logits: torch.Tensor
@@ -716,7 +717,7 @@ class Engine:
             ]
             key_norms = [n for n in self.needs if n.kind in KEY_NORM_NEEDS and n.layer == i]
             hooks = (
-                _capture(layer, ["input_layernorm"], {"k_proj": layer.self_attn.k_proj})
+                _capture(layer, ["input_layernorm"] if wanted else [], {"k_proj": layer.self_attn.k_proj})
                 if wanted or key_norms
                 else _nothing()
             )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ._compat import tomllib  # noqa: E402
+from .data import read_rows  # noqa: E402
 from .errors import TokencompError  # noqa: E402
 
 PLOTS = ("accuracy_vs_tflops", "accuracy_vs_tokens", "latency_vs_tokens", "speedup", "tokens_per_layer", "overlays")
@@ -85,28 +85,13 @@ def _title(run: Path) -> str:
         return run.name
 
 
-def _rows(path: Path) -> list[dict]:
-    """The JSON lines of ``path``; a torn last line (a run that crashed mid-write) is left out, a bad
-    line elsewhere is an error naming it. The file is not changed (the runner repairs it on resume)."""
-    lines = [x for x in path.read_text().splitlines() if x.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                break
-            raise TokencompError(f"{path}:{i + 1} is not a JSON line: {e}") from e
-    return rows
-
-
 def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
     """Write the report of ``run_dir``; returns the path of ``report.md``."""
     run = Path(run_dir)
     results = run / "results.jsonl"
     if not results.is_file():
         raise TokencompError(f"{run} has no results.jsonl; run `tokencomp compare` first")
-    rows = _rows(results)
+    rows = read_rows(results)
     if not rows:
         raise TokencompError(f"{results} is empty")
     df = pd.DataFrame(rows)
@@ -195,7 +180,7 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
         fig.savefig(files["tokens_per_layer"], dpi=110)
         plt.close(fig)
 
-        preds = {r["method"]: _rows(run / "predictions" / f"{r['cell']}.jsonl") for _, r in g.iterrows()}
+        preds = {r["method"]: read_rows(run / "predictions" / f"{r['cell']}.jsonl") for _, r in g.iterrows()}
         n_img = min(overlay_samples, min(len(p) for p in preds.values()))
         fig, axes = plt.subplots(n_img, len(g), figsize=(1.6 * len(g), 1.7 * n_img + 0.4), squeeze=False)
         for j, (_, r) in enumerate(g.iterrows()):

@@ -53,7 +53,7 @@ from tqdm import tqdm
 from ._compat import tomllib
 from .api import prepare
 from .benchmark import PRESETS, SPLIT_SEED, generate_split
-from .data import JsonlDataset, prompt
+from .data import JsonlDataset, prompt, read_rows
 from .engine import Engine
 from .errors import TokencompError
 from .metrics import answer_score, scores_by_type, yes_no_scores
@@ -262,24 +262,6 @@ def _decode_flops_per_token(rows: list[dict]) -> float:
     return sum(r["decode_flops_per_token"] for r in rows) / max(len(rows), 1)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; a torn last line (a crash mid-write) is dropped and the file repaired."""
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    lines = text.splitlines()
-    rows, good = [], []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-            good.append(line)
-        except json.JSONDecodeError:
-            continue
-    if len(good) != len(lines) or (text and not text.endswith("\n")):
-        path.write_text("".join(g + "\n" for g in good))
-    return rows
-
-
 def run_experiment(exp: Experiment, progress: bool = True) -> Path:
     """Run every unfinished cell of ``exp``; returns the results file."""
     out = exp.out
@@ -289,7 +271,7 @@ def run_experiment(exp: Experiment, progress: bool = True) -> Path:
     if started and saved.is_file() and saved.read_text() != exp.text:
         raise TokencompError(f"{out} holds results of a different experiment file; choose another out directory")
     out.mkdir(parents=True, exist_ok=True)
-    done = {r["cell"] for r in _read_jsonl(results)}
+    done = {r["cell"] for r in read_rows(results, repair=True)}
     models = {name: _load_model(src) for name, src in exp.models.items()}
     datasets = {name: _dataset(spec, out) for name, spec in exp.datasets.items()}
     # validate every cell on its model and data (first batch, extreme image sizes) before any forward pass
@@ -329,7 +311,7 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
     torch.manual_seed(s["seed"])
     template = s["template"] or model.family
     pred_path = exp.out / "predictions" / f"{cell.id}.jsonl"
-    have = {r["id"] for r in _read_jsonl(pred_path)}
+    have = {r["id"] for r in read_rows(pred_path, repair=True)}
     pending = [x for x in data.samples if x.id not in have]
     bs = s["batch_size"]
     tok = model.tokenizer
@@ -367,7 +349,7 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
                 }
                 f.write(json.dumps(row) + "\n")
             f.flush()
-    rows = _read_jsonl(pred_path)
+    rows = read_rows(pred_path, repair=True)
     got, want = [r["id"] for r in rows], [x.id for x in data.samples]
     if sorted(got) != sorted(want):
         raise TokencompError(
