@@ -117,27 +117,26 @@ class DART(tc.LayerStrategy):
 
     @staticmethod
     def set_order(ctx: tc.LayerContext, key_norm, image_pivots, text_pivots) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, P)`` pivot columns and validity, per sample in the order of the authors'
-        ``list(set(image + text))`` over prompt indices (``ctx.orig_index``), each part by
-        descending key norm."""
-        b = key_norm.shape[0]
-        rows = []
-        for mask in (image_pivots, text_pivots):
-            order = key_norm.float().masked_fill(~mask, float("-inf")).argsort(dim=1, descending=True, stable=True)
-            rows.append((order, mask.gather(1, order)))
-        order = torch.cat([rows[0][0], rows[1][0]], 1).cpu()
-        ok = torch.cat([rows[0][1], rows[1][1]], 1).cpu()
-        prompt_index = ctx.orig_index.gather(1, order.to(ctx.orig_index.device)).cpu()
+        """``(B, P)`` pivot columns and their validity, each sample's in the order of the authors'
+        ``list(set(image + text))`` over prompt indices (``ctx.orig_index``), each part listed by
+        descending key norm (one host sync)."""
+        norm, orig = key_norm.float().cpu(), ctx.orig_index.cpu()
+        image_pivots, text_pivots = image_pivots.cpu(), text_pivots.cpu()
         columns = []
-        for i in range(b):
-            column_of = {int(p): int(c) for p, c in zip(prompt_index[i][ok[i]], order[i][ok[i]])}
-            columns.append([column_of[p] for p in list(set(prompt_index[i][ok[i]].tolist()))])
-        width = max((len(c) for c in columns), default=0)
-        index = torch.zeros(b, width, dtype=torch.long)
-        valid = torch.zeros(b, width, dtype=torch.bool)
-        for i, c in enumerate(columns):
-            index[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-            valid[i, : len(c)] = True
+        for i in range(norm.shape[0]):
+            listed = [
+                c
+                for mask in (image_pivots, text_pivots)
+                for c in sorted(mask[i].nonzero().flatten().tolist(), key=lambda c: -norm[i, c])
+            ]
+            prompt_index = [int(orig[i, c]) for c in listed]
+            column_of = dict(zip(prompt_index, listed))
+            # a set built from the list, then copied, as the released code does: both steps can
+            # reorder colliding entries of CPython's hash table
+            columns.append([column_of[j] for j in list(set(prompt_index).copy())])
+        width = max(map(len, columns), default=0)
+        index = torch.tensor([c + [0] * (width - len(c)) for c in columns], dtype=torch.long).view(len(columns), width)
+        valid = torch.arange(width)[None] < torch.tensor([len(c) for c in columns])[:, None]
         return index.to(key_norm.device), valid.to(key_norm.device)
 
     def per_pivot(self, image_count: torch.Tensor, image_pivots: torch.Tensor, pivot_ok: torch.Tensor) -> torch.Tensor:

@@ -165,7 +165,8 @@ def dart_reference(
             return [cands[i] for i in order.tolist()]
 
         image_pivots, text_pivots = top(img, pivot_image), top(text, pivot_text)
-        visit = list(set(image_pivots + text_pivots))
+        indices_set = set(image_pivots + text_pivots)
+        visit = list(indices_set.copy())
         P = pivot_image + pivot_text
         if exact:
             rest = min(budget, len(img)) - len(image_pivots)
