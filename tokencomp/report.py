@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from adjustText import adjust_text  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ._compat import tomllib  # noqa: E402
@@ -44,9 +45,17 @@ def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _scatter(ax, df, x, y, xlabel, ylabel, title, front=False):
+    texts, labels = [], {}
+    xs, ys = df[x].to_numpy(float), df[y].to_numpy(float)
+    dx, dy = (np.ptp(xs) or 1.0) / 200, (np.ptp(ys) or 1.0) / 200
     for _, r in df.iterrows():
         ax.scatter(r[x], r[y], s=36)
-        ax.annotate(r["method"], (r[x], r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        cell = (round(r[x] / dx), round(r[y] / dy))  # methods on (nearly) the same point share a label
+        labels.setdefault(cell, (r[x], r[y], []))[2].append(str(r["method"]))
+    for px, py, names in labels.values():
+        texts.append(ax.text(px, py, " / ".join(names), fontsize=7))
+    if len(texts) > 1:  # labels of close points moved apart, each tied to its point by a thin line
+        adjust_text(texts, ax=ax, arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5})
     if front and len(df) > 1:
         f = pareto_front(df[x].to_numpy(float), df[y].to_numpy(float))
         ax.plot(df[x].to_numpy()[f], df[y].to_numpy()[f], "k--", lw=1, label="Pareto frontier")
