@@ -12,5 +12,6 @@ from . import (  # noqa: F401
     prumerge,
     random_prune,
     shortv,
+    sparsevlm,
     visionzip,
 )

@@ -184,3 +184,90 @@ def dart_reference(
         keep = torch.tensor(sorted(set(range(n)) - set(img) | kept))
         first, tokens = run_pruned(hf, out, keep, k, steps)
     return keep, first, tokens
+
+
+def sparsevlm_reference(hf, inputs: dict, image_token_id: int, layers, counts, steps: int, recycling: bool = True):
+    """SparseVLM on one unpadded sample, written after the authors' loop (``LlamaDynamicvitModel``):
+    raters from the input embeddings; at each sparse layer its own causal softmax map (from its
+    norm, q/k projections and RoPE), head-mean, rater rows, image columns ranks the image tokens;
+    the top ``min(k, v - 1)`` stay in the layer's output, the top 30% + 1 of the deleted ones by
+    that score are merged by DPC-KNN into ``int(num / 10) + 1`` tokens placed after them;
+    positions renumbered. Returns (prefill last logits, greedy tokens, image tokens per stage).
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    lm = hf.model.language_model
+    L = len(lm.layers)
+    with torch.no_grad():
+        out = hf(**inputs, output_hidden_states=True)
+        ids = inputs["input_ids"][0]
+        n = len(ids)
+        x0 = out.hidden_states[0]
+        img = (ids == image_token_id).nonzero().flatten()
+        v_start, v_num = int(img[0]), len(img)
+        text_start = v_start + v_num
+        v_t, t_t = x0[0, v_start:text_start].float(), x0[0, text_start:].float()
+        m_v_t = (v_t @ t_t.T).softmax(1).mean(0)
+        t_idx = torch.where(m_v_t > m_v_t.mean())[0]
+        h, prev, stages, per_stage = x0, 0, [], []
+        for stage, lay in enumerate(layers):
+            pos = torch.arange(h.shape[1])[None]
+            h = run_layers(hf, h, pos, range(prev, lay))
+            layer = lm.layers[lay]
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            hd = attn.head_dim
+            q = attn.q_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2)
+            k = attn.k_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2)
+            cos, sin = lm.rotary_emb(h, pos)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k = repeat_kv(k, q.shape[1] // k.shape[1])
+            probs = ((q @ k.transpose(-1, -2)) * attn.scaling + causal_mask(x.shape[1])).softmax(-1)
+            relation = probs.mean(1)[0][t_idx + text_start][:, v_start:text_start].mean(0)
+            h = run_layers(hf, h, pos, [lay])
+            top = relation.argsort(descending=True, stable=True)[: min(counts[stage], v_num - 1)]
+            pred = torch.zeros(v_num, dtype=torch.bool)
+            pred[top] = True
+            kept = h[:, v_start + pred.nonzero().flatten()]
+            deleted = (~pred).nonzero().flatten()
+            merged = h[:, :0]
+            if recycling and len(deleted):
+                num = int(len(deleted) * 0.3) + 1
+                order = relation[deleted].argsort(descending=True, stable=True)[:num]
+                merged = _cluster_and_merge(h[0, v_start + deleted[order]], int(num / 10) + 1)[None]
+            h = torch.cat([h[:, :v_start], kept, merged.to(h.dtype), h[:, text_start:]], dim=1)
+            v_num = kept.shape[1] + merged.shape[1]
+            text_start = v_start + v_num
+            prev = lay + 1
+            stages.append((lay + 1, h.clone()))
+            per_stage.append(v_num)
+        first = logits_last(hf, run_layers(hf, h, torch.arange(h.shape[1])[None], range(prev, L)))
+        tokens = [int(first.argmax(-1))]
+        for _ in range(steps - 1):
+            x = torch.cat([x0, lm.embed_tokens(torch.tensor([tokens]))], dim=1)
+            start, prompt = 0, n
+            for begin, state in stages:  # each stage's prompt from the prefill, decoded rows renumbered after it
+                x = run_layers(hf, x, torch.arange(x.shape[1])[None], range(start, begin))
+                x = torch.cat([state, x[:, prompt:]], dim=1)
+                start, prompt = begin, state.shape[1]
+            x = run_layers(hf, x, torch.arange(x.shape[1])[None], range(start, L))
+            tokens.append(int(logits_last(hf, x).argmax(-1)))
+    return first, tokens, per_stage
+
+
+def _cluster_and_merge(x: torch.Tensor, cluster_num: int) -> torch.Tensor:
+    """The authors' DPC-KNN merge of ``x`` ``(N, C)`` (their ``cluster_and_merge``), with a stable
+    sort for the centres in place of their 1e-6 density noise."""
+    x = x.float()
+    N, C = x.shape
+    dist_matrix = (x[:, None, :] - x[None, :, :]).norm(dim=-1, p=2) / C**0.5
+    dist_nearest = dist_matrix.topk(cluster_num, dim=-1, largest=False).values
+    density = (-(dist_nearest**2).mean(dim=-1)).exp()
+    mask = (density[None, :] > density[:, None]).float()
+    dist_max = dist_matrix.max()
+    dist = (dist_matrix * mask + dist_max * (1 - mask)).min(dim=-1).values
+    index_down = (dist * density).argsort(descending=True, stable=True)[:cluster_num]
+    idx_cluster = dist_matrix[index_down].argmin(dim=0)
+    idx_cluster[index_down] = torch.arange(cluster_num)
+    all_weight = torch.zeros(cluster_num).index_add_(0, idx_cluster, torch.ones(N)) + 1e-6
+    return torch.zeros(cluster_num, C).index_add_(0, idx_cluster, x / all_weight[idx_cluster][:, None])

@@ -115,6 +115,7 @@ class SeqState:
     image: torch.Tensor  # (B, n) long, image index within the sample, -1 for text
     view: torch.Tensor  # (B, n) long, 0 = base image / thumbnail, j = crop j, -1 text and newlines
     patch: torch.Tensor  # (B, n) long, source patch index in its view, -1 unknown
+    rater: torch.Tensor | None = None  # (B, n) bool, rater tokens a layer strategy marked (or None)
 
     def layout(self, b: int) -> dict[str, torch.Tensor]:
         """Sample ``b``'s token record without padding: ``kind``, ``positions``, ``orig_index``,
@@ -137,6 +138,7 @@ class SeqState:
             image=g(self.image),
             view=g(self.view),
             patch=g(self.patch),
+            rater=None if self.rater is None else g(self.rater) & valid,
         )
 
 
@@ -219,6 +221,14 @@ class Engine:
             for lay in s.prune_layers(L):
                 check_int(f"{s}: prune before layer", lay, 1, L - 1)
                 self.prune_at.setdefault(lay, []).append(s)
+            contiguous = "contiguous" in (self.options.llm_positions, getattr(s, "llm_positions", None))
+            if hasattr(s, "recycle_tokens") and not contiguous:
+                raise TokencompError(
+                    f"{s} inserts merged tokens, which have no position of their own: use contiguous LLM positions"
+                )
+        self.raters = [s for s in self.layer_strategies if hasattr(s, "raters")]
+        if any(n.kind.endswith("_raters") for n in self.needs) and not self.raters:
+            raise TokencompError("a decoder_attention_raters capture needs a layer strategy with a raters() method")
         nl = model.vision_num_layers
         self.feature_hidden = [f % (nl + 1) for f in model.feature_layers]  # hidden_states index: 0 = embeddings
         self.vision_capture_layers = sorted({n.layer % nl for n in self.needs if n.kind in VISION_NEEDS})
@@ -699,6 +709,12 @@ class Engine:
         tokens = torch.zeros(bsz, L, dtype=torch.long, device=state.hidden.device)  # read once at the end:
         visual = torch.zeros_like(tokens)  # no host sync per layer
         scores: dict[Need, torch.Tensor] = {}
+        if self.raters:  # rater tokens, marked once on the sequence entering the decoder
+            ctx = self._context(state, 0, scores, input_images)
+            state.rater = torch.zeros_like(state.valid)
+            for s in self.raters:
+                state.rater |= s.raters(ctx)
+            state.rater &= state.valid & (state.kind == TEXT)
         cos_sin = self._rope(state.hidden, state.positions)
         mask = self._mask(state.valid, None, state.hidden.dtype)
         for i, layer in enumerate(m.layers):
@@ -760,8 +776,8 @@ class Engine:
         )
         return PrefillOutput(logits, state, input_state, cache, record, captures)
 
-    def _prune(self, state: SeqState, layer: int, scores, input_images: torch.Tensor) -> tuple[SeqState, bool]:
-        ctx = LayerContext(
+    def _context(self, state: SeqState, layer: int, scores, input_images: torch.Tensor) -> LayerContext:
+        return LayerContext(
             layer=layer,
             num_layers=self.model.num_layers,
             hidden=state.hidden,
@@ -773,6 +789,9 @@ class Engine:
             input_image_count=input_images,
             final_norm=self.model.norm,
         )
+
+    def _prune(self, state: SeqState, layer: int, scores, input_images: torch.Tensor) -> tuple[SeqState, bool]:
+        ctx = self._context(state, layer, scores, input_images)
         keep = state.valid.clone()
         for s in self.prune_at[layer]:
             k = s.keep(ctx)
@@ -781,16 +800,58 @@ class Engine:
             keep &= k
         keep |= state.valid & (state.kind == TEXT)  # text tokens are never dropped
         keep[:, -1] |= state.valid[:, -1]  # nor the last token (left padding: the last column)
-        if bool((keep == state.valid).all()):
+        made = [
+            r
+            for s in self.prune_at[layer]
+            if hasattr(s, "recycle_tokens")
+            for r in [s.recycle_tokens(ctx, keep)]
+            if r is not None
+        ]
+        if not made and bool((keep == state.valid).all()):
             return state, False
-        index, valid = repack(keep)
-        new = state.gather(index, valid, self.options.kernel_backend)
+        if made:
+            new, index = self._insert(state, keep, made)
+            valid = new.valid
+        else:
+            index, valid = repack(keep)
+            new = state.gather(index, valid, self.options.kernel_backend)
         for need in scores:  # scores captured earlier follow their tokens into the new packing
-            scores[need] = torch.gather(scores[need], 1, index)
+            scores[need] = torch.gather(scores[need], 1, index.clamp(min=0)).masked_fill(index < 0, 0)
         wants = {getattr(s, "llm_positions", None) for s in self.prune_at[layer]}
         if self.options.llm_positions == "contiguous" or "contiguous" in wants:
             new.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         return new, True
+
+    def _insert(self, state: SeqState, keep: torch.Tensor, made: list[tuple[torch.Tensor, torch.Tensor]]):
+        """The kept tokens with recycled ones inserted after each sample's last kept image-span
+        token. ``made``: per recycling strategy, ``tokens (B, r, d)`` and ``count (B,)`` (the first
+        ``count[b]`` rows are sample b's). Returns the new state and ``(B, n')`` source indices
+        (-1 for an inserted token)."""
+        b, n = keep.shape
+        col = torch.arange(n, device=keep.device)
+        span_end = torch.where(state.valid & (state.kind >= VISUAL), col, -1).amax(1)
+        counts = [c.tolist() for _, c in made]
+        rows_src, rows_hidden = [], []
+        for i in range(b):
+            kept = keep[i].nonzero().flatten()
+            cut = int((kept <= span_end[i]).sum())
+            new_rows = torch.cat([t[i, : c[i]] for (t, _), c in zip(made, counts)]).to(state.hidden.dtype)
+            rows_src.append(torch.cat([kept[:cut], kept.new_full((new_rows.shape[0],), -1), kept[cut:]]))
+            rows_hidden.append(torch.cat([state.hidden[i, kept[:cut]], new_rows, state.hidden[i, kept[cut:]]]))
+        index, valid = pad_left(rows_src, 0)
+        hidden, _ = pad_left(rows_hidden)
+        new = state.gather(index.clamp(min=0), valid, self.options.kernel_backend)
+        added = valid & (index < 0)
+        new.hidden = hidden
+        new.kind = new.kind.masked_fill(added, VISUAL)
+        new.orig_index = new.orig_index.masked_fill(added, -1)
+        new.view = new.view.masked_fill(added, -1)
+        new.patch = new.patch.masked_fill(added, -1)
+        last_image = state.image.gather(1, span_end.clamp(min=0)[:, None])
+        new.image = torch.where(added, last_image.expand_as(new.image), new.image)
+        if new.rater is not None:
+            new.rater &= ~added
+        return new, index.masked_fill(~valid, 0)
 
     def _score_rows(self, layer, got, state: SeqState, cos_sin, needs, captures: dict, scores: dict) -> None:
         """Each decoder need's per-head rows into ``captures`` and their head-mean, query-mean
@@ -809,8 +870,8 @@ class Engine:
 
     def _decoder_rows(self, layer, got, state: SeqState, cos_sin, query: str) -> torch.Tensor:
         """Per-head softmax attention rows from the captured norm output and keys: ``(B, heads, 1, n)``,
-        the last token's row (``query="last"``) or the mean row over the text tokens (``"text"``) or
-        all tokens (``"all"``), computed ``ROW_CHUNK`` query rows at a time (no n x n map kept)."""
+        the last token's row (``query="last"``) or the mean row over the text tokens (``"text"``),
+        the rater tokens (``"raters"``) or all tokens (``"all"``), computed ``ROW_CHUNK`` query rows at a time (no n x n map kept)."""
         m = self.model
         attn = layer.self_attn
         x, k = got["input_layernorm"], got["k_proj"]
@@ -821,7 +882,8 @@ class Engine:
             rows = torch.full((b, 1), n - 1, device=x.device)
             row_ok = torch.ones(b, 1, dtype=torch.bool, device=x.device)
         else:
-            rows, row_ok = repack(state.valid & (state.kind == TEXT) if query == "text" else state.valid)
+            marked = {"text": state.kind == TEXT, "raters": state.rater}.get(query)
+            rows, row_ok = repack(state.valid if marked is None else state.valid & marked)
         gather = self._gather
         kh = m.apply_rope(k.view(b, n, -1, hd).transpose(1, 2), cos, sin)  # (B, H_kv, n, hd)
         total = None

@@ -189,7 +189,8 @@ def run_flops(model, record: RunRecord, strategies=()) -> list[FlopsReport]:
             early = bool(preprune and preprune[0])  # before the pruning at `layer`: the tokens leaving layer - 1
             at = layer - 1 if early and layer > 0 else layer
             n = record.tokens_per_layer[b][at]
-            rows = {"last": 1, "text": n - record.visual_per_layer[b][at]}.get(query, n)  # "all": every row
+            text = n - record.visual_per_layer[b][at]
+            rows = {"last": 1, "text": text, "raters": text}.get(query, n)  # "all": every row; raters: <= text
             overhead += 2 * rows * dec.hidden * dec.heads * dec.head_dim + 2 * rows * n * dec.heads * dec.head_dim
             if early:  # keys of every token, which the layer itself computes only for the kept ones
                 overhead += 2 * n * dec.hidden * dec.kv_heads * dec.head_dim

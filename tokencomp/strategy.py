@@ -33,11 +33,12 @@ VISION_NEEDS = (
     "vision_mean_attention",
 )
 CLS_NEEDS = ("vision_cls_attention", "vision_cls_logits", "vision_cls_query")  # towers with a CLS token only
-# decoder attention rows of layer L, from the last token, averaged over the text tokens or over all
-# tokens (DECODER_QUERIES): "decoder_attention_*" while layer L runs (after any pruning before L);
+# decoder attention rows of layer L, from the last token, averaged over the text tokens, over all
+# tokens or over the rater tokens a layer strategy marks (`LayerStrategy.raters`, SparseVLM)
+# (DECODER_QUERIES): "decoder_attention_*" while layer L runs (after any pruning before L);
 # "decoder_preprune_attention_*" from layer L's own norm and q/k projections of the hidden states
 # entering L, before the pruning at L (PyramidDrop)
-DECODER_QUERIES = ("last", "text", "all")
+DECODER_QUERIES = ("last", "text", "all", "raters")
 PREPRUNE_NEEDS = tuple(f"decoder_preprune_attention_{q}" for q in DECODER_QUERIES)
 DECODER_NEEDS = tuple(f"decoder_attention_{q}" for q in DECODER_QUERIES) + PREPRUNE_NEEDS
 # per-token L1 norm of decoder layer L's keys (RoPE applied, every key/value head), taken while
@@ -389,6 +390,13 @@ class LayerStrategy(Strategy):
     dropped token stays dropped in every later layer and in the KV cache. A strategy whose
     ``llm_positions`` attribute is ``"contiguous"`` has the kept tokens renumbered 0..k-1 at its
     pruning (see `tokencomp.engine`); otherwise `EngineOptions.llm_positions` decides.
+
+    Optional hooks:
+        raters(ctx) -> (B, n) bool: called once on the sequence entering layer 0; marks the text
+            tokens whose attention rows the ``decoder_attention_raters`` captures average.
+        recycle_tokens(ctx, keep) -> (tokens (B, r, d), count (B,) long) or None: new tokens made from
+            the dropped ones (merging), inserted after the last kept image-span token of each
+            sample as image tokens without a source; needs contiguous LLM positions.
     """
 
     stage: ClassVar[str] = "layer"

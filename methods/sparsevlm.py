@@ -1,0 +1,154 @@
+"""SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language
+Model Inference", arXiv 2410.04417), as its released code (v1) does it.
+
+1. **Raters**: the text tokens after the image that are relevant to it. From the input
+   embeddings, ``softmax_t(V Tᵀ)`` averaged over the visual tokens scores each text token; the
+   raters are those scoring above the mean.
+2. **Sparsification**: at each sparse layer ``l`` (2, 6, 15 of the 32-layer LLaVA-1.5-7B) the
+   layer's own softmax attention, averaged over heads and over the raters' rows, ranks the image
+   tokens; the top ``min(k_l, v - 1)`` stay in the layer's output (the pruning is before layer
+   ``l + 1``). ``k_l`` comes from the published schedules (``budget`` 192: 300 / 200 / 110; 128:
+   303 / 110 / 36; 64: 66 / 30 / 17) or ``counts``.
+3. **Recycling**: of the deleted tokens, the ``recycle_ratio`` (30%) + 1 with the highest rater
+   attention are clustered by density-peak k-NN clustering (DPC-KNN) into ``int(m / 10) + 1``
+   tokens, each the mean of its cluster, placed after the kept image tokens.
+4. Positions are renumbered 0..n-1 after each step, and each layer's decoded tokens continue
+   its own numbering (the released code's position ids: the layer's cache length).
+
+Choices where the code is not reproduced exactly (options where it matters):
+
+- DPC-KNN breaks density ties by a stable sort instead of adding 1e-6 uniform noise, so runs are
+  deterministic; distances are computed in float32.
+- ``layers``: on decoders other than 32 layers the sparse layers are scaled by depth
+  (``max(1, round(l * L / 32))``, deduplicated) unless given.
+- The image span of LLaVA-NeXT (newline tokens included) is one pool; give ``counts`` for it
+  (the published schedules are for 576 tokens). ``recycling=False`` drops instead of merging.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import tokencomp as tc
+from tokencomp.strategy import TEXT, check_int, check_ratio, top_mask
+
+PUBLISHED_LAYERS = (2, 6, 15)
+PUBLISHED_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+
+
+@tc.register("sparsevlm")
+class SparseVLM(tc.LayerStrategy):
+    budget: int | None = 64
+    counts: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    recycling: bool = True
+    recycle_ratio: float = 0.3
+    llm_positions: str = "contiguous"
+
+    def __post_init__(self) -> None:
+        if self.counts is None:
+            if self.budget not in PUBLISHED_COUNTS:
+                raise tc.BudgetError(
+                    f"budget={self.budget!r} has no published schedule (one of {sorted(PUBLISHED_COUNTS)}); give counts="
+                )
+            self.counts = PUBLISHED_COUNTS[self.budget]
+        self.counts = tuple(check_int("counts (image tokens kept per sparse layer)", c, 1) for c in self.counts)
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+            if len(self.layers) != len(self.counts) or list(self.layers) != sorted(set(self.layers)):
+                raise tc.TokencompError(
+                    f"layers must be increasing, one per count: layers={self.layers}, counts={self.counts}"
+                )
+        check_ratio("recycle_ratio (share of the deleted tokens recycled)", self.recycle_ratio)
+        if self.llm_positions != "contiguous":
+            raise tc.TokencompError("SparseVLM renumbers positions after each step (llm_positions='contiguous')")
+
+    def sparse_layers(self, num_layers: int) -> list[int]:
+        """The layers whose output is sparsified: given, the published ones on 32 layers, else scaled."""
+        if self.layers is not None:
+            return list(self.layers)
+        layers = sorted({max(1, round(lay * num_layers / 32)) for lay in PUBLISHED_LAYERS})
+        if len(layers) != len(self.counts) or layers[-1] > num_layers - 2:
+            raise tc.TokencompError(
+                f"cannot place {len(self.counts)} sparse layers in {num_layers} layers; give layers="
+            )
+        return layers
+
+    def needs_for(self, num_layers: int) -> list[tc.Need]:
+        return [tc.Need("decoder_attention_raters", lay) for lay in self.sparse_layers(num_layers)]
+
+    def prune_layers(self, num_layers: int) -> list[int]:
+        return [lay + 1 for lay in self.sparse_layers(num_layers)]
+
+    def raters(self, ctx: tc.LayerContext) -> torch.Tensor:
+        """``(B, n)`` bool: text tokens after the image whose image relevance exceeds the mean."""
+        img = ctx.image_mask
+        col = torch.arange(img.shape[1], device=img.device)
+        last_image = torch.where(img, col, -1).amax(1, keepdim=True)
+        text = ctx.valid & (ctx.kind == TEXT) & (col > last_image) & (last_image >= 0)
+        out = torch.zeros_like(img)
+        for b in range(img.shape[0]):
+            if not bool(text[b].any()):
+                continue
+            v, t = ctx.hidden[b, img[b]].float(), ctx.hidden[b, text[b]].float()
+            relevance = (v @ t.T).softmax(dim=1).mean(0)  # (t,)
+            out[b, text[b].nonzero().flatten()] = relevance > relevance.mean()
+        return out
+
+    def keep(self, ctx: tc.LayerContext) -> torch.Tensor:
+        stage = self.prune_layers(ctx.num_layers).index(ctx.layer)
+        relation = ctx.attention(ctx.layer - 1, "raters")
+        return ctx.keep_top(relation, (ctx.image_count - 1).clamp(max=self.counts[stage]))
+
+    def recycle_tokens(self, ctx: tc.LayerContext, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Deleted image tokens with the highest rater attention, clustered and averaged per sample:
+        ``(B, r, d)`` tokens and ``(B,)`` counts (None with ``recycling=False``)."""
+        if not self.recycling:
+            return None
+        relation = ctx.attention(ctx.layer - 1, "raters")
+        deleted = ctx.image_mask & ~keep
+        merged = []
+        for b in range(deleted.shape[0]):
+            m = int(deleted[b].sum())
+            if m == 0:
+                merged.append(ctx.hidden[b, :0])
+                continue
+            take = min(int(m * self.recycle_ratio) + 1, m)
+            chosen = top_mask(relation[b : b + 1], deleted[b : b + 1], take)[0]
+            order = relation[b].float().masked_fill(~chosen, float("-inf")).argsort(descending=True, stable=True)[:take]
+            merged.append(dpc_knn_merge(ctx.hidden[b, order], int(take / 10) + 1))
+        count = torch.tensor([x.shape[0] for x in merged], device=keep.device)
+        tokens = torch.zeros(
+            len(merged), int(count.max()), ctx.hidden.shape[-1], dtype=ctx.hidden.dtype, device=keep.device
+        )
+        for b, x in enumerate(merged):
+            tokens[b, : x.shape[0]] = x.to(tokens.dtype)
+        return tokens, count
+
+    def overhead_flops(self, model, record, sample: int) -> float:
+        """Matrix products of its own (the profiler's convention): the raters' ``V Tᵀ`` on the
+        input embeddings, ``2 v t d`` with t all text tokens (an upper bound for the text after
+        the image). The rater attention rows are counted by the profiler as a decoder capture."""
+        d = model.hf.config.text_config.hidden_size
+        v = record.visual_per_layer[sample][0]
+        t = record.tokens_per_layer[sample][0] - v
+        return float(2 * v * t * d)
+
+
+def dpc_knn_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:
+    """Density-peak k-NN clustering of ``x`` ``(m, d)`` into ``clusters`` groups (the released
+    code's ``cluster_and_merge``): density from the ``clusters`` nearest distances, centres by
+    density x distance to a denser token, every token to its nearest centre; returns the
+    ``(clusters, d)`` cluster means (sum / (count + 1e-6), as the code divides)."""
+    x32 = x.float()
+    dist = torch.cdist(x32, x32, compute_mode="donot_use_mm_for_euclid_dist") / x.shape[-1] ** 0.5
+    nearest = dist.topk(clusters, dim=-1, largest=False).values
+    density = (-(nearest**2).mean(-1)).exp()
+    denser = density[None, :] > density[:, None]
+    parent_dist = torch.where(denser, dist, dist.max()).min(-1).values
+    centres = (parent_dist * density).argsort(descending=True, stable=True)[:clusters]
+    assign = dist[centres].argmin(0)
+    assign[centres] = torch.arange(clusters, device=x.device)
+    sums = torch.zeros(clusters, x.shape[-1], device=x.device).index_add_(0, assign, x32)
+    size = torch.bincount(assign, minlength=clusters).float() + 1e-6
+    return sums / size[:, None]

@@ -1,0 +1,97 @@
+"""SparseVLM equals an independent reference from the unmodified HF model (tests/reference.py),
+and the engine's in-LLM token insertion keeps batches consistent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROMPTS, hf_inputs
+from reference import _cluster_and_merge, sparsevlm_reference
+
+import tokencomp as tc
+from methods.sparsevlm import dpc_knn_merge
+
+
+@pytest.mark.parametrize(
+    "family,layers,counts,recycling",
+    [
+        ("llava", (0, 1, 2), (20, 10, 4), True),
+        ("llava", (1, 2), (12, 3), False),
+        ("llava-next", (0, 2), (60, 12), True),
+    ],
+)
+def test_sparsevlm_matches_reference_prefill_and_decode(models, images, family, layers, counts, recycling):
+    model = models[family]
+    method = tc.method("sparsevlm", counts=counts, layers=layers, recycling=recycling)
+    for i in range(3):
+        batch = tc.prepare(model, [images[i]], [PROMPTS[i]])
+        ref_logits, ref_tokens, per_stage = sparsevlm_reference(
+            model.hf, hf_inputs(batch), model.image_token_id, layers, counts, steps=4, recycling=recycling
+        )
+        tokens, pre = tc.Engine(model, method).generate(batch, max_new_tokens=4, eos_token_id=None)
+        visual = pre.record.visual_per_layer[0]
+        assert [visual[lay + 1] for lay in layers] == per_stage
+        n = int(pre.state.valid[0].sum())
+        assert pre.state.positions[0][pre.state.valid[0]].tolist() == list(range(n))
+        torch.testing.assert_close(pre.logits[0], ref_logits[0], rtol=1e-4, atol=1e-4)
+        assert tokens[0] == ref_tokens
+        if recycling:  # merged tokens have no source; they sit right after the kept image tokens
+            kinds, orig = pre.state.kind[0][pre.state.valid[0]], pre.state.orig_index[0][pre.state.valid[0]]
+            merged = ((kinds == tc.strategy.VISUAL) & (orig < 0)).nonzero().flatten()
+            assert len(merged) >= 1 and int(kinds[merged[-1] + 1]) == tc.strategy.TEXT
+
+
+def test_sparsevlm_batch_equals_single_samples(model, images):
+    method = tc.method("sparsevlm", counts=(20, 8), layers=(1, 2))
+    batch = tc.prepare(model, images, PROMPTS)
+    tokens, pre = tc.Engine(model, method).generate(batch, max_new_tokens=3, eos_token_id=None)
+    for b in range(3):
+        t1, alone = tc.Engine(model, method).generate(
+            tc.prepare(model, [images[b]], [PROMPTS[b]]), max_new_tokens=3, eos_token_id=None
+        )
+        assert tokens[b] == t1[0]
+        assert pre.record.visual_per_layer[b] == alone.record.visual_per_layer[0]
+        torch.testing.assert_close(pre.logits[b], alone.logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_dpc_knn_merge_matches_the_authors_loop_and_averages_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g) * 5
+    x = torch.cat([c + 0.1 * torch.randn(7, 16, generator=g) for c in centres])[torch.randperm(21, generator=g)]
+    merged = dpc_knn_merge(x, 3)
+    torch.testing.assert_close(merged, _cluster_and_merge(x, 3))
+    # well separated blobs: each merged token is one blob's mean
+    got = sorted(merged.tolist())
+    want = sorted((x[((x[:, None] - centres[None]).norm(dim=-1).argmin(1) == j)].mean(0)).tolist() for j in range(3))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-4)
+
+
+def test_sparsevlm_published_schedules_and_bad_input(models):
+    assert tc.method("sparsevlm", budget=128).counts == (303, 110, 36)
+    assert tc.method("sparsevlm").sparse_layers(32) == [2, 6, 15]
+    assert tc.method("sparsevlm").sparse_layers(8) == [1, 2, 4]  # scaled by depth
+    with pytest.raises(tc.BudgetError, match="published schedule"):
+        tc.method("sparsevlm", budget=100)
+    with pytest.raises(tc.TokencompError, match="one per count"):
+        tc.method("sparsevlm", counts=(10, 5), layers=(1,))
+    with pytest.raises(tc.TokencompError, match="contiguous"):
+        tc.method("sparsevlm", llm_positions="original")
+    with pytest.raises(tc.TokencompError, match="cannot place"):
+        tc.Engine(models["llava"], tc.method("sparsevlm"))  # 4 layers: no room for 3 sparse layers
+
+
+def test_recycling_needs_contiguous_positions(models):
+    class Merge(tc.LayerStrategy):
+        llm_positions = "original"
+
+        def prune_layers(self, num_layers):
+            return [1]
+
+        def keep(self, ctx):
+            return ctx.valid
+
+        def recycle_tokens(self, ctx, keep):
+            return None
+
+    with pytest.raises(tc.TokencompError, match="contiguous"):
+        tc.Engine(models["llava"], [Merge()])
