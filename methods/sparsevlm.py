@@ -1,26 +1,30 @@
 """SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language
-Model Inference", arXiv 2410.04417), as its released code (v1) does it.
+Model Inference", arXiv 2410.04417), as its released code does it: the fixed-schedule version of
+2025-03 (the README's v1.5, ``USE_VERSION=1_0``); the first release chose the kept counts from the
+rank of the attention matrix and pruned at four layers, which is not reproduced.
 
 1. **Raters**: the text tokens after the image that are relevant to it. From the input
    embeddings, ``softmax_t(V Tᵀ)`` averaged over the visual tokens scores each text token; the
    raters are those scoring above the mean.
-2. **Sparsification**: at each sparse layer ``l`` (2, 6, 15 of the 32-layer LLaVA-1.5-7B) the
-   layer's own softmax attention, averaged over heads and over the raters' rows, ranks the image
-   tokens; the top ``min(k_l, v - 1)`` stay in the layer's output (the pruning is before layer
-   ``l + 1``). ``k_l`` comes from the published schedules (``budget`` 192: 300 / 200 / 110; 128:
-   303 / 110 / 36; 64: 66 / 30 / 17) or ``counts``.
+2. **Sparsification**: at each sparse layer ``l`` (2, 6, 15, as the code fixes them for every
+   depth) the layer's own softmax attention, averaged over heads and over the raters' rows, ranks
+   the image tokens; the top ``min(k_l, v - 1)`` stay in the layer's output (the pruning is before
+   layer ``l + 1``). ``k_l`` comes from the published schedules (``budget`` 192: 300 / 200 / 110;
+   128: 303 / 110 / 36; 96: 238 / 48 / 26; 64: 66 / 30 / 17) or ``counts``.
 3. **Recycling**: of the deleted tokens, the ``recycle_ratio`` (30%) + 1 with the highest rater
    attention are clustered by density-peak k-NN clustering (DPC-KNN) into ``int(m / 10) + 1``
-   tokens, each the mean of its cluster, placed after the kept image tokens.
+   tokens, each the mean of its cluster, placed after the kept image tokens. Merged tokens of one
+   step are image tokens for the next.
 4. Positions are renumbered 0..n-1 after each step, and each layer's decoded tokens continue
    its own numbering (the released code's position ids: the layer's cache length).
 
-Choices where the code is not reproduced exactly (options where it matters):
+Choices where the code is not reproduced exactly:
 
-- DPC-KNN breaks density ties by a stable sort instead of adding 1e-6 uniform noise, so runs are
-  deterministic; distances are computed in float32.
-- ``layers``: on decoders other than 32 layers the sparse layers are scaled by depth
-  (``max(1, round(l * L / 32))``, deduplicated) unless given.
+- DPC-KNN density ties are not broken: the code adds 1e-6 uniform noise to the densities, which
+  rounds away in the fp16 it runs in. With 2 clusters two mutual nearest neighbours tie exactly.
+  Distances are computed in float32; centres are ordered by a stable sort.
+- ``layers``: 2 / 6 / 15 wherever they fit (17 layers or more); on the shallower test decoders
+  they are scaled by depth (``max(1, round(l * L / 32))``), unless given.
 - The image span of LLaVA-NeXT (newline tokens included) is one pool; give ``counts`` for it
   (the published schedules are for 576 tokens). ``recycling=False`` drops instead of merging.
 """
@@ -33,7 +37,7 @@ import tokencomp as tc
 from tokencomp.strategy import TEXT, check_int, check_ratio, top_mask
 
 PUBLISHED_LAYERS = (2, 6, 15)
-PUBLISHED_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+PUBLISHED_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
 
 
 @tc.register("sparsevlm")
@@ -52,6 +56,8 @@ class SparseVLM(tc.LayerStrategy):
                     f"budget={self.budget!r} has no published schedule (one of {sorted(PUBLISHED_COUNTS)}); give counts="
                 )
             self.counts = PUBLISHED_COUNTS[self.budget]
+        else:
+            self.budget = None  # the counts decide; records show them, not a budget
         self.counts = tuple(check_int("counts (image tokens kept per sparse layer)", c, 1) for c in self.counts)
         if self.layers is not None:
             self.layers = tuple(self.layers)
@@ -64,9 +70,11 @@ class SparseVLM(tc.LayerStrategy):
             raise tc.TokencompError("SparseVLM renumbers positions after each step (llm_positions='contiguous')")
 
     def sparse_layers(self, num_layers: int) -> list[int]:
-        """The layers whose output is sparsified: given, the published ones on 32 layers, else scaled."""
+        """The layers whose output is sparsified: given, else 2 / 6 / 15 where they fit, else scaled."""
         if self.layers is not None:
             return list(self.layers)
+        if num_layers >= PUBLISHED_LAYERS[-1] + 2 and len(self.counts) == len(PUBLISHED_LAYERS):
+            return list(PUBLISHED_LAYERS)
         layers = sorted({max(1, round(lay * num_layers / 32)) for lay in PUBLISHED_LAYERS})
         if len(layers) != len(self.counts) or layers[-1] > num_layers - 2:
             raise tc.TokencompError(
@@ -128,11 +136,18 @@ class SparseVLM(tc.LayerStrategy):
     def overhead_flops(self, model, record, sample: int) -> float:
         """Matrix products of its own (the profiler's convention): the raters' ``V Tᵀ`` on the
         input embeddings, ``2 v t d`` with t all text tokens (an upper bound for the text after
-        the image). The rater attention rows are counted by the profiler as a decoder capture."""
+        the image), and per step the DPC-KNN pairwise distances, ``2 take² d`` (``take`` the
+        tokens clustered, worked out from the image tokens before and after the step). The rater
+        attention rows are counted by the profiler as a decoder capture."""
         d = model.hf.config.text_config.hidden_size
-        v = record.visual_per_layer[sample][0]
-        t = record.tokens_per_layer[sample][0] - v
-        return float(2 * v * t * d)
+        visual = record.visual_per_layer[sample]
+        total = 2.0 * visual[0] * (record.tokens_per_layer[sample][0] - visual[0]) * d
+        if self.recycling:
+            for stage, lay in enumerate(self.sparse_layers(len(visual))):
+                deleted = visual[lay] - max(min(self.counts[stage], visual[lay] - 1), 0)
+                take = min(int(deleted * self.recycle_ratio) + 1, deleted)
+                total += 2.0 * take * take * d
+        return total
 
 
 def dpc_knn_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:

@@ -42,12 +42,19 @@ def test_sparsevlm_matches_reference_prefill_and_decode(models, images, family, 
 
 
 def test_sparsevlm_batch_equals_single_samples(model, images):
+    """A padded batch with a text-only sample and one whose prompt ends with the image gives each
+    sample what it gets alone; merged tokens never take the last place (whose logits are read)."""
     method = tc.method("sparsevlm", counts=(20, 8), layers=(1, 2))
-    batch = tc.prepare(model, images, PROMPTS)
+    prompts = [*PROMPTS, "USER : say hi . ASSISTANT :", "USER : describe this <image>"]
+    imgs = [*images, None, images[1]]
+    batch = tc.prepare(model, imgs, prompts)
     tokens, pre = tc.Engine(model, method).generate(batch, max_new_tokens=3, eos_token_id=None)
-    for b in range(3):
+    assert pre.record.visual_per_layer[3] == [0] * model.num_layers
+    last = pre.state.orig_index[4][pre.state.valid[4]][-1]
+    assert int(last) == int(batch.attention_mask[4].sum()) - 1  # the prompt's last token stays last
+    for b in range(5):
         t1, alone = tc.Engine(model, method).generate(
-            tc.prepare(model, [images[b]], [PROMPTS[b]]), max_new_tokens=3, eos_token_id=None
+            tc.prepare(model, [imgs[b]], [prompts[b]]), max_new_tokens=3, eos_token_id=None
         )
         assert tokens[b] == t1[0]
         assert pre.record.visual_per_layer[b] == alone.record.visual_per_layer[0]
@@ -69,7 +76,9 @@ def test_dpc_knn_merge_matches_the_authors_loop_and_averages_clusters():
 def test_sparsevlm_published_schedules_and_bad_input(models):
     assert tc.method("sparsevlm", budget=128).counts == (303, 110, 36)
     assert tc.method("sparsevlm").sparse_layers(32) == [2, 6, 15]
-    assert tc.method("sparsevlm").sparse_layers(8) == [1, 2, 4]  # scaled by depth
+    assert tc.method("sparsevlm").sparse_layers(40) == [2, 6, 15]  # fixed for every depth they fit
+    assert tc.method("sparsevlm").sparse_layers(8) == [1, 2, 4]  # scaled on shallow decoders
+    assert tc.method("sparsevlm", counts=(5, 2)).budget is None
     with pytest.raises(tc.BudgetError, match="published schedule"):
         tc.method("sparsevlm", budget=100)
     with pytest.raises(tc.TokencompError, match="one per count"):
@@ -95,3 +104,18 @@ def test_recycling_needs_contiguous_positions(models):
 
     with pytest.raises(tc.TokencompError, match="contiguous"):
         tc.Engine(models["llava"], [Merge()])
+
+
+def test_sparsevlm_overhead_counts_the_tokens_it_clusters(models, images, monkeypatch):
+    import methods.sparsevlm as sv
+
+    clustered = []
+    real = sv.dpc_knn_merge
+    monkeypatch.setattr(sv, "dpc_knn_merge", lambda x, k: clustered.append(x.shape[0]) or real(x, k))
+    model = models["llava"]
+    method = tc.method("sparsevlm", counts=(20, 10, 4), layers=(0, 1, 2))
+    pre = tc.Engine(model, method).prefill(tc.prepare(model, images[:1], PROMPTS[:1]))
+    d = model.hf.config.text_config.hidden_size
+    v, n = pre.record.visual_per_layer[0][0], pre.record.tokens_per_layer[0][0]
+    assert len(clustered) == 3
+    assert method.overhead_flops(model, pre.record, 0) == 2 * v * (n - v) * d + sum(2 * t * t * d for t in clustered)

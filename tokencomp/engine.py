@@ -18,6 +18,10 @@ Position-id policy (one per stage, both switchable in `EngineOptions`):
   strategy with ``llm_positions = "contiguous"`` (PyramidDrop, as its authors' code) renumbers at
   its own pruning whatever the option says.
 Decoded tokens continue, in each layer, from that layer's last position + 1.
+
+A layer strategy may also insert tokens inside the LLM (`LayerStrategy.recycle_tokens`, SparseVLM's
+merged tokens): they go right after each sample's kept image tokens, have no source position and
+so need contiguous LLM positions, and get score 0 in the captures taken before they existed.
 """
 
 from __future__ import annotations
@@ -701,13 +705,7 @@ class Engine:
         spans = self.validate(batch)
         images, captures = self.encode_images(batch, spans)
         state, n_visual, (per_view, projected) = self.build_sequence(batch, spans, images)
-        input_state = dataclasses.replace(state)  # the loop below rebinds state.hidden
         input_images = (state.valid & (state.kind >= VISUAL)).sum(1)
-        L = m.num_layers
-        cache = LayerKVCache(L)
-        bsz = state.hidden.shape[0]
-        tokens = torch.zeros(bsz, L, dtype=torch.long, device=state.hidden.device)  # read once at the end:
-        visual = torch.zeros_like(tokens)  # no host sync per layer
         scores: dict[Need, torch.Tensor] = {}
         if self.raters:  # rater tokens, marked once on the sequence entering the decoder
             ctx = self._context(state, 0, scores, input_images)
@@ -715,6 +713,12 @@ class Engine:
             for s in self.raters:
                 state.rater |= s.raters(ctx)
             state.rater &= state.valid & (state.kind == TEXT)
+        input_state = dataclasses.replace(state)  # the loop below rebinds state.hidden
+        L = m.num_layers
+        cache = LayerKVCache(L)
+        bsz = state.hidden.shape[0]
+        tokens = torch.zeros(bsz, L, dtype=torch.long, device=state.hidden.device)  # read once at the end:
+        visual = torch.zeros_like(tokens)  # no host sync per layer
         cos_sin = self._rope(state.hidden, state.positions)
         mask = self._mask(state.valid, None, state.hidden.dtype)
         for i, layer in enumerate(m.layers):
@@ -834,8 +838,11 @@ class Engine:
         rows_src, rows_hidden = [], []
         for i in range(b):
             kept = keep[i].nonzero().flatten()
-            cut = int((kept <= span_end[i]).sum())
             new_rows = torch.cat([t[i, : c[i]] for (t, _), c in zip(made, counts)]).to(state.hidden.dtype)
+            if new_rows.shape[0] and int(span_end[i]) < 0:
+                raise TokencompError(f"recycle_tokens returned tokens for sample {i}, which has no image tokens")
+            # after the kept image span, but never after the last token (whose logits are read)
+            cut = min(int((kept <= span_end[i]).sum()), len(kept) - 1)
             rows_src.append(torch.cat([kept[:cut], kept.new_full((new_rows.shape[0],), -1), kept[cut:]]))
             rows_hidden.append(torch.cat([state.hidden[i, kept[:cut]], new_rows, state.hidden[i, kept[cut:]]]))
         index, valid = pad_left(rows_src, 0)

@@ -344,8 +344,9 @@ class LayerContext:
 
     def attention(self, layer: int, query: str = "last", preprune: bool = False) -> torch.Tensor:
         """``(B, n)`` head-mean softmax attention at decoder ``layer`` from the last token
-        (``query="last"``), averaged over the text tokens (``"text"``) or over every token
-        (``"all"``; causal, so a token receives from those after it), on this layer's tokens.
+        (``query="last"``), averaged over the text tokens (``"text"``), over the rater tokens a
+        strategy marked (``"raters"``) or over every token (``"all"``; causal, so a token
+        receives from those after it), on this layer's tokens.
         ``preprune``: the ``decoder_preprune_attention_*`` capture (layer ``layer``'s attention
         computed before the pruning at that layer) instead of the one taken while it ran."""
         need = Need(f"decoder_{'preprune_' if preprune else ''}attention_{query}", layer)
@@ -396,7 +397,9 @@ class LayerStrategy(Strategy):
             tokens whose attention rows the ``decoder_attention_raters`` captures average.
         recycle_tokens(ctx, keep) -> (tokens (B, r, d), count (B,) long) or None: new tokens made from
             the dropped ones (merging), inserted after the last kept image-span token of each
-            sample as image tokens without a source; needs contiguous LLM positions.
+            sample (after the last image, for several) as image tokens without a source; needs
+            contiguous LLM positions. ``keep`` is the mask of every strategy pruning at this
+            layer combined, so tokens another one drops are offered too.
     """
 
     stage: ClassVar[str] = "layer"
