@@ -119,3 +119,27 @@ def test_sparsevlm_overhead_counts_the_tokens_it_clusters(models, images, monkey
     v, n = pre.record.visual_per_layer[0][0], pre.record.tokens_per_layer[0][0]
     assert len(clustered) == 3
     assert method.overhead_flops(model, pre.record, 0) == 2 * v * (n - v) * d + sum(2 * t * t * d for t in clustered)
+
+
+@pytest.mark.parametrize(
+    "combo",
+    [
+        lambda: [tc.method("visionzip", budget=20), tc.method("sparsevlm", counts=(12, 5), layers=(0, 2))],
+        lambda: [tc.method("fastv", k=2, ratio=0.25), tc.method("sparsevlm", counts=(20, 6), layers=(1, 2))],
+        lambda: [tc.method("sparsevlm", counts=(20, 6), layers=(0, 1)), tc.method("freeze", layers=(2, 3))],
+    ],
+)
+def test_sparsevlm_composes_in_padded_batches(model, images, combo):
+    """With a vision strategy before it, FastV pruning at one of its layers, or frozen layers after
+    it, each sample of a padded batch still gets what it gets alone, merged tokens included."""
+    batch = tc.prepare(model, images, PROMPTS)
+    tokens, pre = tc.Engine(model, combo()).generate(batch, max_new_tokens=3, eos_token_id=None)
+    for b in range(3):
+        t1, alone = tc.Engine(model, combo()).generate(
+            tc.prepare(model, [images[b]], [PROMPTS[b]]), max_new_tokens=3, eos_token_id=None
+        )
+        assert tokens[b] == t1[0]
+        assert pre.record.visual_per_layer[b] == alone.record.visual_per_layer[0]
+        torch.testing.assert_close(pre.logits[b], alone.logits[0], rtol=1e-4, atol=1e-4)
+        st = pre.state
+        assert (st.orig_index[b][st.valid[b]] < 0).sum() == (alone.state.orig_index[0] < 0).sum() > 0
