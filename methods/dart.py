@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import tokencomp as tc
 from tokencomp.layout import repack
-from tokencomp.strategy import TEXT, check_int, top_mask
+from tokencomp.strategy import check_int, top_mask
 
 
 @tc.register("dart")
@@ -87,15 +87,12 @@ class DART(tc.LayerStrategy):
 
     def keep(self, ctx: tc.LayerContext) -> torch.Tensor:
         img = ctx.image_mask
-        b, n = img.shape
-        pos = torch.arange(n, device=img.device)[None]
-        last_image = torch.where(img, pos, -1).amax(1, keepdim=True)
-        text_after = ctx.valid & (ctx.kind == TEXT) & (pos > last_image) & (last_image >= 0)
+        b = img.shape[0]
 
         # 1. pivots: the largest key L1 norms among the image tokens and the text after the image
         key_norm = ctx.key_norm(self.k - 1)
         image_pivots = top_mask(key_norm, img, self.pivot_image)
-        text_pivots = top_mask(key_norm, text_after, self.pivot_text)
+        text_pivots = top_mask(key_norm, ctx.text_after_image, self.pivot_text)
         if self.pivot_order == "sequence":
             pivot_index, pivot_ok = repack(image_pivots | text_pivots)
         else:

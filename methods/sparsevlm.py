@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 import tokencomp as tc
-from tokencomp.strategy import TEXT, check_int, check_ratio, top_mask
+from tokencomp.strategy import check_int, check_ratio, top_mask
 
 PUBLISHED_LAYERS = (2, 6, 15)
 PUBLISHED_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
@@ -90,10 +90,7 @@ class SparseVLM(tc.LayerStrategy):
 
     def raters(self, ctx: tc.LayerContext) -> torch.Tensor:
         """``(B, n)`` bool: text tokens after the image whose image relevance exceeds the mean."""
-        img = ctx.image_mask
-        col = torch.arange(img.shape[1], device=img.device)
-        last_image = torch.where(img, col, -1).amax(1, keepdim=True)
-        text = ctx.valid & (ctx.kind == TEXT) & (col > last_image) & (last_image >= 0)
+        img, text = ctx.image_mask, ctx.text_after_image
         out = torch.zeros_like(img)
         for b in range(img.shape[0]):
             if not bool(text[b].any()):

@@ -342,6 +342,15 @@ class LayerContext:
         """``(B,)`` long: image-span tokens per sample."""
         return self.image_mask.sum(1)
 
+    @property
+    def text_after_image(self) -> torch.Tensor:
+        """``(B, n)`` bool: text tokens after each sample's last image-span token (the question and
+        the answer prompt in a LLaVA prompt); none for a sample without image tokens."""
+        img = self.image_mask
+        col = torch.arange(img.shape[1], device=img.device)
+        last_image = torch.where(img, col, -1).amax(1, keepdim=True)
+        return self.valid & (self.kind == TEXT) & (col > last_image) & (last_image >= 0)
+
     def attention(self, layer: int, query: str = "last", preprune: bool = False) -> torch.Tensor:
         """``(B, n)`` head-mean softmax attention at decoder ``layer`` from the last token
         (``query="last"``), averaged over the text tokens (``"text"``), over the rater tokens a
