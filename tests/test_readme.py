@@ -29,3 +29,12 @@ def test_ci_runs_the_readme_test_command():
     readme = README.read_text()
     ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci in readme
+
+
+def test_readme_lists_every_registered_method():
+    import tokencomp as tc
+
+    table = README.read_text().split("## Methods", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`([\w+-]+)`", table))
+    public = {name for name in tc.available_methods() if not name.startswith("_")}
+    assert public <= listed, f"methods missing from the README's table: {sorted(public - listed)}"
