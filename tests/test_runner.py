@@ -292,3 +292,23 @@ def test_jsonl_rows_drop_a_torn_tail_and_refuse_other_damage(tmp_path):
         read_rows(p, repair=True)
     assert p.read_text() == '{"a": 1}\n{"a": \n{"a": 3}\n'  # damage is reported, not silently dropped
     assert read_rows(tmp_path / "missing.jsonl") == []
+
+
+def test_a_run_can_gain_methods_but_not_change(tmp_path):
+    """Adding a [[method]] to the file of a finished run runs only the new cell; any other change
+    to the file is refused before work starts."""
+    out = tmp_path / "run"
+    first = EXPERIMENT.replace('[[method]]\nname = "_test-crashy"\nbudget = [20, 10]\n\n', "")
+    Crashy.crash_after = None
+    run_experiment(load_experiment(_write(tmp_path, first), out), progress=False)
+    before = _rows(out / "results.jsonl")
+    assert [r["method"] for r in before] == ["identity", "fastv"]
+    more = first + '\n[[method]]\nname = "random"\nbudget = 9\n'
+    run_experiment(load_experiment(_write(tmp_path, more, "more.toml"), out), progress=False)
+    after = _rows(out / "results.jsonl")
+    assert after[:2] == before  # finished cells are not run again
+    assert [r["method"] for r in after] == ["identity", "fastv", "random-budget9"]
+    assert (out / "experiment.toml").read_text() == more
+    for changed, why in ((more.replace("n = 5", "n = 4"), "settings"), (first, "gone or changed")):
+        with pytest.raises(tc.TokencompError, match=why):
+            run_experiment(load_experiment(_write(tmp_path, changed, "changed.toml"), out), progress=False)

@@ -34,7 +34,8 @@ a model cannot serve, two configurations under one label). Every finished sample
 interrupted run started again skips finished cells and samples, so nothing is lost or repeated.
 Generated splits live in ``data/<dataset>/`` with the settings they were made from
 (``<split>.spec.json``); ``datasets.json`` holds each dataset file's sha256, and a run is not
-resumed on changed data.
+resumed on changed data. The file a run directory was started with may later gain [[method]]
+tables (only the new cells run); any other change is refused before work starts.
 """
 
 from __future__ import annotations
@@ -262,6 +263,22 @@ def _decode_flops_per_token(rows: list[dict]) -> float:
     return sum(r["decode_flops_per_token"] for r in rows) / max(len(rows), 1)
 
 
+def _check_extends(old: Experiment, new: Experiment) -> None:
+    """A run directory takes a changed experiment file only when it adds cells: the same name,
+    settings, models and datasets, and every cell already planned still there unchanged."""
+    same = (old.name, old.settings, old.models, old.datasets) == (new.name, new.settings, new.models, new.datasets)
+    gone = sorted({c.id for c in old.cells} - {c.id for c in new.cells})
+    if same and not gone:
+        return
+    why = (
+        "its [experiment] settings, models or datasets differ" if not same else f"cells {gone[:3]} are gone or changed"
+    )
+    raise TokencompError(
+        f"{new.out} holds results of a different experiment file ({why}); a run can only gain new "
+        "[[method]] cells: choose another out directory"
+    )
+
+
 def run_experiment(exp: Experiment, progress: bool = True) -> Path:
     """Run every unfinished cell of ``exp``; returns the results file."""
     out = exp.out
@@ -269,7 +286,7 @@ def run_experiment(exp: Experiment, progress: bool = True) -> Path:
     results = out / "results.jsonl"
     started = results.is_file() or any((out / "predictions").glob("*.jsonl"))
     if started and saved.is_file() and saved.read_text() != exp.text:
-        raise TokencompError(f"{out} holds results of a different experiment file; choose another out directory")
+        _check_extends(load_experiment(saved, out), exp)
     out.mkdir(parents=True, exist_ok=True)
     done = {r["cell"] for r in read_rows(results, repair=True)}
     models = {name: _load_model(src) for name, src in exp.models.items()}
