@@ -37,6 +37,8 @@ METHODS = {
     "visionzip": lambda: tc.method("visionzip", dominant=8, contextual=4),
     "prumerge+": lambda: tc.method("prumerge+"),
     "globalcom2": lambda: tc.method("globalcom2", ratio=0.4),
+    "dart": lambda: tc.method("dart", budget=12, pivot_image=2, pivot_text=2),
+    "sparsevlm": lambda: tc.method("sparsevlm", counts=(20, 8), layers=(0, 2)),
     "compose": lambda: [tc.method("visionzip", budget=12), tc.method("fastv", k=1), tc.method("freeze", layers=(3,))],
 }
 
@@ -57,6 +59,7 @@ def test_analytic_flops_match_flop_counter(eager_models, family, name):
         report = run_flops(model, pre.record, engine.strategies)[0]
         assert len(report.decode) == 3
         assert report.total == pytest.approx(counted, rel=0.02), (report.to_dict(), counted)
+        assert (pre.record.prefill_flops[0], pre.record.total_flops[0]) == (report.prefill, report.total)
 
 
 def test_prefill_layers_follow_token_counts(eager_models, images):

@@ -39,6 +39,7 @@ from .cache import LayerKVCache
 from .errors import InputMismatchError, TokencompError, UnsupportedModelError
 from .layout import pad_left, repack
 from .model import Model
+from .profiler import run_flops
 from .record import RunRecord
 from .strategy import (
     CLS_NEEDS,
@@ -1005,6 +1006,9 @@ class Engine:
         pre.record.new_tokens = [len(r) for r in out]
         pre.record.kv_cache_bytes = cache.nbytes()
         pre.record.kv_cache_lengths = cache.valid_lengths().tolist()
+        flops = run_flops(m, pre.record, self.strategies)
+        pre.record.prefill_flops = [f.prefill for f in flops]
+        pre.record.total_flops = [f.total for f in flops]
         return out, pre
 
 

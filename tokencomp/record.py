@@ -23,12 +23,15 @@ class RunRecord:
         vision_layers_run: vision encoder layers the engine ran (it stops at the last one needed).
         vision_capture_layers: vision layers whose CLS row / keys were captured.
         decoder_captures: ``[layer, query, preprune]`` decoder attention rows captured (query "last",
-            "text" or "all"; ``preprune``: computed from the tokens entering ``layer`` before its pruning).
+            "text", "all" or "raters"; ``preprune``: computed from the tokens entering ``layer`` before its pruning).
         kernel_backend: which token-kernel backend ran (``"torch"`` reference or ``"triton"``).
         kv_cache_bytes: bytes of keys and values held at the end of the run.
         kv_cache_lengths: ``[sample][layer]`` cached tokens at the end of the run.
         prefill_s / decode_s: wall seconds (device-synchronised) of prefill and of decoding.
         new_tokens: generated tokens per sample (EOS included).
+        prefill_flops / total_flops: per sample, LLM prefill FLOPs (decoder layers + LM head, the
+            figure papers compare) and everything (vision, projector, prefill, the method's own
+            scoring, decoding), from `tokencomp.profiler.run_flops` (filled by `Engine.generate`).
     """
 
     method: list[str]
@@ -49,6 +52,8 @@ class RunRecord:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     new_tokens: list[int] = field(default_factory=list)
+    prefill_flops: list[float] = field(default_factory=list)
+    total_flops: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Plain-data copy (JSON serialisable)."""
