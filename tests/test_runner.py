@@ -154,7 +154,10 @@ def test_report_has_every_plot_and_table(tmp_path, capsys):
     ident = next(r for r in rows if r["method"] == "identity")
     fast = next(r for r in rows if r["method"].startswith("fastv"))
     assert fast["prefill_tflops"] < ident["prefill_tflops"]
-    assert ident["visual_tokens_llm"] == 576
+    assert ident["visual_tokens_llm"] == ident["visual_tokens_mean"] == 576
+    L = len(fast["tokens_per_layer"])  # FastV k=2, ratio 0.5: all 576 in layers 0-1, 288 after
+    assert fast["visual_tokens_mean"] == pytest.approx((2 * 576 + (L - 2) * 288) / L)
+    assert "visual_tokens_mean" in md
     assert main(["report", str(out)]) == 0
 
 

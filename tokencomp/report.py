@@ -127,10 +127,15 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
         fig.savefig(files["accuracy_vs_tflops"], dpi=110)
         plt.close(fig)
 
-        fig, ax = plt.subplots(figsize=(6, 4.2))
-        _scatter(
-            ax, g, "visual_tokens_llm", "accuracy", "visual tokens entering the LLM", "accuracy", f"{model} / {dataset}"
+        # in-LLM methods keep every token at first: their tokens are the mean over the decoder layers
+        layer_mean = "visual_tokens_mean" in g and bool(g["visual_tokens_mean"].notna().all())
+        x, xlabel = (
+            ("visual_tokens_mean", "visual tokens, mean over the decoder layers (image span)")
+            if layer_mean
+            else ("visual_tokens_llm", "visual tokens entering the LLM")
         )
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        _scatter(ax, g, x, "accuracy", xlabel, "accuracy", f"{model} / {dataset}")
         files["accuracy_vs_tokens"] = plots / f"accuracy_vs_tokens_{tag}.png"
         fig.tight_layout()
         fig.savefig(files["accuracy_vs_tokens"], dpi=110)
@@ -209,6 +214,7 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
             "samples",
             "accuracy",
             "visual_tokens_llm",
+            *(["visual_tokens_mean"] if layer_mean else []),
             "prefill_tflops",
             "total_prefill_tflops",
             "overhead_tflops",

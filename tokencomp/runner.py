@@ -354,6 +354,7 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
                     "score": answer_score(text, x.answers),
                     "visual_tokens_llm": pre.record.visual_tokens_llm[b],
                     "tokens_per_layer": pre.record.tokens_per_layer[b],
+                    "visual_per_layer": pre.record.visual_per_layer[b],
                     "prefill_flops": flops[b].prefill,
                     "total_prefill_flops": flops[b].total_prefill,
                     "vision_flops": flops[b].vision,
@@ -395,6 +396,8 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
         "accuracy_by_type": scores_by_type(rows),
         "yes_no": yes_no_scores([r["prediction"] for r in yn], [r["answers"][0] for r in yn]) if yn else None,
         "visual_tokens_llm": mean("visual_tokens_llm"),
+        # image-span tokens averaged over the decoder layers: what an in-LLM method keeps on average
+        "visual_tokens_mean": sum(sum(r["visual_per_layer"]) / len(r["visual_per_layer"]) for r in rows) / n,
         "tokens_per_layer": [
             sum(r["tokens_per_layer"][i] for r in rows) / n for i in range(len(rows[0]["tokens_per_layer"]))
         ],
