@@ -312,6 +312,13 @@ def test_a_run_can_gain_methods_but_not_change(tmp_path):
     assert after[:2] == before  # finished cells are not run again
     assert [r["method"] for r in after] == ["identity", "fastv", "random-budget9"]
     assert (out / "experiment.toml").read_text() == more
-    for changed, why in ((more.replace("n = 5", "n = 4"), "settings"), (first, "gone or changed")):
+    for changed, why in ((more.replace("n = 5", "n = 4"), "outside the"), (first, "gone or changed")):
         with pytest.raises(tc.TokencompError, match=why):
             run_experiment(load_experiment(_write(tmp_path, changed, "changed.toml"), out), progress=False)
+    # an experiment without a name (it defaults to the file's stem) extends under another file name
+    unnamed = first.replace('name = "t"\n', "", 1)
+    assert 'name = "t"' not in unnamed.split("[[model]]")[0]
+    run_experiment(load_experiment(_write(tmp_path, unnamed, "a.toml"), tmp_path / "r2"), progress=False)
+    grown = unnamed + '\n[[method]]\nname = "random"\nbudget = 9\n'
+    run_experiment(load_experiment(_write(tmp_path, grown, "b.toml"), tmp_path / "r2"), progress=False)
+    assert len(_rows(tmp_path / "r2" / "results.jsonl")) == 3

@@ -34,8 +34,9 @@ a model cannot serve, two configurations under one label). Every finished sample
 interrupted run started again skips finished cells and samples, so nothing is lost or repeated.
 Generated splits live in ``data/<dataset>/`` with the settings they were made from
 (``<split>.spec.json``); ``datasets.json`` holds each dataset file's sha256, and a run is not
-resumed on changed data. The file a run directory was started with may later gain [[method]]
-tables (only the new cells run); any other change is refused before work starts.
+resumed on changed data. The file a run directory was started with may later gain cells (a new
+[[method]] table or grid value; only the new cells run); a change outside the [[method]] tables,
+or to a cell already started, is refused before work starts.
 """
 
 from __future__ import annotations
@@ -263,19 +264,21 @@ def _decode_flops_per_token(rows: list[dict]) -> float:
     return sum(r["decode_flops_per_token"] for r in rows) / max(len(rows), 1)
 
 
-def _check_extends(old: Experiment, new: Experiment) -> None:
-    """A run directory takes a changed experiment file only when it adds cells: the same name,
-    settings, models and datasets, and every cell already planned still there unchanged."""
-    same = (old.name, old.settings, old.models, old.datasets) == (new.name, new.settings, new.models, new.datasets)
-    gone = sorted({c.id for c in old.cells} - {c.id for c in new.cells})
+def _check_extends(out: Path, saved_text: str, new: Experiment) -> None:
+    """A run directory takes a changed experiment file only when it adds cells: everything outside
+    the [[method]] tables as it was (compared as parsed TOML), and every cell already started
+    (finished or with saved predictions) still in the file, unchanged."""
+    old_doc, new_doc = tomllib.loads(saved_text), tomllib.loads(new.text)
+    same = {k: v for k, v in old_doc.items() if k != "method"} == {k: v for k, v in new_doc.items() if k != "method"}
+    started = {r["cell"] for r in read_rows(out / "results.jsonl")}
+    started |= {p.stem for p in (out / "predictions").glob("*.jsonl")}
+    gone = sorted(started - {c.id for c in new.cells})
     if same and not gone:
         return
-    why = (
-        "its [experiment] settings, models or datasets differ" if not same else f"cells {gone[:3]} are gone or changed"
-    )
+    why = "it differs outside the [[method]] tables" if not same else f"cells {gone[:3]} are gone or changed"
     raise TokencompError(
-        f"{new.out} holds results of a different experiment file ({why}); a run can only gain new "
-        "[[method]] cells: choose another out directory"
+        f"{out} holds results of a different experiment file ({why}); a run can only gain new "
+        "cells (a new [[method]] table or grid value): choose another out directory"
     )
 
 
@@ -286,7 +289,7 @@ def run_experiment(exp: Experiment, progress: bool = True) -> Path:
     results = out / "results.jsonl"
     started = results.is_file() or any((out / "predictions").glob("*.jsonl"))
     if started and saved.is_file() and saved.read_text() != exp.text:
-        _check_extends(load_experiment(saved, out), exp)
+        _check_extends(out, saved.read_text(), exp)
     out.mkdir(parents=True, exist_ok=True)
     done = {r["cell"] for r in read_rows(results, repair=True)}
     models = {name: _load_model(src) for name, src in exp.models.items()}
@@ -396,8 +399,13 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
         "accuracy_by_type": scores_by_type(rows),
         "yes_no": yes_no_scores([r["prediction"] for r in yn], [r["answers"][0] for r in yn]) if yn else None,
         "visual_tokens_llm": mean("visual_tokens_llm"),
-        # image-span tokens averaged over the decoder layers: what an in-LLM method keeps on average
-        "visual_tokens_mean": sum(sum(r["visual_per_layer"]) / len(r["visual_per_layer"]) for r in rows) / n,
+        # image-span tokens (LLaVA-NeXT newlines included) averaged over the decoder layers: what an
+        # in-LLM method keeps on average (None for a cell resumed from rows without the field)
+        "visual_tokens_mean": (
+            sum(sum(r["visual_per_layer"]) / len(r["visual_per_layer"]) for r in rows) / n
+            if all("visual_per_layer" in r for r in rows)
+            else None
+        ),
         "tokens_per_layer": [
             sum(r["tokens_per_layer"][i] for r in rows) / n for i in range(len(rows[0]["tokens_per_layer"]))
         ],
