@@ -143,3 +143,30 @@ def test_sparsevlm_composes_in_padded_batches(model, images, combo):
         torch.testing.assert_close(pre.logits[b], alone.logits[0], rtol=1e-4, atol=1e-4)
         st = pre.state
         assert (st.orig_index[b][st.valid[b]] < 0).sum() == (alone.state.orig_index[0] < 0).sum() > 0
+
+
+def test_published_schedules_at_llava15_token_counts(images):
+    """At LLaVA-1.5's 576 tokens on a 32-layer decoder: SparseVLM prunes after layers 2 / 6 / 15 to
+    the published counts plus its recycled clusters; DART keeps 4 pivots + 8 x 16 from layer 2."""
+    from tokencomp.tiny import tiny_llava
+
+    model = tc.Model(*tiny_llava("llava", seed=1, text_layers=32, image_size=336))
+    batch = tc.prepare(model, images[:1], PROMPTS[:1])
+
+    def expected(counts):
+        v, out = 576, []
+        for k in counts:
+            kept = min(k, v - 1)
+            take = int((v - kept) * 0.3) + 1
+            v = kept + int(take / 10) + 1
+            out.append(v)
+        return out
+
+    for budget in (192, 128, 64):
+        visual = tc.Engine(model, tc.method("sparsevlm", budget=budget)).prefill(batch).record.visual_per_layer[0]
+        assert visual[:3] == [576] * 3
+        assert [visual[3], visual[7], visual[16]] == expected(tc.method("sparsevlm", budget=budget).counts)
+        assert visual[3:7] == [visual[3]] * 4 and visual[16:] == [visual[16]] * 16
+    assert expected((66, 30, 17)) == [82, 32, 18]
+    visual = tc.Engine(model, tc.method("dart")).prefill(batch).record.visual_per_layer[0]
+    assert visual == [576, 576] + [4 + 8 * 16] * 30
