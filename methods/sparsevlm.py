@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 import tokencomp as tc
+from tokencomp.layout import repack
 from tokencomp.strategy import check_int, check_ratio, top_mask
 
 PUBLISHED_LAYERS = (2, 6, 15)
@@ -90,14 +91,16 @@ class SparseVLM(tc.LayerStrategy):
 
     def raters(self, ctx: tc.LayerContext) -> torch.Tensor:
         """``(B, n)`` bool: text tokens after the image whose image relevance exceeds the mean."""
-        img, text = ctx.image_mask, ctx.text_after_image
-        out = torch.zeros_like(img)
-        for b in range(img.shape[0]):
-            if not bool(text[b].any()):
-                continue
-            v, t = ctx.hidden[b, img[b]].float(), ctx.hidden[b, text[b]].float()
-            relevance = (v @ t.T).softmax(dim=1).mean(0)  # (t,)
-            out[b, text[b].nonzero().flatten()] = relevance > relevance.mean()
+        (vi, v_ok), (ti, t_ok) = repack(ctx.image_mask), repack(ctx.text_after_image)
+        batch = torch.arange(vi.shape[0], device=vi.device)[:, None]
+        v, t = ctx.hidden[batch, vi].float(), ctx.hidden[batch, ti].float()  # (B, V, d), (B, T, d), padded
+        logits = (v @ t.transpose(1, 2)).masked_fill(~t_ok[:, None, :], float("-inf"))
+        probs = logits.softmax(dim=2).nan_to_num(0.0) * v_ok[:, :, None]  # softmax over the text
+        relevance = probs.sum(1) / v_ok.sum(1, keepdim=True).clamp(min=1)  # (B, T), mean over images
+        mean = (relevance * t_ok).sum(1, keepdim=True) / t_ok.sum(1, keepdim=True).clamp(min=1)
+        chosen = t_ok & (relevance > mean)
+        out = torch.zeros_like(ctx.valid)
+        out[batch.expand_as(ti)[chosen], ti[chosen]] = True
         return out
 
     def keep(self, ctx: tc.LayerContext) -> torch.Tensor:
