@@ -26,6 +26,22 @@ def run_layers(hf, hidden, positions, layers, frozen_visual=None):
     return hidden
 
 
+def layer_qk(hf, index: int, hidden, positions):
+    """Layer ``index``'s own queries and keys ``(1, H, n, d_head)`` (RoPE applied, keys repeated
+    to every query head) from its ``input_layernorm`` of ``hidden`` ``(1, n, d)``."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    lm = hf.model.language_model
+    attn = lm.layers[index].self_attn
+    x = lm.layers[index].input_layernorm(hidden)
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2)
+    cos, sin = lm.rotary_emb(hidden, positions)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, repeat_kv(k, q.shape[1] // k.shape[1])
+
+
 def logits_last(hf, hidden):
     lm = hf.model.language_model
     return hf.lm_head(lm.norm(hidden[:, -1])).float()
@@ -93,8 +109,6 @@ def pdrop_reference(hf, inputs: dict, image_token_id: int, boundaries, ratio: fl
     Returns (kept original indices after the last stage, prefill last logits, greedy tokens by
     no-cache recomputation with each stage's kept set fixed from the prefill).
     """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
-
     lm = hf.model.language_model
     L = len(lm.layers)
     with torch.no_grad():
@@ -107,16 +121,8 @@ def pdrop_reference(hf, inputs: dict, image_token_id: int, boundaries, ratio: fl
             start = stages[-1][0]
             pos = torch.arange(len(kept))[None]
             h = run_layers(hf, h, pos, range(start, b))
-            layer = lm.layers[b]
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            hd = attn.head_dim
-            q = attn.q_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2)
-            k = attn.k_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2)
-            cos, sin = lm.rotary_emb(h, pos)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            k = repeat_kv(k, q.shape[1] // k.shape[1])
-            row = ((q[:, :, -1:] @ k.transpose(-1, -2)) * attn.scaling).softmax(-1)[0, :, 0].mean(0)
+            q, k = layer_qk(hf, b, h, pos)
+            row = ((q[:, :, -1:] @ k.transpose(-1, -2)) * lm.layers[b].self_attn.scaling).softmax(-1)[0, :, 0].mean(0)
             img = (ids[kept] == image_token_id).nonzero().flatten()
             top = img[row[img].argsort(descending=True, stable=True)[: int(len(img) * ratio)]]
             keep = ids[kept] != image_token_id
@@ -194,8 +200,6 @@ def sparsevlm_reference(hf, inputs: dict, image_token_id: int, layers, counts, s
     that score are merged by DPC-KNN into ``int(num / 10) + 1`` tokens placed after them;
     positions renumbered. Returns (prefill last logits, greedy tokens, image tokens per stage).
     """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
-
     lm = hf.model.language_model
     L = len(lm.layers)
     with torch.no_grad():
@@ -213,16 +217,8 @@ def sparsevlm_reference(hf, inputs: dict, image_token_id: int, layers, counts, s
         for stage, lay in enumerate(layers):
             pos = torch.arange(h.shape[1])[None]
             h = run_layers(hf, h, pos, range(prev, lay))
-            layer = lm.layers[lay]
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            hd = attn.head_dim
-            q = attn.q_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2)
-            k = attn.k_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2)
-            cos, sin = lm.rotary_emb(h, pos)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            k = repeat_kv(k, q.shape[1] // k.shape[1])
-            probs = ((q @ k.transpose(-1, -2)) * attn.scaling + causal_mask(x.shape[1])).softmax(-1)
+            q, k = layer_qk(hf, lay, h, pos)
+            probs = ((q @ k.transpose(-1, -2)) * lm.layers[lay].self_attn.scaling + causal_mask(h.shape[1])).softmax(-1)
             relation = probs.mean(1)[0][t_idx + text_start][:, v_start:text_start].mean(0)
             h = run_layers(hf, h, pos, [lay])
             top = relation.argsort(descending=True, stable=True)[: min(counts[stage], v_num - 1)]
