@@ -32,10 +32,11 @@ Choices where the code is not reproduced exactly:
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 import tokencomp as tc
 from tokencomp.layout import repack
-from tokencomp.strategy import check_int, check_ratio, top_mask
+from tokencomp.strategy import check_int, check_ratio
 
 PUBLISHED_LAYERS = (2, 6, 15)
 PUBLISHED_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
@@ -121,17 +122,11 @@ class SparseVLM(tc.LayerStrategy):
             if m == 0:
                 merged.append(ctx.hidden[b, :0])
                 continue
-            take = min(int(m * self.recycle_ratio) + 1, m)
-            chosen = top_mask(relation[b : b + 1], deleted[b : b + 1], take)[0]
-            order = relation[b].float().masked_fill(~chosen, float("-inf")).argsort(descending=True, stable=True)[:take]
-            merged.append(dpc_knn_merge(ctx.hidden[b, order], int(take / 10) + 1))
+            take = min(int(m * self.recycle_ratio) + 1, m)  # the most attended deleted ones, descending
+            order = relation[b].float().masked_fill(~deleted[b], float("-inf")).argsort(descending=True, stable=True)
+            merged.append(dpc_knn_merge(ctx.hidden[b, order[:take]], int(take / 10) + 1).to(ctx.hidden.dtype))
         count = torch.tensor([x.shape[0] for x in merged], device=keep.device)
-        tokens = torch.zeros(
-            len(merged), int(count.max()), ctx.hidden.shape[-1], dtype=ctx.hidden.dtype, device=keep.device
-        )
-        for b, x in enumerate(merged):
-            tokens[b, : x.shape[0]] = x.to(tokens.dtype)
-        return tokens, count
+        return pad_sequence(merged, batch_first=True), count
 
     def overhead_flops(self, model, record, sample: int) -> float:
         """Matrix products of its own (the profiler's convention): the raters' ``V Tᵀ`` on the

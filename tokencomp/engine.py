@@ -39,7 +39,7 @@ from .cache import LayerKVCache
 from .errors import InputMismatchError, TokencompError, UnsupportedModelError
 from .layout import pad_left, repack
 from .model import Model
-from .profiler import run_flops
+from .profiler import FlopsReport, run_flops
 from .record import RunRecord
 from .strategy import (
     CLS_NEEDS,
@@ -161,6 +161,8 @@ class PrefillOutput:
         captures: raw captured scores: vision ``Need -> (V, heads, 1+N)`` / keys, decoder
             ``Need -> (B, heads, 1, n)`` per-head attention rows (query-averaged), key norms
             ``Need -> (B, n)``.
+        flops: per sample, the run's `FlopsReport` (filled by `Engine.generate`, empty after
+            `prefill` alone).
     """
 
     logits: torch.Tensor
@@ -169,6 +171,7 @@ class PrefillOutput:
     cache: LayerKVCache
     record: RunRecord
     captures: dict = field(default_factory=dict)
+    flops: list[FlopsReport] = field(default_factory=list)
 
 
 def split_strategies(strategies) -> tuple[VisionStrategy | None, list[LayerStrategy], list[FreezeStrategy]]:
@@ -836,21 +839,20 @@ class Engine:
         col = torch.arange(n, device=keep.device)
         span_end = torch.where(state.valid & (state.kind >= VISUAL), col, -1).amax(1)
         counts = [c.tolist() for _, c in made]
-        rows_src, rows_hidden = [], []
+        rows_src, rows_new = [], []
         for i in range(b):
             kept = keep[i].nonzero().flatten()
-            new_rows = torch.cat([t[i, : c[i]] for (t, _), c in zip(made, counts)]).to(state.hidden.dtype)
+            new_rows = torch.cat([t[i, : c[i]] for (t, _), c in zip(made, counts)])
             if new_rows.shape[0] and int(span_end[i]) < 0:
                 raise TokencompError(f"recycle_tokens returned tokens for sample {i}, which has no image tokens")
             # after the kept image span, but never after the last token (whose logits are read)
             cut = min(int((kept <= span_end[i]).sum()), len(kept) - 1)
             rows_src.append(torch.cat([kept[:cut], kept.new_full((new_rows.shape[0],), -1), kept[cut:]]))
-            rows_hidden.append(torch.cat([state.hidden[i, kept[:cut]], new_rows, state.hidden[i, kept[cut:]]]))
+            rows_new.append(new_rows)
         index, valid = pad_left(rows_src, 0)
-        hidden, _ = pad_left(rows_hidden)
         new = state.gather(index.clamp(min=0), valid, self.options.kernel_backend)
         added = valid & (index < 0)
-        new.hidden = hidden
+        new.hidden[added] = torch.cat(rows_new).to(new.hidden.dtype)  # row-major: sample by sample, in order
         new.kind = new.kind.masked_fill(added, VISUAL)
         new.orig_index = new.orig_index.masked_fill(added, -1)
         new.view = new.view.masked_fill(added, -1)
@@ -1006,9 +1008,9 @@ class Engine:
         pre.record.new_tokens = [len(r) for r in out]
         pre.record.kv_cache_bytes = cache.nbytes()
         pre.record.kv_cache_lengths = cache.valid_lengths().tolist()
-        flops = run_flops(m, pre.record, self.strategies)
-        pre.record.prefill_flops = [f.prefill for f in flops]
-        pre.record.total_flops = [f.total for f in flops]
+        pre.flops = run_flops(m, pre.record, self.strategies)
+        pre.record.prefill_flops = [f.prefill for f in pre.flops]
+        pre.record.total_flops = [f.total for f in pre.flops]
         return out, pre
 
 

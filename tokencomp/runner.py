@@ -60,7 +60,7 @@ from .engine import Engine
 from .errors import TokencompError
 from .metrics import answer_score, scores_by_type, yes_no_scores
 from .model import Model, load_model
-from .profiler import measure, run_flops
+from .profiler import measure
 from .registry import method as make_method
 
 EXPERIMENT_KEYS = {"name", "out", "batch_size", "max_new_tokens", "latency_repeats", "seed", "template"}
@@ -343,7 +343,7 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
             chunk = pending[i : i + bs]
             batch = prepare(model, [x.load_image() for x in chunk], [prompt(x, template) for x in chunk])
             tokens, pre = engine.generate(batch, s["max_new_tokens"], tok.eos_token_id, tok.pad_token_id or 0)
-            flops = run_flops(model, pre.record, engine.strategies)
+            flops = pre.flops
             for b, x in enumerate(chunk):
                 text = tok.decode(tokens[b], skip_special_tokens=True).strip()
                 lay = pre.state.layout(b)
