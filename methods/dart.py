@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import tokencomp as tc
 from tokencomp.layout import repack
-from tokencomp.strategy import check_int, top_mask
+from tokencomp.strategy import check_image_budget, check_int, top_mask
 
 
 @tc.register("dart")
@@ -75,9 +75,7 @@ class DART(tc.LayerStrategy):
         return self.pivot_image + self.pivot_text
 
     def check(self, info: tc.RunInfo) -> None:
-        with_images = [v for v in info.visual_tokens if v]  # text-only samples have nothing to prune
-        if with_images:
-            check_int("budget (image tokens kept)", self.budget, 1, min(with_images))
+        check_image_budget(self.budget, info)
 
     def needs(self) -> list[tc.Need]:
         return [tc.Need("decoder_key_norm", self.k - 1)]

@@ -13,7 +13,7 @@ the newline tokens, as in the authors' span-index implementation.
 from __future__ import annotations
 
 import tokencomp as tc
-from tokencomp.strategy import check_int, check_ratio
+from tokencomp.strategy import check_image_budget, check_ratio
 
 
 @tc.register("fastv")
@@ -29,9 +29,8 @@ class FastV(tc.LayerStrategy):
             raise tc.TokencompError(f"query must be 'last', 'text' or 'all', got {self.query!r}")
 
     def check(self, info: tc.RunInfo) -> None:
-        with_images = [v for v in info.visual_tokens if v]  # text-only samples have nothing to prune
-        if self.budget is not None and with_images:
-            check_int("budget (image tokens kept)", self.budget, 1, min(with_images))
+        if self.budget is not None:
+            check_image_budget(self.budget, info)
 
     def needs(self) -> list[tc.Need]:
         return [tc.Need(f"decoder_attention_{self.query}", self.k - 1)]

@@ -94,6 +94,15 @@ def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     return value
 
 
+def check_image_budget(budget: int, info: RunInfo) -> int:
+    """Check an in-LLM budget of image tokens kept against the sample with the fewest image tokens
+    (text-only samples have nothing to prune and are left out); raises `BudgetError`."""
+    with_images = [v for v in info.visual_tokens if v]
+    if with_images:
+        check_int("budget (image tokens kept)", budget, 1, min(with_images))
+    return budget
+
+
 def check_ratio(name: str, value: Any, low: float = 0.0, high: float = 1.0, *, open_high: bool = False) -> float:
     """Return ``value`` as float if ``low <= value <= high`` (``< high`` with ``open_high``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
