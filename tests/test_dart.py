@@ -98,6 +98,30 @@ def test_dart_keeps_dissimilar_tokens_not_salient_ones(normed_model, images):
     assert kept != set(img[captured["norm"][img].argsort(descending=True)[:10]].tolist())
 
 
+def test_key_norm_and_attention_rows_on_one_layer_equal_each_alone(model, images):
+    """A layer captured for both key norms and attention rows (the keys' RoPE is computed once and
+    shared) gives each capture exactly as when it is asked for alone."""
+    batch = tc.prepare(model, images, PROMPTS)
+
+    class Spy(tc.LayerStrategy):
+        def __init__(self, *needs):
+            self.wanted = list(needs)
+
+        def needs(self):
+            return self.wanted
+
+        def prune_layers(self, num_layers):
+            return []
+
+    norm, rows = tc.Need("decoder_key_norm", 1), tc.Need("decoder_attention_text", 1)
+    both = tc.Engine(model, [Spy(norm, rows)]).prefill(batch).captures
+    for need in (norm, rows):
+        alone = tc.Engine(model, [Spy(need)]).prefill(batch).captures[need]
+        torch.testing.assert_close(both[need], alone, rtol=0, atol=0)
+    keys = tc.Engine(model, [Spy(norm)]).prefill(batch).captures[norm]
+    assert keys.shape == batch.input_ids.shape[:1] + keys.shape[1:] and bool((keys > 0).any())
+
+
 def test_dart_overhead_counts_its_similarity_matmul(models, images):
     """The analytic overhead covers the pivot-to-token similarities that torch's FLOP counter sees."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -59,6 +59,10 @@ def test_generate_api_and_record(model, images):
     for b in range(2):
         assert len(set(rec.tokens_per_layer[b])) == 1
         assert rec.visual_per_layer[b][0] == n_vis[b]
+        # newline-free per-layer counts agree with the headline count; NeXT's span adds its newlines
+        assert rec.image_per_layer[b] == [rec.visual_tokens_llm[b]] * model.num_layers
+        newlines = n_vis[b] - rec.visual_tokens_llm[b]
+        assert newlines > 0 if model.family == "llava-next" else newlines == 0
 
 
 def test_eager_attention_model_and_eos(family, images):

@@ -723,6 +723,7 @@ class Engine:
         bsz = state.hidden.shape[0]
         tokens = torch.zeros(bsz, L, dtype=torch.long, device=state.hidden.device)  # read once at the end:
         visual = torch.zeros_like(tokens)  # no host sync per layer
+        image = torch.zeros_like(tokens)
         cos_sin = self._rope(state.hidden, state.positions)
         mask = self._mask(state.valid, None, state.hidden.dtype)
         for i, layer in enumerate(m.layers):
@@ -758,12 +759,13 @@ class Engine:
                         position_embeddings=cos_sin,
                     )
             self._score_rows(layer, got, state, cos_sin, wanted, captures, scores)
-            for need in key_norms:
-                captures[need] = scores[need] = self._key_norm(layer, got["k_proj"], cos_sin)
+            for need in key_norms:  # the RoPE'd keys _score_rows kept in `got`
+                captures[need] = scores[need] = self._rope_keys(layer, got, cos_sin).float().abs().sum(dim=(1, 3))
             cache.valid[i] = state.valid
             cache.next_pos[i] = state.positions[:, -1] + 1
             tokens[:, i] = state.valid.sum(1)
             visual[:, i] = (state.valid & (state.kind >= VISUAL)).sum(1)
+            image[:, i] = (state.valid & (state.kind == VISUAL)).sum(1)
         h = m.norm(state.hidden if all_logits else state.hidden[:, -1])
         logits = m.lm_head(h).float()
         record = RunRecord(
@@ -774,6 +776,7 @@ class Engine:
             projected_tokens=projected,
             tokens_per_layer=tokens.cpu().tolist(),
             visual_per_layer=visual.cpu().tolist(),
+            image_per_layer=image.cpu().tolist(),
             frozen_layers=sorted(k for k, v in self.frozen.items() if v == "visual"),
             frozen_text_layers=sorted(k for k, v in self.frozen.items() if v == "text"),
             vision_layers_run=self.vision_layers_run,
@@ -870,13 +873,16 @@ class Engine:
             captures[need] = self._decoder_rows(layer, got, state, cos_sin, need.kind.rsplit("_", 1)[1])
             scores[need] = captures[need].mean(dim=(1, 2))
 
-    def _key_norm(self, layer, k: torch.Tensor, cos_sin) -> torch.Tensor:
-        """``(B, n)`` float32 L1 norm of each token's key, RoPE applied, over every key/value head
-        (from the captured ``k_proj`` output ``(B, n, H_kv * d_head)``)."""
-        b, n, _ = k.shape
-        cos, sin = cos_sin
-        kh = self.model.apply_rope(k.view(b, n, -1, layer.self_attn.head_dim).transpose(1, 2), cos, sin)
-        return kh.float().abs().sum(dim=(1, 3))
+    def _rope_keys(self, layer, got: dict, cos_sin) -> torch.Tensor:
+        """The layer's keys with RoPE applied, ``(B, H_kv, n, d_head)``, from the captured ``k_proj``
+        output ``(B, n, H_kv * d_head)``; computed once per layer and kept in ``got`` (a layer with
+        both an attention-row and a key-norm capture uses them twice)."""
+        if "k_rope" not in got:
+            k = got["k_proj"]
+            b, n, _ = k.shape
+            cos, sin = cos_sin
+            got["k_rope"] = self.model.apply_rope(k.view(b, n, -1, layer.self_attn.head_dim).transpose(1, 2), cos, sin)
+        return got["k_rope"]
 
     def _decoder_rows(self, layer, got, state: SeqState, cos_sin, query: str) -> torch.Tensor:
         """Per-head softmax attention rows from the captured norm output and keys: ``(B, heads, 1, n)``,
@@ -884,7 +890,7 @@ class Engine:
         the rater tokens (``"raters"``) or all tokens (``"all"``), computed ``ROW_CHUNK`` query rows at a time (no n x n map kept)."""
         m = self.model
         attn = layer.self_attn
-        x, k = got["input_layernorm"], got["k_proj"]
+        x = got["input_layernorm"]
         b, n, _ = x.shape
         hd = attn.head_dim
         cos, sin = cos_sin
@@ -895,7 +901,7 @@ class Engine:
             marked = {"text": state.kind == TEXT, "raters": state.rater}.get(query)
             rows, row_ok = repack(state.valid if marked is None else state.valid & marked)
         gather = self._gather
-        kh = m.apply_rope(k.view(b, n, -1, hd).transpose(1, 2), cos, sin)  # (B, H_kv, n, hd)
+        kh = self._rope_keys(layer, got, cos_sin)  # (B, H_kv, n, hd)
         total = None
         for s in range(0, rows.shape[1], ROW_CHUNK):
             r, ok = rows[:, s : s + ROW_CHUNK], row_ok[:, s : s + ROW_CHUNK]

@@ -17,7 +17,10 @@ class RunRecord:
             LLaVA-1.5 image or the NeXT thumbnail, then crops in raster order; newlines not counted).
         projected_tokens: per sample, tokens the projector ran on (before NeXT unpadding drops any).
         tokens_per_layer: ``[sample][layer]`` tokens each decoder layer processed (text + image span).
-        visual_per_layer: ``[sample][layer]`` image-span tokens present in each layer (frozen ones included).
+        visual_per_layer: ``[sample][layer]`` image-span tokens present in each layer (frozen ones
+            and LLaVA-NeXT newlines included: what the layer's FLOPs see).
+        image_per_layer: ``[sample][layer]`` visual tokens present in each layer, newlines not
+            counted (comparable with ``visual_tokens_llm``).
         frozen_layers: decoder layers in which image tokens were frozen.
         frozen_text_layers: decoder layers in which text tokens were frozen (layer-contribution probes).
         vision_layers_run: vision encoder layers the engine ran (it stops at the last one needed).
@@ -41,6 +44,7 @@ class RunRecord:
     visual_per_layer: list[list[int]]
     tokens_per_view: list[list[list[int]]] = field(default_factory=list)
     projected_tokens: list[int] = field(default_factory=list)
+    image_per_layer: list[list[int]] = field(default_factory=list)
     frozen_layers: list[int] = field(default_factory=list)
     frozen_text_layers: list[int] = field(default_factory=list)
     vision_layers_run: int = 0

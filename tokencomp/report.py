@@ -130,7 +130,7 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
         # in-LLM methods keep every token at first: their tokens are the mean over the decoder layers
         layer_mean = "visual_tokens_mean" in g and bool(g["visual_tokens_mean"].notna().all())
         x, xlabel = (
-            ("visual_tokens_mean", "visual tokens, mean over the decoder layers (image span, newlines in)")
+            ("visual_tokens_mean", "visual tokens, mean over the decoder layers (newlines not counted)")
             if layer_mean
             else ("visual_tokens_llm", "visual tokens entering the LLM")
         )

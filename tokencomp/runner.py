@@ -358,6 +358,7 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
                     "visual_tokens_llm": pre.record.visual_tokens_llm[b],
                     "tokens_per_layer": pre.record.tokens_per_layer[b],
                     "visual_per_layer": pre.record.visual_per_layer[b],
+                    "image_per_layer": pre.record.image_per_layer[b],
                     "prefill_flops": flops[b].prefill,
                     "total_prefill_flops": flops[b].total_prefill,
                     "vision_flops": flops[b].vision,
@@ -399,11 +400,11 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
         "accuracy_by_type": scores_by_type(rows),
         "yes_no": yes_no_scores([r["prediction"] for r in yn], [r["answers"][0] for r in yn]) if yn else None,
         "visual_tokens_llm": mean("visual_tokens_llm"),
-        # image-span tokens (LLaVA-NeXT newlines included) averaged over the decoder layers: what an
-        # in-LLM method keeps on average (None for a cell resumed from rows without the field)
+        # visual tokens (newlines not counted, as in visual_tokens_llm) averaged over the decoder
+        # layers: what an in-LLM method keeps on average (None for a cell resumed from older rows)
         "visual_tokens_mean": (
-            sum(sum(r["visual_per_layer"]) / len(r["visual_per_layer"]) for r in rows) / n
-            if all("visual_per_layer" in r for r in rows)
+            sum(sum(r["image_per_layer"]) / len(r["image_per_layer"]) for r in rows) / n
+            if all("image_per_layer" in r for r in rows)
             else None
         ),
         "tokens_per_layer": [
