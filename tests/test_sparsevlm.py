@@ -170,3 +170,40 @@ def test_published_schedules_at_llava15_token_counts(images):
     assert expected((66, 30, 17)) == [82, 32, 18]
     visual = tc.Engine(model, tc.method("dart")).prefill(batch).record.visual_per_layer[0]
     assert visual == [576, 576] + [4 + 8 * 16] * 30
+
+
+def test_recycling_merges_only_what_sparsevlm_itself_drops(model, images):
+    """Composed with a strategy that drops other image tokens at the same layer, SparseVLM merges
+    exactly the tokens it merges alone (its own deletions), and the kept set is the intersection."""
+    batch = tc.prepare(model, images, PROMPTS)
+
+    class LateHalf(tc.LayerStrategy):
+        """Drops the second half of each sample's image span before layer 2."""
+
+        def prune_layers(self, num_layers):
+            return [2]
+
+        def keep(self, ctx):
+            rank = ctx.image_mask.long().cumsum(1)
+            return ctx.valid & ~(ctx.image_mask & (rank > ctx.image_count[:, None] // 2))
+
+    def run(strategies):
+        sv = strategies[0]
+        made, real = [], sv.recycle_tokens
+        sv.recycle_tokens = lambda ctx, keep: made.append(real(ctx, keep)) or made[-1]
+        pre = tc.Engine(model, strategies).prefill(batch)
+        return made[0], pre.state
+
+    (alone_tok, alone_n), alone = run([tc.method("sparsevlm", counts=(12,), layers=(1,))])
+    (both_tok, both_n), both = run([tc.method("sparsevlm", counts=(12,), layers=(1,)), LateHalf()])
+    assert alone_n.tolist() == both_n.tolist() and bool((alone_n > 0).all())
+    torch.testing.assert_close(both_tok, alone_tok, rtol=0, atol=0)
+    inp = tc.Engine(model).prefill(batch).input_state
+    for b in range(3):
+        span = inp.orig_index[b][inp.valid[b] & (inp.kind[b] >= tc.strategy.VISUAL)].tolist()
+        dropped = set(span[len(span) // 2 :])  # LateHalf's, in original indices
+        src = alone.orig_index[b][alone.valid[b] & (alone.orig_index[b] >= 0)].tolist()
+        expect = [i for i in src if i not in dropped]
+        got = both.orig_index[b][both.valid[b] & (both.orig_index[b] >= 0)].tolist()
+        assert got == expect
+        assert len(got) < len(src)  # the other strategy did drop some of SparseVLM's kept tokens

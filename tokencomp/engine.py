@@ -803,21 +803,19 @@ class Engine:
 
     def _prune(self, state: SeqState, layer: int, scores, input_images: torch.Tensor) -> tuple[SeqState, bool]:
         ctx = self._context(state, layer, scores, input_images)
+        forced = state.valid & (state.kind == TEXT)  # text tokens are never dropped
+        forced[:, -1] |= state.valid[:, -1]  # nor the last token (left padding: the last column)
         keep = state.valid.clone()
+        own = []
         for s in self.prune_at[layer]:
             k = s.keep(ctx)
             if k.shape != keep.shape or k.dtype != torch.bool:
                 raise TokencompError(f"{s}.keep must return a (B, n) bool mask, got {tuple(k.shape)} {k.dtype}")
+            own.append((s, (k & state.valid) | forced))
             keep &= k
-        keep |= state.valid & (state.kind == TEXT)  # text tokens are never dropped
-        keep[:, -1] |= state.valid[:, -1]  # nor the last token (left padding: the last column)
-        made = [
-            r
-            for s in self.prune_at[layer]
-            if hasattr(s, "recycle_tokens")
-            for r in [s.recycle_tokens(ctx, keep)]
-            if r is not None
-        ]
+        keep |= forced
+        # each merging strategy recycles what it drops itself; what another one drops is gone
+        made = [r for s, k in own if hasattr(s, "recycle_tokens") for r in [s.recycle_tokens(ctx, k)] if r is not None]
         if not made and bool((keep == state.valid).all()):
             return state, False
         if made:

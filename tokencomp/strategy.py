@@ -416,8 +416,9 @@ class LayerStrategy(Strategy):
         recycle_tokens(ctx, keep) -> (tokens (B, r, d), count (B,) long) or None: new tokens made from
             the dropped ones (merging), inserted after the last kept image-span token of each
             sample (after the last image, for several) as image tokens without a source; needs
-            contiguous LLM positions. ``keep`` is the mask of every strategy pruning at this
-            layer combined, so tokens another one drops are offered too.
+            contiguous LLM positions. ``keep`` is this strategy's own mask (text and the last
+            token forced in): a token another strategy drops at the same layer is dropped, not
+            offered for merging.
     """
 
     stage: ClassVar[str] = "layer"
