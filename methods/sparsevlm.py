@@ -32,7 +32,6 @@ Choices where the code is not reproduced exactly:
 from __future__ import annotations
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 import tokencomp as tc
 from tokencomp.layout import repack
@@ -110,23 +109,23 @@ class SparseVLM(tc.LayerStrategy):
         return ctx.keep_top(relation, (ctx.image_count - 1).clamp(max=self.counts[stage]))
 
     def recycle_tokens(self, ctx: tc.LayerContext, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Deleted image tokens with the highest rater attention, clustered and averaged per sample:
-        ``(B, r, d)`` tokens and ``(B,)`` counts (None with ``recycling=False``)."""
+        """Deleted image tokens with the highest rater attention, clustered and averaged, the whole
+        batch at once: ``(B, r, d)`` tokens and ``(B,)`` counts (None with ``recycling=False``)."""
         if not self.recycling:
             return None
         relation = ctx.attention(ctx.layer - 1, "raters")
         deleted = ctx.image_mask & ~keep
-        merged = []
-        for b in range(deleted.shape[0]):
-            m = int(deleted[b].sum())
-            if m == 0:
-                merged.append(ctx.hidden[b, :0])
-                continue
-            take = min(int(m * self.recycle_ratio) + 1, m)  # the most attended deleted ones, descending
-            order = relation[b].float().masked_fill(~deleted[b], float("-inf")).argsort(descending=True, stable=True)
-            merged.append(dpc_knn_merge(ctx.hidden[b, order[:take]], int(take / 10) + 1).to(ctx.hidden.dtype))
-        count = torch.tensor([x.shape[0] for x in merged], device=keep.device)
-        return pad_sequence(merged, batch_first=True), count
+        m = deleted.sum(1)
+        take = torch.minimum((m.double() * self.recycle_ratio).long() + 1, m)  # int(m * ratio) + 1, as in Python
+        clusters = torch.where(take > 0, take // 10 + 1, 0)
+        if int(take.max()) == 0:
+            return ctx.hidden[:, :0], clusters
+        # the `take` most attended deleted tokens of each sample, descending
+        order = relation.float().masked_fill(~deleted, float("-inf")).argsort(dim=1, descending=True, stable=True)
+        order = order[:, : int(take.max())]
+        chosen = torch.arange(order.shape[1], device=order.device) < take[:, None]
+        x = ctx.hidden.gather(1, order[:, :, None].expand(-1, -1, ctx.hidden.shape[-1]))
+        return dpc_knn_merge(x, chosen, clusters).to(ctx.hidden.dtype), clusters
 
     def overhead_flops(self, model, record, sample: int) -> float:
         """Matrix products of its own (the profiler's convention): the raters' ``V Tᵀ`` on the
@@ -145,20 +144,31 @@ class SparseVLM(tc.LayerStrategy):
         return total
 
 
-def dpc_knn_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:
-    """Density-peak k-NN clustering of ``x`` ``(m, d)`` into ``clusters`` groups (the released
-    code's ``cluster_and_merge``): density from the ``clusters`` nearest distances, centres by
-    density x distance to a denser token, every token to its nearest centre; returns the
-    ``(clusters, d)`` cluster means (sum / (count + 1e-6), as the code divides)."""
+def dpc_knn_merge(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
+    """Density-peak k-NN clustering (the released code's ``cluster_and_merge``), batched: sample
+    ``b``'s tokens ``x[b][valid[b]]`` (``x`` ``(B, m, d)``, ``valid`` ``(B, m)`` bool) go into
+    ``clusters[b]`` groups. Density from the ``clusters[b]`` nearest distances, centres by density
+    x distance to a denser token, every token to its nearest centre. Returns ``(B, C, d)`` float32
+    cluster means (sum / (count + 1e-6), as the code divides), ``C = clusters.max()``; rows past
+    ``clusters[b]`` are zero."""
+    b, m, d = x.shape
+    k = int(clusters.max())
     x32 = x.float()
-    dist = torch.cdist(x32, x32, compute_mode="donot_use_mm_for_euclid_dist") / x.shape[-1] ** 0.5
-    nearest = dist.topk(clusters, dim=-1, largest=False).values
-    density = (-(nearest**2).mean(-1)).exp()
-    denser = density[None, :] > density[:, None]
-    parent_dist = torch.where(denser, dist, dist.max()).min(-1).values
-    centres = (parent_dist * density).argsort(descending=True, stable=True)[:clusters]
-    assign = dist[centres].argmin(0)
-    assign[centres] = torch.arange(clusters, device=x.device)
-    sums = torch.zeros(clusters, x.shape[-1], device=x.device).index_add_(0, assign, x32)
-    size = torch.bincount(assign, minlength=clusters).float() + 1e-6
-    return sums / size[:, None]
+    pair = valid[:, :, None] & valid[:, None, :]
+    raw = torch.cdist(x32, x32, compute_mode="donot_use_mm_for_euclid_dist") / d**0.5  # (B, m, m)
+    dist = raw.masked_fill(~pair, float("inf"))
+    first = torch.arange(k, device=x.device) < clusters[:, None]  # (B, k): sample b's k nearest
+    nearest = dist.topk(k, dim=-1, largest=False).values.masked_fill(~first[:, None, :], 0.0)
+    density = (-(nearest**2).sum(-1) / clusters.clamp(min=1)[:, None]).exp()  # (B, m)
+    denser = pair & (density[:, None, :] > density[:, :, None])
+    far = raw.masked_fill(~pair, 0.0).amax(dim=(1, 2))  # each sample's largest distance
+    parent_dist = torch.where(denser, raw, far[:, None, None]).min(-1).values
+    score = (parent_dist * density).masked_fill(~valid, float("-inf"))
+    centres = score.argsort(dim=1, descending=True, stable=True)[:, :k]  # (B, k); sample b's first clusters[b]
+    to_centre = raw.gather(1, centres[:, :, None].expand(-1, -1, m)).masked_fill(~first[:, :, None], float("inf"))
+    assign = to_centre.argmin(1)  # (B, m)
+    assign.scatter_(1, centres, torch.arange(k, device=x.device).expand(b, -1).where(first, assign.gather(1, centres)))
+    assign = assign.masked_fill(~valid, k)  # padding into a spare cluster, dropped below
+    sums = torch.zeros(b, k + 1, d, device=x.device).scatter_add_(1, assign[:, :, None].expand(-1, -1, d), x32)
+    size = torch.zeros(b, k + 1, device=x.device).scatter_add_(1, assign, valid.float()) + 1e-6
+    return (sums / size[:, :, None])[:, :k] * first[:, :, None]

@@ -65,12 +65,29 @@ def test_dpc_knn_merge_matches_the_authors_loop_and_averages_clusters():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 16, generator=g) * 5
     x = torch.cat([c + 0.1 * torch.randn(7, 16, generator=g) for c in centres])[torch.randperm(21, generator=g)]
-    merged = dpc_knn_merge(x, 3)
+    merged = dpc_knn_merge(x[None], torch.ones(1, 21, dtype=torch.bool), torch.tensor([3]))[0]
     torch.testing.assert_close(merged, _cluster_and_merge(x, 3))
     # well separated blobs: each merged token is one blob's mean
     got = sorted(merged.tolist())
     want = sorted((x[((x[:, None] - centres[None]).norm(dim=-1).argmin(1) == j)].mean(0)).tolist() for j in range(3))
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-4)
+
+
+def test_batched_dpc_knn_merge_equals_the_authors_loop_per_sample():
+    """Samples of different sizes and cluster counts, padded into one batch (one with nothing to
+    merge): each sample's clusters are the authors' loop on that sample alone; padding rows are zero."""
+    g = torch.Generator().manual_seed(1)
+    sizes, clusters = [21, 9, 0, 40], [3, 1, 0, 5]
+    x = torch.randn(4, 40, 16, generator=g)
+    valid = torch.arange(40) < torch.tensor(sizes)[:, None]
+    perm = torch.stack([torch.randperm(40, generator=g) for _ in sizes])  # valid tokens scattered among padding
+    x, valid = x.gather(1, perm[:, :, None].expand(-1, -1, 16)), valid.gather(1, perm)
+    merged = dpc_knn_merge(x, valid, torch.tensor(clusters))
+    assert merged.shape == (4, 5, 16)
+    for b, c in enumerate(clusters):
+        if c:
+            torch.testing.assert_close(merged[b, :c], _cluster_and_merge(x[b][valid[b]], c))
+        assert bool((merged[b, c:] == 0).all())
 
 
 def test_sparsevlm_published_schedules_and_bad_input(models):
@@ -111,7 +128,7 @@ def test_sparsevlm_overhead_counts_the_tokens_it_clusters(models, images, monkey
 
     clustered = []
     real = sv.dpc_knn_merge
-    monkeypatch.setattr(sv, "dpc_knn_merge", lambda x, k: clustered.append(x.shape[0]) or real(x, k))
+    monkeypatch.setattr(sv, "dpc_knn_merge", lambda x, ok, k: clustered.append(int(ok.sum())) or real(x, ok, k))
     model = models["llava"]
     method = tc.method("sparsevlm", counts=(20, 10, 4), layers=(0, 1, 2))
     pre = tc.Engine(model, method).prefill(tc.prepare(model, images[:1], PROMPTS[:1]))
