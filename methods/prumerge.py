@@ -63,14 +63,17 @@ class _PruMergeBase(tc.VisionStrategy):
         return [tc.Need("vision_cls_query", self.layer), tc.Need("vision_keys_full", self.layer)]
 
     def overhead_flops(self, model, record, sample: int) -> float:
-        """Single-head CLS attention ``2 (1+N) D`` and key cosines ``2 k N D`` per view."""
+        """Single-head CLS attention ``2 (1+N) D`` per view and key cosines ``2 k N D`` for the
+        ``k`` tokens each view keeps, counted before LLaVA-NeXT unpadding drops any (from
+        ``record.projected_tokens``, the extra tokens taken off)."""
         n, dim = model.patches_per_view, model.hf.config.vision_config.hidden_size
-        total = 0.0
-        for image in record.tokens_per_view[sample]:
-            for tokens in image:
-                k = tokens - (1 if self.extra_token else 0)
-                total += 2 * (n + 1) * dim + 2 * k * n * dim
-        return total
+        views = sum(len(image) for image in record.tokens_per_view[sample])
+        if record.projected_tokens:
+            kept = record.projected_tokens[sample]
+        else:  # an older record: counts after unpadding (an undercount on LLaVA-NeXT)
+            kept = sum(sum(image) for image in record.tokens_per_view[sample])
+        kept -= views if self.extra_token else 0
+        return views * 2.0 * (n + 1) * dim + 2.0 * kept * n * dim
 
     def kept(self, a: torch.Tensor) -> torch.Tensor:
         """Indices kept for one view's CLS attention ``a (N,)``, in emission order."""

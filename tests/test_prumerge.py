@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROMPTS, eager_copy
+from conftest import PROMPTS, eager_copy, make_images
 from vision_reference import prumerge_view, tower_views
 
 import tokencomp as tc
@@ -78,3 +78,27 @@ def test_prumerge_end_to_end_uses_last_layer_projections(model, images):
             torch.testing.assert_close(got, model.projector(ref), rtol=1e-4, atol=1e-5)
             assert lay["patch"][base].tolist() == keep + [-1]
             v += model.views_per_image((images[b].size[1], images[b].size[0]))
+
+
+@pytest.mark.parametrize("name", ["prumerge", "prumerge+"])
+def test_prumerge_overhead_equals_torch_flop_count(models, name):
+    """The analytic overhead is what torch's FLOP counter sees in the method's own scoring, on
+    LLaVA-NeXT too, where unpadding drops kept crop tokens after the selection (a wide image)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = make_images([(20, 120)])
+    for model in models.values():
+        method = tc.method(name)
+        counter = FlopCounterMode(display=False)
+        original = method.compress
+
+        def counted(view, original=original, counter=counter):
+            with counter:
+                return original(view)
+
+        method.compress = counted
+        pre = tc.Engine(model, method).prefill(tc.prepare(model, images[:1], PROMPTS[:1]))
+        assert counter.get_total_flops() > 0
+        assert method.overhead_flops(model, pre.record, 0) == counter.get_total_flops()
+        if model.family == "llava-next" and name == "prumerge+":  # the case the unpadded count got wrong
+            assert pre.record.projected_tokens[0] > sum(sum(v) for v in pre.record.tokens_per_view[0])
