@@ -159,6 +159,17 @@ def test_report_has_every_plot_and_table(tmp_path, capsys):
     assert fast["visual_tokens_mean"] == pytest.approx((2 * 576 + (L - 2) * 288) / L)
     assert "visual_tokens_mean" in md
     assert main(["report", str(out)]) == 0
+    # a copied run (results, plots, no predictions: what experiments/results keeps) still reports,
+    # keeping the overlays it has and leaving out those it cannot draw
+    import shutil
+
+    shutil.rmtree(out / "predictions")
+    assert main(["report", str(out)]) == 0
+    assert "plots/overlays_" in (out / "report.md").read_text()
+    for f in (out / "plots").glob("overlays_*.png"):
+        f.unlink()
+    assert main(["report", str(out)]) == 0
+    assert "plots/overlays_" not in (out / "report.md").read_text()
 
 
 def test_pareto_front():

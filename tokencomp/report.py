@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -53,7 +54,8 @@ def _scatter(ax, df, x, y, xlabel, ylabel, title, front=False):
         cell = (round(r[x] / dx), round(r[y] / dy))  # methods on (nearly) the same point share a label
         labels.setdefault(cell, (r[x], r[y], []))[2].append(str(r["method"]))
     for px, py, names in labels.values():
-        texts.append(ax.text(px, py, " / ".join(names), fontsize=7))
+        # one line per method, long names (option-derived labels) wrapped at their hyphens
+        texts.append(ax.text(px, py, "\n".join(textwrap.fill(n, 24) for n in names), fontsize=7))
     if len(texts) > 1:  # labels of close points moved apart, each tied to its point by a thin line
         adjust_text(texts, ax=ax, arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5})
     if front and len(df) > 1:
@@ -95,7 +97,11 @@ def _title(run: Path) -> str:
 
 
 def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
-    """Write the report of ``run_dir``; returns the path of ``report.md``."""
+    """Write the report of ``run_dir``; returns the path of ``report.md``.
+
+    Needs ``results.jsonl``; the overlay plots also need ``predictions/`` (the images' kept
+    patches). A copy without it (as ``experiments/results`` keeps) keeps the overlay plots it
+    already has and leaves out the others."""
     run = Path(run_dir)
     results = run / "results.jsonl"
     if not results.is_file():
@@ -196,18 +202,11 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
 
         preds = {r["method"]: read_rows(run / "predictions" / f"{r['cell']}.jsonl") for _, r in g.iterrows()}
         n_img = min(overlay_samples, min(len(p) for p in preds.values()))
-        fig, axes = plt.subplots(n_img, len(g), figsize=(1.6 * len(g), 1.7 * n_img + 0.4), squeeze=False)
-        for j, (_, r) in enumerate(g.iterrows()):
-            for i in range(n_img):
-                p = preds[r["method"]][i]
-                _overlay(axes[i][j], p["image"], p["kept_patches"], r["grid"], r["family"])
-                if i == 0:
-                    axes[i][j].set_title(r["method"], fontsize=6)
-        fig.suptitle(f"kept base-view tokens (red) at the last layer: {model} / {dataset}", fontsize=8)
-        files["overlays"] = plots / f"overlays_{tag}.png"
-        fig.tight_layout()
-        fig.savefig(files["overlays"], dpi=100)
-        plt.close(fig)
+        overlay = plots / f"overlays_{tag}.png"
+        if n_img:
+            _overlays(g, preds, n_img, f"{model} / {dataset}", overlay)
+        if overlay.is_file():  # drawn now, or kept from the run when the predictions are not at hand
+            files["overlays"] = overlay
 
         cols = [
             "method",
@@ -254,6 +253,21 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
     (run / "report.md").write_text("\n".join(md))
     (run / "report.html").write_text("\n".join(page))
     return run / "report.md"
+
+
+def _overlays(g: pd.DataFrame, preds: dict, n_img: int, where: str, path: Path) -> None:
+    """The first ``n_img`` images of each method (columns), its kept base-view tokens in red."""
+    fig, axes = plt.subplots(n_img, len(g), figsize=(1.6 * len(g), 1.7 * n_img + 0.4), squeeze=False)
+    for j, (_, r) in enumerate(g.iterrows()):
+        for i in range(n_img):
+            p = preds[r["method"]][i]
+            _overlay(axes[i][j], p["image"], p["kept_patches"], r["grid"], r["family"])
+            if i == 0:
+                axes[i][j].set_title(r["method"], fontsize=6)
+    fig.suptitle(f"kept base-view tokens (red) at the last layer: {where}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _md_table_to_html(table: str) -> str:
