@@ -20,7 +20,8 @@ Where the released code and the paper's wording differ, the choice is an option:
   possible over the pivots (the first ones take one more).
 - ``pivot_order="set"`` (default, the released code): the authors loop over
   ``list(set(image_pivots + text_pivots))``, each list by descending key norm, holding the tokens'
-  indices in the prompt; CPython orders a set of ints by their values (hash = value) and insertion
+  indices in the sequence (the prompt, when no vision-stage method ran before; after one, the
+  compressed sequence, as the authors' LLM would see it); CPython orders a set of ints by their values (hash = value) and insertion
   order, so the same indices give the same order here. ``"sequence"``: pivots in prompt order.
   Order matters: a pivot picks from what the earlier ones left (and, with ``count="exact"``, the
   first pivots take the remainder).
@@ -113,9 +114,11 @@ class DART(tc.LayerStrategy):
     @staticmethod
     def set_order(ctx: tc.LayerContext, key_norm, image_pivots, text_pivots) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, P)`` pivot columns and their validity, each sample's in the order of the authors'
-        ``list(set(image + text))`` over prompt indices (``ctx.orig_index``), each part listed by
-        descending key norm (one host sync)."""
-        norm, orig = key_norm.float().cpu(), ctx.orig_index.cpu()
+        ``list(set(image + text))`` over the tokens' indices in the sequence entering layer ``k``
+        (the prompt index when nothing before DART compressed; unique even for pooled or merged
+        tokens, which have no prompt index), each part listed by descending key norm (one host sync)."""
+        row_index = ctx.valid.long().cumsum(1) - 1  # left padding: the index within the unpadded row
+        norm, orig = key_norm.float().cpu(), row_index.cpu()
         image_pivots, text_pivots = image_pivots.cpu(), text_pivots.cpu()
         columns = []
         for i in range(norm.shape[0]):

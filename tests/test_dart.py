@@ -65,6 +65,19 @@ def test_dart_keeps_the_documented_counts_and_is_batch_independent(model, images
             assert st.orig_index[b][st.valid[b]].tolist() == alone.state.orig_index[0].tolist()
 
 
+@pytest.mark.parametrize("before", ["pool", "visionzip"])
+def test_dart_after_a_vision_method_keeps_its_count(model, images, before):
+    """After pooling (every token without a prompt index) or VisionZip (merged contextual tokens),
+    each pivot is still its own reference: code mode keeps pivot_image + per_pivot x pivots (of the
+    image span, LLaVA-NeXT newlines in, as DART pools it)."""
+    batch = tc.prepare(model, images, PROMPTS)
+    first = tc.method(before, budget=36) if before == "pool" else tc.method("visionzip", dominant=20, contextual=16)
+    method = tc.method("dart", k=1, budget=16, pivot_image=2, pivot_text=2)
+    pre = tc.Engine(model, [first, method]).prefill(batch)
+    for b in range(3):
+        assert pre.record.visual_per_layer[b][1:] == [2 + 4 * 4] * (model.num_layers - 1)
+
+
 def test_dart_keeps_dissimilar_tokens_not_salient_ones(normed_model, images):
     """Duplication matters: with one image pivot and no text pivot, the kept tokens are the pivot
     (largest key norm) and the 9 image tokens least similar to it, not the largest key norms."""
