@@ -1,7 +1,8 @@
 """SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language
-Model Inference", arXiv 2410.04417), as its released code does it: the fixed-schedule version of
-2025-03 (the README's v1.5, ``USE_VERSION=1_0``); the first release chose the kept counts from the
-rank of the attention matrix and pruned at four layers, which is not reproduced.
+Model Inference", arXiv 2410.04417), as its released code does it: the fixed-schedule version
+(``USE_VERSION=1_0``; the 192 / 128 / 64 schedules are the v1.5 branch's, 96 is the later main
+branch's); the first release chose the kept counts from the rank of the attention matrix and
+pruned at four layers, which is not reproduced.
 
 1. **Raters**: the text tokens after the image that are relevant to it. From the input
    embeddings, ``softmax_t(V Tᵀ)`` averaged over the visual tokens scores each text token; the
