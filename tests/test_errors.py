@@ -126,6 +126,21 @@ def test_composition_errors(model):
         tc.Engine(model, ["fastv"])
 
 
+def test_overhead_flops_that_is_not_a_count_is_named(models, images):
+    """A custom strategy whose overhead_flops returns no number fails generate with its name."""
+    model = models["llava"]
+
+    class Sloppy(tc.LayerStrategy):
+        def prune_layers(self, num_layers):
+            return []
+
+        def overhead_flops(self, model, record, sample):
+            return None  # forgot the return value
+
+    with pytest.raises(tc.TokencompError, match=r"Sloppy.*overhead_flops must return a FLOP count >= 0, got None"):
+        tc.Engine(model, [Sloppy()]).generate(tc.prepare(model, images[:1], PROMPTS[:1]), max_new_tokens=1)
+
+
 class _Uneven(tc.VisionStrategy):
     """Keeps 5 tokens of the first view and 15 of the others: samples of different lengths."""
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .errors import TokencompError
 from .record import RunRecord
 
 UNIT = "FLOPs (2 x multiply-adds; matrix products only)"
@@ -196,7 +197,10 @@ def run_flops(model, record: RunRecord, strategies=()) -> list[FlopsReport]:
                 overhead += 2 * n * dec.hidden * dec.kv_heads * dec.head_dim
         for s in strategies:
             if hasattr(s, "overhead_flops"):
-                overhead += s.overhead_flops(model, record, b)
+                own = s.overhead_flops(model, record, b)
+                if isinstance(own, bool) or not isinstance(own, (int, float)) or not own >= 0:
+                    raise TokencompError(f"{s}.overhead_flops must return a FLOP count >= 0, got {own!r}")
+                overhead += own
         decode = []
         if record.kv_cache_lengths and record.new_tokens:
             final = record.kv_cache_lengths[b]

@@ -142,7 +142,8 @@ class Strategy:
 
     def __str__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{self.name}({args})"
+        name = self.name if self.name != "unnamed" else type(self).__name__  # an unregistered strategy
+        return f"{name}({args})"
 
 
 # ----------------------------------------------------------------------------------------------
