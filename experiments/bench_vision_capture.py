@@ -13,7 +13,7 @@ a monotonic clock on CPU):
 * ``prumerge`` / ``globalcom2``: captures at the last layer (-1, so all layers run), against ``hf-sdpa``,
 * ``hf-eager-attn``: what the released VisionZip code does (eager tower, every attention map).
 
-The ratios printed are the capture overhead the methods issue bounds at 5%.
+The ratios printed are the capture overhead, which the project requires to stay within 5%.
 """
 
 from __future__ import annotations

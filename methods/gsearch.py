@@ -21,7 +21,7 @@ lowering any one layer by one more step breaks the tolerance.
 ``b`` is the largest value meeting a FLOPs budget (a fraction of the unreduced LLM prefill FLOPs
 summed over the calibration prompts, by bisection), and (k, alpha) are tuned by Bayesian
 optimisation (the `bayesian-optimization` library) for calibration quality. The paper's formula is not public; this is the documented form
-METHODS.md accepts.
+the team's method spec (shared METHODS.md §4, not in this repository) accepts.
 
 Schedules are plain data: `save_schedule` / `load_schedule` (JSON), and the published
 LLaVA-1.5-7B G-Search schedule is the preset ``"llava-1.5-7b"``.

@@ -1,7 +1,7 @@
 """Random selection: keep ``budget`` uniformly random patch tokens per view (seeded).
 
 A strong baseline: random pruning matches or beats many published methods on several benchmarks
-(see METHODS.md §5). ``draw="image"`` (default) draws afresh for every image: the generator is
+(the project spec's baselines, `METHODS.md` §5 in the team's shared folder, not in this repository). ``draw="image"`` (default) draws afresh for every image: the generator is
 seeded by ``seed`` and a hash of the view's pixels (`VisionView.content_key`), so an image gets
 the same tokens alone or in a batch, and a different set from another image. ``draw="fixed"``
 keeps the same patch positions for every image (seeded by ``seed`` and the view's role: a fixed

@@ -29,7 +29,7 @@ from tokencomp.api import prepare
 from tokencomp.data import prompt as fill_prompt
 from tokencomp.strategy import check_int
 
-# Published replaced layers (0-indexed), METHODS.md §3.
+# Published replaced layers (0-indexed), from the ShortV paper and code (the team's shared METHODS.md §3).
 PRESETS = {
     "llava-1.5-7b": (31, 29, 30, 28, 0, 26, 27, 25, 24, 22, 23, 21, 2, 3, 20, 18, 17, 12, 19),
     "llava-1.5-13b": (39, 32, 28, 36, 27, 37, 29, 30, 1, 38, 25, 31, 2, 26, 23, 34, 0, 33, 35, 22, 24, 21, 20, 17),

@@ -1,4 +1,4 @@
-"""The front-door functions: `generate` and `prepare`."""
+"""The front-door functions: `generate`, `prepare` and `evaluate`."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def generate(
         method: None (the unmodified model), a strategy from `tokencomp.method`, or a list of
             strategies to compose (at most one vision strategy).
         max_new_tokens: generated tokens at most (stops early at EOS).
-        options: position-id policies (`EngineOptions`).
+        options: engine policies (`EngineOptions`: position ids, kernel backend).
 
     Returns:
         `GenerationOutput` with ``text``, ``tokens`` and the run ``record``.

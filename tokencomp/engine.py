@@ -100,6 +100,8 @@ class Batch:
 
     @classmethod
     def from_processor(cls, out) -> Batch:
+        """A batch from a Hugging Face processor's output (``input_ids``, ``attention_mask``,
+        ``pixel_values`` and, for LLaVA-NeXT, ``image_sizes``)."""
         return cls(
             input_ids=out["input_ids"],
             attention_mask=out.get("attention_mask", torch.ones_like(out["input_ids"])),
@@ -304,6 +306,8 @@ class Engine:
         return [tuple(int(x) for x in s) for s in batch.image_sizes.tolist()]
 
     def run_info(self, batch: Batch, spans) -> RunInfo:
+        """What the strategies' ``check`` sees of ``batch`` (token counts per sample and view),
+        from its image ``spans`` (`validate`'s output)."""
         m = self.model
         n_images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
         sizes = self._image_sizes(batch, n_images)

@@ -27,7 +27,7 @@ from transformers.models.llava_next.modeling_llava_next import unpad_image
 
 from .errors import TokencompError, UnsupportedModelError
 
-# Embedded default models, shipped inside the package (see the embedded-default issue).
+# Embedded default models, shipped inside the package (recipe: experiments/train_tiny.py; accuracy: README "Embedded default models").
 EMBEDDED_DIR = Path(__file__).parent / "assets"
 EMBEDDED = {"tiny-llava": "tiny-llava", "tiny-llava-next": "tiny-llava-next"}
 
@@ -144,14 +144,17 @@ class Model:
 
     @property
     def device(self) -> torch.device:
+        """Where the language model's weights are."""
         return self.lm_head.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The language model's weight dtype."""
         return self.lm_head.weight.dtype
 
     @property
     def tokenizer(self):
+        """The processor's tokenizer (a `TokencompError` if the model has no processor)."""
         if self.processor is None:
             raise TokencompError("this model has no processor; pass one to tokencomp.Model(hf, processor)")
         return getattr(self.processor, "tokenizer", self.processor)

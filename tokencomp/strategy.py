@@ -184,6 +184,7 @@ class VisionView:
 
     @property
     def num_views(self) -> int:
+        """``V``: views in this call (images x views per image)."""
         return self.features.shape[0]
 
     def content_key(self) -> list[int]:
@@ -277,6 +278,7 @@ class VisionStrategy(Strategy):
     unpad: ClassVar[bool] = True
 
     def select(self, view: VisionView) -> torch.Tensor | list[torch.Tensor]:
+        """Patch indices to keep per view: a ``(V, k)`` long tensor or ``V`` index tensors."""
         raise NotImplementedError(f"{type(self).__name__} must implement select() or compress()")
 
     def compress(self, view: VisionView) -> ViewTokens:
@@ -425,9 +427,11 @@ class LayerStrategy(Strategy):
     stage: ClassVar[str] = "layer"
 
     def prune_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers before which `keep` runs, for a decoder of ``num_layers`` layers."""
         raise NotImplementedError
 
     def keep(self, ctx: LayerContext) -> torch.Tensor:
+        """``(B, n)`` bool: the tokens to keep before layer ``ctx.layer``."""
         raise NotImplementedError
 
 
@@ -437,4 +441,5 @@ class FreezeStrategy(Strategy):
     stage: ClassVar[str] = "freeze"
 
     def frozen_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers in which image tokens pass through unchanged."""
         raise NotImplementedError
