@@ -21,10 +21,19 @@ from PIL import Image
 
 from .errors import TokencompError
 
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 TEMPLATES = {
     # LLaVA-1.5 / LLaVA-NeXT (Vicuna) conversation format; the tiny models use the same words
     "llava": "USER: <image>\n{question} ASSISTANT:",
     "llava-next": "USER: <image>\n{question} ASSISTANT:",
+    # the published LLaVA-1.5 evaluations (conv_mode vicuna_v1): the system prompt in front, so the
+    # image starts 35 tokens in; the benchmarks' own question files add any answer-format line
+    # ("Answer the question using a single word or phrase."). Index-dependent choices (DART's
+    # pivot order) match the authors' runs only with it.
+    "vicuna_v1": VICUNA_SYSTEM + " USER: <image>\n{question} ASSISTANT:",
     "mistral": "[INST] <image>\n{question} [/INST]",
     "plain": "<image>\n{question}",
 }

@@ -8,6 +8,8 @@ An experiment file names models, datasets and a grid of methods::
     max_new_tokens = 4
     latency_repeats = 3
     seed = 0
+    template = "vicuna_v1"   # optional: a tokencomp.data.TEMPLATES name or a format string with
+                             # {question} (default: the model family's, "llava" / "llava-next")
 
     [[model]]
     name = "tiny-llava"      # embedded name, local checkpoint path, or "tiny-random:llava[-next]"
