@@ -131,3 +131,29 @@ def test_cpu_peak_memory_covers_the_timed_runs_only(models, images):
     assert lifetime_peak >= resident + 2**30 - 2**26  # the spike did raise the peak mark
     t = measure(tc.Engine(model, tc.method("identity")), batch, repeats=1, new_tokens=2)
     assert resident * 0.9 < t.peak_memory_bytes < lifetime_peak - 2**29  # the spike is not in it
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: tc.method("sparsevlm", counts=(20, 10, 4), layers=(0, 1, 2)),  # the raters' rows
+        lambda: tc.method("fastv", k=2, ratio=0.5),  # the last token's row
+    ],
+)
+def test_decoder_capture_overhead_equals_torch_flop_count(models, images, make):
+    """The profiler's cost of the engine's attention-row captures is what torch's FLOP counter sees
+    in them (one sample: no padding rows)."""
+    model = models["llava"]
+    engine = tc.Engine(model, make())
+    rows, measured = engine._decoder_rows, []
+
+    def counted(*a, **k):
+        with FlopCounterMode(display=False) as counter:  # a counter restarts at each entry: one per call
+            out = rows(*a, **k)
+        measured.append(counter.get_total_flops())
+        return out
+
+    engine._decoder_rows = counted
+    pre = engine.prefill(tc.prepare(model, images[:1], PROMPTS[:1]))
+    assert len(measured) == len(pre.record.decoder_captures) and all(measured)
+    assert run_flops(model, pre.record, [])[0].overhead == sum(measured)

@@ -788,6 +788,7 @@ class Engine:
             decoder_captures=[list(c) for c in self.decoder_captures],
             kernel_backend=kernels.backend(state.hidden, self.options.kernel_backend),
             kv_cache_bytes=cache.nbytes(),
+            rater_tokens=[] if input_state.rater is None else input_state.rater.sum(1).tolist(),
         )
         return PrefillOutput(logits, state, input_state, cache, record, captures)
 

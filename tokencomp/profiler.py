@@ -191,7 +191,8 @@ def run_flops(model, record: RunRecord, strategies=()) -> list[FlopsReport]:
             at = layer - 1 if early and layer > 0 else layer
             n = record.tokens_per_layer[b][at]
             text = n - record.visual_per_layer[b][at]
-            rows = {"last": 1, "text": text, "raters": text}.get(query, n)  # "all": every row; raters: <= text
+            raters = record.rater_tokens[b] if record.rater_tokens else text  # older records: an upper bound
+            rows = {"last": 1, "text": text, "raters": raters}.get(query, n)  # "all": every row
             overhead += 2 * rows * dec.hidden * dec.heads * dec.head_dim + 2 * rows * n * dec.heads * dec.head_dim
             if early:  # keys of every token, which the layer itself computes only for the kept ones
                 overhead += 2 * n * dec.hidden * dec.kv_heads * dec.head_dim

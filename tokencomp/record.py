@@ -30,6 +30,8 @@ class RunRecord:
         kernel_backend: which token-kernel backend ran (``"torch"`` reference or ``"triton"``).
         kv_cache_bytes: bytes of keys and values held at the end of the run.
         kv_cache_lengths: ``[sample][layer]`` cached tokens at the end of the run.
+        rater_tokens: per sample, the text tokens marked as raters (``decoder_attention_raters``
+            captures; empty when no strategy marks any).
         prefill_s / decode_s: wall seconds (device-synchronised) of prefill and of decoding.
         new_tokens: generated tokens per sample (EOS included).
         prefill_flops / total_flops: per sample, LLM prefill FLOPs (decoder layers + LM head, the
@@ -53,6 +55,7 @@ class RunRecord:
     kernel_backend: str = "torch"
     kv_cache_bytes: int = 0
     kv_cache_lengths: list[list[int]] = field(default_factory=list)
+    rater_tokens: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     decode_s: float = 0.0
     new_tokens: list[int] = field(default_factory=list)
