@@ -157,3 +157,33 @@ def test_decoder_capture_overhead_equals_torch_flop_count(models, images, make):
     pre = engine.prefill(tc.prepare(model, images[:1], PROMPTS[:1]))
     assert len(measured) == len(pre.record.decoder_captures) and all(measured)
     assert run_flops(model, pre.record, [])[0].overhead == sum(measured)
+
+
+def test_measure_interleaved_rotates_the_order_and_takes_medians():
+    """Each round times every engine once, starting one later each round; the medians are of
+    each engine's own timed runs (warm-up runs left out)."""
+    from types import SimpleNamespace
+
+    from tokencomp.profiler import measure_interleaved
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name, times):
+            self.name, self.times, self.model = name, iter(times), SimpleNamespace(device=torch.device("cpu"))
+
+        def generate(self, batch, max_new_tokens, eos_token_id=None):
+            calls.append((self.name, max_new_tokens))
+            if max_new_tokens == 2:  # warm-up
+                return [[0, 0]], None
+            t = next(self.times)
+            record = SimpleNamespace(prefill_s=t, decode_s=3 * t, kv_cache_bytes=7)
+            return [[0] * max_new_tokens], SimpleNamespace(record=record)
+
+    engines = {"a": Fake("a", [5.0, 1.0, 3.0]), "b": Fake("b", [2.0, 9.0, 4.0]), "c": Fake("c", [1.0, 1.0, 8.0])}
+    timing = measure_interleaved(engines, batch=None, repeats=3, warmup=1, new_tokens=4)
+    assert [c[0] for c in calls[:3]] == ["a", "b", "c"] and all(c[1] == 2 for c in calls[:3])
+    assert [c[0] for c in calls[3:]] == list("abc" + "bca" + "cab")
+    assert {k: t.prefill_median for k, t in timing.items()} == {"a": 3.0, "b": 4.0, "c": 1.0}
+    assert timing["b"].prefill_spread == 7.0 and timing["b"].decode_per_token_median == 4.0  # 3 t / 3 steps
+    assert all(t.repeats == 3 and t.peak_memory_bytes == 0 and t.kv_cache_bytes == 7 for t in timing.values())

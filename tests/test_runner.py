@@ -9,7 +9,7 @@ import pytest
 import tokencomp as tc
 from tokencomp.cli import main
 from tokencomp.report import PLOTS, pareto_front
-from tokencomp.runner import load_experiment, run_experiment
+from tokencomp.runner import load_experiment, remeasure_latency, run_experiment
 
 EXPERIMENT = """
 [experiment]
@@ -333,3 +333,29 @@ def test_a_run_can_gain_methods_but_not_change(tmp_path):
     grown = unnamed + '\n[[method]]\nname = "random"\nbudget = 9\n'
     run_experiment(load_experiment(_write(tmp_path, grown, "b.toml"), tmp_path / "r2"), progress=False)
     assert len(_rows(tmp_path / "r2" / "results.jsonl")) == 3
+
+
+def test_remeasure_rewrites_only_the_latency_of_finished_cells(tmp_path):
+    """`tokencomp remeasure` times the finished cells again side by side: latency fields change
+    and say how they were taken; accuracy, FLOPs, counts and peak memory stay; unfinished cells
+    are not touched; bad input fails before any work."""
+    text = EXPERIMENT.replace('[[method]]\nname = "fastv"\nratio = 0.5\n', "")
+    out = tmp_path / "run"
+    run_experiment(load_experiment(_write(tmp_path, text), out), progress=False)
+    before = _rows(out / "results.jsonl")
+    before[-1]["prefill_ms"] = -1.0  # a value no timing gives: must be replaced
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in before))
+    with pytest.raises(tc.TokencompError, match="repeats"):
+        remeasure_latency(out, repeats=0, progress=False)
+    with pytest.raises(tc.TokencompError, match="not a run directory"):
+        remeasure_latency(tmp_path / "nowhere", progress=False)
+    assert main(["remeasure", str(out), "--repeats", "2"]) == 0
+    after = _rows(out / "results.jsonl")
+    assert [r["cell"] for r in after] == [r["cell"] for r in before]
+    assert _stable([{k: v for k, v in r.items() if k != "latency"} for r in after]) == _stable(before)
+    for r, b in zip(after, before):
+        assert r["latency"]["taken"] == "interleaved" and r["latency"]["repeats"] == 2
+        assert r["latency"]["cells"] == len(before)
+        assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0
+        assert r["peak_memory_mb"] == b["peak_memory_mb"]
+    assert (out / "report.md").is_file() and not (out / "results.jsonl.part").exists()

@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="write report.md / report.html / plots from a run directory")
     r.add_argument("run_dir")
+
+    m = sub.add_parser(
+        "remeasure", help="time a run's finished cells again, side by side (interleaved), and rewrite their latency"
+    )
+    m.add_argument("run_dir")
+    m.add_argument("--repeats", type=int, default=None, help="timed rounds (default: the experiment's latency_repeats)")
+    m.add_argument("--no-report", action="store_true", help="do not re-write the report at the end")
     return p
 
 
@@ -116,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
                 from .report import make_report
 
                 print(f"report: {make_report(exp.out)}")
+            return 0
+        if args.command == "remeasure":
+            from .runner import remeasure_latency
+
+            print(f"results: {remeasure_latency(args.run_dir, args.repeats)}")
+            if not args.no_report:
+                from .report import make_report
+
+                print(f"report: {make_report(args.run_dir)}")
             return 0
         if args.command == "report":
             from .report import make_report

@@ -22,6 +22,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from .errors import TokencompError
 from .record import RunRecord
@@ -299,21 +300,51 @@ def measure(engine, batch, repeats: int = 5, warmup: int = 1, new_tokens: int = 
         torch.cuda.reset_peak_memory_stats(device)
     else:
         _reset_rss_peak()
-    prefill, decode = [], []
-    kv = 0
-    for _ in range(repeats):
-        # one greedy generation per repeat: its record times the prefill and the decode steps apart
-        tokens, pre = engine.generate(batch, max_new_tokens=new_tokens, eos_token_id=None)
-        prefill.append(pre.record.prefill_s)
-        decode.append(pre.record.decode_s / max(len(tokens[0]) - 1, 1))
-        kv = pre.record.kv_cache_bytes
+    runs = [_timed_generation(engine, batch, new_tokens) for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated(device) if cuda else _rss_bytes()
+    return _timing(runs, int(peak), str(device))
+
+
+def measure_interleaved(
+    engines: dict, batch, repeats: int = 5, warmup: int = 1, new_tokens: int = 8, progress: bool = False
+) -> dict[str, Timing]:
+    """`measure` for several engines on one batch, side by side: each of ``repeats`` rounds times
+    every engine once, in an order rotated by one each round, so a change in the machine's speed
+    (another job, clocks) falls on all of them alike and their ratios stay fair. Medians over the
+    rounds. Peak memory cannot be told apart when interleaved: ``peak_memory_bytes`` is 0.
+
+    Args:
+        engines: name -> `tokencomp.Engine`.
+        batch: one `tokencomp.Batch` all engines run on.
+    Returns: name -> `Timing` (seconds).
+    """
+    names = list(engines)
+    for name in names:
+        for _ in range(warmup):
+            engines[name].generate(batch, max_new_tokens=2)
+    runs: dict[str, list] = {name: [] for name in names}
+    for r in tqdm(range(repeats), desc="interleaved timing", unit="round", leave=False, disable=not progress):
+        shift = r % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            runs[name].append(_timed_generation(engines[name], batch, new_tokens))
+    return {name: _timing(runs[name], 0, str(engines[name].model.device)) for name in names}
+
+
+def _timed_generation(engine, batch, new_tokens: int) -> tuple[float, float, int]:
+    """One greedy generation; its record times the prefill and the decode steps apart:
+    ``(prefill seconds, decode seconds per token, KV-cache bytes)``."""
+    tokens, pre = engine.generate(batch, max_new_tokens=new_tokens, eos_token_id=None)
+    return pre.record.prefill_s, pre.record.decode_s / max(len(tokens[0]) - 1, 1), pre.record.kv_cache_bytes
+
+
+def _timing(runs: list[tuple[float, float, int]], peak: int, device: str) -> Timing:
+    prefill = [r[0] for r in runs]
     return Timing(
         prefill_median=statistics.median(prefill),
         prefill_spread=max(prefill) - min(prefill),
-        decode_per_token_median=statistics.median(decode),
-        peak_memory_bytes=int(peak),
-        kv_cache_bytes=int(kv),
-        repeats=repeats,
-        device=str(device),
+        decode_per_token_median=statistics.median(r[1] for r in runs),
+        peak_memory_bytes=peak,
+        kv_cache_bytes=int(runs[-1][2]),
+        repeats=len(runs),
+        device=device,
     )

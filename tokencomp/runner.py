@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ from .engine import Engine
 from .errors import TokencompError
 from .metrics import answer_score, scores_by_type, yes_no_scores
 from .model import Model, load_model
-from .profiler import measure
+from .profiler import measure, measure_interleaved
 from .registry import method as make_method
 
 EXPERIMENT_KEYS = {"name", "out", "batch_size", "max_new_tokens", "latency_repeats", "seed", "template"}
@@ -310,6 +311,19 @@ def run_experiment(exp: Experiment, progress: bool = True) -> Path:
         engine.validate(checks[cell.model, cell.dataset])
         engines[cell.id] = engine
     # the data a resumed run continues on must be the data its earlier rows came from
+    prints = _check_data(out, datasets, started)
+    (out / "datasets.json").write_text(json.dumps(prints, indent=1))
+    saved.write_text(exp.text)  # only once the whole file has passed validation
+    (out / "predictions").mkdir(exist_ok=True)
+    todo = [c for c in exp.cells if c.id not in done]
+    for cell in tqdm(todo, desc=f"compare {exp.name}", unit="cell", disable=not progress):
+        _run_cell(exp, cell, models[cell.model], datasets[cell.dataset], engines[cell.id], results, progress)
+    return results
+
+
+def _check_data(out: Path, datasets: dict[str, JsonlDataset], started: bool) -> dict[str, str]:
+    """Each dataset file's sha256; a `TokencompError` if a started run's ``datasets.json`` records
+    another one for it (its rows came from other data)."""
     prints = {name: hashlib.sha256(d.path.read_bytes()).hexdigest() for name, d in datasets.items()}
     record = out / "datasets.json"
     if started and record.is_file():
@@ -319,13 +333,78 @@ def run_experiment(exp: Experiment, progress: bool = True) -> Path:
             raise TokencompError(
                 f"dataset file(s) of {changed} changed since {out} was started; choose another out directory"
             )
-    record.write_text(json.dumps(prints, indent=1))
-    saved.write_text(exp.text)  # only once the whole file has passed validation
-    (out / "predictions").mkdir(exist_ok=True)
-    todo = [c for c in exp.cells if c.id not in done]
-    for cell in tqdm(todo, desc=f"compare {exp.name}", unit="cell", disable=not progress):
-        _run_cell(exp, cell, models[cell.model], datasets[cell.dataset], engines[cell.id], results, progress)
+    return prints
+
+
+def _latency_batch(exp: Experiment, model: Model, data: JsonlDataset):
+    """The batch latency is timed on: always the dataset's first batch, so a resumed run (or a
+    re-measurement) times the same inputs."""
+    first = data.samples[: exp.settings["batch_size"]]
+    template = exp.settings["template"] or model.family
+    return prepare(model, [x.load_image() for x in first], [prompt(x, template) for x in first])
+
+
+def _latency_tokens(exp: Experiment) -> int:
+    """Tokens generated per timed run: at least one decode step is timed, even for one-token answers."""
+    return max(2, min(4, exp.settings["max_new_tokens"]))
+
+
+def remeasure_latency(run_dir: str | Path, repeats: int | None = None, progress: bool = True) -> Path:
+    """Time every finished cell of a run again, side by side (`tokencomp.profiler.measure_interleaved`
+    per model and dataset, ``repeats`` rounds, default the experiment's ``latency_repeats``), and
+    rewrite the latency fields of ``results.jsonl``: ``prefill_ms``, ``prefill_spread_ms``,
+    ``decode_ms_per_token``, plus ``latency`` saying how they were taken. Accuracy, FLOPs and peak
+    memory (which interleaving cannot attribute) are left as they are. For runs whose timings were
+    disturbed (another job on the machine) or taken one cell at a time, hours apart.
+
+    Each model and dataset's rows are rewritten as soon as they are timed (a crash loses at most
+    the group under way). Returns the results file."""
+    run = Path(run_dir)
+    results, saved = run / "results.jsonl", run / "experiment.toml"
+    if not saved.is_file() or not results.is_file():
+        raise TokencompError(
+            f"{run} is not a run directory (no experiment.toml and results.jsonl); run `tokencomp compare` first"
+        )
+    exp = load_experiment(saved, run)
+    repeats = exp.settings["latency_repeats"] if repeats is None else repeats
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise TokencompError(f"repeats={repeats!r} must be an int >= 1")
+    done = {r["cell"] for r in read_rows(results)}
+    cells = [c for c in exp.cells if c.id in done]
+    if not cells:
+        raise TokencompError(f"{results} has no finished cell of {saved}")
+    groups: dict[tuple[str, str], list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.model, c.dataset), []).append(c)
+    datasets = {name: _dataset(exp.datasets[name], run) for name in {c.dataset for c in cells}}
+    _check_data(run, datasets, started=True)
+    models: dict[str, Model] = {}
+    for (model_name, dataset), group in tqdm(groups.items(), desc="remeasure", unit="group", disable=not progress):
+        if model_name not in models:
+            models[model_name] = _load_model(exp.models[model_name])
+        model = models[model_name]
+        engines = {c.id: Engine(model, c.strategies()) for c in group}
+        batch = _latency_batch(exp, model, datasets[dataset])
+        torch.manual_seed(exp.settings["seed"])
+        timing = measure_interleaved(engines, batch, repeats, new_tokens=_latency_tokens(exp), progress=progress)
+        when = time.strftime("%Y-%m-%dT%H:%M:%S")
+        rows = read_rows(results)
+        for r in rows:
+            if r["cell"] in timing:
+                t = timing[r["cell"]]
+                r["prefill_ms"] = t.prefill_median * 1e3
+                r["prefill_spread_ms"] = t.prefill_spread * 1e3
+                r["decode_ms_per_token"] = t.decode_per_token_median * 1e3
+                r["latency"] = {"taken": "interleaved", "cells": len(group), "repeats": repeats, "when": when}
+        _rewrite(results, rows)
     return results
+
+
+def _rewrite(path: Path, rows: list[dict]) -> None:
+    """Replace a JSONL file whole: written next to it, then renamed over it (never half-written)."""
+    part = path.with_name(path.name + ".part")
+    part.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(part, path)
 
 
 def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine, results: Path, progress: bool) -> None:
@@ -379,10 +458,8 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
         raise TokencompError(
             f"{pred_path} holds {len(got)} rows for {len(want)} samples; delete it to recompute the cell"
         )
-    first = data.samples[:bs]  # latency always on the dataset's first batch, so a resumed run measures the same
-    first_batch = prepare(model, [x.load_image() for x in first], [prompt(x, template) for x in first])
-    # at least one decode step is timed, even when answers are a single token
-    timing = measure(engine, first_batch, repeats=s["latency_repeats"], new_tokens=max(2, min(4, s["max_new_tokens"])))
+    first_batch = _latency_batch(exp, model, data)
+    timing = measure(engine, first_batch, repeats=s["latency_repeats"], new_tokens=_latency_tokens(exp))
     yn = [r for r in rows if r["answers"][0].strip().lower() in ("yes", "no")]  # POPE-style yes/no items
     n = len(rows)
 
