@@ -40,7 +40,14 @@ name = "fastv"
 ratio = 0.5
 """
 
-VOLATILE = {"prefill_ms", "prefill_spread_ms", "decode_ms_per_token", "peak_memory_mb", "finished"}  # timings
+VOLATILE = {
+    "prefill_ms",
+    "prefill_spread_ms",
+    "decode_ms_per_token",
+    "peak_memory_mb",
+    "finished",
+    "latency",
+}  # timings
 
 
 @tc.register("_test-crashy")
@@ -158,6 +165,9 @@ def test_report_has_every_plot_and_table(tmp_path, capsys):
     L = len(fast["tokens_per_layer"])  # FastV k=2, ratio 0.5: all 576 in layers 0-1, 288 after
     assert fast["visual_tokens_mean"] == pytest.approx((2 * 576 + (L - 2) * 288) / L)
     assert "visual_tokens_mean" in md
+    # compare ends with the side-by-side timing of every cell, and the report says so
+    assert all(r["latency"] == {**rows[0]["latency"], "taken": "interleaved", "cells": len(rows)} for r in rows)
+    assert "timed side by side" in md
     assert main(["report", str(out)]) == 0
     # a copied run (results, plots, no predictions: what experiments/results keeps) still reports,
     # keeping the overlays it has and leaving out those it cannot draw
@@ -320,7 +330,9 @@ def test_a_run_can_gain_methods_but_not_change(tmp_path):
     more = first + '\n[[method]]\nname = "random"\nbudget = 9\n'
     run_experiment(load_experiment(_write(tmp_path, more, "more.toml"), out), progress=False)
     after = _rows(out / "results.jsonl")
-    assert after[:2] == before  # finished cells are not run again
+    assert _stable(after[:2]) == _stable(before)  # finished cells are not run again (only re-timed)
+    assert [r["finished"] for r in after[:2]] == [r["finished"] for r in before]
+    assert all(r["latency"]["cells"] == 3 for r in after)  # the new cell timed side by side with the old
     assert [r["method"] for r in after] == ["identity", "fastv", "random-budget9"]
     assert (out / "experiment.toml").read_text() == more
     for changed, why in ((more.replace("n = 5", "n = 4"), "outside the"), (first, "gone or changed")):
@@ -352,7 +364,7 @@ def test_remeasure_rewrites_only_the_latency_of_finished_cells(tmp_path):
     assert main(["remeasure", str(out), "--repeats", "2"]) == 0
     after = _rows(out / "results.jsonl")
     assert [r["cell"] for r in after] == [r["cell"] for r in before]
-    assert _stable([{k: v for k, v in r.items() if k != "latency"} for r in after]) == _stable(before)
+    assert _stable(after) == _stable(before)
     for r, b in zip(after, before):
         assert r["latency"]["taken"] == "interleaved" and r["latency"]["repeats"] == 2
         assert r["latency"]["cells"] == len(before)

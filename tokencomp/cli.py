@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("experiment", help="experiment TOML file (see tokencomp/runner.py)")
     c.add_argument("--out", default=None, help="run directory (default: runs/<experiment name>)")
     c.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    c.add_argument(
+        "--per-cell-latency",
+        action="store_true",
+        help="keep each cell's own timing (taken when it finished) instead of timing all cells side by side at the end",
+    )
 
     r = sub.add_parser("report", help="write report.md / report.html / plots from a run directory")
     r.add_argument("run_dir")
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             from .runner import load_experiment, run_experiment
 
             exp = load_experiment(args.experiment, args.out)
-            results = run_experiment(exp)
+            results = run_experiment(exp, side_by_side=not args.per_cell_latency)
             print(f"results: {results}")
             if not args.no_report:
                 from .report import make_report

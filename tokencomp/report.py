@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 import textwrap
 from pathlib import Path
@@ -232,7 +233,7 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
     md = [
         f"# tokencomp report: {experiment}",
         "",
-        f"FLOPs are {unit}; TFLOPs per sample. Latency: median prefill of the first batch, after warm-up.",
+        f"FLOPs are {unit}; TFLOPs per sample. {_latency_note(rows)}",
         "",
     ]
     page = [
@@ -268,6 +269,18 @@ def _overlays(g: pd.DataFrame, preds: dict, n_img: int, where: str, path: Path) 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _latency_note(rows: list[dict]) -> str:
+    """How the latency columns were taken, from the rows' ``latency`` field."""
+    how = {json.dumps(r.get("latency", {}).get("taken")) for r in rows}
+    if how == {'"interleaved"'}:
+        n = min(r["latency"]["repeats"] for r in rows)
+        return (
+            f"Latency: prefill of the dataset's first batch after warm-up, every method of a model and dataset "
+            f"timed side by side ({n}+ interleaved rounds, medians)."
+        )
+    return "Latency: median prefill of the dataset's first batch after warm-up, each cell timed when it finished."
 
 
 def _md_table_to_html(table: str) -> str:

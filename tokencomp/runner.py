@@ -285,8 +285,12 @@ def _check_extends(out: Path, saved_text: str, new: Experiment) -> None:
     )
 
 
-def run_experiment(exp: Experiment, progress: bool = True) -> Path:
-    """Run every unfinished cell of ``exp``; returns the results file."""
+def run_experiment(exp: Experiment, progress: bool = True, side_by_side: bool = True) -> Path:
+    """Run every unfinished cell of ``exp``; returns the results file.
+
+    Each cell's latency is timed when it finishes; with ``side_by_side`` (default), once cells
+    have run, every finished cell is then timed again side by side (`remeasure_latency`), so the
+    latency ratios in the report come from one interleaved measurement."""
     out = exp.out
     saved = out / "experiment.toml"
     results = out / "results.jsonl"
@@ -318,6 +322,8 @@ def run_experiment(exp: Experiment, progress: bool = True) -> Path:
     todo = [c for c in exp.cells if c.id not in done]
     for cell in tqdm(todo, desc=f"compare {exp.name}", unit="cell", disable=not progress):
         _run_cell(exp, cell, models[cell.model], datasets[cell.dataset], engines[cell.id], results, progress)
+    if side_by_side and todo:
+        _time_side_by_side(exp, models, datasets, exp.settings["latency_repeats"], progress)
     return results
 
 
@@ -370,16 +376,23 @@ def remeasure_latency(run_dir: str | Path, repeats: int | None = None, progress:
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise TokencompError(f"repeats={repeats!r} must be an int >= 1")
     done = {r["cell"] for r in read_rows(results)}
-    cells = [c for c in exp.cells if c.id in done]
-    if not cells:
+    if not any(c.id in done for c in exp.cells):
         raise TokencompError(f"{results} has no finished cell of {saved}")
-    groups: dict[tuple[str, str], list[Cell]] = {}
-    for c in cells:
-        groups.setdefault((c.model, c.dataset), []).append(c)
-    datasets = {name: _dataset(exp.datasets[name], run) for name in {c.dataset for c in cells}}
+    datasets = {name: _dataset(spec, run) for name, spec in exp.datasets.items()}
     _check_data(run, datasets, started=True)
-    models: dict[str, Model] = {}
-    for (model_name, dataset), group in tqdm(groups.items(), desc="remeasure", unit="group", disable=not progress):
+    return _time_side_by_side(exp, {}, datasets, repeats, progress)
+
+
+def _time_side_by_side(exp: Experiment, models: dict, datasets: dict, repeats: int, progress: bool) -> Path:
+    """`remeasure_latency`'s work on a loaded experiment (``models``: those already loaded; the
+    others are loaded when needed)."""
+    results = exp.out / "results.jsonl"
+    done = {r["cell"] for r in read_rows(results)}
+    groups: dict[tuple[str, str], list[Cell]] = {}
+    for c in exp.cells:
+        if c.id in done:
+            groups.setdefault((c.model, c.dataset), []).append(c)
+    for (model_name, dataset), group in tqdm(groups.items(), desc="side-by-side latency", disable=not progress):
         if model_name not in models:
             models[model_name] = _load_model(exp.models[model_name])
         model = models[model_name]
