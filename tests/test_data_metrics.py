@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 import tokencomp as tc
@@ -59,3 +60,30 @@ def test_dataset_errors(tmp_path):
         JsonlDataset(bad)
     with pytest.raises(tc.TokencompError, match="neither a known name"):
         prompt(type("S", (), {"question": "q"})(), "no-template")
+
+
+def test_bootstrap_intervals_agree_with_the_normal_approximation():
+    """At n = 300 the percentile bootstrap of a proportion is close to the normal interval
+    p +- 1.96 sqrt(p (1 - p) / n); a paired difference of two correlated score lists is much
+    tighter than the separate intervals suggest, and centred on the true difference."""
+    from tokencomp.metrics import mean_ci, paired_difference_ci
+
+    rng = np.random.default_rng(0)
+    n, p = 300, 0.9
+    x = (np.arange(n) < p * n).astype(float)
+    half = 1.96 * np.sqrt(p * (1 - p) / n)
+    low, high = mean_ci(x)
+    assert abs(low - (p - half)) < 0.01 and abs(high - (p + half)) < 0.01
+    assert mean_ci(x) == (low, high)  # seeded: a report is reproducible
+    assert mean_ci([1.0] * 5) == (1.0, 1.0) and mean_ci([0.3]) == (0.3, 0.3)
+    a = (rng.random(n) < 0.8).astype(float)
+    b = a.copy()
+    b[rng.choice(np.flatnonzero(a == 1), 24, replace=False)] = 0.0  # b loses 24 of a's right answers
+    d, dlow, dhigh = paired_difference_ci(a, b)
+    assert d == 24 / n and dlow <= d <= dhigh
+    sd = np.sqrt(d * (1 - d) / n)  # differences are 0/1 here: a proportion of flips
+    assert abs((dhigh - dlow) - 2 * 1.96 * sd) < 0.015
+    unpaired = (mean_ci(a)[1] - mean_ci(a)[0]) + (mean_ci(b)[1] - mean_ci(b)[0])
+    assert dhigh - dlow < unpaired / 2
+    with pytest.raises(ValueError, match="equal"):
+        paired_difference_ci(a, b[:-1])

@@ -165,6 +165,13 @@ def test_report_has_every_plot_and_table(tmp_path, capsys):
     L = len(fast["tokens_per_layer"])  # FastV k=2, ratio 0.5: all 576 in layers 0-1, 288 after
     assert fast["visual_tokens_mean"] == pytest.approx((2 * 576 + (L - 2) * 288) / L)
     assert "visual_tokens_mean" in md
+    # accuracy intervals; the paired difference to identity on the same questions
+    assert ident["delta_vs_identity"] == [0.0, 0.0, 0.0]
+    assert fast["delta_vs_identity"][0] == pytest.approx(fast["accuracy"] - ident["accuracy"])
+    for r in rows:
+        low, high = r["accuracy_ci95"]
+        assert low <= r["accuracy"] <= high
+    assert "accuracy 95% CI" in md and "Δ vs identity [95% CI]" in md
     # compare ends with the side-by-side timing of every cell, and the report says so
     assert all(r["latency"] == {**rows[0]["latency"], "taken": "interleaved", "cells": len(rows)} for r in rows)
     assert "timed side by side" in md
@@ -371,3 +378,36 @@ def test_remeasure_rewrites_only_the_latency_of_finished_cells(tmp_path):
         assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0
         assert r["peak_memory_mb"] == b["peak_memory_mb"]
     assert (out / "report.md").is_file() and not (out / "results.jsonl.part").exists()
+
+
+def test_paired_deltas_pair_predictions_by_question(tmp_path):
+    """The difference to identity pairs the two cells' predictions by question id (their files
+    may list them in different orders), per model and dataset; cells without a reference or with
+    other questions get none."""
+    from types import SimpleNamespace
+
+    from tokencomp.metrics import paired_difference_ci
+    from tokencomp.runner import _paired_deltas
+
+    (tmp_path / "predictions").mkdir()
+    ids = [f"q{i}" for i in range(40)]
+    base = [float(i % 3 != 0) for i in range(40)]
+    other = [float(i % 4 != 0) for i in range(40)]
+    cells = {
+        "ref": ("m", "d", "identity", list(zip(ids, base))),
+        "x": ("m", "d", "x", list(zip(ids, other))[::-1]),  # reversed file order
+        "y": ("m", "e", "y", list(zip(ids, other))),  # no identity on dataset e
+        "z": ("m", "d", "z", list(zip(ids[:30], other[:30]))),  # other questions
+    }
+    rows = []
+    for cell, (model, dataset, method, preds) in cells.items():
+        rows.append({"cell": cell, "model": model, "dataset": dataset, "method": method})
+        text = "".join(json.dumps({"id": i, "score": s}) + "\n" for i, s in preds)
+        (tmp_path / "predictions" / f"{cell}.jsonl").write_text(text)
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _paired_deltas(SimpleNamespace(out=tmp_path))
+    got = {r["cell"]: r.get("delta_vs_identity") for r in _rows(tmp_path / "results.jsonl")}
+    order = sorted(range(40), key=lambda i: ids[i])  # pairs taken in question-id order
+    assert got["x"] == list(paired_difference_ci([other[i] for i in order], [base[i] for i in order]))
+    assert got["x"][0] == pytest.approx((sum(other) - sum(base)) / 40)
+    assert got["ref"] == [0.0, 0.0, 0.0] and got["y"] is None and got["z"] is None

@@ -1,10 +1,14 @@
-"""Answer metrics: normalised exact match, VQA soft accuracy, yes/no accuracy and F1."""
+"""Answer metrics: normalised exact match, VQA soft accuracy, yes/no accuracy and F1, and
+bootstrap confidence intervals of accuracies and of paired differences."""
 
 from __future__ import annotations
 
 import re
 import string
 from itertools import combinations
+
+import numpy as np
+from scipy.stats import bootstrap
 
 _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _ARTICLES = {"a", "an", "the"}
@@ -76,3 +80,40 @@ def yes_no_scores(predictions: list[str], answers: list[str]) -> dict[str, float
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     n = max(len(predictions), 1)
     return {"accuracy": correct / n, "precision": precision, "recall": recall, "f1": f1}
+
+
+def mean_ci(scores, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the mean of per-sample scores (0-1; VQA soft
+    scores allowed), seeded so a report is reproducible. Constant scores or one sample: the mean twice.
+
+    Args:
+        scores: one score per sample (sequence of floats).
+    Returns: ``(low, high)``.
+    """
+    x = np.asarray(scores, dtype=float)
+    if x.size == 0:
+        raise ValueError("no scores")
+    if x.size < 2 or bool((x == x[0]).all()):
+        return float(x.mean()), float(x.mean())
+    res = bootstrap(
+        (x,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=resamples,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def paired_difference_ci(
+    a, b, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over the same samples (two methods on the same questions) with its
+    percentile-bootstrap interval, resampling the pairs: tighter than two separate intervals,
+    because question difficulty cancels. Returns ``(difference, low, high)``."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired scores need two equal, non-empty lengths, got {a.size} and {b.size}")
+    low, high = mean_ci(a - b, confidence, resamples, seed)
+    return float((a - b).mean()), low, high

@@ -52,6 +52,9 @@ def _scatter(ax, df, x, y, xlabel, ylabel, title, front=False):
     dx, dy = (np.ptp(xs) or 1.0) / 200, (np.ptp(ys) or 1.0) / 200
     for _, r in df.iterrows():
         ax.scatter(r[x], r[y], s=36)
+        ci = r.get(f"{y}_ci95")
+        if isinstance(ci, list):  # the bootstrap 95% interval of an accuracy
+            ax.errorbar(r[x], r[y], yerr=[[r[y] - ci[0]], [ci[1] - r[y]]], fmt="none", ecolor="0.6", lw=0.8, capsize=2)
         cell = (round(r[x] / dx), round(r[y] / dy))  # methods on (nearly) the same point share a label
         labels.setdefault(cell, (r[x], r[y], []))[2].append(str(r["method"]))
     for px, py, names in labels.values():
@@ -224,7 +227,7 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
             "ideal_speedup",
             "measured_speedup",
         ]
-        table = g[cols].to_markdown(index=False, floatfmt=".4g")
+        table = _with_intervals(g, cols).to_markdown(index=False, floatfmt=".4g")
         sections.append((f"{model} / {dataset}", table, files))
         images += list(files.values())
 
@@ -269,6 +272,28 @@ def _overlays(g: pd.DataFrame, preds: dict, n_img: int, where: str, path: Path) 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _with_intervals(g: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """The table's columns, with the accuracy's 95% interval and the paired difference to the
+    unmodified model after ``accuracy`` where the rows have them."""
+    t = g[cols].copy()
+    at = cols.index("accuracy") + 1
+    if "delta_vs_identity" in g and g["delta_vs_identity"].map(lambda v: isinstance(v, list)).any():
+        t.insert(
+            at,
+            "Δ vs identity [95% CI]",
+            g["delta_vs_identity"].map(
+                lambda v: f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" if isinstance(v, list) else ""
+            ),
+        )
+    if "accuracy_ci95" in g and g["accuracy_ci95"].map(lambda v: isinstance(v, list)).any():
+        t.insert(
+            at,
+            "accuracy 95% CI",
+            g["accuracy_ci95"].map(lambda v: f"{v[0]:.3f}-{v[1]:.3f}" if isinstance(v, list) else ""),
+        )
+    return t
 
 
 def _latency_note(rows: list[dict]) -> str:

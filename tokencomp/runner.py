@@ -61,7 +61,7 @@ from .benchmark import PRESETS, SPLIT_SEED, generate_split
 from .data import JsonlDataset, prompt, read_rows
 from .engine import Engine
 from .errors import TokencompError
-from .metrics import answer_score, scores_by_type, yes_no_scores
+from .metrics import answer_score, mean_ci, paired_difference_ci, scores_by_type, yes_no_scores
 from .model import Model, load_model
 from .profiler import measure, measure_interleaved
 from .registry import method as make_method
@@ -324,7 +324,32 @@ def run_experiment(exp: Experiment, progress: bool = True, side_by_side: bool = 
         _run_cell(exp, cell, models[cell.model], datasets[cell.dataset], engines[cell.id], results, progress)
     if side_by_side and todo:
         _time_side_by_side(exp, models, datasets, exp.settings["latency_repeats"], progress)
+    _paired_deltas(exp)
     return results
+
+
+def _paired_deltas(exp: Experiment) -> None:
+    """Each finished cell's accuracy difference to the unmodified model on the same questions
+    (``delta_vs_identity``: ``[difference, low, high]``, a paired bootstrap 95% interval), for
+    every model and dataset with a finished ``identity`` cell; written into ``results.jsonl``."""
+    results = exp.out / "results.jsonl"
+    rows = read_rows(results)
+    ref = {(r["model"], r["dataset"]): r["cell"] for r in rows if r["method"] == "identity"}
+    if not ref:
+        return
+
+    def scores(cell: str) -> dict:
+        return {p["id"]: p["score"] for p in read_rows(exp.out / "predictions" / f"{cell}.jsonl")}
+
+    base = {key: scores(cell) for key, cell in ref.items()}
+    for r in rows:
+        b = base.get((r["model"], r["dataset"]))
+        mine = scores(r["cell"])
+        if b is None or not mine or set(mine) != set(b):  # no reference, or predictions not at hand
+            continue
+        ids = sorted(b)
+        r["delta_vs_identity"] = list(paired_difference_ci([mine[i] for i in ids], [b[i] for i in ids]))
+    _rewrite(results, rows)
 
 
 def _check_data(out: Path, datasets: dict[str, JsonlDataset], started: bool) -> dict[str, str]:
@@ -489,6 +514,7 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
         "spec": cell.spec,
         "samples": n,
         "accuracy": mean("score"),
+        "accuracy_ci95": list(mean_ci([r["score"] for r in rows])),  # bootstrap over the samples
         "accuracy_by_type": scores_by_type(rows),
         "yes_no": yes_no_scores([r["prediction"] for r in yn], [r["answers"][0] for r in yn]) if yn else None,
         "visual_tokens_llm": mean("visual_tokens_llm"),
