@@ -411,3 +411,46 @@ def test_paired_deltas_pair_predictions_by_question(tmp_path):
     assert got["x"] == list(paired_difference_ci([other[i] for i in order], [base[i] for i in order]))
     assert got["x"][0] == pytest.approx((sum(other) - sum(base)) / 40)
     assert got["ref"] == [0.0, 0.0, 0.0] and got["y"] is None and got["z"] is None
+
+
+def test_side_by_side_pass_resumes_and_remeasure_reads_relative_paths(tmp_path):
+    """Two datasets, one given by a path relative to the experiment file: a run whose latency
+    pass never happened (or was cut short in one group) gets it on the next compare, for the
+    stale group only; remeasure finds the relative dataset from the run directory; it refuses to
+    regenerate a run's generated data."""
+    from tokencomp.benchmark import generate_split
+
+    generate_split(tmp_path / "files", "val", 3)
+    text = EXPERIMENT.replace('[[method]]\nname = "_test-crashy"\nbudget = [20, 10]\n\n', "")
+    text += '\n[[dataset]]\nname = "local"\npath = "files/val.jsonl"\n'
+    out = tmp_path / "run"
+    exp_file = _write(tmp_path, text)
+    run_experiment(load_experiment(exp_file, out), progress=False, side_by_side=False)
+    assert not any("latency" in r for r in _rows(out / "results.jsonl"))
+    run_experiment(load_experiment(exp_file, out), progress=False)  # nothing to run: only the pass
+    rows = _rows(out / "results.jsonl")
+    assert all(r["latency"]["taken"] == "interleaved" and r["latency"]["cells"] == 2 for r in rows)
+    # a pass cut short: one group's rows still carry per-cell timings
+    for r in rows:
+        if r["dataset"] == "local":
+            del r["latency"]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_experiment(load_experiment(exp_file, out), progress=False)
+    again = _rows(out / "results.jsonl")
+    assert [r for r in again if r["dataset"] == "scenes"] == [r for r in rows if r["dataset"] == "scenes"]
+    assert all(r["latency"]["taken"] == "interleaved" for r in again)
+    # remeasure from another working directory: the relative path is read where the file was
+    import os
+
+    here = os.getcwd()
+    os.chdir(tmp_path / "files")
+    try:
+        remeasure_latency(out, repeats=1, progress=False)
+    finally:
+        os.chdir(here)
+    spec = out / "data" / "scenes" / "val.spec.json"
+    spec.write_text(spec.read_text().replace('"n": 5', '"n": 6'))
+    data = (out / "data" / "scenes" / "val.jsonl").read_text()
+    with pytest.raises(tc.TokencompError, match="other settings"):
+        remeasure_latency(out, progress=False)
+    assert (out / "data" / "scenes" / "val.jsonl").read_text() == data

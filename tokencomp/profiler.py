@@ -17,6 +17,8 @@ KV length), and the method's own scoring work as ``overhead``.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -200,7 +202,7 @@ def run_flops(model, record: RunRecord, strategies=()) -> list[FlopsReport]:
         for s in strategies:
             if hasattr(s, "overhead_flops"):
                 own = s.overhead_flops(model, record, b)
-                if isinstance(own, bool) or not isinstance(own, (int, float)) or not own >= 0:
+                if isinstance(own, bool) or not isinstance(own, numbers.Real) or not 0 <= own < math.inf:
                     raise TokencompError(f"{s}.overhead_flops must return a FLOP count >= 0, got {own!r}")
                 overhead += own
         decode = []
@@ -324,7 +326,7 @@ def measure_interleaved(
             engines[name].generate(batch, max_new_tokens=2)
     runs: dict[str, list] = {name: [] for name in names}
     for r in tqdm(range(repeats), desc="interleaved timing", unit="round", leave=False, disable=not progress):
-        shift = r % max(len(names), 1)
+        shift = (r * len(names)) // repeats  # start positions spread evenly over the rounds
         for name in names[shift:] + names[:shift]:
             runs[name].append(_timed_generation(engines[name], batch, new_tokens))
     return {name: _timing(runs[name], 0, str(engines[name].model.device)) for name in names}

@@ -298,7 +298,12 @@ def _with_intervals(g: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
 
 def _latency_note(rows: list[dict]) -> str:
     """How the latency columns were taken, from the rows' ``latency`` field."""
-    how = {json.dumps(r.get("latency", {}).get("taken")) for r in rows}
+    how = {json.dumps((r.get("latency") or {}).get("taken")) for r in rows}
+    if len(how) > 1:
+        return (
+            "Latency: prefill of the dataset's first batch after warm-up; some cells timed side by side, others "
+            "when they finished (the `latency` field of results.jsonl says which): compare within one kind only."
+        )
     if how == {'"interleaved"'}:
         n = min(r["latency"]["repeats"] for r in rows)
         return (

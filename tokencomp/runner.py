@@ -36,7 +36,8 @@ a model cannot serve, two configurations under one label). Every finished sample
 interrupted run started again skips finished cells and samples, so nothing is lost or repeated.
 Generated splits live in ``data/<dataset>/`` with the settings they were made from
 (``<split>.spec.json``); ``datasets.json`` holds each dataset file's sha256, and a run is not
-resumed on changed data. The file a run directory was started with may later gain cells (a new
+resumed on changed data; ``experiment.base`` the folder the file's relative dataset paths point
+from. The file a run directory was started with may later gain cells (a new
 [[method]] table or grid value; only the new cells run); a change outside the [[method]] tables,
 or to a cell already started, is refused before work starts.
 """
@@ -99,6 +100,7 @@ class Experiment:
     datasets: dict[str, dict]
     cells: list[Cell] = field(default_factory=list)
     text: str = ""
+    base: Path = Path(".")  # the folder relative dataset paths were read from
 
 
 def _grid(table: dict) -> list[tuple[str, list[dict]]]:
@@ -128,9 +130,12 @@ def _grid(table: dict) -> list[tuple[str, list[dict]]]:
     return out
 
 
-def load_experiment(path: str | Path, out: str | Path | None = None) -> Experiment:
-    """Parse and expand an experiment file; raises `TokencompError` naming what is wrong."""
+def load_experiment(path: str | Path, out: str | Path | None = None, base: str | Path | None = None) -> Experiment:
+    """Parse and expand an experiment file; raises `TokencompError` naming what is wrong.
+
+    Relative dataset paths are read from ``base`` (default: the file's folder)."""
     path = Path(path)
+    base = Path(base) if base is not None else path.parent
     if not path.is_file():
         raise TokencompError(f"experiment file {str(path)!r} does not exist")
     text = path.read_text()
@@ -174,7 +179,7 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
                 raise TokencompError(f"dataset {d['name']!r}: n must be a positive integer, got {d.get('n')!r}")
         if "path" in d:
             p = Path(d["path"])
-            p = p if p.is_absolute() else path.parent / p
+            p = p if p.is_absolute() else base / p
             if not p.is_file():
                 raise TokencompError(f"dataset {d['name']!r}: file {str(p)!r} does not exist")
             d = {**d, "path": str(p)}
@@ -211,7 +216,7 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
                 "give each [[method]] a distinct label"
             )
     out_dir = Path(out) if out else Path(exp.get("out", Path("runs") / name))
-    return Experiment(name, out_dir, settings, models, datasets, cells, text)
+    return Experiment(name, out_dir, settings, models, datasets, cells, text, base.resolve())
 
 
 def _load_model(source: str) -> Model:
@@ -224,9 +229,10 @@ def _load_model(source: str) -> Model:
     return load_model(source)
 
 
-def _dataset(spec: dict, out: Path) -> JsonlDataset:
+def _dataset(spec: dict, out: Path, regenerate: bool = True) -> JsonlDataset:
     """The dataset of a [[dataset]] table; a generated split is (re)written under ``out/data`` unless
-    the files there were generated from the same settings (``<split>.spec.json`` records them)."""
+    the files there were generated from the same settings (``<split>.spec.json`` records them);
+    with ``regenerate=False`` that is a `TokencompError` instead (the run's data is left alone)."""
     if "generator" in spec:
         folder = out / "data" / spec["name"]
         split = spec.get("split", "test")
@@ -236,6 +242,10 @@ def _dataset(spec: dict, out: Path) -> JsonlDataset:
         settings = json.dumps({"generator": spec["generator"], "n": spec.get("n", 32), **opts}, sort_keys=True)
         record = folder / f"{split}.spec.json"
         if not (path.is_file() and record.is_file() and record.read_text() == settings):
+            if not regenerate:
+                raise TokencompError(
+                    f"{path} is missing or was generated with other settings than {spec['generator']!r} gives now"
+                )
             generate_split(folder, split, spec.get("n", 32), **opts)
             record.write_text(settings)
         return JsonlDataset(path, spec.get("limit"), spec["name"])
@@ -318,12 +328,15 @@ def run_experiment(exp: Experiment, progress: bool = True, side_by_side: bool = 
     prints = _check_data(out, datasets, started)
     (out / "datasets.json").write_text(json.dumps(prints, indent=1))
     saved.write_text(exp.text)  # only once the whole file has passed validation
+    (out / "experiment.base").write_text(str(exp.base))  # where its relative dataset paths point
     (out / "predictions").mkdir(exist_ok=True)
     todo = [c for c in exp.cells if c.id not in done]
     for cell in tqdm(todo, desc=f"compare {exp.name}", unit="cell", disable=not progress):
         _run_cell(exp, cell, models[cell.model], datasets[cell.dataset], engines[cell.id], results, progress)
-    if side_by_side and todo:
-        _time_side_by_side(exp, models, datasets, exp.settings["latency_repeats"], progress)
+    if side_by_side:  # groups with new cells, or whose pass was cut short, are timed (again)
+        stale = _stale_groups(exp)
+        if stale:
+            _time_side_by_side(exp, models, datasets, exp.settings["latency_repeats"], progress, stale)
     _paired_deltas(exp)
     return results
 
@@ -396,27 +409,46 @@ def remeasure_latency(run_dir: str | Path, repeats: int | None = None, progress:
         raise TokencompError(
             f"{run} is not a run directory (no experiment.toml and results.jsonl); run `tokencomp compare` first"
         )
-    exp = load_experiment(saved, run)
+    base = run / "experiment.base"
+    exp = load_experiment(saved, run, base.read_text() if base.is_file() else None)
     repeats = exp.settings["latency_repeats"] if repeats is None else repeats
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise TokencompError(f"repeats={repeats!r} must be an int >= 1")
     done = {r["cell"] for r in read_rows(results)}
     if not any(c.id in done for c in exp.cells):
         raise TokencompError(f"{results} has no finished cell of {saved}")
-    datasets = {name: _dataset(spec, run) for name, spec in exp.datasets.items()}
+    datasets = {name: _dataset(spec, run, regenerate=False) for name, spec in exp.datasets.items()}
     _check_data(run, datasets, started=True)
     return _time_side_by_side(exp, {}, datasets, repeats, progress)
 
 
-def _time_side_by_side(exp: Experiment, models: dict, datasets: dict, repeats: int, progress: bool) -> Path:
-    """`remeasure_latency`'s work on a loaded experiment (``models``: those already loaded; the
-    others are loaded when needed)."""
-    results = exp.out / "results.jsonl"
-    done = {r["cell"] for r in read_rows(results)}
+def _finished_groups(exp: Experiment) -> dict[tuple[str, str], list[Cell]]:
+    """The finished cells of ``exp`` by (model, dataset)."""
+    done = {r["cell"] for r in read_rows(exp.out / "results.jsonl")}
     groups: dict[tuple[str, str], list[Cell]] = {}
     for c in exp.cells:
         if c.id in done:
             groups.setdefault((c.model, c.dataset), []).append(c)
+    return groups
+
+
+def _stale_groups(exp: Experiment) -> set[tuple[str, str]]:
+    """Groups whose rows were not all timed in one side-by-side pass over all of their cells."""
+    taken = {r["cell"]: r.get("latency") or {} for r in read_rows(exp.out / "results.jsonl")}
+    return {
+        key
+        for key, cells in _finished_groups(exp).items()
+        if any(taken[c.id].get("taken") != "interleaved" or taken[c.id].get("cells") != len(cells) for c in cells)
+    }
+
+
+def _time_side_by_side(
+    exp: Experiment, models: dict, datasets: dict, repeats: int, progress: bool, only: set | None = None
+) -> Path:
+    """`remeasure_latency`'s work on a loaded experiment (``models``: those already loaded; the
+    others are loaded when needed; ``only``: the (model, dataset) groups to time, default all)."""
+    results = exp.out / "results.jsonl"
+    groups = {k: v for k, v in _finished_groups(exp).items() if only is None or k in only}
     for (model_name, dataset), group in tqdm(groups.items(), desc="side-by-side latency", disable=not progress):
         if model_name not in models:
             models[model_name] = _load_model(exp.models[model_name])
@@ -441,7 +473,10 @@ def _time_side_by_side(exp: Experiment, models: dict, datasets: dict, repeats: i
 def _rewrite(path: Path, rows: list[dict]) -> None:
     """Replace a JSONL file whole: written next to it, then renamed over it (never half-written)."""
     part = path.with_name(path.name + ".part")
-    part.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with part.open("w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(part, path)
 
 
