@@ -112,7 +112,7 @@ def test_dart_keeps_dissimilar_tokens_not_salient_ones(normed_model, images):
 
 
 def test_key_norm_and_attention_rows_on_one_layer_equal_each_alone(model, images):
-    """A layer captured for both key norms and attention rows (the keys' RoPE is computed once and
+    """A layer captured for both key norms and attention rows (the keys' RoPE is computed once per layer and
     shared) gives each capture exactly as when it is asked for alone."""
     batch = tc.prepare(model, images, PROMPTS)
 
@@ -127,10 +127,12 @@ def test_key_norm_and_attention_rows_on_one_layer_equal_each_alone(model, images
             return []
 
     norm, rows = tc.Need("decoder_key_norm", 1), tc.Need("decoder_attention_text", 1)
-    both = tc.Engine(model, [Spy(norm, rows)]).prefill(batch).captures
-    for need in (norm, rows):
+    later = (tc.Need("decoder_key_norm", 2), tc.Need("decoder_attention_last", 2))  # no keys shared across layers
+    both = tc.Engine(model, [Spy(norm, rows, *later)]).prefill(batch).captures
+    for need in (norm, rows, *later):
         alone = tc.Engine(model, [Spy(need)]).prefill(batch).captures[need]
         torch.testing.assert_close(both[need], alone, rtol=0, atol=0)
+    assert not torch.equal(both[norm], both[later[0]])
     keys = tc.Engine(model, [Spy(norm)]).prefill(batch).captures[norm]
     assert keys.shape == batch.input_ids.shape[:1] + keys.shape[1:] and bool((keys > 0).any())
 
