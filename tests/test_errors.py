@@ -162,3 +162,17 @@ def test_flash_attention_refuses_samples_of_different_lengths(models, images, mo
     finally:
         h.remove()
     assert calls == []
+
+
+def test_flash_attention_decodes_past_a_finished_sample(models, images, monkeypatch):
+    """With FlashAttention (no masks), a same-length batch in which one sample reaches EOS keeps
+    decoding the others, which get the tokens they get alone (the finished sample's padding steps
+    change only its own, discarded rows)."""
+    model = models["llava"]
+    batch = tc.prepare(model, images[:2], [PROMPTS[1]] * 2)  # no padding in the prompt
+    free, _ = tc.Engine(model).generate(batch, max_new_tokens=6, eos_token_id=None)
+    # an EOS sample 0 emits before its last step and sample 1 never does
+    k = next(k for k in range(1, 5) if free[0][k] not in free[1] and free[0][k] not in free[0][:k])
+    monkeypatch.setattr(model, "attn_implementation", "flash_attention_2")
+    tokens, _ = tc.Engine(model).generate(batch, max_new_tokens=6, eos_token_id=free[0][k])
+    assert tokens[0] == free[0][: k + 1] and tokens[1] == free[1]

@@ -58,7 +58,11 @@ def test_analytic_flops_match_flop_counter(eager_models, family, name):
         counted = counter.get_total_flops()
         report = run_flops(model, pre.record, engine.strategies)[0]
         assert len(report.decode) == 3
-        assert report.total == pytest.approx(counted, rel=0.02), (report.to_dict(), counted)
+        # exact: overheads are tiny shares of the total, so a loose tolerance would hide a missing one.
+        # SparseVLM's DPC-KNN distances (cdist) are counted analytically but invisible to the counter,
+        # and its raters' V T^T bound counts the text before the image too
+        rel = 0.02 if name == "sparsevlm" else 1e-9
+        assert report.total == pytest.approx(counted, rel=rel), (report.to_dict(), counted)
         assert (pre.record.prefill_flops[0], pre.record.total_flops[0]) == (report.prefill, report.total)
 
 

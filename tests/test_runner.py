@@ -165,6 +165,9 @@ def test_report_has_every_plot_and_table(tmp_path, capsys):
     L = len(fast["tokens_per_layer"])  # FastV k=2, ratio 0.5: all 576 in layers 0-1, 288 after
     assert fast["visual_tokens_mean"] == pytest.approx((2 * 576 + (L - 2) * 288) / L)
     assert "visual_tokens_mean" in md
+    for r in rows:  # the cost split is complete: vision, projector, LLM prefill, the method's own work
+        parts = r["vision_tflops"] + r["projector_tflops"] + r["prefill_tflops"] + r["overhead_tflops"]
+        assert r["projector_tflops"] > 0 and parts == pytest.approx(r["total_prefill_tflops"], rel=1e-9)
     # accuracy intervals; the paired difference to identity on the same questions
     assert ident["delta_vs_identity"] == [0.0, 0.0, 0.0]
     assert fast["delta_vs_identity"][0] == pytest.approx(fast["accuracy"] - ident["accuracy"])

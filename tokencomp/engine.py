@@ -766,7 +766,9 @@ class Engine:
             for need in key_norms:  # the RoPE'd keys _score_rows kept in `got`
                 captures[need] = scores[need] = self._rope_keys(layer, got, cos_sin).float().abs().sum(dim=(1, 3))
             cache.valid[i] = state.valid
-            cache.next_pos[i] = state.positions[:, -1] + 1
+            # after the highest position (not the last column's: a merged token without a source can sit
+            # anywhere in its image's span when a prompt ends on its image)
+            cache.next_pos[i] = state.positions.masked_fill(~state.valid, -1).amax(1) + 1
             tokens[:, i] = state.valid.sum(1)
             visual[:, i] = (state.valid & (state.kind >= VISUAL)).sum(1)
             image[:, i] = (state.valid & (state.kind == VISUAL)).sum(1)
@@ -821,8 +823,14 @@ class Engine:
         keep |= forced
         # each merging strategy recycles what it drops itself; what another one drops is gone
         made = [r for s, k in own if hasattr(s, "recycle_tokens") for r in [s.recycle_tokens(ctx, k)] if r is not None]
+        wants = {getattr(s, "llm_positions", None) for s in self.prune_at[layer]}
+        contiguous = self.options.llm_positions == "contiguous" or "contiguous" in wants
         if not made and bool((keep == state.valid).all()):
-            return state, False
+            # nothing dropped; contiguous numbering still applies here, whatever the batchmates drop
+            renumbered = (state.valid.long().cumsum(1) - 1).clamp(min=0)
+            if not contiguous or bool((renumbered == state.positions)[state.valid].all()):
+                return state, False
+            return dataclasses.replace(state, positions=renumbered), True
         if made:
             new, index = self._insert(state, keep, made)
             valid = new.valid
@@ -831,8 +839,7 @@ class Engine:
             new = state.gather(index, valid, self.options.kernel_backend)
         for need in scores:  # scores captured earlier follow their tokens into the new packing
             scores[need] = torch.gather(scores[need], 1, index.clamp(min=0)).masked_fill(index < 0, 0)
-        wants = {getattr(s, "llm_positions", None) for s in self.prune_at[layer]}
-        if self.options.llm_positions == "contiguous" or "contiguous" in wants:
+        if contiguous:
             new.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         return new, True
 
@@ -979,7 +986,9 @@ class Engine:
             finished = done.tolist()  # one host sync per step
             if all(finished):
                 break
-            all_live = not any(finished)
+            # FlashAttention takes no mask: a finished sample keeps attending to its own padding steps,
+            # which changes only its own (discarded) outputs
+            all_live = not any(finished) or self.model.attn_implementation.startswith("flash")
             x = m.embed_tokens(nxt[:, None])
             live = ~done[:, None]  # a finished sample's padding steps leave no valid key behind
             for i, layer in enumerate(m.layers):
