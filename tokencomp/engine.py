@@ -243,6 +243,9 @@ class Engine:
         self.feature_hidden = [f % (nl + 1) for f in model.feature_layers]  # hidden_states index: 0 = embeddings
         self.vision_capture_layers = sorted({n.layer % nl for n in self.needs if n.kind in VISION_NEEDS})
         self.vision_layers_run = max([f for f in self.feature_hidden] + [c + 1 for c in self.vision_capture_layers])
+        # a capture layer past the last feature layer (PruMerge's, GlobalCom2's layer -1 under LLaVA's
+        # feature layer -2): its output feeds nothing, so only its norm and q/k projections run
+        self.vision_qk_layers = int(self.vision_layers_run > max(self.feature_hidden))
         self.decoder_captures = sorted(
             {
                 (n.layer, n.kind.rsplit("_", 1)[1], n.kind in PREPRUNE_NEEDS)
@@ -427,6 +430,11 @@ class Engine:
         captures = {}
         for i in range(self.vision_layers_run):
             layer = m.vision_layers_list[i]
+            if i >= self.vision_layers_run - self.vision_qk_layers:  # q/k of a layer whose output feeds nothing
+                x = layer.layer_norm1(h)
+                got = {"q_proj": layer.self_attn.q_proj(x), "k_proj": layer.self_attn.k_proj(x)}
+                self._vision_scores(layer.self_attn, got, i, captures)
+                continue
             if i in cap_layers:
                 with _capture(layer.self_attn, ["q_proj", "k_proj"]) as got:
                     h = layer(h, None)
@@ -785,7 +793,8 @@ class Engine:
             image_per_layer=image.cpu().tolist(),
             frozen_layers=sorted(k for k, v in self.frozen.items() if v == "visual"),
             frozen_text_layers=sorted(k for k, v in self.frozen.items() if v == "text"),
-            vision_layers_run=self.vision_layers_run,
+            vision_layers_run=self.vision_layers_run - self.vision_qk_layers,
+            vision_qk_layers=self.vision_qk_layers,
             vision_capture_layers=len(self.vision_capture_layers),
             decoder_captures=[list(c) for c in self.decoder_captures],
             kernel_backend=kernels.backend(state.hidden, self.options.kernel_backend),

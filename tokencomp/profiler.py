@@ -114,6 +114,10 @@ class VisionShape:
     def tokens(self) -> int:
         return self.patches + int(self.cls_token)
 
+    def qk_only(self) -> float:
+        """One layer's q and k projections alone, per view (a capture layer whose output feeds nothing)."""
+        return float(2 * 2 * self.tokens * self.hidden * self.hidden)
+
     def tower(self, views: int, layers_run: int) -> float:
         """Patch embedding plus ``layers_run`` encoder layers over ``views`` views."""
         n, d = self.tokens, self.hidden
@@ -214,7 +218,7 @@ def run_flops(model, record: RunRecord, strategies=()) -> list[FlopsReport]:
                 decode.append(sum(dec.layer(1, kv_len=k) for k in kv) + dec.lm_head())
         reports.append(
             FlopsReport(
-                vision=vis.tower(views, record.vision_layers_run),
+                vision=vis.tower(views, record.vision_layers_run) + views * record.vision_qk_layers * vis.qk_only(),
                 projector=float(2 * projected * (proj_in * dec.hidden + dec.hidden * dec.hidden)),
                 prefill_layers=layers,
                 lm_head=dec.lm_head(),

@@ -23,7 +23,9 @@ class RunRecord:
             counted (comparable with ``visual_tokens_llm``).
         frozen_layers: decoder layers in which image tokens were frozen.
         frozen_text_layers: decoder layers in which text tokens were frozen (layer-contribution probes).
-        vision_layers_run: vision encoder layers the engine ran (it stops at the last one needed).
+        vision_layers_run: vision encoder layers the engine ran whole (it stops at the last one needed).
+        vision_qk_layers: vision layers after those of which only the norm and the q/k projections
+            ran (a capture layer past the last feature layer).
         vision_capture_layers: vision layers whose CLS row / keys were captured.
         decoder_captures: ``[layer, query, preprune]`` decoder attention rows captured (query "last",
             "text", "all" or "raters"; ``preprune``: computed from the tokens entering ``layer`` before its pruning).
@@ -51,6 +53,7 @@ class RunRecord:
     frozen_text_layers: list[int] = field(default_factory=list)
     vision_layers_run: int = 0
     vision_capture_layers: int = 0
+    vision_qk_layers: int = 0
     decoder_captures: list[list] = field(default_factory=list)
     kernel_backend: str = "torch"
     kv_cache_bytes: int = 0
