@@ -834,23 +834,22 @@ class Engine:
         made = [r for s, k in own if hasattr(s, "recycle_tokens") for r in [s.recycle_tokens(ctx, k)] if r is not None]
         wants = {getattr(s, "llm_positions", None) for s in self.prune_at[layer]}
         contiguous = self.options.llm_positions == "contiguous" or "contiguous" in wants
-        if not made and bool((keep == state.valid).all()):
-            # nothing dropped; contiguous numbering still applies here, whatever the batchmates drop
-            renumbered = (state.valid.long().cumsum(1) - 1).clamp(min=0)
-            if not contiguous or bool((renumbered == state.positions)[state.valid].all()):
-                return state, False
-            return dataclasses.replace(state, positions=renumbered), True
+        dropped = bool(made) or not bool((keep == state.valid).all())
         if made:
             new, index = self._insert(state, keep, made)
-            valid = new.valid
-        else:
+        elif dropped:
             index, valid = repack(keep)
             new = state.gather(index, valid, self.options.kernel_backend)
-        for need in scores:  # scores captured earlier follow their tokens into the new packing
-            scores[need] = torch.gather(scores[need], 1, index.clamp(min=0)).masked_fill(index < 0, 0)
+        else:  # nothing dropped; contiguous numbering still applies here, whatever the batchmates drop
+            new, index = dataclasses.replace(state), None
+        if index is not None:
+            for need in scores:  # scores captured earlier follow their tokens into the new packing
+                scores[need] = torch.gather(scores[need], 1, index.clamp(min=0)).masked_fill(index < 0, 0)
         if contiguous:
-            new.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        return new, True
+            new.positions = (new.valid.long().cumsum(1) - 1).clamp(min=0)
+        if dropped or not torch.equal(new.positions[new.valid], state.positions[state.valid]):
+            return new, True
+        return state, False
 
     def _insert(self, state: SeqState, keep: torch.Tensor, made: list[tuple[torch.Tensor, torch.Tensor]]):
         """The kept tokens with recycled ones inserted after each sample's last kept image-span
@@ -991,13 +990,14 @@ class Engine:
         steps = [nxt]
         done = nxt == eos_token_id if eos_token_id is not None else torch.zeros_like(nxt, dtype=torch.bool)
         full = [bool(v.all()) for v in cache.valid] if max_new_tokens > 1 else []  # per layer: no padding key
+        # FlashAttention takes no mask: a finished sample keeps attending to its own padding steps,
+        # which changes only its own (discarded) outputs
+        flash = m.attn_implementation.startswith("flash")
         for _ in range(max_new_tokens - 1):
             finished = done.tolist()  # one host sync per step
             if all(finished):
                 break
-            # FlashAttention takes no mask: a finished sample keeps attending to its own padding steps,
-            # which changes only its own (discarded) outputs
-            all_live = not any(finished) or self.model.attn_implementation.startswith("flash")
+            all_live = not any(finished) or flash
             x = m.embed_tokens(nxt[:, None])
             live = ~done[:, None]  # a finished sample's padding steps leave no valid key behind
             for i, layer in enumerate(m.layers):

@@ -315,9 +315,9 @@ def measure_interleaved(
     engines: dict, batch, repeats: int = 5, warmup: int = 1, new_tokens: int = 8, progress: bool = False
 ) -> dict[str, Timing]:
     """`measure` for several engines on one batch, side by side: each of ``repeats`` rounds times
-    every engine once, in an order rotated by one each round, so a change in the machine's speed
-    (another job, clocks) falls on all of them alike and their ratios stay fair. Medians over the
-    rounds. Peak memory cannot be told apart when interleaved: ``peak_memory_bytes`` is 0.
+    every engine once, the engine it starts with moved on each round (spread evenly over the
+    rounds), so a change in the machine's speed (another job, clocks) falls on all of them alike
+    and their ratios stay fair. Medians over the rounds. Peak memory cannot be told apart when interleaved: ``peak_memory_bytes`` is 0.
 
     Args:
         engines: name -> `tokencomp.Engine`.

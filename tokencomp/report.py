@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 import textwrap
 from pathlib import Path
@@ -298,13 +297,13 @@ def _with_intervals(g: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
 
 def _latency_note(rows: list[dict]) -> str:
     """How the latency columns were taken, from the rows' ``latency`` field."""
-    how = {json.dumps((r.get("latency") or {}).get("taken")) for r in rows}
+    how = {(r.get("latency") or {}).get("taken") for r in rows}
     if len(how) > 1:
         return (
             "Latency: prefill of the dataset's first batch after warm-up; some cells timed side by side, others "
             "when they finished (the `latency` field of results.jsonl says which): compare within one kind only."
         )
-    if how == {'"interleaved"'}:
+    if how == {"interleaved"}:
         n = min(r["latency"]["repeats"] for r in rows)
         return (
             f"Latency: prefill of the dataset's first batch after warm-up, every method of a model and dataset "

@@ -64,8 +64,9 @@ from .engine import Engine
 from .errors import TokencompError
 from .metrics import answer_score, mean_ci, paired_difference_ci, scores_by_type, yes_no_scores
 from .model import Model, load_model
-from .profiler import measure, measure_interleaved
+from .profiler import Timing, measure, measure_interleaved
 from .registry import method as make_method
+from .strategy import check_int
 
 EXPERIMENT_KEYS = {"name", "out", "batch_size", "max_new_tokens", "latency_repeats", "seed", "template"}
 
@@ -357,8 +358,10 @@ def _paired_deltas(exp: Experiment) -> None:
     base = {key: scores(cell) for key, cell in ref.items()}
     for r in rows:
         b = base.get((r["model"], r["dataset"]))
+        if b is None:  # no reference for this model and dataset
+            continue
         mine = scores(r["cell"])
-        if b is None or not mine or set(mine) != set(b):  # no reference, or predictions not at hand
+        if not mine or set(mine) != set(b):  # predictions not at hand, or other questions
             continue
         ids = sorted(b)
         r["delta_vs_identity"] = list(paired_difference_ci([mine[i] for i in ids], [b[i] for i in ids]))
@@ -412,8 +415,7 @@ def remeasure_latency(run_dir: str | Path, repeats: int | None = None, progress:
     base = run / "experiment.base"
     exp = load_experiment(saved, run, base.read_text() if base.is_file() else None)
     repeats = exp.settings["latency_repeats"] if repeats is None else repeats
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise TokencompError(f"repeats={repeats!r} must be an int >= 1")
+    check_int("repeats (timed rounds)", repeats, 1)
     done = {r["cell"] for r in read_rows(results)}
     if not any(c.id in done for c in exp.cells):
         raise TokencompError(f"{results} has no finished cell of {saved}")
@@ -461,13 +463,19 @@ def _time_side_by_side(
         rows = read_rows(results)
         for r in rows:
             if r["cell"] in timing:
-                t = timing[r["cell"]]
-                r["prefill_ms"] = t.prefill_median * 1e3
-                r["prefill_spread_ms"] = t.prefill_spread * 1e3
-                r["decode_ms_per_token"] = t.decode_per_token_median * 1e3
+                r.update(_latency_fields(timing[r["cell"]]))
                 r["latency"] = {"taken": "interleaved", "cells": len(group), "repeats": repeats, "when": when}
         _rewrite(results, rows)
     return results
+
+
+def _latency_fields(t: Timing) -> dict[str, float]:
+    """A results row's latency columns (milliseconds) from a `Timing` (seconds)."""
+    return {
+        "prefill_ms": t.prefill_median * 1e3,
+        "prefill_spread_ms": t.prefill_spread * 1e3,
+        "decode_ms_per_token": t.decode_per_token_median * 1e3,
+    }
 
 
 def _rewrite(path: Path, rows: list[dict]) -> None:
@@ -571,9 +579,7 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
         "projector_tflops": mean("projector_flops") / 1e12 if all("projector_flops" in r for r in rows) else None,
         "overhead_tflops": mean("overhead_flops") / 1e12,
         "decode_tflops_per_token": _decode_flops_per_token(rows) / 1e12,
-        "prefill_ms": timing.prefill_median * 1e3,
-        "prefill_spread_ms": timing.prefill_spread * 1e3,
-        "decode_ms_per_token": timing.decode_per_token_median * 1e3,
+        **_latency_fields(timing),
         "latency_batch_size": first_batch.input_ids.shape[0],
         "peak_memory_mb": timing.peak_memory_bytes / 2**20,
         "kv_cache_mb": timing.kv_cache_bytes / 2**20,
