@@ -14,8 +14,10 @@ reaches the table.
 
 Shapes: batch 1, 8, 64 (``--quick``: 1, 16); 576 tokens (one LLaVA-1.5 view) and 2880 (LLaVA-NeXT's
 thumbnail + four crops); hidden 1024 (CLIP ViT-L, 16 heads of 64) and 4096 (Vicuna-7B, 32 heads
-of 128); fp16 and bf16. The attention-rows case scores one query row (the CLS or last-token
-query) and 32 text rows against all tokens of every head.
+of 128); fp16 and bf16. The attention-rows cases score one query row (the CLS or last-token
+query), 32 rows and 256 rows (the engine's chunk of text or vision queries) against all tokens of
+every head; the multi-row cases are also timed on the one-program-per-row kernel, to show where
+the row-tiled kernel that the dispatch picks for them pays off.
 
 Triton needs a CUDA device; on a CPU-only machine the script says so and exits without a table.
 ``--tiny`` runs small shapes on the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` must
@@ -107,14 +109,28 @@ def cases(s: Shape, device: str) -> dict[str, tuple[Callable, int]]:
             b * (n + t) * d * el + b * n * 8,
         ),
     }
-    for rows in (1, 32 if s.side >= 24 else 3):
+    kk = torch.randn(b, heads, n, s.head_dim, device=device, dtype=s.dtype, generator=g)
+    for rows in (1, 32, 256) if s.side >= 24 else (1, 3):
         q = torch.randn(b, heads, rows, s.head_dim, device=device, dtype=s.dtype, generator=g)
-        kk = torch.randn(b, heads, n, s.head_dim, device=device, dtype=s.dtype, generator=g)
-        out[f"attention rows r={rows}"] = (
-            partial(kernels.attention_rows, q, kk, s.head_dim**-0.5),
-            (q.numel() + kk.numel()) * el + 2 * b * heads * rows * n * 4,  # logits + probs, float32
-        )
+        nbytes = (q.numel() + kk.numel()) * el + 2 * b * heads * rows * n * 4  # logits + probs, float32
+        out[f"attention rows r={rows}"] = (partial(kernels.attention_rows, q, kk, s.head_dim**-0.5), nbytes)
+        if rows > 1:  # the same rows through the one-program-per-row kernel: is tiling worth it here?
+            out[f"attention rows r={rows} per-row kernel"] = (
+                partial(attention_rows_per_row, q, kk, s.head_dim**-0.5),
+                nbytes,
+            )
     return out
+
+
+def attention_rows_per_row(
+    q: torch.Tensor, k: torch.Tensor, scale: float, backend: str = "triton"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernels.attention_rows` forced onto the one-program-per-row Triton kernel (``backend="triton"``)."""
+    if backend == "torch":
+        return kernels.attention_rows(q, k, scale, backend="torch")
+    from kernels import triton_kernels
+
+    return triton_kernels.attention_rows(q, k, scale, tiled=False)
 
 
 def check(name: str, fn: Callable, dtype: torch.dtype) -> None:

@@ -7,13 +7,34 @@ Every kernel accumulates in float32 and writes the input dtype (float32 for atte
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
 
-def _block(d: int, cap: int = 1024) -> int:
-    return min(cap, triton.next_power_of_2(max(int(d), 1)))
+def _block(d: int, cap: int = 1024, floor: int = 1) -> int:
+    return max(floor, min(cap, triton.next_power_of_2(max(int(d), 1))))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the JIT function, its grid, its runtime arguments and its compile-time constants.
+
+    Every wrapper below plans its launch with a ``plan_*`` function and then calls it, so that
+    `kernels.compile_check` compiles exactly what the wrappers launch (same argument types and
+    constants) for a GPU architecture, on a machine without one.
+    """
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple
+    consts: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.consts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -37,20 +58,30 @@ def _gather_kernel(x_ptr, idx_ptr, cnt_ptr, out_ptr, n, k, d, HAS_COUNT: tl.cons
     tl.store(out_ptr + row.to(tl.int64) * d + offs, v, mask=m)
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
-    """``(B, n, d), (B, k) -> (B, k, d)``; see `kernels.reference.gather_tokens`."""
+def plan_gather(
+    x: torch.Tensor, index: torch.Tensor, count: torch.Tensor | None = None
+) -> tuple[torch.Tensor, Launch | None]:
+    """The output ``(B, k, d)`` and the launch that fills it (None when there is nothing to copy)."""
     b, n, d = x.shape
     k = index.shape[1]
     x = x.contiguous()
     out = torch.empty(b, k, d, dtype=x.dtype, device=x.device)
     if b * k == 0 or d == 0:
-        return out
+        return out, None
     idx = index.contiguous().to(torch.int64)
     cnt = count.contiguous().to(torch.int64) if count is not None else idx
     block = _block(d)
-    _gather_kernel[(b * k, triton.cdiv(d, block))](
-        x, idx, cnt, out, n, k, d, HAS_COUNT=count is not None, BLOCK_D=block
+    grid = (b * k, triton.cdiv(d, block))
+    return out, Launch(
+        _gather_kernel, grid, (x, idx, cnt, out, n, k, d), {"HAS_COUNT": count is not None, "BLOCK_D": block}
     )
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, n, d), (B, k) -> (B, k, d)``; see `kernels.reference.gather_tokens`."""
+    out, launch = plan_gather(x, index, count)
+    if launch is not None:
+        launch()
     return out
 
 
@@ -100,8 +131,10 @@ def _pool_kernel(x_ptr, out_ptr, h, w, gh, gw, d, MODE: tl.constexpr, MAX_WIN: t
     tl.store(out_ptr + pid.to(tl.int64) * d + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def pool_grid(x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mode: str = "avg") -> torch.Tensor:
-    """``(V, h*w, d) -> (V, gh*gw, d)``; see `kernels.reference.pool_grid`."""
+def plan_pool(
+    x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mode: str = "avg"
+) -> tuple[torch.Tensor, Launch | None]:
+    """The output ``(V, gh*gw, d)`` and the launch that fills it (None when it is empty)."""
     if mode not in ("avg", "bilinear"):
         raise ValueError(f"pool mode must be 'avg' or 'bilinear', got {mode!r}")
     v, n, d = x.shape
@@ -111,13 +144,19 @@ def pool_grid(x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mode
         raise ValueError(f"x has {n} tokens per view, grid {grid} needs {h * w}")
     x = x.contiguous()
     res = torch.empty(v, gh * gw, d, dtype=x.dtype, device=x.device)
-    if v == 0 or d == 0:
-        return res
+    if v * gh * gw == 0 or d == 0:
+        return res, None
     block = _block(d)
     max_win = max(-(-h // gh), -(-w // gw)) + 1
-    _pool_kernel[(v * gh * gw, triton.cdiv(d, block))](
-        x, res, h, w, gh, gw, d, MODE=0 if mode == "avg" else 1, MAX_WIN=max_win, BLOCK_D=block
-    )
+    consts = {"MODE": 0 if mode == "avg" else 1, "MAX_WIN": max_win, "BLOCK_D": block}
+    return res, Launch(_pool_kernel, (v * gh * gw, triton.cdiv(d, block)), (x, res, h, w, gh, gw, d), consts)
+
+
+def pool_grid(x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mode: str = "avg") -> torch.Tensor:
+    """``(V, h*w, d) -> (V, gh*gw, d)``; see `kernels.reference.pool_grid`."""
+    res, launch = plan_pool(x, grid, out, mode)
+    if launch is not None:
+        launch()
     return res
 
 
@@ -143,6 +182,24 @@ def _merge_kernel(x_ptr, t_ptr, w_ptr, acc_ptr, cnt_ptr, n, t, d, HAS_W: tl.cons
             tl.atomic_add(cnt_ptr + b * t + tgt, 1.0)
 
 
+def plan_merge(
+    x: torch.Tensor, target: torch.Tensor, num_targets: int, weight: torch.Tensor | None = None
+) -> tuple[tuple[torch.Tensor, torch.Tensor], Launch | None]:
+    """The float32 sums ``(B, t, d)`` and source counts ``(B, t)``, and the launch that accumulates them."""
+    b, n, d = x.shape
+    x = x.contiguous()
+    acc = torch.zeros(b, num_targets, d, dtype=torch.float32, device=x.device)
+    cnt = torch.zeros(b, num_targets, dtype=torch.float32, device=x.device)
+    if not (b * n and d and num_targets):
+        return (acc, cnt), None
+    tgt = target.contiguous().to(torch.int64)
+    wt = weight.contiguous().float() if weight is not None else acc
+    block = _block(d)
+    grid = (b * n, triton.cdiv(d, block))
+    args = (x, tgt, wt, acc, cnt, n, num_targets, d)
+    return (acc, cnt), Launch(_merge_kernel, grid, args, {"HAS_W": weight is not None, "BLOCK_D": block})
+
+
 def merge_tokens(
     x: torch.Tensor,
     target: torch.Tensor,
@@ -151,17 +208,9 @@ def merge_tokens(
     mean: bool = True,
 ) -> torch.Tensor:
     """``(B, n, d) -> (B, t, d)`` scatter-sum / scatter-mean; see `kernels.reference.merge_tokens`."""
-    b, n, d = x.shape
-    x = x.contiguous()
-    acc = torch.zeros(b, num_targets, d, dtype=torch.float32, device=x.device)
-    cnt = torch.zeros(b, num_targets, dtype=torch.float32, device=x.device)
-    if b * n and d and num_targets:
-        tgt = target.contiguous().to(torch.int64)
-        wt = weight.contiguous().float() if weight is not None else acc
-        block = _block(d)
-        _merge_kernel[(b * n, triton.cdiv(d, block))](
-            x, tgt, wt, acc, cnt, n, num_targets, d, HAS_W=weight is not None, BLOCK_D=block
-        )
+    (acc, cnt), launch = plan_merge(x, target, num_targets, weight)
+    if launch is not None:
+        launch()
     if mean:
         acc = acc / cnt.clamp(min=1)[..., None]
     return acc.to(x.dtype)
@@ -230,14 +279,101 @@ def _rows_kernel(
         tl.store(prob_ptr + row + nofs, tl.exp(s - safe) * inv, mask=nm)
 
 
-def attention_rows(
+@triton.jit
+def _rows_tiled_kernel(
+    q_ptr,
+    k_ptr,
+    valid_ptr,
+    qi_ptr,
+    logit_ptr,
+    prob_ptr,
+    H,
+    groups,
+    r,
+    n,
+    hd,
+    scale,
+    HAS_VALID: tl.constexpr,
+    HAS_QI: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``BLOCK_R`` query rows of one head per program: each key block is read once per tile (not
+    once per row) and scored with one ``tl.dot``; the online softmax runs per row as in `_rows_kernel`.
+
+    The dot runs on float32 operands: ``PRECISION="ieee"`` for float32 inputs, and ``"tf32"`` for
+    float16 / bfloat16 inputs, whose values TF32 holds exactly (10 and 7 mantissa bits against
+    TF32's 10), so the products are exact either way. (It also keeps bfloat16 off the interpreter's
+    numpy dot, which has no bfloat16.)"""
+    pid = tl.program_id(0)  # (b * H + h) * tiles + t
+    tiles = tl.cdiv(r, BLOCK_R)
+    t = pid % tiles
+    bh = pid // tiles
+    h = bh % H
+    b = bh // H
+    hk = h // groups
+    rofs = t * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = rofs < r
+    dofs = tl.arange(0, BLOCK_D)
+    dm = dofs < hd
+    rows = bh.to(tl.int64) * r + rofs  # (BLOCK_R,) flat row index
+    q = tl.load(q_ptr + rows[:, None] * hd + dofs[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
+    q = q.to(tl.float32)
+    kbase = k_ptr + ((b * (H // groups) + hk).to(tl.int64) * n) * hd
+    limit = rofs * 0 + (n - 1)
+    if HAS_QI:
+        limit = tl.load(qi_ptr + b * r + rofs, mask=rm, other=-1)
+    out_row = rows * n
+    run_max = tl.full([BLOCK_R], -float("inf"), tl.float32)
+    run_sum = tl.full([BLOCK_R], 0.0, tl.float32)
+    for start in range(0, n, BLOCK_N):
+        nofs = start + tl.arange(0, BLOCK_N)
+        nm = nofs < n
+        kb = tl.load(kbase + nofs[:, None] * hd + dofs[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
+        kb = kb.to(tl.float32)
+        s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * scale  # (BLOCK_R, BLOCK_N)
+        ok = nm[None, :] & (nofs[None, :] <= limit[:, None])
+        if HAS_VALID:
+            ok = ok & (tl.load(valid_ptr + b * n + nofs, mask=nm, other=0) != 0)[None, :]
+        s = tl.where(ok, s, -float("inf"))
+        tl.store(logit_ptr + out_row[:, None] + nofs[None, :], s, mask=rm[:, None] & nm[None, :])
+        new_max = tl.maximum(run_max, tl.max(s, axis=1))
+        safe = tl.where(new_max == -float("inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
+        run_max = new_max
+    safe = tl.where(run_max == -float("inf"), 0.0, run_max)
+    inv = tl.where(run_sum > 0, 1.0 / tl.where(run_sum > 0, run_sum, 1.0), 0.0)
+    for start in range(0, n, BLOCK_N):
+        nofs = start + tl.arange(0, BLOCK_N)
+        m = rm[:, None] & (nofs < n)[None, :]
+        s = tl.load(logit_ptr + out_row[:, None] + nofs[None, :], mask=m, other=-float("inf"))
+        tl.store(prob_ptr + out_row[:, None] + nofs[None, :], tl.exp(s - safe[:, None]) * inv[:, None], mask=m)
+
+
+# Rows per program of the tiled kernel, and the fewest query rows for which it is used instead of
+# one program per row. A tile reads each key block once for all its rows; one program per row
+# reads it once per row but does no padded tensor-core work, which wins for a single row (a CLS
+# or last-token query). The threshold is a first guess until measured on a GPU
+# (experiments/bench_kernels.py times both kernels at r = 32).
+ROW_TILE = 16
+TILED_MIN_ROWS = 2
+
+
+def plan_attention_rows(
     q: torch.Tensor,
     k: torch.Tensor,
     scale: float,
     key_valid: torch.Tensor | None = None,
     query_index: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head logits and softmax of a few query rows; see `kernels.reference.attention_rows`."""
+    tiled: bool | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], Launch | None]:
+    """The ``(logits, probs)`` outputs and the launch that fills them.
+
+    ``tiled``: True for the row-tiled kernel, False for one program per row, None to choose by
+    the number of rows (``r >= TILED_MIN_ROWS`` tiles).
+    """
     b, H, r, hd = q.shape
     hkv, n = k.shape[1], k.shape[2]
     if H % hkv:
@@ -245,27 +381,40 @@ def attention_rows(
     logits = torch.empty(b, H, r, n, dtype=torch.float32, device=q.device)
     probs = torch.empty_like(logits)
     if b * H * r == 0 or n == 0:
-        return logits, probs
+        return (logits, probs), None
     q = q.contiguous()
     k = k.contiguous()
     valid = key_valid.contiguous().to(torch.int8) if key_valid is not None else q
     qi = query_index.contiguous().to(torch.int64) if query_index is not None else q
-    _rows_kernel[(b * H * r,)](
-        q,
-        k,
-        valid,
-        qi,
-        logits,
-        probs,
-        H,
-        H // hkv,
-        r,
-        n,
-        hd,
-        float(scale),
-        HAS_VALID=key_valid is not None,
-        HAS_QI=query_index is not None,
-        BLOCK_N=128,
-        BLOCK_D=_block(hd, 256),
-    )
-    return logits, probs
+    args = (q, k, valid, qi, logits, probs, H, H // hkv, r, n, hd, float(scale))
+    consts = {"HAS_VALID": key_valid is not None, "HAS_QI": query_index is not None}
+    if tiled if tiled is not None else r >= TILED_MIN_ROWS:
+        consts |= {
+            # float32 inputs must not be rounded to TF32; 16-bit ones are exact in it
+            "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+            "BLOCK_R": ROW_TILE,
+            "BLOCK_N": 32,
+            "BLOCK_D": _block(hd, 256, floor=16),  # tl.dot needs every dimension >= 16
+        }
+        return (logits, probs), Launch(_rows_tiled_kernel, (b * H * triton.cdiv(r, ROW_TILE),), args, consts)
+    block_d = _block(hd, 256)
+    consts |= {"BLOCK_N": max(16, 4096 // block_d), "BLOCK_D": block_d}  # a key block of 4096 elements
+    return (logits, probs), Launch(_rows_kernel, (b * H * r,), args, consts)
+
+
+def attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    key_valid: torch.Tensor | None = None,
+    query_index: torch.Tensor | None = None,
+    tiled: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head logits and softmax of a few query rows; see `kernels.reference.attention_rows`.
+
+    ``tiled`` picks the kernel (see `plan_attention_rows`); both give the same result.
+    """
+    out, launch = plan_attention_rows(q, k, scale, key_valid, query_index, tiled)
+    if launch is not None:
+        launch()
+    return out

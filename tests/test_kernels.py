@@ -80,8 +80,14 @@ def test_merge(dtype, weighted, mean, b, n, t, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("b,H,hkv,r,n,hd", [(2, 4, 2, 1, 37, 16), (1, 3, 3, 5, 200, 24), (2, 2, 1, 2, 9, 64)])
-def test_attention_rows(dtype, b, H, hkv, r, n, hd):
+@pytest.mark.parametrize(
+    "b,H,hkv,r,n,hd",
+    [(2, 4, 2, 1, 37, 16), (1, 3, 3, 5, 200, 24), (2, 2, 1, 2, 9, 64), (1, 2, 1, 35, 70, 8)],  # 35 rows: 3 tiles
+)
+@pytest.mark.parametrize("tiled", [None, False, True])  # None: the wrapper's choice by row count
+def test_attention_rows(dtype, b, H, hkv, r, n, hd, tiled):
+    from kernels import triton_kernels
+
     g = torch.Generator().manual_seed(n + r)
     q = torch.randn(b, H, r, hd, generator=g).to(dtype)
     k = torch.randn(b, hkv, n, hd, generator=g).to(dtype)
@@ -89,7 +95,10 @@ def test_attention_rows(dtype, b, H, hkv, r, n, hd):
     qi = torch.randint(0, n, (b, r), generator=g)
     qi[0, 0] = n - 1
     for kv, idx in ((None, None), (valid, qi)):
-        lg, pr = kernels.attention_rows(q, k, hd**-0.5, kv, idx, backend="triton")
+        if tiled is None:
+            lg, pr = kernels.attention_rows(q, k, hd**-0.5, kv, idx, backend="triton")
+        else:
+            lg, pr = triton_kernels.attention_rows(q, k, hd**-0.5, kv, idx, tiled=tiled)
         rl, rp = reference.attention_rows(q, k, hd**-0.5, kv, idx)
         fin = torch.isfinite(rl)
         assert torch.equal(fin, torch.isfinite(lg))
@@ -101,12 +110,62 @@ def test_attention_rows(dtype, b, H, hkv, r, n, hd):
 
 
 def test_attention_rows_all_masked_row_is_zero():
-    q = torch.randn(1, 2, 1, 8)
-    k = torch.randn(1, 2, 5, 8)
-    valid = torch.zeros(1, 5, dtype=torch.bool)
-    for be in ("torch", "triton"):
-        _, p = kernels.attention_rows(q, k, 0.3, valid, None, backend=be)
-        assert torch.equal(p, torch.zeros_like(p))
+    from kernels import triton_kernels
+
+    for r in (1, 3):  # one program per row, and a tile
+        q = torch.randn(1, 2, r, 8)
+        k = torch.randn(1, 2, 5, 8)
+        valid = torch.zeros(1, 5, dtype=torch.bool)
+        for be in ("torch", "triton"):
+            _, p = kernels.attention_rows(q, k, 0.3, valid, None, backend=be)
+            assert torch.equal(p, torch.zeros_like(p))
+        assert triton_kernels.plan_attention_rows(q, k, 0.3)[1].kernel is (
+            triton_kernels._rows_tiled_kernel if r >= triton_kernels.TILED_MIN_ROWS else triton_kernels._rows_kernel
+        )
+
+
+def test_compile_check_covers_every_triton_kernel():
+    """kernels.compile_check plans a launch of every @triton.jit kernel, through the wrappers' own plans."""
+    from kernels import compile_check, triton_kernels
+
+    jitted = {
+        v for k, v in vars(triton_kernels).items() if k.startswith("_") and k.endswith("_kernel") and hasattr(v, "fn")
+    }
+    launched = [launch for _, launch in compile_check.launches()]
+    assert len(jitted) == 5 and {launch.kernel for launch in launched} == jitted
+    for launch in launched:
+        sig, consts = compile_check.signature(launch)
+        assert set(sig) == set(launch.kernel.arg_names)
+        assert {a for a, t in sig.items() if t == "constexpr"} == set(consts)
+
+
+def test_triton_kernels_compile_for_hopper():
+    """Every kernel variant compiles to an sm_90 (H100/H200) cubin through Triton and its bundled ptxas,
+    with no register spills: what the interpreter cannot check. Run in a child process, where
+    TRITON_INTERPRET is unset so that the kernels are compiled functions."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no CUDA backend with ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "kernels.compile_check", "--arch", "90"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    from kernels import compile_check
+
+    expected = sum(1 for _ in compile_check.launches())
+    assert f"{expected} compiled; 0 with local memory (spills)" in out.stdout
 
 
 def test_dispatch_rules():
@@ -175,7 +234,8 @@ def test_kernel_benchmark_covers_and_checks_every_kernel(monkeypatch):
 
     shapes = list(bench.shapes(tiny=True))
     cases = bench.cases(shapes[0], "cpu")
-    assert {fn.func.__name__ for fn, _ in cases.values()} == set(kernels.__all__) - {"backend"}
+    names = {fn.func.__name__ for fn, _ in cases.values()}
+    assert names == set(kernels.__all__) - {"backend"} | {"attention_rows_per_row"}
     assert {fn.args[3] for fn, _ in cases.values() if fn.func is kernels.pool_grid} == {"avg", "bilinear"}
     # the byte counts are at least what the outputs alone take
     for name, (fn, nbytes) in cases.items():

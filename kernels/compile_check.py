@@ -1,0 +1,156 @@
+"""Compile every Triton kernel, exactly as the wrappers launch it, for a GPU architecture, without a GPU.
+
+Triton's interpreter (how the tests run the kernels on a CPU) executes the kernels' Python with
+numpy; it does not check what only the compiler sees: loop-carried types, layouts of ``tl.dot``
+operands, register pressure. This module takes the launches the wrappers plan
+(`kernels.triton_kernels.plan_*`) at LLaVA shapes, in every dtype and variant they can take, and
+compiles each ahead of time through Triton's CUDA backend and the ``ptxas`` bundled with Triton
+to a cubin for the given architecture. ``cuobjdump`` (bundled too) then reports each cubin's
+registers per thread and its local memory (register spills), a first sign of a slow kernel.
+
+Usage (``TRITON_INTERPRET`` must not be set, or the kernels are interpreter functions)::
+
+    python -m kernels.compile_check [--arch 90 80]
+
+It prints one line per kernel variant and exits non-zero if any fails to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import triton_kernels as tk
+
+_PTR = {
+    torch.float32: "*fp32",
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.int64: "*i64",
+    torch.int32: "*i32",
+    torch.int8: "*i8",
+}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def launches() -> Iterator[tuple[str, tk.Launch]]:
+    """``(name, launch)`` for every kernel variant the wrappers plan, at LLaVA shapes.
+
+    Only the argument types and the compile-time constants matter to the compiler, so one
+    sample per view and CPU tensors stand in for a real batch.
+    """
+    n, side = 576, 24
+    for dt in DTYPES:
+        name = str(dt).removeprefix("torch.")
+        for d in (1024, 4096):
+            x = torch.zeros(1, n, d, dtype=dt)
+            index = torch.zeros(1, n // 4, dtype=torch.long)
+            for count in (None, torch.ones(1, dtype=torch.long)):
+                tag = "count" if count is not None else "all"
+                yield f"gather d={d} {tag} {name}", tk.plan_gather(x, index, count)[1]
+            for mode, out in (("avg", (8, 8)), ("avg", (12, 12)), ("bilinear", (12, 16))):
+                yield f"pool {mode} 24x24->{out[0]}x{out[1]} d={d} {name}", tk.plan_pool(x, (side, side), out, mode)[1]
+            target = torch.zeros(1, n, dtype=torch.long)
+            for weight in (None, torch.ones(1, n)):
+                tag = "weighted" if weight is not None else "plain"
+                yield f"merge {tag} d={d} {name}", tk.plan_merge(x, target, 64, weight)[1]
+        for heads, hd, keys in ((16, 64, n), (32, 128, 5 * n)):
+            k = torch.zeros(1, heads, keys, hd, dtype=dt)
+            for r, tiled in ((1, False), (32, True)):
+                q = torch.zeros(1, heads, r, hd, dtype=dt)
+                for masked in (False, True):
+                    valid = torch.ones(1, keys, dtype=torch.bool) if masked else None
+                    qi = torch.zeros(1, r, dtype=torch.long) if masked else None
+                    kind = "tiled" if tiled else "per-row"
+                    tag = f"attention rows {kind} hd={hd} {'masked' if masked else 'open'} {name}"
+                    yield tag, tk.plan_attention_rows(q, k, hd**-0.5, valid, qi, tiled)[1]
+
+
+def signature(launch: tk.Launch) -> tuple[dict[str, str], dict[str, object]]:
+    """Triton's ``(signature, constexprs)`` for a launch: argument names to types, and constants."""
+    fn = launch.kernel
+    names = list(fn.arg_names)
+    sig: dict[str, str] = {}
+    for name, arg in zip(names, launch.args, strict=False):
+        if isinstance(arg, torch.Tensor):
+            sig[name] = _PTR[arg.dtype]
+        elif isinstance(arg, bool):
+            sig[name] = "i1"
+        elif isinstance(arg, int):
+            sig[name] = "i32" if -(2**31) <= arg < 2**31 else "i64"
+        elif isinstance(arg, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {name}={arg!r}")
+    for name in launch.consts:
+        sig[name] = "constexpr"
+    missing = [a for a in names if a not in sig]
+    if missing:
+        raise TypeError(f"{fn.__name__}: the launch gives no value for {missing}")
+    return sig, dict(launch.consts)
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers per thread, local memory (spills) and static shared memory of a cubin, in bytes."""
+    with tempfile.TemporaryDirectory() as tmp:  # cuobjdump reads files only
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(path)], capture_output=True, text=True)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out.stdout)
+    if m is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{out.stdout}{out.stderr}")
+    reg, stack, shared, local = map(int, m.groups())
+    return {"registers": reg, "stack": stack, "shared": shared, "local": local}
+
+
+def compile_all(archs: tuple[int, ...] = (90,)) -> list[dict]:
+    """Compile every launch of `launches` for each CUDA compute capability in ``archs`` (90: H100/H200).
+
+    Returns one row per (variant, arch) with the resource usage; raises on the first failure,
+    naming the variant.
+    """
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels are interpreter functions and cannot be compiled")
+    rows = []
+    for name, launch in launches():
+        sig, consts = signature(launch)
+        for arch in archs:
+            try:
+                compiled = triton.compile(ASTSource(launch.kernel, sig, consts), target=GPUTarget("cuda", arch, 32))
+            except Exception as e:
+                raise RuntimeError(f"{name} does not compile for sm_{arch}: {e}") from e
+            rows.append({"kernel": name, "arch": f"sm_{arch}", **resource_usage(compiled.asm["cubin"])})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities (90 = H100/H200)")
+    args = p.parse_args(argv)
+    rows = compile_all(tuple(args.arch))
+    for r in rows:
+        print(
+            f"{r['kernel']:<48} {r['arch']}  reg {r['registers']:>3}  local {r['local']:>5} B  shared {r['shared']} B"
+        )
+    spills = [r for r in rows if r["local"]]
+    print(f"{len(rows)} compiled; {len(spills)} with local memory (spills)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
