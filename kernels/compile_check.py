@@ -28,19 +28,13 @@ from pathlib import Path
 
 import torch
 import triton
+from triton._C.libtriton import native_specialize_impl  # the JIT launcher's own argument specialiser
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
 from . import triton_kernels as tk
 
-_PTR = {
-    torch.float32: "*fp32",
-    torch.float16: "*fp16",
-    torch.bfloat16: "*bf16",
-    torch.int64: "*i64",
-    torch.int32: "*i32",
-    torch.int8: "*i8",
-}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -77,28 +71,32 @@ def launches() -> Iterator[tuple[str, tk.Launch]]:
                     yield tag, tk.plan_attention_rows(q, k, hd**-0.5, valid, qi, tiled)[1]
 
 
-def signature(launch: tk.Launch) -> tuple[dict[str, str], dict[str, object]]:
-    """Triton's ``(signature, constexprs)`` for a launch: argument names to types, and constants."""
+def signature(launch: tk.Launch) -> tuple[dict[str, str], dict, dict]:
+    """Triton's ``(signature, constexprs, attrs)`` for a launch, specialised as its JIT would.
+
+    Each runtime argument is typed and specialised by Triton's own rule (the one its launcher
+    applies): 16-byte-aligned pointers and integers divisible by 16 get a divisibility hint, which
+    is what lets the compiler emit vector loads, and an integer equal to 1 becomes a constant.
+    """
     fn = launch.kernel
     names = list(fn.arg_names)
     sig: dict[str, str] = {}
-    for name, arg in zip(names, launch.args, strict=False):
-        if isinstance(arg, torch.Tensor):
-            sig[name] = _PTR[arg.dtype]
-        elif isinstance(arg, bool):
-            sig[name] = "i1"
-        elif isinstance(arg, int):
-            sig[name] = "i32" if -(2**31) <= arg < 2**31 else "i64"
-        elif isinstance(arg, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {name}={arg!r}")
-    for name in launch.consts:
+    consts: dict = {}
+    attrs: dict = {}
+    for i, (name, arg) in enumerate(zip(names, launch.args, strict=False)):
+        kind, spec = native_specialize_impl(CUDABackend, arg, False, True, True)
+        if kind == "constexpr":
+            consts[name] = spec
+        elif spec:
+            attrs[(i,)] = CUDABackend.parse_attr(spec)
+        sig[name] = kind
+    for name, value in launch.consts.items():
         sig[name] = "constexpr"
+        consts[name] = value
     missing = [a for a in names if a not in sig]
     if missing:
         raise TypeError(f"{fn.__name__}: the launch gives no value for {missing}")
-    return sig, dict(launch.consts)
+    return sig, consts, attrs
 
 
 def _tool(name: str) -> str:
@@ -128,10 +126,11 @@ def compile_all(archs: tuple[int, ...] = (90,)) -> list[dict]:
         raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels are interpreter functions and cannot be compiled")
     rows = []
     for name, launch in launches():
-        sig, consts = signature(launch)
+        sig, consts, attrs = signature(launch)
         for arch in archs:
             try:
-                compiled = triton.compile(ASTSource(launch.kernel, sig, consts), target=GPUTarget("cuda", arch, 32))
+                src = ASTSource(launch.kernel, sig, consts, attrs)
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
             except Exception as e:
                 raise RuntimeError(f"{name} does not compile for sm_{arch}: {e}") from e
             rows.append({"kernel": name, "arch": f"sm_{arch}", **resource_usage(compiled.asm["cubin"])})
