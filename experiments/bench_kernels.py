@@ -4,13 +4,16 @@ Usage::
 
     python experiments/bench_kernels.py [--out experiments/results/kernels-<device>.md] [--quick]
 
-For each kernel and shape it prints the median time of the Triton kernel and of the PyTorch
-reference (measured side by side, CUDA events, after warm-up), the speed-up, the achieved
-bandwidth (the bytes the operation must read and write / time) and that bandwidth as a fraction
-of the device's copy bandwidth (a plain ``dst.copy_(src)`` moving the same number of bytes,
-measured in the same run). Before timing a case it checks that the Triton output equals the
-reference's (exactly for the gather, within dtype tolerance otherwise), so a wrong kernel never
-reaches the table.
+For each kernel and shape it prints the median time of the Triton kernel and of the fastest
+plain-PyTorch equivalent we know (functions ``*_torch`` below: the same result from PyTorch
+operators alone, with fewer passes than the project's readable references), measured side by
+side with CUDA events after warm-up; the speed-up; the achieved bandwidth (the bytes the operation
+must read and write / time) and that bandwidth as a fraction of the device's copy bandwidth (a
+plain ``dst.copy_(src)`` moving the same number of bytes, measured in the same run). Before timing
+a case it checks both the Triton output and the PyTorch equivalent's against the reference
+(`kernels.reference`; exactly for the gather, within dtype tolerance otherwise), so a wrong
+kernel never reaches the table. With ``--out`` the table is rewritten after every shape, so a run
+cut short keeps what it measured.
 
 Shapes: batch 1, 8, 64 (``--quick``: 1, 16); 576 tokens (one LLaVA-1.5 view) and 2880 (LLaVA-NeXT's
 thumbnail + four crops); hidden 1024 (CLIP ViT-L, 16 heads of 64) and 4096 (Vicuna-7B, 32 heads
@@ -36,8 +39,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -76,12 +81,25 @@ def shapes(quick: bool = False, tiny: bool = False) -> Iterator[Shape]:
                     yield Shape(dtype, hidden, views, 24, batch, 64 if hidden == 1024 else 128)
 
 
-def cases(s: Shape, device: str) -> dict[str, tuple[Callable, int]]:
-    """``name -> (fn(backend=...), bytes the operation must move)`` for one shape.
+@dataclass(frozen=True)
+class Case:
+    """One kernel at one shape.
 
-    The byte counts are the unavoidable traffic: each input element read once and each output
-    element written once (indices and masks included).
+    ``triton`` runs the Triton kernel, ``torch`` the fastest plain-PyTorch way to compute the same
+    thing that we know of (what the table times against), ``reference`` the project's PyTorch
+    reference (the CPU backend, written for clarity; both others are checked against it), and
+    ``nbytes`` is the traffic the operation cannot avoid: each input element read once and each
+    output element written once, indices and masks included.
     """
+
+    triton: Callable[[], Any]
+    torch: Callable[[], Any]
+    reference: Callable[[], Any]
+    nbytes: int
+
+
+def cases(s: Shape, device: str) -> dict[str, Case]:
+    """``name -> Case`` for one shape."""
     g = torch.Generator(device=device).manual_seed(0)
     b, n, d, el = s.batch, s.tokens, s.hidden, s.dtype.itemsize
     x = torch.randn(b, n, d, device=device, dtype=s.dtype, generator=g)
@@ -90,61 +108,138 @@ def cases(s: Shape, device: str) -> dict[str, tuple[Callable, int]]:
     count = torch.randint(k // 2, k + 1, (b,), device=device, generator=g)
     xv = x.view(b * s.views, s.side * s.side, d)
     views = b * s.views
+    grid = (s.side, s.side)
     pool_out, bil_out = (s.side // 3, s.side // 3), (s.side // 2, 2 * s.side // 3)
     t = 64 if s.side >= 24 else 4
     target = torch.randint(-1, t, (b, n), device=device, generator=g)
     heads = d // s.head_dim
+
+    def case(kernel: Callable, best: Callable, *args: Any, nbytes: int) -> Case:
+        return Case(
+            partial(kernel, *args, backend="triton"),
+            partial(best, *args),
+            partial(kernel, *args, backend="torch"),
+            nbytes,
+        )
+
     out = {
-        "gather n/4": (partial(kernels.gather_tokens, x, index, count), 2 * b * k * d * el + b * k * 8 + b * 8),
-        f"avg pool {s.side}x{s.side}->{pool_out[0]}x{pool_out[1]}": (
-            partial(kernels.pool_grid, xv, (s.side, s.side), pool_out, "avg"),
-            views * (s.side * s.side + pool_out[0] * pool_out[1]) * d * el,
+        "gather n/4": case(
+            kernels.gather_tokens, gather_torch, x, index, count, nbytes=2 * b * k * d * el + b * k * 8 + b * 8
         ),
-        f"bilinear {s.side}x{s.side}->{bil_out[0]}x{bil_out[1]}": (
-            partial(kernels.pool_grid, xv, (s.side, s.side), bil_out, "bilinear"),
-            views * (s.side * s.side + bil_out[0] * bil_out[1]) * d * el,
+        f"avg pool {s.side}x{s.side}->{pool_out[0]}x{pool_out[1]}": case(
+            kernels.pool_grid,
+            pool_torch,
+            xv,
+            grid,
+            pool_out,
+            "avg",
+            nbytes=views * (s.side * s.side + pool_out[0] * pool_out[1]) * d * el,
         ),
-        f"merge n->{t} mean": (
-            partial(kernels.merge_tokens, x, target, t, None, True),
-            b * (n + t) * d * el + b * n * 8,
+        f"bilinear {s.side}x{s.side}->{bil_out[0]}x{bil_out[1]}": case(
+            kernels.pool_grid,
+            pool_torch,
+            xv,
+            grid,
+            bil_out,
+            "bilinear",
+            nbytes=views * (s.side * s.side + bil_out[0] * bil_out[1]) * d * el,
+        ),
+        f"merge n->{t} mean": case(
+            kernels.merge_tokens, merge_torch, x, target, t, None, True, nbytes=b * (n + t) * d * el + b * n * 8
         ),
     }
     kk = torch.randn(b, heads, n, s.head_dim, device=device, dtype=s.dtype, generator=g)
     for rows in (1, 32, 256) if s.side >= 24 else (1, 3):
         q = torch.randn(b, heads, rows, s.head_dim, device=device, dtype=s.dtype, generator=g)
         nbytes = (q.numel() + kk.numel()) * el + 2 * b * heads * rows * n * 4  # logits + probs, float32
-        out[f"attention rows r={rows}"] = (partial(kernels.attention_rows, q, kk, s.head_dim**-0.5), nbytes)
+        out[f"attention rows r={rows}"] = case(
+            kernels.attention_rows, attention_rows_torch, q, kk, s.head_dim**-0.5, nbytes=nbytes
+        )
         if rows > 1:  # the same rows through the one-program-per-row kernel: is tiling worth it here?
-            out[f"attention rows r={rows} per-row kernel"] = (
-                partial(attention_rows_per_row, q, kk, s.head_dim**-0.5),
-                nbytes,
+            per_row = out[f"attention rows r={rows}"]
+            out[f"attention rows r={rows} per-row kernel"] = Case(
+                partial(attention_rows_per_row, q, kk, s.head_dim**-0.5), per_row.torch, per_row.reference, nbytes
             )
     return out
 
 
-def attention_rows_per_row(
-    q: torch.Tensor, k: torch.Tensor, scale: float, backend: str = "triton"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`kernels.attention_rows` forced onto the one-program-per-row Triton kernel (``backend="triton"``)."""
-    if backend == "torch":
-        return kernels.attention_rows(q, k, scale, backend="torch")
+# ------------------------------------------------------------------------------------------------
+# The plain-PyTorch competitors: the fastest ways we know to compute each kernel's result with
+# PyTorch operators alone (fewer passes and conversions than the readable references).
+
+
+def gather_torch(x: torch.Tensor, index: torch.Tensor, count: torch.Tensor | None) -> torch.Tensor:
+    """`kernels.gather_tokens` as one ``index_select`` on the flattened batch and an in-place zeroing of padding."""
+    b, n, d = x.shape
+    rows = (index + torch.arange(b, device=x.device)[:, None] * n).flatten()
+    out = x.reshape(b * n, d).index_select(0, rows).view(b, -1, d)
+    if count is not None:
+        pad = torch.arange(index.shape[1], device=x.device)[None] >= count[:, None]
+        out.masked_fill_(pad[..., None], 0)
+    return out
+
+
+def pool_torch(x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mode: str) -> torch.Tensor:
+    """`kernels.pool_grid` on a channels-last view of the tokens (no transposing copy), in their dtype.
+
+    ``(V, h*w, d)`` viewed as ``(V, h, w, d)`` and permuted to NCHW is already channels-last memory,
+    which PyTorch's pooling and interpolation kernels take and return as is.
+    """
+    v, _, d = x.shape
+    img = x.view(v, *grid, d).permute(0, 3, 1, 2)
+    if mode == "avg":
+        y = F.adaptive_avg_pool2d(img, out)
+    else:
+        y = F.interpolate(img, size=out, mode="bilinear", align_corners=False)
+    return y.permute(0, 2, 3, 1).reshape(v, -1, d)
+
+
+def merge_torch(x: torch.Tensor, target: torch.Tensor, t: int, weight: torch.Tensor | None, mean: bool) -> torch.Tensor:
+    """`kernels.merge_tokens` as one float32 ``index_add_``; dropped sources go to a spare slot per row."""
+    b, n, d = x.shape
+    slot = torch.where(target >= 0, target, t) + torch.arange(b, device=x.device)[:, None] * (t + 1)
+    src = x.reshape(b * n, d).float()
+    if weight is not None:
+        src = src * weight.reshape(-1, 1).float()
+    acc = torch.zeros(b * (t + 1), d, dtype=torch.float32, device=x.device).index_add_(0, slot.flatten(), src)
+    acc = acc.view(b, t + 1, d)[:, :t]
+    if mean:
+        cnt = torch.bincount(slot.flatten(), minlength=b * (t + 1)).view(b, t + 1)[:, :t]
+        acc = acc / cnt.clamp(min=1)[..., None]
+    return acc.to(x.dtype)
+
+
+def attention_rows_torch(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernels.attention_rows` (no masks, as benchmarked) as a matmul in the input dtype and a softmax.
+
+    The matmul accumulates in float32 but rounds the logits to the input dtype before they are
+    widened, a little less precise than the kernel (and a little cheaper).
+    """
+    logits = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    return logits, logits.softmax(-1)
+
+
+def attention_rows_per_row(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernels.attention_rows` on the one-program-per-row Triton kernel."""
     from kernels import triton_kernels
 
     return triton_kernels.attention_rows(q, k, scale, tiled=False)
 
 
-def check(name: str, fn: Callable, dtype: torch.dtype) -> None:
-    """Raise if the Triton output of ``fn`` differs from the reference's."""
-    got, ref = fn(backend="triton"), fn(backend="torch")
-    got, ref = (got, ref) if isinstance(got, tuple) else ((got,), (ref,))
-    for a, r in zip(got, ref, strict=True):
-        if name.startswith("gather"):
-            ok = torch.equal(a, r)
-        else:
-            rtol, atol = TOL[dtype]
-            ok = torch.allclose(a.float(), r.float(), rtol=rtol, atol=atol, equal_nan=True)
-        if not ok:
-            raise AssertionError(f"{name}: the Triton kernel disagrees with the reference")
+def check(name: str, case: Case, dtype: torch.dtype) -> None:
+    """Raise if the Triton kernel or the PyTorch competitor disagrees with the reference."""
+    ref = case.reference()
+    for who, fn in (("Triton kernel", case.triton), ("PyTorch equivalent", case.torch)):
+        got = fn()
+        pairs = zip(*((got, ref) if isinstance(got, tuple) else ((got,), (ref,))), strict=True)
+        for a, r in pairs:
+            if name.startswith("gather"):
+                ok = torch.equal(a, r)
+            else:
+                rtol, atol = TOL[dtype]
+                ok = torch.allclose(a.float(), r.float(), rtol=rtol, atol=atol, equal_nan=True)
+            if not ok:
+                raise AssertionError(f"{name}: the {who} disagrees with the reference")
 
 
 def _time(fn: Callable, repeats: int = 30, warmup: int = 5) -> float:
@@ -177,15 +272,24 @@ def copy_bandwidth(nbytes: int, device: str, repeats: int = 30, warmup: int = 5)
 
 
 def run(
-    quick: bool = False, tiny: bool = False, device: str = "cuda", repeats: int = 30, warmup: int = 5
+    quick: bool = False,
+    tiny: bool = False,
+    device: str = "cuda",
+    repeats: int = 30,
+    warmup: int = 5,
+    on_shape: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-    """Check and time every case of every shape; one row per (kernel, shape)."""
+    """Check and time every case of every shape; one row per (kernel, shape).
+
+    ``on_shape(rows)`` is called with all rows so far after each shape (to save partial results).
+    """
     rows = []
     for s in shapes(quick, tiny):
-        for name, (fn, nbytes) in cases(s, device).items():
-            check(name, fn, s.dtype)
-            t_tri = _time(partial(fn, backend="triton"), repeats, warmup)
-            t_ref = _time(partial(fn, backend="torch"), repeats, warmup)
+        for name, case in cases(s, device).items():
+            check(name, case, s.dtype)
+            t_tri = _time(case.triton, repeats, warmup)
+            t_ref = _time(case.torch, repeats, warmup)
+            nbytes = case.nbytes
             bw = nbytes / t_tri
             rows.append(
                 {
@@ -202,6 +306,8 @@ def run(
                 }
             )
             print(rows[-1], flush=True)
+        if on_shape is not None:
+            on_shape(rows)
     return rows
 
 
@@ -223,21 +329,32 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_kernels: no CUDA device here; the Triton kernels are benchmarked on a GPU only.")
         return 0
     import pandas as pd
+    import triton
 
-    df = pd.DataFrame(run(args.quick))
-    table = df.to_markdown(index=False, floatfmt=".3g")
+    command = f"python experiments/bench_kernels.py{' --quick' if args.quick else ''} --out {args.out}"
+    versions = f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}"
+
+    def write(rows: list[dict], peak: float | None = None) -> str:
+        table = pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3g")
+        if args.out:
+            done = (
+                f"the peak copy bandwidth (2 GiB moved) was {peak:.0f} GB/s."
+                if peak is not None
+                else "**partial: the run has not finished.**"
+            )
+            Path(args.out).write_text(
+                f"# Token kernels on {torch.cuda.get_device_name()}\n\nCommand: `{command}` ({versions})\n\n"
+                "Times are medians of 30 runs after 5 of warm-up (CUDA events); `torch_us` is the fastest\n"
+                "plain-PyTorch equivalent (`*_torch` in the script), `speedup` its time over the kernel's.\n"
+                "`copy_frac` is the achieved bandwidth over that of a `dst.copy_(src)` moving the same bytes,\n"
+                f"timed in the same run; {done}\n\n{table}\n"
+            )
+        return table
+
+    rows = run(args.quick, on_shape=write)
     peak = copy_bandwidth(2**31, "cuda") / 1e9
-    print(table)
+    print(write(rows, peak))
     print(f"peak copy bandwidth (2 GiB moved): {peak:.0f} GB/s")
-    if args.out:
-        name = torch.cuda.get_device_name()
-        Path(args.out).write_text(
-            f"# Token kernels on {name}\n\nCommand: `python experiments/bench_kernels.py"
-            f"{' --quick' if args.quick else ''} --out {args.out}`\n\n"
-            "Times are medians of 30 runs after 5 of warm-up (CUDA events). `copy_frac` is the achieved\n"
-            "bandwidth over that of a `dst.copy_(src)` moving the same bytes, timed in the same run; "
-            f"the peak copy bandwidth (2 GiB moved) was {peak:.0f} GB/s.\n\n{table}\n"
-        )
     return 0
 
 

@@ -223,7 +223,6 @@ def test_kernel_benchmark_covers_and_checks_every_kernel(monkeypatch):
     """
     import importlib.util
     import sys
-    from functools import partial
     from pathlib import Path
 
     path = Path(__file__).parents[1] / "experiments" / "bench_kernels.py"
@@ -234,22 +233,34 @@ def test_kernel_benchmark_covers_and_checks_every_kernel(monkeypatch):
 
     shapes = list(bench.shapes(tiny=True))
     cases = bench.cases(shapes[0], "cpu")
-    names = {fn.func.__name__ for fn, _ in cases.values()}
+    names = {case.triton.func.__name__ for case in cases.values()}
     assert names == set(kernels.__all__) - {"backend"} | {"attention_rows_per_row"}
-    assert {fn.args[3] for fn, _ in cases.values() if fn.func is kernels.pool_grid} == {"avg", "bilinear"}
-    # the byte counts are at least what the outputs alone take
-    for name, (fn, nbytes) in cases.items():
-        out = fn(backend="torch")
-        assert nbytes > sum(o.nbytes for o in (out if isinstance(out, tuple) else (out,))), name
+    pooled = [case for case in cases.values() if case.triton.func is kernels.pool_grid]
+    assert {case.triton.args[3] for case in pooled} == {"avg", "bilinear"}
+    for name, case in cases.items():
+        out = case.reference()
+        outs = out if isinstance(out, tuple) else (out,)
+        # the byte counts are at least what the outputs alone take
+        assert case.nbytes > sum(o.nbytes for o in outs), name
+        # each PyTorch competitor computes the reference's result (the check in run() relies on it)
+        best = case.torch()
+        for a, r in zip(best if isinstance(best, tuple) else (best,), outs, strict=True):
+            assert a.shape == r.shape and a.dtype == r.dtype, name
+            _close(a, r, shapes[0].dtype)
 
-    rows = bench.run(tiny=True, device="cpu", repeats=1, warmup=0)  # checks each case against its reference
+    partial_rows = []
+    rows = bench.run(tiny=True, device="cpu", repeats=1, warmup=0, on_shape=lambda r: partial_rows.append(len(r)))
     assert len(rows) == len(shapes) * len(cases)
+    assert partial_rows == [len(cases) * (i + 1) for i in range(len(shapes))]  # saved after every shape
     assert all(r["triton_us"] > 0 and r["copy_frac"] > 0 for r in rows)
 
-    def wrong(backend, good):
-        out = good(backend=backend)
-        return out + 1e-2 if backend == "triton" else out
-
-    fn, _ = cases[next(n for n in cases if n.startswith("merge"))]
-    with pytest.raises(AssertionError, match="disagrees"):
-        bench.check("merge", partial(wrong, good=fn), shapes[0].dtype)
+    # a wrong kernel, or a wrong PyTorch competitor, stops the run before it is timed
+    name = next(n for n in cases if n.startswith("merge"))
+    good = cases[name]
+    wrong = [
+        bench.Case(lambda: good.triton() + 1e-2, good.torch, good.reference, good.nbytes),
+        bench.Case(good.triton, lambda: good.torch() + 1e-2, good.reference, good.nbytes),
+    ]
+    for case, who in zip(wrong, ("Triton kernel", "PyTorch equivalent"), strict=True):
+        with pytest.raises(AssertionError, match=f"the {who} disagrees"):
+            bench.check(name, case, shapes[0].dtype)
