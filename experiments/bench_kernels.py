@@ -31,6 +31,7 @@ mean nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -311,10 +312,112 @@ def run(
     return rows
 
 
+def sweep_cases(device: str, tiny: bool = False) -> Iterator[tuple[str, str, bool, Shape, Case]]:
+    """``(kernel, config, is_default, shape, case)`` for the launch settings the kernels leave open.
+
+    At the largest shape of each hidden size (float16, batch 64, 2880 tokens): the gather's rows
+    per program and warps, the pooling's warps, and the attention-rows kernels' row tile, key
+    block and warps. Each ``case.triton`` launches one setting through the wrappers' plans.
+    """
+    from kernels import triton_kernels as tk
+
+    if tiny:
+        sizes = [Shape(torch.float16, hidden=48, views=2, side=6, batch=2, head_dim=16)]
+    else:
+        sizes = [
+            Shape(torch.float16, h, views=5, side=24, batch=64, head_dim=hd) for h, hd in ((1024, 64), (4096, 128))
+        ]
+
+    def launched(plan: Callable, *args: Any, **kw: Any) -> Callable[[], Any]:
+        def fn() -> Any:
+            out, launch = plan(*args, **kw)
+            launch()
+            return out
+
+        return fn
+
+    for s in sizes:
+        base = cases(s, device)
+        gather = base["gather n/4"]
+        x, index, count = gather.torch.args
+        default_rows = tk.plan_gather(x, index, count)[1].consts["ROWS"]
+        for rows in sorted({1, 2, 4, 8, 16, default_rows}):
+            for warps in (2, 4, 8):
+                fn = launched(tk.plan_gather, x, index, count, rows_per_program=rows, num_warps=warps)
+                yield (
+                    "gather n/4",
+                    f"rows={rows} warps={warps}",
+                    (rows, warps) == (default_rows, 4),
+                    s,
+                    dataclasses.replace(gather, triton=fn),
+                )
+        for name, case in base.items():
+            if case.torch.func is pool_torch:
+                for warps in (1, 2, 4, 8):
+                    fn = launched(tk.plan_pool, *case.torch.args, num_warps=warps)
+                    yield name, f"warps={warps}", warps == 4, s, dataclasses.replace(case, triton=fn)
+        for rows, tiled, tiles, blocks in (
+            (1, False, (1,), (16, 32, 64, 128)),
+            (256 if not tiny else 3, True, (16, 32, 64), (32, 64)),
+        ):
+            case = base[f"attention rows r={rows}"]
+            q, k, scale = case.torch.args
+            default_block = tk.plan_attention_rows(q, k, scale, tiled=tiled)[1].consts["BLOCK_N"]
+            for tile in tiles:
+                for block in sorted({*blocks, default_block}):
+                    for warps in (4, 8):
+                        fn = launched(
+                            tk.plan_attention_rows,
+                            q,
+                            k,
+                            scale,
+                            tiled=tiled,
+                            row_tile=tile,
+                            key_block=block,
+                            num_warps=warps,
+                        )
+                        default = (tile, block, warps) == (tk.ROW_TILE if tiled else 1, default_block, 4)
+                        config = f"{'tile=' + str(tile) + ' ' if tiled else ''}keys={block} warps={warps}"
+                        yield f"attention rows r={rows}", config, default, s, dataclasses.replace(case, triton=fn)
+
+
+def sweep(
+    device: str = "cuda",
+    tiny: bool = False,
+    repeats: int = 30,
+    warmup: int = 5,
+    on_row: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Check and time every setting of `sweep_cases`; one row per (kernel, setting, shape)."""
+    rows = []
+    for name, config, default, s, case in sweep_cases(device, tiny):
+        row = {"kernel": name, "config": config + (" (default)" if default else ""), "hidden": s.hidden}
+        row |= {"tokens": s.tokens, "batch": s.batch}
+        try:  # a setting that does not compile or disagrees is a finding, not the end of the sweep
+            check(name, case, s.dtype)
+            t = _time(case.triton, repeats, warmup)
+        except Exception as e:
+            if default:
+                raise
+            rows.append(row | {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"})
+            print(rows[-1], flush=True)
+            continue
+        bw = case.nbytes / t
+        row |= {"triton_us": t * 1e6, "GB/s": bw / 1e9}
+        rows.append(row | {"copy_frac": bw / copy_bandwidth(case.nbytes, device, repeats, warmup)})
+        print(rows[-1], flush=True)
+        if on_row is not None:
+            on_row(rows)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="markdown table to write")
     p.add_argument("--quick", action="store_true", help="fewer batch sizes")
+    p.add_argument(
+        "--sweep", action="store_true", help="time the kernels' launch settings instead (rows, tiles, warps)"
+    )
     p.add_argument(
         "--tiny", action="store_true", help="small shapes on the CPU, interpreted (a check, not a benchmark)"
     )
@@ -322,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         if os.environ.get("TRITON_INTERPRET") != "1":
             p.error("--tiny runs Triton's interpreter: launch with TRITON_INTERPRET=1 set")
-        run(tiny=True, device="cpu", repeats=1, warmup=0)
+        if args.sweep:
+            sweep(tiny=True, device="cpu", repeats=1, warmup=0)
+        else:
+            run(tiny=True, device="cpu", repeats=1, warmup=0)
         print("bench_kernels --tiny: every case agrees with its reference")
         return 0
     if not torch.cuda.is_available():
@@ -331,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     import triton
 
-    command = f"python experiments/bench_kernels.py{' --quick' if args.quick else ''} --out {args.out}"
+    flags = "".join(f" --{f}" for f in ("quick", "sweep") if getattr(args, f))
+    command = f"python experiments/bench_kernels.py{flags} --out {args.out}"
     versions = f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}"
 
     def write(rows: list[dict], peak: float | None = None) -> str:
@@ -344,14 +451,19 @@ def main(argv: list[str] | None = None) -> int:
             )
             Path(args.out).write_text(
                 f"# Token kernels on {torch.cuda.get_device_name()}\n\nCommand: `{command}` ({versions})\n\n"
-                "Times are medians of 30 runs after 5 of warm-up (CUDA events); `torch_us` is the fastest\n"
-                "plain-PyTorch equivalent (`*_torch` in the script), `speedup` its time over the kernel's.\n"
-                "`copy_frac` is the achieved bandwidth over that of a `dst.copy_(src)` moving the same bytes,\n"
+                + (
+                    "Times are medians of 30 runs after 5 of warm-up (CUDA events) of each launch setting at\n"
+                    "float16, batch 64, 2880 tokens; `(default)` marks the setting the wrappers use.\n"
+                    if args.sweep
+                    else "Times are medians of 30 runs after 5 of warm-up (CUDA events); `torch_us` is the fastest\n"
+                    "plain-PyTorch equivalent (`*_torch` in the script), `speedup` its time over the kernel's.\n"
+                )
+                + "`copy_frac` is the achieved bandwidth over that of a `dst.copy_(src)` moving the same bytes,\n"
                 f"timed in the same run; {done}\n\n{table}\n"
             )
         return table
 
-    rows = run(args.quick, on_shape=write)
+    rows = sweep(on_row=write) if args.sweep else run(args.quick, on_shape=write)
     peak = copy_bandwidth(2**31, "cuda") / 1e9
     print(write(rows, peak))
     print(f"peak copy bandwidth (2 GiB moved): {peak:.0f} GB/s")

@@ -130,7 +130,7 @@ def compile_all(archs: tuple[int, ...] = (90,)) -> list[dict]:
         for arch in archs:
             try:
                 src = ASTSource(launch.kernel, sig, consts, attrs)
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch.options)
             except Exception as e:
                 raise RuntimeError(f"{name} does not compile for sm_{arch}: {e}") from e
             rows.append({"kernel": name, "arch": f"sm_{arch}", **resource_usage(compiled.asm["cubin"])})

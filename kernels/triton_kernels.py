@@ -32,9 +32,10 @@ class Launch:
     grid: tuple[int, ...]
     args: tuple
     consts: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # launch options such as num_warps
 
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.consts)
+        self.kernel[self.grid](*self.args, **self.consts, **self.options)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -42,26 +43,42 @@ class Launch:
 
 
 @triton.jit
-def _gather_kernel(x_ptr, idx_ptr, cnt_ptr, out_ptr, n, k, d, HAS_COUNT: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)  # b * k + i
+def _gather_kernel(
+    x_ptr, idx_ptr, cnt_ptr, out_ptr, n, k, total, d, HAS_COUNT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # flat output rows b * k + i
     blk = tl.program_id(1)
-    b = row // k
-    i = row % k
+    rm = rows < total
+    b = rows // k
+    i = rows % k
     offs = blk * BLOCK_D + tl.arange(0, BLOCK_D)
-    m = offs < d
-    src = tl.load(idx_ptr + row).to(tl.int64)
+    m = rm[:, None] & (offs < d)[None, :]
+    src = tl.load(idx_ptr + rows, mask=rm, other=0).to(tl.int64)
     take = m
     if HAS_COUNT:
-        c = tl.load(cnt_ptr + b)
-        take = take & ((offs * 0 + i) < c)  # padding slots read nothing and store zeros
-    v = tl.load(x_ptr + (b.to(tl.int64) * n + src) * d + offs, mask=take, other=0.0)
-    tl.store(out_ptr + row.to(tl.int64) * d + offs, v, mask=m)
+        c = tl.load(cnt_ptr + b, mask=rm, other=0)
+        take = take & (i < c)[:, None]  # padding slots read nothing and store zeros
+    v = tl.load(x_ptr + ((b.to(tl.int64) * n + src) * d)[:, None] + offs[None, :], mask=take, other=0.0)
+    tl.store(out_ptr + (rows.to(tl.int64) * d)[:, None] + offs[None, :], v, mask=m)
+
+
+# Output rows per gather program: enough that a program moves about 8 KiB, so that each thread has
+# several independent 16-byte loads in flight. A first choice until measured on a GPU
+# (`experiments/bench_kernels.py --sweep` times the alternatives).
+GATHER_BYTES_PER_PROGRAM = 8192
 
 
 def plan_gather(
-    x: torch.Tensor, index: torch.Tensor, count: torch.Tensor | None = None
+    x: torch.Tensor,
+    index: torch.Tensor,
+    count: torch.Tensor | None = None,
+    rows_per_program: int | None = None,
+    num_warps: int = 4,
 ) -> tuple[torch.Tensor, Launch | None]:
-    """The output ``(B, k, d)`` and the launch that fills it (None when there is nothing to copy)."""
+    """The output ``(B, k, d)`` and the launch that fills it (None when there is nothing to copy).
+
+    ``rows_per_program`` (a power of two) defaults to what `GATHER_BYTES_PER_PROGRAM` asks for.
+    """
     b, n, d = x.shape
     k = index.shape[1]
     x = x.contiguous()
@@ -71,10 +88,12 @@ def plan_gather(
     idx = index.contiguous().to(torch.int64)
     cnt = count.contiguous().to(torch.int64) if count is not None else idx
     block = _block(d)
-    grid = (b * k, triton.cdiv(d, block))
-    return out, Launch(
-        _gather_kernel, grid, (x, idx, cnt, out, n, k, d), {"HAS_COUNT": count is not None, "BLOCK_D": block}
-    )
+    if rows_per_program is None:
+        rows_per_program = triton.next_power_of_2(max(1, GATHER_BYTES_PER_PROGRAM // (block * x.element_size())))
+    rows_per_program = min(rows_per_program, triton.next_power_of_2(b * k))
+    grid = (triton.cdiv(b * k, rows_per_program), triton.cdiv(d, block))
+    consts = {"HAS_COUNT": count is not None, "ROWS": rows_per_program, "BLOCK_D": block}
+    return out, Launch(_gather_kernel, grid, (x, idx, cnt, out, n, k, b * k, d), consts, {"num_warps": num_warps})
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,7 +151,7 @@ def _pool_kernel(x_ptr, out_ptr, h, w, gh, gw, d, MODE: tl.constexpr, MAX_WIN: t
 
 
 def plan_pool(
-    x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mode: str = "avg"
+    x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mode: str = "avg", num_warps: int = 4
 ) -> tuple[torch.Tensor, Launch | None]:
     """The output ``(V, gh*gw, d)`` and the launch that fills it (None when it is empty)."""
     if mode not in ("avg", "bilinear"):
@@ -149,7 +168,8 @@ def plan_pool(
     block = _block(d)
     max_win = max(-(-h // gh), -(-w // gw)) + 1
     consts = {"MODE": 0 if mode == "avg" else 1, "MAX_WIN": max_win, "BLOCK_D": block}
-    return res, Launch(_pool_kernel, (v * gh * gw, triton.cdiv(d, block)), (x, res, h, w, gh, gw, d), consts)
+    grid_ = (v * gh * gw, triton.cdiv(d, block))
+    return res, Launch(_pool_kernel, grid_, (x, res, h, w, gh, gw, d), consts, {"num_warps": num_warps})
 
 
 def pool_grid(x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mode: str = "avg") -> torch.Tensor:
@@ -368,11 +388,16 @@ def plan_attention_rows(
     key_valid: torch.Tensor | None = None,
     query_index: torch.Tensor | None = None,
     tiled: bool | None = None,
+    row_tile: int = ROW_TILE,
+    key_block: int | None = None,
+    num_warps: int = 4,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], Launch | None]:
     """The ``(logits, probs)`` outputs and the launch that fills them.
 
     ``tiled``: True for the row-tiled kernel, False for one program per row, None to choose by
-    the number of rows (``r >= TILED_MIN_ROWS`` tiles).
+    the number of rows (``r >= TILED_MIN_ROWS`` tiles). ``row_tile`` (rows per tiled program) and
+    ``key_block`` (keys per loop step; powers of two, >= 16 when tiled) and ``num_warps`` are
+    there for tuning (`experiments/bench_kernels.py --sweep`); the defaults are first guesses.
     """
     b, H, r, hd = q.shape
     hkv, n = k.shape[1], k.shape[2]
@@ -392,14 +417,15 @@ def plan_attention_rows(
         consts |= {
             # float32 inputs must not be rounded to TF32; 16-bit ones are exact in it
             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-            "BLOCK_R": ROW_TILE,
-            "BLOCK_N": 32,
+            "BLOCK_R": row_tile,
+            "BLOCK_N": key_block or 32,
             "BLOCK_D": _block(hd, 256, floor=16),  # tl.dot needs every dimension >= 16
         }
-        return (logits, probs), Launch(_rows_tiled_kernel, (b * H * triton.cdiv(r, ROW_TILE),), args, consts)
+        grid = (b * H * triton.cdiv(r, row_tile),)
+        return (logits, probs), Launch(_rows_tiled_kernel, grid, args, consts, {"num_warps": num_warps})
     block_d = _block(hd, 256)
-    consts |= {"BLOCK_N": max(16, 4096 // block_d), "BLOCK_D": block_d}  # a key block of 4096 elements
-    return (logits, probs), Launch(_rows_kernel, (b * H * r,), args, consts)
+    consts |= {"BLOCK_N": key_block or max(16, 4096 // block_d), "BLOCK_D": block_d}  # 4096-element key blocks
+    return (logits, probs), Launch(_rows_kernel, (b * H * r,), args, consts, {"num_warps": num_warps})
 
 
 def attention_rows(

@@ -27,11 +27,19 @@ def test_gather(dtype, b, n, k, d):
     count[0] = k  # one row keeps everything
     if b > 1:
         count[1] = 0  # one row keeps nothing
+    from kernels import triton_kernels
+
     for c in (None, count):
         got = kernels.gather_tokens(x, index, c, backend="triton")
         ref = reference.gather_tokens(x, index, c)
         assert got.dtype == dtype and got.is_contiguous()
         assert torch.equal(got, ref)  # a copy: exact
+        for rows in (1, 4):  # other tilings of the output rows (the default follows the row size)
+            out, launch = triton_kernels.plan_gather(x, index, c, rows_per_program=rows)
+            if launch is not None:
+                assert launch.consts["ROWS"] == min(rows, triton_kernels.triton.next_power_of_2(b * k))
+                launch()
+            assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -253,6 +261,15 @@ def test_kernel_benchmark_covers_and_checks_every_kernel(monkeypatch):
     assert len(rows) == len(shapes) * len(cases)
     assert partial_rows == [len(cases) * (i + 1) for i in range(len(shapes))]  # saved after every shape
     assert all(r["triton_us"] > 0 and r["copy_frac"] > 0 for r in rows)
+
+    # the launch-setting sweep: every setting agrees with the reference (checked inside), and
+    # exactly one per kernel and shape is the wrappers' default
+    swept = bench.sweep(tiny=True, device="cpu", repeats=1, warmup=0)
+    assert not [r for r in swept if "error" in r]
+    kinds = {r["kernel"] for r in swept}
+    assert {"gather n/4", "attention rows r=1", "attention rows r=3"} <= kinds and len(kinds) == 5
+    for kind in kinds:
+        assert sum(r["config"].endswith("(default)") for r in swept if r["kernel"] == kind) == 1, kind
 
     # a wrong kernel, or a wrong PyTorch competitor, stops the run before it is timed
     name = next(n for n in cases if n.startswith("merge"))
