@@ -123,6 +123,15 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
         ),
         (lambda t: t.replace('split = "val"', 'split = "dev"'), "split must be one of"),
         (lambda t: t.replace('generator = "tc-scenes"', 'generator = "shapes"'), "generator = one of"),
+        (lambda t: t.replace('source = "tiny-random:llava"', 'source = "tiny-random:llava"\ndtype = "fp16"'), "dtype"),
+        (lambda t: t.replace('source = "tiny-random:llava"', 'source = "tiny-random:llava"\ndevice = "gpu"'), "device"),
+        (lambda t: t.replace('source = "tiny-random:llava"', 'source = "tiny-random:llava"\nsourse = "x"'), "unknown"),
+        (
+            lambda t: t.replace(
+                'source = "tiny-random:llava"', 'source = "tiny-random:llava"\nattn_implementation = "x"'
+            ),
+            "attn_implementation",
+        ),
     ],
 )
 def test_invalid_experiment_fails_before_any_cell(tmp_path, edit, pattern):
@@ -457,3 +466,36 @@ def test_side_by_side_pass_resumes_and_remeasure_reads_relative_paths(tmp_path):
     with pytest.raises(tc.TokencompError, match="other settings"):
         remeasure_latency(out, progress=False)
     assert (out / "data" / "scenes" / "val.jsonl").read_text() == data
+
+
+def test_device_and_dtype_settings_load_the_model_so_and_a_run_keeps_them(tmp_path, monkeypatch):
+    """[[model]] device / dtype (or `compare --device --dtype`) load the model so, the rows say the
+    dtype, a run does not resume on other settings, and `remeasure` times on the run's own."""
+    import torch
+
+    from tokencomp.runner import _load_model, model_load_options
+
+    if not torch.cuda.is_available():
+        with pytest.raises(tc.TokencompError, match="CUDA is not available"):
+            model_load_options({"name": "m"}, device="cuda")
+    with pytest.raises(tc.TokencompError, match="flash_attention_2"):
+        model_load_options({"name": "m", "attn_implementation": "flash_attention_2"})
+    model = _load_model("tiny-random:llava", model_load_options({"name": "m", "dtype": "bfloat16"}))
+    assert {p.dtype for p in model.hf.parameters()} == {torch.bfloat16}
+
+    text = EXPERIMENT.replace('[[method]]\nname = "_test-crashy"\nbudget = [20, 10]\n', "")
+    exp_file, out = _write(tmp_path, text), tmp_path / "run"
+    assert main(["compare", str(exp_file), "--out", str(out), "--dtype", "bfloat16", "--no-report"]) == 0
+    rows = _rows(out / "results.jsonl")
+    assert {r["dtype"] for r in rows} == {"bfloat16"} and {r["device"] for r in rows} == {"cpu"}
+    assert json.loads((out / "models.json").read_text())["m"]["dtype"] == "bfloat16"
+    with pytest.raises(tc.TokencompError, match="use another --out"):
+        run_experiment(load_experiment(exp_file, out), progress=False)  # float32 now: refused
+    run_experiment(load_experiment(exp_file, out, dtype="bfloat16"), progress=False)  # same settings: resumes
+    assert len(_rows(out / "results.jsonl")) == len(rows)
+    from tokencomp import runner
+
+    loaded = []
+    monkeypatch.setattr(runner, "_load_model", lambda src, opts=None: loaded.append(opts) or _load_model(src, opts))
+    remeasure_latency(out, repeats=1, progress=False)  # times on the run's settings, not the file's
+    assert [o["dtype"] for o in loaded] == ["bfloat16"]

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--json", action="store_true", help="print the answer and the run record as JSON")
+    _load_arguments(g)
 
     sub.add_parser("methods", help="list the registered methods and their parameters")
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep each cell's own timing (taken when it finished) instead of timing all cells side by side at the end",
     )
+    _load_arguments(c, " (overrides every [[model]]'s own; a run resumes only on what it began with)")
 
     r = sub.add_parser("report", help="write report.md / report.html / plots from a run directory")
     r.add_argument("run_dir")
@@ -60,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--repeats", type=int, default=None, help="timed rounds (default: the experiment's latency_repeats)")
     m.add_argument("--no-report", action="store_true", help="do not re-write the report at the end")
     return p
+
+
+def _load_arguments(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--device`` and ``--dtype``: where and in what precision models are loaded."""
+    parser.add_argument("--device", default=None, help=f"torch device for the model, e.g. cuda (default cpu){note}")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help=f"weight dtype (default float32){note}",
+    )
 
 
 def _generate(args) -> int:
@@ -74,7 +87,10 @@ def _generate(args) -> int:
     for path in args.image:
         if not Path(path).is_file():
             raise tc.TokencompError(f"image file {path!r} does not exist")
-    model = tc.load_model(args.model)
+    from .runner import DTYPES, model_load_options
+
+    opts = model_load_options({"name": args.model}, args.device, args.dtype)  # checked before loading
+    model = tc.load_model(args.model, device=opts["device"], dtype=DTYPES[opts["dtype"]])
     images = [Image.open(p).convert("RGB") for p in args.image]
     token = getattr(model.processor, "image_token", "<image>")
     prompt = args.prompt
@@ -121,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             from .runner import load_experiment, run_experiment
 
-            exp = load_experiment(args.experiment, args.out)
+            exp = load_experiment(args.experiment, args.out, device=args.device, dtype=args.dtype)
             results = run_experiment(exp, side_by_side=not args.per_cell_latency)
             print(f"results: {results}")
             if not args.no_report:

@@ -30,6 +30,14 @@ from .errors import TokencompError  # noqa: E402
 PLOTS = ("accuracy_vs_tflops", "accuracy_vs_tokens", "latency_vs_tokens", "speedup", "tokens_per_layer", "overlays")
 
 
+def _dtype_note(g) -> str:
+    """``", float16"`` for a group run in another dtype than float32 (rows from before the field say nothing)."""
+    if "dtype" not in g or g["dtype"].isna().all():
+        return ""
+    dtypes = sorted(set(g["dtype"].dropna()))
+    return "" if dtypes == ["float32"] else ", " + "/".join(dtypes)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
@@ -159,7 +167,7 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
             "prefill_ms",
             "mean tokens per decoder layer",
             "prefill latency (ms, median)",
-            f"{model} / {dataset} ({g['device'].iloc[0]}, batch {g['latency_batch_size'].iloc[0]})",
+            f"{model} / {dataset} ({g['device'].iloc[0]}{_dtype_note(g)}, batch {g['latency_batch_size'].iloc[0]})",
         )
         files["latency_vs_tokens"] = plots / f"latency_vs_tokens_{tag}.png"
         fig.tight_layout()

@@ -14,6 +14,9 @@ An experiment file names models, datasets and a grid of methods::
     [[model]]
     name = "tiny-llava"      # embedded name, local checkpoint path, or "tiny-random:llava[-next]"
     datasets = ["scenes"]    # optional: the datasets this model runs on (default: all)
+    device = "cuda"          # optional (default "cpu"); dtype = "float16" / "bfloat16" / "float32"
+                             # (default), attn_implementation = "sdpa" (default) / "eager" /
+                             # "flash_attention_2"; `tokencomp compare --device --dtype` sets all
 
     [[dataset]]
     name = "scenes"
@@ -39,12 +42,14 @@ Generated splits live in ``data/<dataset>/`` with the settings they were made fr
 resumed on changed data; ``experiment.base`` the folder the file's relative dataset paths point
 from. The file a run directory was started with may later gain cells (a new
 [[method]] table or grid value; only the new cells run); a change outside the [[method]] tables,
-or to a cell already started, is refused before work starts.
+or to a cell already started, is refused before work starts; so is resuming on another device,
+dtype or attention implementation than the run began with (``models.json`` records them).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -55,6 +60,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+import kernels
 
 from ._compat import tomllib
 from .api import prepare
@@ -69,6 +76,38 @@ from .registry import method as make_method
 from .strategy import check_int
 
 EXPERIMENT_KEYS = {"name", "out", "batch_size", "max_new_tokens", "latency_repeats", "seed", "template"}
+MODEL_KEYS = {"name", "source", "datasets", "device", "dtype", "attn_implementation"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+# how a model is loaded when its [[model]] table says nothing (the committed results' settings)
+DEFAULT_LOAD = {"device": "cpu", "dtype": "float32", "attn_implementation": "sdpa"}
+
+
+def model_load_options(table: dict, device: str | None = None, dtype: str | None = None) -> dict:
+    """The ``{"device", "dtype", "attn_implementation"}`` a [[model]] table asks for, ``device`` /
+    ``dtype`` overriding it when given; checked here (a CUDA device must exist, FlashAttention must
+    be installed and run on CUDA in half precision), so a bad setting fails before any work."""
+    name = table.get("name", "?")
+    opts = {k: table.get(k, v) for k, v in DEFAULT_LOAD.items()}
+    opts |= {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    try:
+        dev = torch.device(opts["device"])
+    except (RuntimeError, TypeError) as e:
+        raise TokencompError(f"model {name!r}: device={opts['device']!r} is not a torch device") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TokencompError(f"model {name!r}: device={opts['device']!r} but CUDA is not available on this machine")
+    if opts["dtype"] not in DTYPES:
+        raise TokencompError(f"model {name!r}: dtype={opts['dtype']!r} must be one of {sorted(DTYPES)}")
+    if opts["attn_implementation"] not in ATTN_IMPLEMENTATIONS:
+        raise TokencompError(
+            f"model {name!r}: attn_implementation={opts['attn_implementation']!r} must be one of {ATTN_IMPLEMENTATIONS}"
+        )
+    if opts["attn_implementation"] == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise TokencompError(f"model {name!r}: flash_attention_2 needs the flash extra (pip install -e '.[flash]')")
+        if dev.type != "cuda" or opts["dtype"] == "float32":
+            raise TokencompError(f"model {name!r}: flash_attention_2 runs on CUDA in float16 or bfloat16 only")
+    return opts
 
 
 @dataclass
@@ -102,6 +141,7 @@ class Experiment:
     cells: list[Cell] = field(default_factory=list)
     text: str = ""
     base: Path = Path(".")  # the folder relative dataset paths were read from
+    load: dict[str, dict] = field(default_factory=dict)  # model name -> `model_load_options`
 
 
 def _grid(table: dict) -> list[tuple[str, list[dict]]]:
@@ -131,10 +171,17 @@ def _grid(table: dict) -> list[tuple[str, list[dict]]]:
     return out
 
 
-def load_experiment(path: str | Path, out: str | Path | None = None, base: str | Path | None = None) -> Experiment:
+def load_experiment(
+    path: str | Path,
+    out: str | Path | None = None,
+    base: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> Experiment:
     """Parse and expand an experiment file; raises `TokencompError` naming what is wrong.
 
-    Relative dataset paths are read from ``base`` (default: the file's folder)."""
+    Relative dataset paths are read from ``base`` (default: the file's folder). ``device`` and
+    ``dtype`` (e.g. ``"cuda"``, ``"float16"``) override every [[model]]'s own."""
     path = Path(path)
     base = Path(base) if base is not None else path.parent
     if not path.is_file():
@@ -156,11 +203,16 @@ def load_experiment(path: str | Path, out: str | Path | None = None, base: str |
             raise TokencompError(f"[experiment] {key}={settings[key]!r} must be an integer >= 1")
     if not isinstance(settings["seed"], int) or isinstance(settings["seed"], bool) or settings["seed"] < 0:
         raise TokencompError(f"[experiment] seed={settings['seed']!r} must be an integer >= 0")
-    models, model_datasets = {}, {}
+    models, model_datasets, load = {}, {}, {}
     for m in doc.get("model", []):
         if "name" not in m:
             raise TokencompError("each [[model]] needs a name")
+        if set(m) - MODEL_KEYS:
+            raise TokencompError(
+                f"[[model]] {m['name']!r} has unknown key(s) {sorted(set(m) - MODEL_KEYS)}; known: {sorted(MODEL_KEYS)}"
+            )
         models[m["name"]] = m.get("source", m["name"])
+        load[m["name"]] = model_load_options(m, device, dtype)
         if "datasets" in m:
             model_datasets[m["name"]] = list(m["datasets"])
     if not models:
@@ -217,17 +269,38 @@ def load_experiment(path: str | Path, out: str | Path | None = None, base: str |
                 "give each [[method]] a distinct label"
             )
     out_dir = Path(out) if out else Path(exp.get("out", Path("runs") / name))
-    return Experiment(name, out_dir, settings, models, datasets, cells, text, base.resolve())
+    return Experiment(name, out_dir, settings, models, datasets, cells, text, base.resolve(), load)
 
 
-def _load_model(source: str) -> Model:
+def _load_model(source: str, options: dict | None = None) -> Model:
+    """The model of a [[model]] source, loaded as ``options`` (`model_load_options`) say."""
+    opts = {**DEFAULT_LOAD, **(options or {})}
+    dtype = DTYPES[opts["dtype"]]
     if source.startswith("tiny-random:"):
         from .tiny import tiny_llava
 
         family = source.split(":", 1)[1]
         hf, proc = tiny_llava(family, image_size=336, text_layers=8, vision_layers=4, hidden=64, seed=0)
-        return Model(hf, proc, name=source)
-    return load_model(source)
+        hf.set_attn_implementation(opts["attn_implementation"])
+        return Model(hf.to(device=opts["device"], dtype=dtype), proc, name=source)
+    return load_model(source, dtype=dtype, device=opts["device"], attn_implementation=opts["attn_implementation"])
+
+
+def _check_load(out: Path, exp: Experiment, started: bool) -> None:
+    """Refuse to resume a run on other load settings than it began with; record them in ``models.json``."""
+    path = out / "models.json"
+    now = {name: {"source": exp.models[name], **exp.load.get(name, DEFAULT_LOAD)} for name in exp.models}
+    if started:
+        before = json.loads(path.read_text()) if path.is_file() else {}
+        for name, opts in now.items():
+            # a run from before models.json was loaded with the defaults
+            was = before.get(name, {"source": exp.models[name], **DEFAULT_LOAD})
+            if was != opts:
+                raise TokencompError(
+                    f"{out} was run with model {name!r} loaded as {was}; this run asks for {opts}. "
+                    "Mixing the two would mix their results: use another --out"
+                )
+    path.write_text(json.dumps(now, indent=1))
 
 
 def _dataset(spec: dict, out: Path, regenerate: bool = True) -> JsonlDataset:
@@ -310,7 +383,8 @@ def run_experiment(exp: Experiment, progress: bool = True, side_by_side: bool = 
         _check_extends(out, saved.read_text(), exp)
     out.mkdir(parents=True, exist_ok=True)
     done = {r["cell"] for r in read_rows(results, repair=True)}
-    models = {name: _load_model(src) for name, src in exp.models.items()}
+    _check_load(out, exp, started)
+    models = {name: _load_model(src, exp.load.get(name)) for name, src in exp.models.items()}
     datasets = {name: _dataset(spec, out) for name, spec in exp.datasets.items()}
     # validate every cell on its model and data (first batch, extreme image sizes) before any forward pass
     engines, checks = {}, {}
@@ -414,6 +488,11 @@ def remeasure_latency(run_dir: str | Path, repeats: int | None = None, progress:
         )
     base = run / "experiment.base"
     exp = load_experiment(saved, run, base.read_text() if base.is_file() else None)
+    loaded = run / "models.json"  # time on the device and dtype the run was made with
+    if loaded.is_file():
+        for name, opts in json.loads(loaded.read_text()).items():
+            if name in exp.load:
+                exp.load[name] = model_load_options({"name": name, **opts})
     repeats = exp.settings["latency_repeats"] if repeats is None else repeats
     check_int("repeats (timed rounds)", repeats, 1)
     done = {r["cell"] for r in read_rows(results)}
@@ -453,7 +532,7 @@ def _time_side_by_side(
     groups = {k: v for k, v in _finished_groups(exp).items() if only is None or k in only}
     for (model_name, dataset), group in tqdm(groups.items(), desc="side-by-side latency", disable=not progress):
         if model_name not in models:
-            models[model_name] = _load_model(exp.models[model_name])
+            models[model_name] = _load_model(exp.models[model_name], exp.load.get(model_name))
         model = models[model_name]
         engines = {c.id: Engine(model, c.strategies()) for c in group}
         batch = _latency_batch(exp, model, datasets[dataset])
@@ -584,7 +663,9 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
         "peak_memory_mb": timing.peak_memory_bytes / 2**20,
         "kv_cache_mb": timing.kv_cache_bytes / 2**20,
         "device": timing.device,
-        "kernel_backend": engine.options.kernel_backend,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        # the backend that served this model's tensors ("auto" resolved: Triton on CUDA)
+        "kernel_backend": kernels.backend(model.lm_head.weight, engine.options.kernel_backend),
         "flops_unit": "FLOPs (2 x multiply-adds; matrix products only)",
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
