@@ -205,7 +205,9 @@ def merge_torch(x: torch.Tensor, target: torch.Tensor, t: int, weight: torch.Ten
     acc = torch.zeros(b * (t + 1), d, dtype=torch.float32, device=x.device).index_add_(0, slot.flatten(), src)
     acc = acc.view(b, t + 1, d)[:, :t]
     if mean:
-        cnt = torch.bincount(slot.flatten(), minlength=b * (t + 1)).view(b, t + 1)[:, :t]
+        ones = torch.ones(b * n, dtype=torch.float32, device=x.device)  # (bincount would sync with the host)
+        cnt = torch.zeros(b * (t + 1), dtype=torch.float32, device=x.device).index_add_(0, slot.flatten(), ones)
+        cnt = cnt.view(b, t + 1)[:, :t]
         acc = acc / cnt.clamp(min=1)[..., None]
     return acc.to(x.dtype)
 

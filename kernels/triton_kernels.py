@@ -403,6 +403,8 @@ def plan_attention_rows(
     hkv, n = k.shape[1], k.shape[2]
     if H % hkv:
         raise ValueError(f"query heads {H} must be a multiple of key heads {hkv}")
+    if hd > 256:
+        raise ValueError(f"head dimension {hd} > 256: the attention-rows kernels load one head row in one block")
     logits = torch.empty(b, H, r, n, dtype=torch.float32, device=q.device)
     probs = torch.empty_like(logits)
     if b * H * r == 0 or n == 0:
@@ -416,7 +418,7 @@ def plan_attention_rows(
     if tiled if tiled is not None else r >= TILED_MIN_ROWS:
         consts |= {
             # float32 inputs must not be rounded to TF32; 16-bit ones are exact in it
-            "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+            "PRECISION": "ieee" if torch.float32 in (q.dtype, k.dtype) else "tf32",
             "BLOCK_R": row_tile,
             "BLOCK_N": key_block or 32,
             "BLOCK_D": _block(hd, 256, floor=16),  # tl.dot needs every dimension >= 16

@@ -132,6 +132,23 @@ def test_attention_rows_all_masked_row_is_zero():
         )
 
 
+def test_attention_rows_precision_and_head_limit():
+    """The interpreter ignores tl.dot's precision, so the choice is checked on the plan: float32
+    inputs must never be rounded to TF32 (16-bit ones are exact in it); too wide a head is refused."""
+    from kernels import triton_kernels
+
+    for qd, kd, want in [
+        (torch.float32, torch.float32, "ieee"),
+        (torch.float16, torch.float32, "ieee"),
+        (torch.float16, torch.float16, "tf32"),
+        (torch.bfloat16, torch.bfloat16, "tf32"),
+    ]:
+        q, k = torch.zeros(1, 2, 4, 16, dtype=qd), torch.zeros(1, 2, 9, 16, dtype=kd)
+        assert triton_kernels.plan_attention_rows(q, k, 0.25, tiled=True)[1].consts["PRECISION"] == want
+    with pytest.raises(ValueError, match="head dimension 320"):
+        kernels.attention_rows(torch.zeros(1, 1, 2, 320), torch.zeros(1, 1, 5, 320), 0.1, backend="triton")
+
+
 def test_compile_check_covers_every_triton_kernel():
     """kernels.compile_check plans a launch of every @triton.jit kernel, through the wrappers' own plans."""
     from kernels import compile_check, triton_kernels

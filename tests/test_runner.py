@@ -499,3 +499,12 @@ def test_device_and_dtype_settings_load_the_model_so_and_a_run_keeps_them(tmp_pa
     monkeypatch.setattr(runner, "_load_model", lambda src, opts=None: loaded.append(opts) or _load_model(src, opts))
     remeasure_latency(out, repeats=1, progress=False)  # times on the run's settings, not the file's
     assert [o["dtype"] for o in loaded] == ["bfloat16"]
+    # even where the file's own setting cannot load here (a GPU named, none present)
+    if not torch.cuda.is_available():
+        exp_file.write_text(
+            text.replace('source = "tiny-random:llava"', 'source = "tiny-random:llava"\ndevice = "cuda"')
+        )
+        (out / "experiment.toml").write_text(exp_file.read_text())
+        made = json.loads((out / "models.json").read_text())
+        remeasure_latency(out, repeats=1, progress=False)
+        assert loaded[-1] == {k: made["m"][k] for k in loaded[-1]} and loaded[-1]["device"] == "cpu"

@@ -177,11 +177,13 @@ def load_experiment(
     base: str | Path | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    load: dict[str, dict] | None = None,
 ) -> Experiment:
     """Parse and expand an experiment file; raises `TokencompError` naming what is wrong.
 
     Relative dataset paths are read from ``base`` (default: the file's folder). ``device`` and
-    ``dtype`` (e.g. ``"cuda"``, ``"float16"``) override every [[model]]'s own."""
+    ``dtype`` (e.g. ``"cuda"``, ``"float16"``) override every [[model]]'s own; ``load`` (model name
+    -> settings, as a run's ``models.json`` holds them) overrides named models' settings first."""
     path = Path(path)
     base = Path(base) if base is not None else path.parent
     if not path.is_file():
@@ -203,7 +205,7 @@ def load_experiment(
             raise TokencompError(f"[experiment] {key}={settings[key]!r} must be an integer >= 1")
     if not isinstance(settings["seed"], int) or isinstance(settings["seed"], bool) or settings["seed"] < 0:
         raise TokencompError(f"[experiment] seed={settings['seed']!r} must be an integer >= 0")
-    models, model_datasets, load = {}, {}, {}
+    models, model_datasets, settings_of = {}, {}, {}
     for m in doc.get("model", []):
         if "name" not in m:
             raise TokencompError("each [[model]] needs a name")
@@ -212,7 +214,8 @@ def load_experiment(
                 f"[[model]] {m['name']!r} has unknown key(s) {sorted(set(m) - MODEL_KEYS)}; known: {sorted(MODEL_KEYS)}"
             )
         models[m["name"]] = m.get("source", m["name"])
-        load[m["name"]] = model_load_options(m, device, dtype)
+        given = {k: v for k, v in ((load or {}).get(m["name"]) or {}).items() if k in DEFAULT_LOAD}
+        settings_of[m["name"]] = model_load_options({**m, **given}, device, dtype)
         if "datasets" in m:
             model_datasets[m["name"]] = list(m["datasets"])
     if not models:
@@ -269,7 +272,7 @@ def load_experiment(
                 "give each [[method]] a distinct label"
             )
     out_dir = Path(out) if out else Path(exp.get("out", Path("runs") / name))
-    return Experiment(name, out_dir, settings, models, datasets, cells, text, base.resolve(), load)
+    return Experiment(name, out_dir, settings, models, datasets, cells, text, base.resolve(), settings_of)
 
 
 def _load_model(source: str, options: dict | None = None) -> Model:
@@ -298,7 +301,8 @@ def _check_load(out: Path, exp: Experiment, started: bool) -> None:
             if was != opts:
                 raise TokencompError(
                     f"{out} was run with model {name!r} loaded as {was}; this run asks for {opts}. "
-                    "Mixing the two would mix their results: use another --out"
+                    "Mixing the two would mix their results: pass the settings it began with "
+                    "(--device / --dtype), or use another --out"
                 )
     path.write_text(json.dumps(now, indent=1))
 
@@ -486,13 +490,10 @@ def remeasure_latency(run_dir: str | Path, repeats: int | None = None, progress:
         raise TokencompError(
             f"{run} is not a run directory (no experiment.toml and results.jsonl); run `tokencomp compare` first"
         )
-    base = run / "experiment.base"
-    exp = load_experiment(saved, run, base.read_text() if base.is_file() else None)
-    loaded = run / "models.json"  # time on the device and dtype the run was made with
-    if loaded.is_file():
-        for name, opts in json.loads(loaded.read_text()).items():
-            if name in exp.load:
-                exp.load[name] = model_load_options({"name": name, **opts})
+    base, loaded = run / "experiment.base", run / "models.json"
+    # time on the device and dtype the run was made with, not the file's own settings
+    made_with = json.loads(loaded.read_text()) if loaded.is_file() else None
+    exp = load_experiment(saved, run, base.read_text() if base.is_file() else None, load=made_with)
     repeats = exp.settings["latency_repeats"] if repeats is None else repeats
     check_int("repeats (timed rounds)", repeats, 1)
     done = {r["cell"] for r in read_rows(results)}
