@@ -274,6 +274,13 @@ def copy_bandwidth(nbytes: int, device: str, repeats: int = 30, warmup: int = 5)
     return 2 * src.numel() * 2 / _time(lambda: dst.copy_(src), repeats, warmup)
 
 
+def _bandwidth(nbytes: int, seconds: float, device: str, repeats: int, warmup: int) -> dict[str, float]:
+    """``GB/s`` achieved moving ``nbytes`` in ``seconds``, and ``copy_frac``: that over the copy
+    bandwidth of a ``dst.copy_(src)`` moving as many bytes, timed now."""
+    bw = nbytes / seconds
+    return {"GB/s": bw / 1e9, "copy_frac": bw / copy_bandwidth(nbytes, device, repeats, warmup)}
+
+
 def run(
     quick: bool = False,
     tiny: bool = False,
@@ -292,8 +299,6 @@ def run(
             check(name, case, s.dtype)
             t_tri = _time(case.triton, repeats, warmup)
             t_ref = _time(case.torch, repeats, warmup)
-            nbytes = case.nbytes
-            bw = nbytes / t_tri
             rows.append(
                 {
                     "kernel": name,
@@ -304,8 +309,7 @@ def run(
                     "triton_us": t_tri * 1e6,
                     "torch_us": t_ref * 1e6,
                     "speedup": t_ref / t_tri,
-                    "GB/s": bw / 1e9,
-                    "copy_frac": bw / copy_bandwidth(nbytes, device, repeats, warmup),
+                    **_bandwidth(case.nbytes, t_tri, device, repeats, warmup),
                 }
             )
             print(rows[-1], flush=True)
@@ -404,9 +408,7 @@ def sweep(
             rows.append(row | {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"})
             print(rows[-1], flush=True)
             continue
-        bw = case.nbytes / t
-        row |= {"triton_us": t * 1e6, "GB/s": bw / 1e9}
-        rows.append(row | {"copy_frac": bw / copy_bandwidth(case.nbytes, device, repeats, warmup)})
+        rows.append(row | {"triton_us": t * 1e6, **_bandwidth(case.nbytes, t, device, repeats, warmup)})
         print(rows[-1], flush=True)
         if on_row is not None:
             on_row(rows)

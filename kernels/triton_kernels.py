@@ -241,6 +241,31 @@ def merge_tokens(
 
 
 @triton.jit
+def _softmax_step(run_max, run_sum, s, ROWS: tl.constexpr):
+    """One key block of the online softmax: the new running max and sum of ``exp(s - max)``.
+
+    ``s``: ``(BLOCK_N,)`` logits of one row (``ROWS=False``) or ``(BLOCK_R, BLOCK_N)`` of a tile
+    (``ROWS=True``), masked keys at ``-inf``; a row with no visible key yet keeps max ``-inf``, sum 0.
+    """
+    if ROWS:
+        new_max = tl.maximum(run_max, tl.max(s, axis=1))
+        safe = tl.where(new_max == -float("inf"), 0.0, new_max)
+        total = tl.sum(tl.exp(s - safe[:, None]), axis=1)
+    else:
+        new_max = tl.maximum(run_max, tl.max(s, axis=0))
+        safe = tl.where(new_max == -float("inf"), 0.0, new_max)
+        total = tl.sum(tl.exp(s - safe), axis=0)
+    return new_max, run_sum * tl.exp(run_max - safe) + total
+
+
+@triton.jit
+def _softmax_norm(run_max, run_sum):
+    """The shift and the scale that turn logits into probabilities (0 for a row with no visible key)."""
+    safe = tl.where(run_max == -float("inf"), 0.0, run_max)
+    return safe, tl.where(run_sum > 0, 1.0 / tl.where(run_sum > 0, run_sum, 1.0), 0.0)
+
+
+@triton.jit
 def _rows_kernel(
     q_ptr,
     k_ptr,
@@ -285,13 +310,8 @@ def _rows_kernel(
             ok = ok & (tl.load(valid_ptr + b * n + nofs, mask=nm, other=0) != 0)
         s = tl.where(ok, s, -float("inf"))
         tl.store(logit_ptr + row + nofs, s, mask=nm)
-        blk_max = tl.max(s, axis=0)
-        new_max = tl.maximum(run_max, blk_max)
-        safe = tl.where(new_max == -float("inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(s - safe), axis=0)
-        run_max = new_max
-    safe = tl.where(run_max == -float("inf"), 0.0, run_max)
-    inv = tl.where(run_sum > 0, 1.0 / tl.where(run_sum > 0, run_sum, 1.0), 0.0)
+        run_max, run_sum = _softmax_step(run_max, run_sum, s, ROWS=False)
+    safe, inv = _softmax_norm(run_max, run_sum)
     for start in range(0, n, BLOCK_N):
         nofs = start + tl.arange(0, BLOCK_N)
         nm = nofs < n
@@ -359,12 +379,8 @@ def _rows_tiled_kernel(
             ok = ok & (tl.load(valid_ptr + b * n + nofs, mask=nm, other=0) != 0)[None, :]
         s = tl.where(ok, s, -float("inf"))
         tl.store(logit_ptr + out_row[:, None] + nofs[None, :], s, mask=rm[:, None] & nm[None, :])
-        new_max = tl.maximum(run_max, tl.max(s, axis=1))
-        safe = tl.where(new_max == -float("inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
-        run_max = new_max
-    safe = tl.where(run_max == -float("inf"), 0.0, run_max)
-    inv = tl.where(run_sum > 0, 1.0 / tl.where(run_sum > 0, run_sum, 1.0), 0.0)
+        run_max, run_sum = _softmax_step(run_max, run_sum, s, ROWS=True)
+    safe, inv = _softmax_norm(run_max, run_sum)
     for start in range(0, n, BLOCK_N):
         nofs = start + tl.arange(0, BLOCK_N)
         m = rm[:, None] & (nofs < n)[None, :]

@@ -496,7 +496,7 @@ def test_device_and_dtype_settings_load_the_model_so_and_a_run_keeps_them(tmp_pa
     from tokencomp import runner
 
     loaded = []
-    monkeypatch.setattr(runner, "_load_model", lambda src, opts=None: loaded.append(opts) or _load_model(src, opts))
+    monkeypatch.setattr(runner, "_load_model", lambda src, opts: loaded.append(opts) or _load_model(src, opts))
     remeasure_latency(out, repeats=1, progress=False)  # times on the run's settings, not the file's
     assert [o["dtype"] for o in loaded] == ["bfloat16"]
     # even where the file's own setting cannot load here (a GPU named, none present)

@@ -275,9 +275,8 @@ def load_experiment(
     return Experiment(name, out_dir, settings, models, datasets, cells, text, base.resolve(), settings_of)
 
 
-def _load_model(source: str, options: dict | None = None) -> Model:
-    """The model of a [[model]] source, loaded as ``options`` (`model_load_options`) say."""
-    opts = {**DEFAULT_LOAD, **(options or {})}
+def _load_model(source: str, opts: dict) -> Model:
+    """The model of a [[model]] source, loaded as ``opts`` (`model_load_options`) say."""
     dtype = DTYPES[opts["dtype"]]
     if source.startswith("tiny-random:"):
         from .tiny import tiny_llava
@@ -292,7 +291,7 @@ def _load_model(source: str, options: dict | None = None) -> Model:
 def _check_load(out: Path, exp: Experiment, started: bool) -> None:
     """Refuse to resume a run on other load settings than it began with; record them in ``models.json``."""
     path = out / "models.json"
-    now = {name: {"source": exp.models[name], **exp.load.get(name, DEFAULT_LOAD)} for name in exp.models}
+    now = {name: {"source": exp.models[name], **exp.load[name]} for name in exp.models}
     if started:
         before = json.loads(path.read_text()) if path.is_file() else {}
         for name, opts in now.items():
@@ -388,7 +387,7 @@ def run_experiment(exp: Experiment, progress: bool = True, side_by_side: bool = 
     out.mkdir(parents=True, exist_ok=True)
     done = {r["cell"] for r in read_rows(results, repair=True)}
     _check_load(out, exp, started)
-    models = {name: _load_model(src, exp.load.get(name)) for name, src in exp.models.items()}
+    models = {name: _load_model(src, exp.load[name]) for name, src in exp.models.items()}
     datasets = {name: _dataset(spec, out) for name, spec in exp.datasets.items()}
     # validate every cell on its model and data (first batch, extreme image sizes) before any forward pass
     engines, checks = {}, {}
@@ -533,7 +532,7 @@ def _time_side_by_side(
     groups = {k: v for k, v in _finished_groups(exp).items() if only is None or k in only}
     for (model_name, dataset), group in tqdm(groups.items(), desc="side-by-side latency", disable=not progress):
         if model_name not in models:
-            models[model_name] = _load_model(exp.models[model_name], exp.load.get(model_name))
+            models[model_name] = _load_model(exp.models[model_name], exp.load[model_name])
         model = models[model_name]
         engines = {c.id: Engine(model, c.strategies()) for c in group}
         batch = _latency_batch(exp, model, datasets[dataset])
