@@ -119,11 +119,12 @@ class SparseVLM(tc.LayerStrategy):
         m = deleted.sum(1)
         take = torch.minimum((m.double() * self.recycle_ratio).long() + 1, m)  # int(m * ratio) + 1, as in Python
         clusters = torch.where(take > 0, take // 10 + 1, 0)
-        if int(take.max()) == 0:
+        most = int(take.max())
+        if most == 0:
             return ctx.hidden[:, :0], clusters
         # the `take` most attended deleted tokens of each sample, descending
         order = relation.float().masked_fill(~deleted, float("-inf")).argsort(dim=1, descending=True, stable=True)
-        order = order[:, : int(take.max())]
+        order = order[:, :most]
         chosen = torch.arange(order.shape[1], device=order.device) < take[:, None]
         x = ctx.hidden.gather(1, order[:, :, None].expand(-1, -1, ctx.hidden.shape[-1]))
         return dpc_knn_merge(x, chosen, clusters).to(ctx.hidden.dtype), clusters

@@ -20,7 +20,8 @@ def test_frozen_layer_bit_identical_visual_and_reference_text(model, images):
     cos_sin = model.rotary_emb(state.hidden, state.positions)
     layer = model.layers[1]
     with torch.no_grad():
-        out = eng._frozen_layer(layer, 1, state, cos_sin, tc.engine.LayerKVCache(model.num_layers))
+        cache = tc.engine.LayerKVCache(model.num_layers)
+        out = eng._frozen_layer(layer, 1, state, cos_sin, cache, eng._frozen_plan(state, "visual"))
     img = state.valid & (state.kind >= VISUAL)
     assert torch.equal(out[img], state.hidden[img])  # bit-identical
     # text tokens: an ordinary layer's output at text positions (text outputs depend on all keys/values)

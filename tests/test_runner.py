@@ -508,3 +508,24 @@ def test_device_and_dtype_settings_load_the_model_so_and_a_run_keeps_them(tmp_pa
         made = json.loads((out / "models.json").read_text())
         remeasure_latency(out, repeats=1, progress=False)
         assert loaded[-1] == {k: made["m"][k] for k in loaded[-1]} and loaded[-1]["device"] == "cpu"
+
+
+def test_device_names_of_one_device_compare_equal(tmp_path, monkeypatch):
+    """`cuda` and `cuda:0` (the current device) are one load setting: a run resumes on either."""
+    import types
+
+    import torch
+
+    from tokencomp import runner
+
+    assert runner.canonical_device("cpu:0") == "cpu" and runner.model_load_options({"name": "m"})["device"] == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert runner.canonical_device("cuda") == "cuda:1" and runner.canonical_device("cuda:0") == "cuda:0"
+    assert runner.model_load_options({"name": "m", "device": "cuda"})["device"] == "cuda:1"
+    exp = types.SimpleNamespace(models={"m": "src"}, load={"m": {**runner.DEFAULT_LOAD, "device": "cuda:1"}})
+    (tmp_path / "models.json").write_text(json.dumps({"m": {"source": "src", **runner.DEFAULT_LOAD, "device": "cuda"}}))
+    runner._check_load(tmp_path, exp, started=True)  # recorded as "cuda" (the current device): the same
+    exp.load["m"]["device"] = "cuda:0"
+    with pytest.raises(tc.TokencompError, match="use another --out"):
+        runner._check_load(tmp_path, exp, started=True)

@@ -150,6 +150,22 @@ class SeqState:
 
 
 @dataclass
+class FrozenPlan:
+    """The tokens a frozen layer still computes (see `Engine._frozen_plan`).
+
+    Attributes:
+        index: ``(B, t)`` long, their columns, left padded; a padding slot holds a column that no
+            real slot holds.
+        ok: ``(B, t)`` bool, the real slots.
+        mask: ``(B, 1, t, n)`` additive attention mask of their query rows.
+    """
+
+    index: torch.Tensor
+    ok: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
 class PrefillOutput:
     """Result of `Engine.prefill`.
 
@@ -738,6 +754,7 @@ class Engine:
         image = torch.zeros_like(tokens)
         cos_sin = self._rope(state.hidden, state.positions)
         mask = self._mask(state.valid, None, state.hidden.dtype)
+        frozen_plans: dict[str, FrozenPlan] = {}  # per frozen kind, while the packing stays
         for i, layer in enumerate(m.layers):
             early = [n for n in self.needs if n.kind in PREPRUNE_NEEDS and n.layer == i]
             if early:  # layer i's own norm and q/k on the tokens entering it, before its pruning
@@ -749,6 +766,7 @@ class Engine:
                 if changed:
                     cos_sin = self._rope(state.hidden, state.positions)
                     mask = self._mask(state.valid, None, state.hidden.dtype)
+                    frozen_plans = {}
             wanted = [
                 n for n in self.needs if n.kind in DECODER_NEEDS and n.kind not in PREPRUNE_NEEDS and n.layer == i
             ]
@@ -760,7 +778,10 @@ class Engine:
             )
             with hooks as got:
                 if i in self.frozen:
-                    state.hidden = self._frozen_layer(layer, i, state, cos_sin, cache, self.frozen[i])
+                    kind = self.frozen[i]
+                    if kind not in frozen_plans:
+                        frozen_plans[kind] = self._frozen_plan(state, kind)
+                    state.hidden = self._frozen_layer(layer, i, state, cos_sin, cache, frozen_plans[kind])
                 else:
                     state.hidden = layer(
                         state.hidden,
@@ -857,23 +878,38 @@ class Engine:
         ``count[b]`` rows are sample b's). Returns the new state and ``(B, n')`` source indices
         (-1 for an inserted token)."""
         b, n = keep.shape
-        col = torch.arange(n, device=keep.device)
+        dev = keep.device
+        col = torch.arange(n, device=dev)
         span_end = torch.where(state.valid & (state.kind >= VISUAL), col, -1).amax(1)
-        counts = [c.tolist() for _, c in made]
-        rows_src, rows_new = [], []
-        for i in range(b):
-            kept = keep[i].nonzero().flatten()
-            new_rows = torch.cat([t[i, : c[i]] for (t, _), c in zip(made, counts)])
-            if new_rows.shape[0] and int(span_end[i]) < 0:
-                raise TokencompError(f"recycle_tokens returned tokens for sample {i}, which has no image tokens")
-            # after the kept image span, but never after the last token (whose logits are read)
-            cut = min(int((kept <= span_end[i]).sum()), len(kept) - 1)
-            rows_src.append(torch.cat([kept[:cut], kept.new_full((new_rows.shape[0],), -1), kept[cut:]]))
-            rows_new.append(new_rows)
-        index, valid = pad_left(rows_src, 0)
+        kept = keep.sum(1)
+        added_n = sum(c for _, c in made)  # (B,) inserted tokens per sample
+        length = kept + added_n
+        width, orphan = torch.stack([length.max(), ((added_n > 0) & (span_end < 0)).sum()]).tolist()  # one host sync
+        if orphan:
+            bad = ((added_n > 0) & (span_end < 0)).nonzero().flatten().tolist()
+            raise TokencompError(f"recycle_tokens returned tokens for samples {bad}, which have no image tokens")
+        # after the kept image span, but never after the last token (whose logits are read)
+        cut = torch.minimum((keep & (col <= span_end[:, None])).sum(1), kept - 1).clamp(min=0)
+        start = width - length + cut  # (B,) first inserted slot
+        rank = keep.long().cumsum(1) - 1
+        dest = (width - length)[:, None] + rank + torch.where(rank >= cut[:, None], added_n[:, None], 0)
+        dest = dest.masked_fill(~keep, width)  # dropped tokens land in a spill column, cut off below
+        slot = torch.arange(width, device=dev)[None]
+        index = torch.zeros(b, width + 1, dtype=torch.long, device=dev).scatter_(1, dest, col.expand(b, n))[:, :width]
+        valid = slot >= (width - length)[:, None]
+        added = (slot >= start[:, None]) & (slot < (start + added_n)[:, None])
+        index = index.masked_fill(added, -1)
+        # slot -> row of the strategies' tokens side by side (B, sum r, d): strategy by strategy, in order
+        source = torch.zeros_like(index)
+        j, first, offset = slot - start[:, None], torch.zeros_like(kept), 0
+        for tokens, count in made:
+            mine = (j >= first[:, None]) & (j < (first + count)[:, None])
+            source = torch.where(mine, offset + j - first[:, None], source)
+            first, offset = first + count, offset + tokens.shape[1]
         new = state.gather(index.clamp(min=0), valid, self.options.kernel_backend)
-        added = valid & (index < 0)
-        new.hidden[added] = torch.cat(rows_new).to(new.hidden.dtype)  # row-major: sample by sample, in order
+        if offset:
+            side = torch.cat([t for t, _ in made], dim=1).to(new.hidden.dtype)
+            new.hidden = torch.where(added[..., None], self._gather(side, source), new.hidden)
         new.kind = new.kind.masked_fill(added, VISUAL)
         new.orig_index = new.orig_index.masked_fill(added, -1)
         new.view = new.view.masked_fill(added, -1)
@@ -934,39 +970,47 @@ class Engine:
             return x.new_zeros((b, attn.config.num_attention_heads, 1, n), dtype=torch.float32)
         return total / row_ok.sum(1).clamp(min=1)[:, None, None, None]
 
-    def _frozen_layer(
-        self, layer, idx: int, state: SeqState, cos_sin, cache: LayerKVCache, frozen: str = "visual"
-    ) -> torch.Tensor:
-        """A layer in which image tokens (``frozen="visual"``, ShortV) or text tokens (``"text"``,
-        for ShortV's text-type layer contribution) pass through unchanged but still give keys and
-        values; the other tokens are computed as in the ordinary layer."""
+    def _frozen_plan(self, state: SeqState, frozen: str) -> FrozenPlan:
+        """The packing of a frozen layer's active tokens: text tokens when image tokens are frozen
+        (``frozen="visual"``, ShortV), image-span tokens when text tokens are (``"text"``, for
+        ShortV's text-type layer contribution). Shared by consecutive frozen layers of one kind
+        while no pruning changes the sequence, so they cost one host sync in all."""
+        active = state.valid & ((state.kind == TEXT) if frozen == "visual" else (state.kind >= VISUAL))
+        index, ok = repack(active)
+        # padding slots point at a token no real slot updates and write its own value back, so the
+        # write-back is one scatter without a data-dependent shape; such a token exists in every
+        # sample with padding slots, as it has fewer active tokens than the packed width <= n
+        spare = (~active).long().argmax(1, keepdim=True)
+        index = torch.where(ok, index, spare)
+        return FrozenPlan(index, ok, self._mask(state.valid, index, state.hidden.dtype))
+
+    def _frozen_layer(self, layer, idx: int, state: SeqState, cos_sin, cache: LayerKVCache, plan: FrozenPlan):
+        """A layer in which the tokens outside ``plan`` (image tokens for ShortV) pass through
+        unchanged but still give keys and values; the tokens in it are computed as in the
+        ordinary layer. Returns the new hidden states ``(B, n, d)``."""
         m = self.model
         attn = layer.self_attn
         h = state.hidden
         b, n, d = h.shape
         hd = attn.head_dim
         cos, sin = cos_sin
-        active = (state.kind == TEXT) if frozen == "visual" else (state.kind >= VISUAL)
-        text_idx, text_ok = repack(state.valid & active)  # the tokens that get queries and updates
-        t = text_idx.shape[1]
+        rows = plan.index
+        t = rows.shape[1]
         gather = self._gather
         x = layer.input_layernorm(h)
-        q = attn.q_proj(gather(x, text_idx)).view(b, t, -1, hd).transpose(1, 2)
+        q = attn.q_proj(gather(x, rows)).view(b, t, -1, hd).transpose(1, 2)
         k = attn.k_proj(x).view(b, n, -1, hd).transpose(1, 2)
         v = attn.v_proj(x).view(b, n, -1, hd).transpose(1, 2)
-        q = m.apply_rope(q, gather(cos, text_idx), gather(sin, text_idx))
+        q = m.apply_rope(q, gather(cos, rows), gather(sin, rows))
         k = m.apply_rope(k, cos, sin)
         k, v = cache.update(k, v, idx)
-        mask = self._mask(state.valid, text_idx, h.dtype)
-        out, _ = m.attention_function(attn)(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+        out, _ = m.attention_function(attn)(attn, q, k, v, plan.mask, dropout=0.0, scaling=attn.scaling)
         out = attn.o_proj(out.reshape(b, t, -1))
-        h_text = gather(h, text_idx)
-        ht = h_text + out
+        h_rows = gather(h, rows)
+        ht = h_rows + out
         ht = ht + layer.mlp(layer.post_attention_layernorm(ht))
-        new = h.clone()
-        rows = torch.arange(b, device=h.device)[:, None].expand_as(text_idx)
-        new[rows[text_ok], text_idx[text_ok]] = ht[text_ok]  # real slots only: padding slots repeat index 0
-        return new
+        ht = torch.where(plan.ok[..., None], ht, h_rows)  # padding slots rewrite their spare token as it was
+        return h.clone().scatter_(1, rows[..., None].expand(b, t, d), ht)
 
     def _gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``(B, n, d), (B, k) -> (B, k, d)`` through the token-gather kernel of this run's backend."""

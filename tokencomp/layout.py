@@ -32,11 +32,10 @@ def repack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     b, n = keep.shape
     counts = keep.sum(1)
-    k = int(counts.max()) if b else 0
-    rank = keep.long().cumsum(1) - 1
-    dest = rank + (k - counts)[:, None]
-    index = torch.zeros(b, k, dtype=torch.long, device=keep.device)
-    rows, cols = keep.nonzero(as_tuple=True)
-    index[rows, dest[rows, cols]] = cols
+    k = int(counts.max()) if b else 0  # the packed width: the one host sync
+    dest = keep.long().cumsum(1) - 1 + (k - counts)[:, None]
+    dest = dest.masked_fill(~keep, k)  # dropped tokens land in a spill column, cut off below
+    cols = torch.arange(n, device=keep.device).expand(b, n)
+    index = torch.zeros(b, k + 1, dtype=torch.long, device=keep.device).scatter_(1, dest, cols)
     valid = torch.arange(k, device=keep.device)[None] >= (k - counts)[:, None]
-    return index, valid
+    return index[:, :k].contiguous(), valid  # padding slots were never written: 0

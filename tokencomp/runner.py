@@ -96,6 +96,7 @@ def model_load_options(table: dict, device: str | None = None, dtype: str | None
         raise TokencompError(f"model {name!r}: device={opts['device']!r} is not a torch device") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TokencompError(f"model {name!r}: device={opts['device']!r} but CUDA is not available on this machine")
+    opts["device"] = canonical_device(dev)
     if opts["dtype"] not in DTYPES:
         raise TokencompError(f"model {name!r}: dtype={opts['dtype']!r} must be one of {sorted(DTYPES)}")
     if opts["attn_implementation"] not in ATTN_IMPLEMENTATIONS:
@@ -108,6 +109,17 @@ def model_load_options(table: dict, device: str | None = None, dtype: str | None
         if dev.type != "cuda" or opts["dtype"] == "float32":
             raise TokencompError(f"model {name!r}: flash_attention_2 runs on CUDA in float16 or bfloat16 only")
     return opts
+
+
+def canonical_device(device: str | torch.device) -> str:
+    """One name per device, so that settings compare equal when they mean the same device:
+    ``"cpu"`` for any CPU, ``"cuda:<current>"`` for a CUDA device named without an index."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(dev)
 
 
 @dataclass
@@ -297,6 +309,7 @@ def _check_load(out: Path, exp: Experiment, started: bool) -> None:
         for name, opts in now.items():
             # a run from before models.json was loaded with the defaults
             was = before.get(name, {"source": exp.models[name], **DEFAULT_LOAD})
+            was = {**was, "device": canonical_device(was["device"])}  # recorded as given before this was canonical
             if was != opts:
                 raise TokencompError(
                     f"{out} was run with model {name!r} loaded as {was}; this run asks for {opts}. "

@@ -1,0 +1,144 @@
+"""Host syncs (operations that wait for the GPU) counted on the CPU with `tokencomp.syncs`: the
+decoder loop makes none per ordinary layer, consecutive frozen layers one in all, a pruning three
+and a recycling insertion one whatever the batch; and the sync-free code equals simple loops."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import PROMPTS
+
+import tokencomp as tc
+from tokencomp.layout import pad_left, repack
+from tokencomp.strategy import TEXT, VISUAL
+from tokencomp.syncs import HostSyncs
+from tokencomp.tiny import tiny_llava
+
+
+def test_counter_sees_each_kind_of_sync_and_nothing_else():
+    x = torch.arange(6.0).view(2, 3)
+    m = x > 2
+    with HostSyncs() as s:  # not syncs: device-side work whatever the data
+        y = x.clone()
+        y[:, 1] = 0
+        x[torch.tensor([0, 1])]
+        torch.where(m, x, 0.0)
+        x.repeat_interleave(2)
+        m.all()
+        x.flatten().repeat_interleave(torch.tensor([1, 2, 3, 1, 1, 1]), output_size=9)
+    assert s.total == 0
+    with HostSyncs() as s:
+        bool(m.all())
+        int(x.sum())
+        x.max().item()
+        x.tolist()
+        x.nonzero()
+        x[m]
+        y[m] = 1
+        torch.where(m)
+        torch.equal(x, y)
+        x.flatten().repeat_interleave(torch.tensor([1, 2, 3, 1, 1, 1]))
+    assert s.total == 10 and s.counts["__getitem__[bool]"] == 1 and s.counts["__setitem__[bool]"] == 1
+    assert len(s.sites) == 10 and all(site.startswith("test_host_syncs.py:") for site in s.sites)  # one per line
+
+
+def test_repack_equals_a_loop_with_one_sync():
+    g = torch.Generator().manual_seed(0)
+    for b, n in [(3, 7), (1, 1), (5, 13), (2, 40)]:
+        for p in (0.0, 0.3, 0.8, 1.0):
+            keep = torch.rand(b, n, generator=g) < p
+            with HostSyncs() as s:
+                index, valid = repack(keep)
+            assert s.total == 1
+            want, want_valid = pad_left([row.nonzero().flatten() for row in keep], 0)
+            assert torch.equal(index, want) and torch.equal(valid, want_valid)
+
+
+def _prefill_syncs(model, batch, method=None) -> int:
+    engine = tc.Engine(model, method)
+    with HostSyncs() as s:
+        engine.prefill(batch)
+    return s.total
+
+
+def test_ordinary_decoder_layers_make_no_sync(images):
+    """The same batch through 2- and 4-layer decoders: the same syncs (all before the decoder)."""
+    counts = []
+    for layers in (2, 4):
+        hf, proc = tiny_llava("llava", seed=1, text_layers=layers)
+        model = tc.Model(hf, proc)
+        counts.append(_prefill_syncs(model, tc.prepare(model, images, PROMPTS)))
+    assert counts[0] == counts[1]
+
+
+def test_frozen_layers_one_sync_in_all_prunes_three(model, images):
+    batch = tc.prepare(model, images, PROMPTS)  # different lengths: frozen layers have padding slots
+    base = _prefill_syncs(model, batch)
+    assert _prefill_syncs(model, batch, tc.method("freeze", layers=(1,))) == base + 1
+    assert _prefill_syncs(model, batch, tc.method("freeze", layers=(0, 1, 2, 3))) == base + 1
+    # the width of the kept sequence, whether anything was dropped, its new mask's fast path
+    assert _prefill_syncs(model, batch, tc.method("fastv", k=2, ratio=0.5)) == base + 3
+
+
+def _insert_loop(state, keep, made):
+    """The insertion as a loop over samples (the engine's before it was batched): kept tokens in
+    order, the recycled ones after the last kept image-span token, never after the last token."""
+    b, n = keep.shape
+    col = torch.arange(n)
+    span_end = torch.where(state.valid & (state.kind >= VISUAL), col, -1).amax(1)
+    rows, new_rows = [], []
+    for i in range(b):
+        kept = keep[i].nonzero().flatten()
+        mine = torch.cat([t[i, : int(c[i])] for t, c in made])
+        cut = max(min(int((kept <= span_end[i]).sum()), len(kept) - 1), 0)
+        rows.append(torch.cat([kept[:cut], kept.new_full((len(mine),), -1), kept[cut:]]))
+        new_rows.append(mine)
+    index, valid = pad_left(rows, 0)
+    new = state.gather(index.clamp(min=0), valid)
+    added = valid & (index < 0)
+    new.hidden[added] = torch.cat(new_rows)
+    new.kind = new.kind.masked_fill(added, VISUAL)
+    new.orig_index = new.orig_index.masked_fill(added, -1)
+    new.view = new.view.masked_fill(added, -1)
+    new.patch = new.patch.masked_fill(added, -1)
+    new.image = torch.where(added, state.image.gather(1, span_end.clamp(min=0)[:, None]).expand_as(added), new.image)
+    new.rater &= ~added
+    return new, index.masked_fill(~valid, 0)
+
+
+def test_insert_equals_a_loop_with_one_sync(model, images):
+    prompts = [*PROMPTS, "USER : say hi . ASSISTANT :", "USER : describe this <image>"]
+    batch = tc.prepare(model, [*images, None, images[1]], prompts)  # a text-only sample, an image last
+    engine = tc.Engine(model, None)
+    spans = engine.validate(batch)
+    state, _, _ = engine.build_sequence(batch, spans, engine.encode_images(batch, spans)[0])
+    b, n, d = state.hidden.shape
+    g = torch.Generator().manual_seed(0)
+    state.rater = (torch.rand(b, n, generator=g) < 0.3) & state.valid
+    has_image = (state.valid & (state.kind >= VISUAL)).any(1)
+    for _ in range(40):
+        keep = state.valid & ((torch.rand(b, n, generator=g) < torch.rand(1, generator=g)) | (state.kind == TEXT))
+        keep[:, -1] |= state.valid[:, -1]
+        made = []
+        for _ in range(int(torch.randint(1, 3, (1,), generator=g))):  # one or two recycling strategies
+            r = int(torch.randint(0, 5, (1,), generator=g))
+            made.append((torch.randn(b, r, d, generator=g), torch.randint(0, r + 1, (b,), generator=g) * has_image))
+        with HostSyncs() as s:
+            new, index = engine._insert(state, keep, made)
+        assert s.total == 1
+        want, want_index = _insert_loop(state, keep, made)
+        assert torch.equal(index, want_index)
+        for f in dataclasses.fields(want):
+            assert torch.equal(getattr(new, f.name), getattr(want, f.name)), f.name
+
+
+def test_insert_refuses_tokens_for_a_sample_without_image(model, images):
+    batch = tc.prepare(model, [images[0], None], [PROMPTS[0], "USER : say hi . ASSISTANT :"])
+    engine = tc.Engine(model, None)
+    spans = engine.validate(batch)
+    state, _, _ = engine.build_sequence(batch, spans, engine.encode_images(batch, spans)[0])
+    made = [(torch.zeros(2, 1, state.hidden.shape[-1]), torch.tensor([1, 1]))]
+    with pytest.raises(tc.TokencompError, match=r"samples \[1\], which have no image tokens"):
+        engine._insert(state, state.valid, made)
