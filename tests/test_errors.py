@@ -119,6 +119,20 @@ def test_image_count_mismatch(model, images, forward_calls):
     assert forward_calls == []
 
 
+@pytest.mark.parametrize("hole", ["last", "inside"])
+def test_batch_not_left_padded(model, images, forward_calls, hole):
+    batch = tc.prepare(model, images[:2], PROMPTS[:2])
+    row = int(batch.attention_mask.sum(1).argmin())  # the shorter prompt has padding to play with
+    if hole == "last":
+        batch.attention_mask[row] = batch.attention_mask[row].flip(0)
+    else:  # a gap after the first real token: the row is no longer padding, then tokens
+        first = int(batch.attention_mask[row].argmax())
+        batch.attention_mask[row, first + 1] = 0
+    with pytest.raises(tc.InputMismatchError, match="must be left padded"):
+        tc.Engine(model).prefill(batch)
+    assert forward_calls == []
+
+
 def test_composition_errors(model):
     with pytest.raises(tc.TokencompError, match="at most one vision strategy"):
         tc.Engine(model, [tc.method("random"), tc.method("pool")])

@@ -13,7 +13,7 @@ from conftest import PROMPTS
 import tokencomp as tc
 from tokencomp.layout import pad_left, repack
 from tokencomp.strategy import TEXT, VISUAL
-from tokencomp.syncs import HostSyncs
+from tokencomp.syncs import HostSyncs, host_tensors
 from tokencomp.tiny import tiny_llava
 
 
@@ -44,6 +44,32 @@ def test_counter_sees_each_kind_of_sync_and_nothing_else():
     assert len(s.sites) == 10 and all(site.startswith("test_host_syncs.py:") for site in s.sites)  # one per line
 
 
+def test_counter_lets_host_tensors_be():
+    """Host copies, tensors made without a device and what is computed from them alone are free;
+    the copy itself and work mixing in a device tensor are not."""
+    x = torch.arange(6.0).view(2, 3)
+    with HostSyncs() as s:
+        h = x.cpu()  # the copy: one sync
+        (h[h > 2] * torch.tensor([2.0])).tolist()  # host work: free
+        made = torch.tensor([1, 0, 1], dtype=torch.bool)
+        int(made.sum())  # made without naming a device: free
+        x[:, made]  # a device tensor indexed: a sync
+        int(torch.tensor([1, 2], device=x.device).sum())  # a device named: an upload and a read
+        h.to(torch.float16).to(x.device)[0, 0].item()  # host work, then an upload and a read
+        h.to(x.device, non_blocking=True)  # an upload that does not wait
+    assert s.total == 6 and s.counts == {"cpu": 1, "__getitem__[bool]": 1, "__int__": 1, "upload": 2, "item": 1}
+
+
+def test_prefill_syncs_outside_the_decoder_do_not_grow_with_the_batch(model, images):
+    """Per image: only the upload of the batch, one read of the views' token counts, the mask's
+    fast-path check and the final counts; nothing per sample or per image."""
+    counts = []
+    for n in (1, 3):
+        batch = tc.prepare(model, images[:n], PROMPTS[:n])
+        counts.append(_prefill_syncs(model, batch))
+    assert counts[0] == counts[1]
+
+
 def test_repack_equals_a_loop_with_one_sync():
     g = torch.Generator().manual_seed(0)
     for b, n in [(3, 7), (1, 1), (5, 13), (2, 40)]:
@@ -58,7 +84,7 @@ def test_repack_equals_a_loop_with_one_sync():
 
 def _prefill_syncs(model, batch, method=None) -> int:
     engine = tc.Engine(model, method)
-    with HostSyncs() as s:
+    with HostSyncs(host=host_tensors(batch)) as s:
         engine.prefill(batch)
     return s.total
 

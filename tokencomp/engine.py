@@ -355,8 +355,8 @@ class Engine:
         """Check the batch and every strategy before any forward pass; returns the image spans."""
         if batch.input_ids.dim() != 2 or batch.attention_mask.shape != batch.input_ids.shape:
             raise InputMismatchError("input_ids and attention_mask must both be (batch, length)")
-        if bool((batch.attention_mask[:, -1] == 0).any()):
-            raise InputMismatchError("the batch must be left padded (the last column holds real tokens)")
+        if bool((batch.attention_mask[:, -1] == 0).any()) or bool((batch.attention_mask.long().diff(dim=1) < 0).any()):
+            raise InputMismatchError("the batch must be left padded (each row: padding, then its tokens to the end)")
         spans = self.image_spans(batch)
         info = self.run_info(batch, spans)
         for s in self.strategies:
@@ -430,10 +430,12 @@ class Engine:
         else:
             out = self.vision.compress(view)
         projected = self._project(out)
-        images = []
-        for i in range(n_images):
-            rows = (view.image == i).nonzero().flatten()
-            images.append(self._assemble(out, projected, rows, sizes[i], crop_grid[i]))
+        counts = out.count.tolist()  # tokens per view: one read for all images
+        images, first = [], 0
+        for i in range(n_images):  # image i's views are consecutive, its base view first
+            rows = range(first, first + image.count(i))
+            images.append(self._assemble(out, projected, rows, counts, sizes[i], crop_grid[i]))
+            first = rows.stop
         return images, captures
 
     def _vision_tower(self, pixel: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -501,14 +503,14 @@ class Engine:
         proj[real] = flat
         return proj
 
-    def _assemble(self, out: ViewTokens, proj: torch.Tensor, rows: torch.Tensor, size, crop_grid) -> dict:
-        """Lay out one image's tokens: base view first, then the crops (LLaVA-NeXT)."""
+    def _assemble(self, out: ViewTokens, proj: torch.Tensor, rows: range, counts: list[int], size, crop_grid) -> dict:
+        """Lay out one image's tokens: base view first, then the crops (LLaVA-NeXT). ``rows``: the
+        image's views; ``counts``: tokens per view (all views')."""
         m = self.model
         dev = proj.device
         n = m.patches_per_view
-        out_counts = out.count[rows]  # tokens the projector ran on, before unpadding drops any
-        r0 = int(rows[0])
-        c0 = int(out.count[r0])
+        r0 = rows.start
+        c0 = counts[r0]
         idx0 = out.index[r0, :c0]
         parts = {
             "feats": [proj[r0, :c0]],
@@ -518,7 +520,7 @@ class Engine:
             "offset": [idx0 if out.grid in (None, m.grid) else torch.full_like(idx0, -1)],
         }
         if len(rows) > 1:
-            crop_rows = rows[1:]
+            crop_rows = torch.arange(rows.start + 1, rows.stop, device=dev)
             newline = m.image_newline.to(proj.dtype)
             policy = getattr(self.vision, "newline", "keep") if self.vision else "keep"
             if out.grid is not None:
@@ -533,7 +535,7 @@ class Engine:
                 parts[name].append(value)
         out = {name: torch.cat(v) for name, v in parts.items()}
         out["num_views"] = len(rows)
-        out["projected"] = int(out_counts.sum())
+        out["projected"] = sum(counts[r] for r in rows)  # tokens the projector ran on, before unpadding drops any
         return out
 
     def _crops_on_grid(self, out, proj, crop_rows, size, crop_grid, newline, policy) -> dict:
@@ -638,13 +640,15 @@ class Engine:
         """
         m = self.model
         dev = m.device
-        ids, mask = batch.input_ids.to(dev), batch.attention_mask.to(dev).bool()
-        samples, n_visual, per_view, projected, img = [], [], [], [], 0
+        ids = batch.input_ids.to(dev)
+        lengths = batch.attention_mask.sum(1).tolist()  # left padded (validate): row b is ids[b, -length:]
+        # counts stay on the device until one read at the end (a read per image would wait each time)
+        samples, n_visual, view_counts, projected, img = [], [], [], [], 0
         for b, sample in enumerate(spans):
-            row = ids[b][mask[b]]
+            row = ids[b, ids.shape[1] - lengths[b] :]
             emb = m.embed_tokens(row)
             pieces = {k: [] for k in ("hidden", "kind", "orig", "image", "view", "patch", "pos")}
-            cursor, vis, views, proj_tokens = 0, 0, [], 0
+            cursor, vis, views, proj_tokens = 0, torch.zeros((), dtype=torch.long, device=dev), [], 0
             for local, (start, length) in enumerate(sample + [(len(row), 0)]):
                 t = torch.arange(cursor, start, device=dev)
                 pieces["hidden"].append(emb[cursor:start])
@@ -658,19 +662,20 @@ class Engine:
                     break
                 tok = images[img]
                 k = tok["feats"].shape[0]
-                vis += int((tok["kind"] == VISUAL).sum())
-                proj_tokens += tok["projected"]
                 is_vis = tok["kind"] == VISUAL
+                vis = vis + is_vis.sum()
+                proj_tokens += tok["projected"]
+                nv = tok["num_views"]  # visual tokens per view, a last bin for the rest
+                bins = torch.where(is_vis & (tok["view"] >= 0), tok["view"], nv)
                 views.append(
-                    torch.bincount(tok["view"][is_vis & (tok["view"] >= 0)], minlength=tok["num_views"]).tolist()
+                    torch.zeros(nv + 1, dtype=torch.long, device=dev).index_add_(0, bins, torch.ones_like(bins))
                 )
                 off = tok["offset"]
                 orig = torch.where(off >= 0, start + off, off)
                 # tokens with a source keep their place; those without (merged, pooled) are spread
-                # evenly over the image's span
+                # evenly over the image's span: the i-th of c at i * length // c
                 none = off < 0
-                spread = torch.zeros_like(off)
-                spread[none] = torch.arange(int(none.sum()), device=dev) * length // max(int(none.sum()), 1)
+                spread = (none.long().cumsum(0) - 1) * length // none.sum().clamp(min=1)
                 pos = start + torch.where(none, spread, off)
                 pieces["hidden"].append(tok["feats"].to(emb.dtype))
                 pieces["kind"].append(tok["kind"])
@@ -686,8 +691,15 @@ class Engine:
                 s["pos"] = torch.arange(len(s["kind"]), device=dev)
             samples.append(s)
             n_visual.append(vis)
-            per_view.append(views)
+            view_counts.append(views)
             projected.append(proj_tokens)
+        flat = torch.cat([torch.stack(n_visual), *(v[:-1] for views in view_counts for v in views)]).tolist()
+        n_visual, at, per_view = flat[: len(samples)], len(samples), []
+        for views in view_counts:
+            per_view.append([])
+            for v in views:
+                per_view[-1].append(flat[at : at + len(v) - 1])
+                at += len(v) - 1
         hidden, valid = pad_left([s["hidden"] for s in samples])
         state = SeqState(
             hidden=hidden,
@@ -803,15 +815,16 @@ class Engine:
             image[:, i] = (state.valid & (state.kind == VISUAL)).sum(1)
         h = m.norm(state.hidden if all_logits else state.hidden[:, -1])
         logits = m.lm_head(h).float()
+        per_layer = torch.stack([tokens, visual, image]).tolist()  # one read, once everything is queued
         record = RunRecord(
             method=[str(s) for s in self.strategies] or ["identity"],
             visual_tokens_in=[sum(c for _, c in s) for s in spans],
             visual_tokens_llm=n_visual.tolist(),
             tokens_per_view=per_view,
             projected_tokens=projected,
-            tokens_per_layer=tokens.cpu().tolist(),
-            visual_per_layer=visual.cpu().tolist(),
-            image_per_layer=image.cpu().tolist(),
+            tokens_per_layer=per_layer[0],
+            visual_per_layer=per_layer[1],
+            image_per_layer=per_layer[2],
             frozen_layers=sorted(k for k, v in self.frozen.items() if v == "visual"),
             frozen_text_layers=sorted(k for k, v in self.frozen.items() if v == "text"),
             vision_layers_run=self.vision_layers_run - self.vision_qk_layers,

@@ -3,15 +3,20 @@
 On a GPU, PyTorch queues kernels and returns at once. An operation whose result the host must
 read waits until the device has finished everything queued before it, and the kernel launches
 after it are then no longer hidden behind device work. Such operations are: a Python ``bool`` /
-``int`` / ``float`` of a tensor, ``.item()``, ``.tolist()``, ``.cpu()``; and operations whose
+``int`` / ``float`` of a tensor, ``.item()``, ``.tolist()``, ``.cpu()``; a blocking upload of host data (``.to(device)``,
+``torch.tensor(values, device=d)``); and operations whose
 output shape depends on the data, such as ``nonzero``, boolean-mask indexing and ``bincount``.
 A few per prefill are unavoidable (a packed width after pruning is data-dependent). One per
 decoder layer adds up: 32 layers at batch 1 on an H100 run in a few milliseconds.
 
 `HostSyncs` counts these calls at the Python level through a `torch.overrides.TorchFunctionMode`.
 It works on the CPU, where nothing waits, so tests can hold the engine to a budget without a GPU.
-It cannot see a sync inside a C++ operator (none of the engine's own operators does), and it
-counts ``.cpu()`` and ``.numpy()`` even on CPU tensors, where they are free.
+On the CPU every tensor is a host tensor, so it tells the two kinds apart by where they came
+from: a tensor is on the host when it is a ``.cpu()`` / ``.numpy()`` copy, was created without
+naming a device (``torch.tensor(values)``), was given as ``host=`` (a batch's tensors), or was
+computed from such tensors alone; operations on host tensors are free. Everything else counts as
+on the device. It cannot see a sync inside a C++ operator (none of the engine's own operators
+makes one).
 
 Example::
 
@@ -23,7 +28,9 @@ Example::
 from __future__ import annotations
 
 import sys
+import weakref
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -52,6 +59,11 @@ ALWAYS = frozenset(
     }
 )
 INDEXING = frozenset({"__getitem__", "__setitem__", "index_put", "index_put_"})
+HOST_COPIES = frozenset({"cpu", "numpy"})
+# factories whose tensor lives on the host unless a device is named
+FACTORIES = frozenset(
+    {"tensor", "as_tensor", "arange", "zeros", "ones", "full", "empty", "rand", "randn", "randint", "linspace", "eye"}
+)
 _TORCH_DIR = str(Path(torch.__file__).parent)
 
 
@@ -79,16 +91,24 @@ def is_host_sync(name: str, args: tuple, kwargs: dict) -> bool:
 class HostSyncs(TorchFunctionMode):
     """Context manager counting host syncs (see the module docstring) made inside it.
 
+    Args:
+        host: tensors known to live on the host, such as a `tokencomp.Batch`'s (`host_tensors`):
+            work on them alone is free, and their upload to the device counts as one sync.
+
     Attributes:
         counts: ``Counter`` of operation name -> calls (boolean-mask indexing as ``"name[bool]"``).
         sites: ``Counter`` of ``"file:line"`` -> calls, the innermost caller outside torch.
         total: all calls counted.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host: Iterable[torch.Tensor | None] = ()) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
         self.sites: Counter[str] = Counter()
+        self._host: dict[int, weakref.ref] = {}  # id -> tensor known to live on the host
+        for t in host:
+            if t is not None:
+                self._mark_host(t)
 
     @property
     def total(self) -> int:
@@ -97,10 +117,50 @@ class HostSyncs(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if is_host_sync(name, args, kwargs):
-            self.counts[f"{name}[bool]" if name in INDEXING else name] += 1
+        inputs = _tensors((args, kwargs)) if self._host or name in FACTORIES else None  # None: not needed
+        on_host = bool(inputs) and all(self._is_host(t) for t in inputs)
+        upload = _uploads(name, args, kwargs, inputs, on_host)
+        if upload or (not on_host and is_host_sync(name, args, kwargs)):
+            self.counts["upload" if upload else f"{name}[bool]" if name in INDEXING else name] += 1
             self.sites[_caller()] += 1
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if (name in HOST_COPIES or upload) and isinstance(out, torch.Tensor) and out is args[0]:
+            out = out.view_as(out)  # on the CPU a copy can be the tensor itself: a new alias stands for it
+        made_here = name in FACTORIES and not inputs and kwargs.get("device") is None
+        if not upload and (on_host or made_here or name in HOST_COPIES):
+            for t in _tensors(out):
+                self._mark_host(t)
+        return out
+
+    def _mark_host(self, t: torch.Tensor) -> None:
+        key = id(t)
+        self._host[key] = weakref.ref(t, lambda _: self._host.pop(key, None))  # forgotten when t dies
+
+    def _is_host(self, t: torch.Tensor) -> bool:
+        ref = self._host.get(id(t))
+        return ref is not None and ref() is t
+
+
+def _uploads(name: str, args: tuple, kwargs: dict, inputs, on_host: bool) -> bool:
+    """Whether the call copies host data to the device, which waits like a read unless
+    ``non_blocking=True``: ``.to(device)`` / ``.cuda()`` of a host tensor, or a factory given
+    Python data and a device (``torch.tensor(values, device=d)``)."""
+    if kwargs.get("non_blocking"):
+        return False
+    if name in ("to", "cuda") and on_host:
+        return name == "cuda" or "device" in kwargs or any(isinstance(a, (str, torch.device)) for a in args[1:])
+    return name in ("tensor", "as_tensor") and not inputs and kwargs.get("device") is not None
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in ``value``: a tensor, or nested tuples, lists and dict values."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
 
 
 def _caller() -> str:
@@ -114,3 +174,8 @@ def _caller() -> str:
 
 def _internal(filename: str) -> bool:
     return filename.startswith(_TORCH_DIR) or filename == __file__
+
+
+def host_tensors(batch) -> list[torch.Tensor]:
+    """The tensors of a `tokencomp.Batch` as `tokencomp.prepare` makes them: on the host."""
+    return [t for t in (batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_sizes) if t is not None]

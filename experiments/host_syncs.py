@@ -1,0 +1,76 @@
+"""Host syncs per method: how often each cell of an experiment makes the host wait for the device.
+
+Usage::
+
+    python experiments/host_syncs.py experiments/demo.toml [--out FILE] [--run-dir DIR]
+
+On a GPU each host sync (a Python value read from a tensor, a data-dependent shape) waits until
+the queued kernels finish, so the launches after it are no longer hidden behind device work;
+latency measured on a GPU includes that cost. This script counts the syncs of each cell with
+`tokencomp.syncs.HostSyncs`, on the CPU (counts do not depend on the device), on the batch the
+runner times latency on (the dataset's first ``batch_size`` samples): one prefill, and one decode
+step (the difference between generating 3 and 2 tokens). ``sites`` names the lines that sync
+most. Data is generated under ``--run-dir`` (default ``runs/host-syncs``) as `tokencomp compare`
+does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tokencomp.engine import Engine  # noqa: E402
+from tokencomp.runner import _dataset, _latency_batch, _load_model, load_experiment  # noqa: E402
+from tokencomp.syncs import HostSyncs, host_tensors  # noqa: E402
+
+
+def count(engine: Engine, batch, new_tokens: int | None = None) -> HostSyncs:
+    """Syncs of one prefill (``new_tokens=None``) or one `Engine.generate` call."""
+    with torch.no_grad(), HostSyncs(host=host_tensors(batch)) as syncs:
+        if new_tokens is None:
+            engine.prefill(batch)
+        else:
+            engine.generate(batch, max_new_tokens=new_tokens, eos_token_id=None)
+    return syncs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("experiment")
+    p.add_argument("--run-dir", default="runs/host-syncs")
+    p.add_argument("--out", default=None, help="markdown file for the table")
+    args = p.parse_args(argv)
+    exp = load_experiment(args.experiment, args.run_dir)
+    exp.out.mkdir(parents=True, exist_ok=True)
+    models = {name: _load_model(src, exp.load[name]) for name, src in exp.models.items()}
+    datasets = {name: _dataset(spec, exp.out) for name, spec in exp.datasets.items()}
+    lines = [
+        f"# Host syncs per cell ({args.experiment}, batch {exp.settings['batch_size']})",
+        "",
+        f"Command: `python experiments/host_syncs.py {args.experiment}`",
+        "",
+        "| model | layers | cell | prefill syncs | per decode step | most from |",
+        "|---|---:|---|---:|---:|---|",
+    ]
+    for cell in exp.cells:
+        model = models[cell.model]
+        batch = _latency_batch(exp, model, datasets[cell.dataset])
+        engine = Engine(model, cell.strategies())
+        engine.prefill(batch)  # warm-up: lazy imports and caches outside the count
+        pre = count(engine, batch)
+        step = count(engine, batch, 3).total - count(engine, batch, 2).total
+        sites = ", ".join(f"{site} ({n})" for site, n in pre.sites.most_common(2))
+        lines.append(f"| {cell.model} | {model.num_layers} | {cell.label} | {pre.total} | {step} | {sites} |")
+        print(lines[-1], flush=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
