@@ -27,6 +27,7 @@ so need contiguous LLM positions, and get score 0 in the captures taken before t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import kernels
 
 from .cache import LayerKVCache
 from .errors import InputMismatchError, TokencompError, UnsupportedModelError
-from .layout import pad_left, repack
+from .layout import pad_left, place_columns, repack
 from .model import Model
 from .profiler import FlopsReport, run_flops
 from .record import RunRecord
@@ -668,7 +669,7 @@ class Engine:
                 nv = tok["num_views"]  # visual tokens per view, a last bin for the rest
                 bins = torch.where(is_vis & (tok["view"] >= 0), tok["view"], nv)
                 views.append(
-                    torch.zeros(nv + 1, dtype=torch.long, device=dev).index_add_(0, bins, torch.ones_like(bins))
+                    torch.zeros(nv + 1, dtype=torch.long, device=dev).index_add_(0, bins, torch.ones_like(bins))[:nv]
                 )
                 off = tok["offset"]
                 orig = torch.where(off >= 0, start + off, off)
@@ -693,13 +694,9 @@ class Engine:
             n_visual.append(vis)
             view_counts.append(views)
             projected.append(proj_tokens)
-        flat = torch.cat([torch.stack(n_visual), *(v[:-1] for views in view_counts for v in views)]).tolist()
-        n_visual, at, per_view = flat[: len(samples)], len(samples), []
-        for views in view_counts:
-            per_view.append([])
-            for v in views:
-                per_view[-1].append(flat[at : at + len(v) - 1])
-                at += len(v) - 1
+        flat = iter(torch.cat([torch.stack(n_visual), *(v for views in view_counts for v in views)]).tolist())
+        n_visual = list(itertools.islice(flat, len(samples)))
+        per_view = [[list(itertools.islice(flat, len(v))) for v in views] for views in view_counts]
         hidden, valid = pad_left([s["hidden"] for s in samples])
         state = SeqState(
             hidden=hidden,
@@ -890,26 +887,27 @@ class Engine:
         token. ``made``: per recycling strategy, ``tokens (B, r, d)`` and ``count (B,)`` (the first
         ``count[b]`` rows are sample b's). Returns the new state and ``(B, n')`` source indices
         (-1 for an inserted token)."""
-        b, n = keep.shape
+        n = keep.shape[1]
         dev = keep.device
         col = torch.arange(n, device=dev)
         span_end = torch.where(state.valid & (state.kind >= VISUAL), col, -1).amax(1)
         kept = keep.sum(1)
         added_n = sum(c for _, c in made)  # (B,) inserted tokens per sample
         length = kept + added_n
-        width, orphan = torch.stack([length.max(), ((added_n > 0) & (span_end < 0)).sum()]).tolist()  # one host sync
-        if orphan:
-            bad = ((added_n > 0) & (span_end < 0)).nonzero().flatten().tolist()
+        orphans = (added_n > 0) & (span_end < 0)  # recycled tokens but no image span to put them after
+        width, any_orphan = torch.stack([length.max(), orphans.sum()]).tolist()  # one host sync
+        if any_orphan:
+            bad = orphans.nonzero().flatten().tolist()
             raise TokencompError(f"recycle_tokens returned tokens for samples {bad}, which have no image tokens")
         # after the kept image span, but never after the last token (whose logits are read)
         cut = torch.minimum((keep & (col <= span_end[:, None])).sum(1), kept - 1).clamp(min=0)
-        start = width - length + cut  # (B,) first inserted slot
+        pad = width - length  # (B,) left padding
+        start = pad + cut  # (B,) first inserted slot
         rank = keep.long().cumsum(1) - 1
-        dest = (width - length)[:, None] + rank + torch.where(rank >= cut[:, None], added_n[:, None], 0)
-        dest = dest.masked_fill(~keep, width)  # dropped tokens land in a spill column, cut off below
+        dest = pad[:, None] + rank + torch.where(rank >= cut[:, None], added_n[:, None], 0)
+        index = place_columns(keep, dest, width)
         slot = torch.arange(width, device=dev)[None]
-        index = torch.zeros(b, width + 1, dtype=torch.long, device=dev).scatter_(1, dest, col.expand(b, n))[:, :width]
-        valid = slot >= (width - length)[:, None]
+        valid = slot >= pad[:, None]
         added = (slot >= start[:, None]) & (slot < (start + added_n)[:, None])
         index = index.masked_fill(added, -1)
         # slot -> row of the strategies' tokens side by side (B, sum r, d): strategy by strategy, in order

@@ -34,8 +34,15 @@ def repack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts = keep.sum(1)
     k = int(counts.max()) if b else 0  # the packed width: the one host sync
     dest = keep.long().cumsum(1) - 1 + (k - counts)[:, None]
-    dest = dest.masked_fill(~keep, k)  # dropped tokens land in a spill column, cut off below
-    cols = torch.arange(n, device=keep.device).expand(b, n)
-    index = torch.zeros(b, k + 1, dtype=torch.long, device=keep.device).scatter_(1, dest, cols)
     valid = torch.arange(k, device=keep.device)[None] >= (k - counts)[:, None]
-    return index[:, :k].contiguous(), valid  # padding slots were never written: 0
+    return place_columns(keep, dest, k), valid
+
+
+def place_columns(keep: torch.Tensor, dest: torch.Tensor, width: int) -> torch.Tensor:
+    """``(B, width)`` long: slot ``dest[b, j]`` holds column ``j`` for each kept ``j`` (``keep``
+    and ``dest`` ``(B, n)``), every other slot 0; one scatter, without a data-dependent shape
+    (the dropped columns land in a spill slot, cut off)."""
+    b, n = keep.shape
+    cols = torch.arange(n, device=keep.device).expand(b, n)
+    index = torch.zeros(b, width + 1, dtype=torch.long, device=keep.device)
+    return index.scatter_(1, dest.masked_fill(~keep, width), cols)[:, :width].contiguous()

@@ -3,11 +3,11 @@
 On a GPU, PyTorch queues kernels and returns at once. An operation whose result the host must
 read waits until the device has finished everything queued before it, and the kernel launches
 after it are then no longer hidden behind device work. Such operations are: a Python ``bool`` /
-``int`` / ``float`` of a tensor, ``.item()``, ``.tolist()``, ``.cpu()``; a blocking upload of host data (``.to(device)``,
-``torch.tensor(values, device=d)``); and operations whose
-output shape depends on the data, such as ``nonzero``, boolean-mask indexing and ``bincount``.
-A few per prefill are unavoidable (a packed width after pruning is data-dependent). One per
-decoder layer adds up: 32 layers at batch 1 on an H100 run in a few milliseconds.
+``int`` / ``float`` of a tensor, ``.item()``, ``.tolist()``, ``.cpu()``; a blocking upload of
+host data (``.to(device)``, ``torch.tensor(values, device=d)``); and operations whose output
+shape depends on the data, such as ``nonzero``, boolean-mask indexing and ``bincount``. A few per
+prefill are unavoidable (the packed width after a pruning depends on the data); one per decoder
+layer or per sample adds up.
 
 `HostSyncs` counts these calls at the Python level through a `torch.overrides.TorchFunctionMode`.
 It works on the CPU, where nothing waits, so tests can hold the engine to a budget without a GPU.
@@ -20,7 +20,7 @@ makes one).
 
 Example::
 
-    with HostSyncs() as syncs:
+    with HostSyncs(host=host_tensors(batch)) as syncs:
         engine.prefill(batch)
     print(syncs.total, syncs.counts.most_common(3), syncs.sites.most_common(3))
 """
