@@ -87,35 +87,41 @@ class GlobalCom2(tc.VisionStrategy):
         nv, n, d = x.shape
         h, w = view.grid
         dev = x.device
+        if any(rows for rows, _ in view.crop_grid) and len(view.crop_window) != len(view.crop_grid):
+            raise TokencompError("GlobalCom² needs the views' crop_window (the unpadded crop windows)")
         scores = view.cls_logits(self.layer)[:, :, 1:].mean(dim=1)  # (V, N) head-mean logits
-        chosen: list[torch.Tensor] = [torch.empty(0)] * nv
-        for img in view.image.unique().tolist():
-            vs = (view.image == img).nonzero().flatten()
-            thumb_v = int(vs[view.role[vs] == 0][0])
-            crop_vs = vs[view.role[vs] > 0][view.role[vs][view.role[vs] > 0].argsort()]
-            thumb = scores[thumb_v]
-            top = thumb.topk(int(n * self.ratio)).indices
-            chosen[thumb_v] = top if self.thumbnail_order == "score" else top.sort().values
-            if len(crop_vs) == 0:
+        # 1. thumbnails keep their top int(N R) by their own score; crops are scored below
+        combined = scores.clone()
+        k = torch.full((nv,), int(n * self.ratio), dtype=torch.long, device=dev)
+        thumbs, first = [], 0
+        for img, (rows, cols) in enumerate(view.crop_grid):  # an image: its thumbnail, then its crops
+            crops = slice(first + 1, first + 1 + rows * cols)
+            thumbs.append(first)
+            first = crops.stop
+            if not rows * cols:
                 continue
-            rows, cols = view.crop_grid[img]
+            thumb = scores[crops.start - 1]
+            # 2-4. crop retention r_j from the thumbnail's block scores
             r = crop_retention(crop_block_scores(thumb, (h, w), (rows, cols)), self.ratio, self.tau)
-            # the unpadded window of the combined crop grid, read off the crops' valid masks
-            valid = view.valid[crop_vs].view(rows, cols, h, w).permute(0, 2, 1, 3).reshape(rows * h, cols * w)
-            rr, cc = valid.any(1).nonzero().flatten(), valid.any(0).nonzero().flatten()
-            r0, height, c0, width = int(rr[0]), len(rr), int(cc[0]), len(cc)
+            valid = view.valid[crops]  # (C, N) unpadded tokens
+            r0, height, c0, width = view.crop_window[img]
+            k[crops] = (valid.sum(1).double() * r.double()).trunc().long()  # int(N_j r_j)
+            if not height * width:  # unpadding keeps no crop token
+                continue
+            # 5. own scores + the thumbnail's scores resampled onto the unpadded crop window
             glob = kernels.pool_grid(thumb.view(1, h * w, 1), (h, w), (height, width), "bilinear", backend=view.backend)
-            glob = glob.view(height, width)
-            for j, v in enumerate(crop_vs.tolist()):
-                idx = view.valid[v].nonzero().flatten()  # unpadded tokens, raster order
-                rg = (j // cols) * h + idx // w - r0
-                cg = (j % cols) * w + idx % w - c0
-                combined = F.normalize(scores[v, idx], dim=-1) + F.normalize(glob[rg, cg], dim=-1)
-                k = int(len(idx) * float(r[j]))
-                chosen[v] = idx[combined.topk(k).indices].sort().values
-        count = torch.tensor([len(c) for c in chosen], device=dev)
-        index = torch.zeros(nv, int(count.max()), dtype=torch.long, device=dev)
-        for v, c in enumerate(chosen):
-            index[v, : len(c)] = c
-        feats = kernels.gather_tokens(x, index, count, backend=view.backend)
-        return tc.ViewTokens(features=feats, index=index, count=count)
+            j, p = torch.arange(rows * cols, device=dev)[:, None], torch.arange(n, device=dev)[None]
+            rg = ((j // cols) * h + p // w - r0).clamp(0, height - 1)
+            cg = ((j % cols) * w + p % w - c0).clamp(0, width - 1)
+            own = F.normalize(scores[crops].masked_fill(~valid, 0), dim=-1)
+            glb = F.normalize(glob.view(height, width)[rg, cg].masked_fill(~valid, 0), dim=-1)
+            combined[crops] = (own + glb).masked_fill(~valid, float("-inf"))
+        if first != nv:
+            raise TokencompError(f"the crop grids account for {first} views, the view holds {nv}")
+        top = combined.topk(int(k.max()), dim=-1).indices  # one host read: the widest view
+        pad = torch.arange(top.shape[1], device=dev)[None] >= k[:, None]
+        index = top.masked_fill(pad, n).sort(dim=-1).values.masked_fill(pad, 0)  # raster order
+        if self.thumbnail_order == "score":  # thumbnails in descending score, as the released code
+            index[thumbs] = top[thumbs].masked_fill(pad[thumbs], 0)
+        feats = kernels.gather_tokens(x, index, k, backend=view.backend)
+        return tc.ViewTokens(features=feats, index=index, count=k)

@@ -39,8 +39,9 @@ def cls_attention_single_head(q_cls: torch.Tensor, keys: torch.Tensor) -> torch.
 
 
 def iqr_outliers(a: torch.Tensor) -> torch.Tensor:
-    """``(N,) -> (N,)`` bool: values strictly above ``Q3 + 1.5 * (Q3 - Q1)``."""
-    q1, q3 = torch.quantile(a.float(), torch.tensor([0.25, 0.75], device=a.device))
+    """``(..., N) -> (..., N)`` bool: values strictly above ``Q3 + 1.5 * (Q3 - Q1)`` of their row."""
+    q = torch.linspace(0.25, 0.75, 2, device=a.device)  # made on the device: no upload
+    q1, q3 = torch.quantile(a.float(), q, dim=-1, keepdim=True)
     return a > q3 + 1.5 * (q3 - q1)
 
 
@@ -75,17 +76,30 @@ class _PruMergeBase(tc.VisionStrategy):
         kept -= views if self.extra_token else 0
         return views * 2.0 * (n + 1) * dim + 2.0 * kept * n * dim
 
-    def kept(self, a: torch.Tensor) -> torch.Tensor:
-        """Indices kept for one view's CLS attention ``a (N,)``, in emission order."""
-        n = a.shape[0]
-        k = int(iqr_outliers(a).sum())
-        top = a.topk(k).indices  # descending attention
-        if self.plus and k > 0:
-            stride = max(1, int(int(1 / (k / n)) / 3))
-            sampled = torch.arange(0, n - 1, stride, device=a.device)
-            sampled = sampled[~torch.isin(sampled, top)]
-            top = torch.cat([top, sampled])
-        return top.sort().values if self.order == "raster" else top
+    def kept(self, a: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """``(V, N)`` CLS attention -> ``(V, K)`` kept indices per view in emission order, -1 after a
+        view's last, and each view's count (one host read)."""
+        v, n = a.shape
+        i = torch.arange(n, device=a.device)
+        outlier = iqr_outliers(a)  # the top-k values: k is the view's adaptive budget
+        keep = outlier
+        if self.plus:  # raster samples at stride int(int(1 / (k / N)) / 3), at least 1; none when k = 0
+            k = outlier.sum(1, keepdim=True)
+            stride = (1 / (k.double() / n)).trunc().div(3).trunc().clamp(min=1).nan_to_num(1).long()
+            keep = outlier | ((k > 0) & (i % stride == 0) & (i < n - 1))
+        if self.order == "score":  # outliers by descending attention, then samples in raster order
+            rank = torch.empty_like(i.expand(v, n)).scatter_(
+                1, a.sort(dim=-1, descending=True, stable=True).indices, i.expand(v, n)
+            )
+            key = torch.where(outlier, rank, n + i)
+        else:
+            key = i.expand(v, n)
+        key = torch.where(keep, key, 2 * n + i)
+        count = keep.sum(1)
+        counts = count.tolist()
+        width = max(counts, default=0)
+        order = key.argsort(dim=-1)[:, :width]
+        return order.masked_fill(torch.arange(width, device=a.device) >= count[:, None], -1), counts
 
     def compress(self, view: tc.VisionView) -> tc.ViewTokens:
         x = view.features
@@ -94,36 +108,36 @@ class _PruMergeBase(tc.VisionStrategy):
         be = view.backend
         a = cls_attention_single_head(view.cls_query(self.layer), view.keys_full(self.layer))  # (V, N)
         keys = torch.nn.functional.normalize(view.keys_full(self.layer)[:, 1:].float(), dim=-1)
-        outs, idxs = [], []
-        for v in range(nv):
-            keep = self.kept(a[v])
-            k = len(keep)
-            sim = keys[v, keep] @ keys[v].T  # (k, N)
-            sim[torch.arange(k, device=dev), keep] = float("-inf")  # never a token's own neighbour
-            if self.neighbours == "pruned":
-                sim[:, keep] = float("-inf")
-            m = min(self.k_neighbours, n - (k if self.neighbours == "pruned" else 1))
-            nn_idx = sim.topk(m, dim=-1).indices if k and m > 0 else keep.new_zeros(k, 0)
-            src = kernels.gather_tokens(x[v : v + 1], nn_idx.reshape(1, -1), backend=be)
-            target = torch.arange(k, device=dev).repeat_interleave(nn_idx.shape[1])[None]
-            weight = a[v][nn_idx.reshape(-1)][None]
-            merged = x[v, keep] + kernels.merge_tokens(src, target, k, weight, mean=False, backend=be)[0]
-            tokens, index = [merged], [keep]
-            if self.extra_token:
-                pruned = torch.ones(n, dtype=torch.bool, device=dev)
-                pruned[keep] = False
-                tgt = torch.where(pruned, 0, -1)[None]
-                tokens.append(kernels.merge_tokens(x[v : v + 1], tgt, 1, a[v][None], mean=False, backend=be)[0])
-                index.append(keep.new_full((1,), -1))
-            outs.append(torch.cat(tokens))
-            idxs.append(torch.cat(index))
-        count = torch.tensor([len(i) for i in idxs], device=dev)
-        kmax = int(count.max())
-        feats = x.new_zeros(nv, kmax, d)
-        index = torch.full((nv, kmax), -1, dtype=torch.long, device=dev)
-        for v in range(nv):
-            feats[v, : count[v]] = outs[v].to(x.dtype)
-            index[v, : count[v]] = idxs[v]
+        keep, k = self.kept(a)  # (V, K), -1 padding; k per view
+        width = keep.shape[1]
+        real = keep >= 0
+        safe = keep.clamp(min=0)
+        is_kept = torch.zeros(nv, n + 1, dtype=torch.bool, device=dev)
+        is_kept = is_kept.scatter_(1, torch.where(real, keep, n), True)[:, :n]
+        # 3. each kept token's nearest neighbours by key cosine, never itself (nor, "pruned", a kept one);
+        # the cosines a matmul per view, so that no padding row is computed
+        cosines = [keys[v, keep[v, : k[v]]] @ keys[v].T for v in range(nv)]
+        sim = torch.nn.utils.rnn.pad_sequence(cosines, batch_first=True, padding_value=float("-inf"))
+        sim.scatter_(2, safe[..., None], float("-inf"))  # (V, K, N)
+        if self.neighbours == "pruned":
+            sim.masked_fill_(is_kept[:, None], float("-inf"))
+        m = min(self.k_neighbours, n - 1)  # a view with fewer candidates ("pruned") draws -inf ones: dropped
+        near, nn_idx = sim.topk(m, dim=-1) if width and m > 0 else (sim[..., :0], keep.new_zeros(nv, width, 0))
+        use = real[..., None] & (near > float("-inf"))
+        src = kernels.gather_tokens(x, nn_idx.reshape(nv, -1), backend=be)
+        target = torch.where(use, torch.arange(width, device=dev)[:, None], -1).reshape(nv, -1)
+        weight = a.gather(1, nn_idx.reshape(nv, -1))
+        merged = kernels.gather_tokens(x, safe, backend=be) + kernels.merge_tokens(
+            src, target, width, weight, mean=False, backend=be
+        )
+        feats = merged.masked_fill(~real[..., None], 0).to(x.dtype)
+        index, count = keep, real.sum(1)
+        if self.extra_token:  # 4. the pruned tokens' attention-weighted sum, after the kept ones
+            extra = kernels.merge_tokens(x, torch.where(is_kept, -1, 0), 1, a, mean=False, backend=be)
+            feats = torch.cat([feats, feats.new_zeros(nv, 1, d)], 1)
+            feats.scatter_(1, count[:, None, None].expand(-1, 1, d), extra.to(x.dtype))
+            index = torch.cat([keep, keep.new_full((nv, 1), -1)], 1)
+            count = count + 1
         return tc.ViewTokens(features=feats, index=index, count=count)
 
 

@@ -30,14 +30,14 @@ class RandomSelection(tc.VisionStrategy):
     def check(self, info: tc.RunInfo) -> None:
         check_int("budget (tokens kept per view)", self.budget, 1, info.patches_per_view)
 
-    def select(self, view: tc.VisionView) -> list[torch.Tensor]:
+    def select(self, view: tc.VisionView) -> torch.Tensor:
+        """``(V, budget)`` kept patch indices, -1 past a view's valid-token count."""
         ids = view.content_key() if self.draw == "image" else view.key.tolist()
-        out = []
-        for v in range(view.num_views):
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + ids[v]) % 2**63)
-            scores = torch.rand(view.features.shape[1], generator=g).to(view.features.device)
-            valid = view.valid[v]
-            scores = scores.masked_fill(~valid, -1.0)
-            k = min(self.budget, int(valid.sum()))
-            out.append(scores.topk(k).indices)
-        return out
+        n = view.features.shape[1]
+        # one generator per view (its draw does not depend on the batch), one upload for all
+        scores = torch.stack(
+            [torch.rand(n, generator=torch.Generator().manual_seed((self.seed * 1_000_003 + i) % 2**63)) for i in ids]
+        ).to(view.features.device)
+        top = scores.masked_fill(~view.valid, -1.0).topk(self.budget, dim=-1).indices  # valid tokens first
+        keep = torch.arange(self.budget, device=top.device)[None] < view.valid.sum(1, keepdim=True)
+        return top.masked_fill(~keep, -1)

@@ -35,6 +35,7 @@ import torch
 import kernels
 import tokencomp as tc
 from tokencomp.errors import BudgetError, TokencompError
+from tokencomp.layout import true_indices
 from tokencomp.strategy import check_int
 
 PUBLISHED_SPLITS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
@@ -114,7 +115,7 @@ class VisionZip(tc.VisionStrategy):
             score = view.mean_attention(self.layer).sum(dim=1)
         top = score.topk(dominant - c, dim=-1).indices
         is_dom = torch.zeros(nv, n, dtype=torch.bool, device=dev).scatter_(1, top, True)
-        dom_idx = is_dom.nonzero()[:, 1].view(nv, dominant - c)  # raster order
+        dom_idx = top.sort(dim=-1).values  # raster order
         parts = [kernels.gather_tokens(x, dom_idx, backend=be)]
         index = [dom_idx]
         if c:
@@ -122,15 +123,14 @@ class VisionZip(tc.VisionStrategy):
             index.insert(0, torch.full((nv, 1), -1, device=dev))
         # 2. contextual: merge the remaining tokens into uniformly spaced targets by key cosine
         if contextual > 0:
-            rest = (~is_dom).nonzero()[:, 1].view(nv, n - (dominant - c))
+            rest = true_indices(~is_dom, n - (dominant - c))  # raster order
             n_rest = rest.shape[1]
             keys = kernels.gather_tokens(view.keys(self.layer)[:, c:], rest, backend=be)
             keys = keys / keys.norm(dim=-1, keepdim=True)
             step = max(1, n_rest // contextual)
             targets = torch.arange(0, n_rest, step, device=dev)[:contextual]
-            is_target = torch.zeros(n_rest, dtype=torch.bool, device=dev)
-            is_target[targets] = True
-            others = (~is_target).nonzero().flatten()
+            is_target = torch.zeros(n_rest, dtype=torch.bool, device=dev).index_fill_(0, targets, True)
+            others = true_indices(~is_target, n_rest - len(targets))
             sim = keys[:, others] @ keys[:, targets].transpose(1, 2)  # (V, n_other, contextual)
             assign = sim.argmax(dim=-1)
             rest_x = kernels.gather_tokens(x, rest, backend=be)

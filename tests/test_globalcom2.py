@@ -67,3 +67,25 @@ def test_crop_retention_formula():
     sigma = torch.softmax(s / 10.0, 0)
     torch.testing.assert_close(r, (0.25 * (1 + sigma - 0.25)).clamp(max=1), rtol=1e-6, atol=1e-6)
     assert float(crop_retention(torch.tensor([100.0, 0.0]), 0.9, 1.0)[0]) == 1.0  # upper clip
+
+
+def test_globalcom2_images_whose_crops_unpad_to_nothing(models):
+    """Images so narrow that unpadding keeps no crop column (or row): the thumbnail keeps its top
+    int(N R), the crops nothing, and the newlines are those of the unmodified model."""
+    model = models["llava-next"]
+    images = make_images([(290, 17), (17, 290), (60, 100)], seed=9)
+    batch = tc.prepare(model, images, PROMPTS)
+    pre = tc.Engine(model, tc.method("globalcom2", ratio=0.25)).prefill(batch)
+    scores, _ = cls_logits_head_mean(eager_copy(model), tower_views(model, batch))
+    v, n = 0, model.patches_per_view
+    for b, im in enumerate(images):
+        size = (im.size[1], im.size[0])
+        rows, cols, _, height, _, width = model.crop_region(size)
+        lay = pre.input_state.layout(b)
+        thumb = lay["patch"][(lay["kind"] == VISUAL) & (lay["view"] == 0)]
+        assert thumb.tolist() == scores[v].topk(int(n * 0.25)).indices.tolist()
+        assert int((lay["kind"] == NEWLINE).sum()) == height
+        if b < 2:
+            assert height * width == 0
+            assert pre.record.tokens_per_view[b] == [[int(n * 0.25)] + [0] * (rows * cols)]
+        v += model.views_per_image(size)

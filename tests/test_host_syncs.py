@@ -168,3 +168,52 @@ def test_insert_refuses_tokens_for_a_sample_without_image(model, images):
     made = [(torch.zeros(2, 1, state.hidden.shape[-1]), torch.tensor([1, 1]))]
     with pytest.raises(tc.TokencompError, match=r"samples \[1\], which have no image tokens"):
         engine._insert(state, state.valid, made)
+
+
+class _ListSelect(tc.VisionStrategy):
+    """Keeps a different number of tokens per view, returned as a list (valid tokens only)."""
+
+    newline = "rows"
+
+    def select(self, view):
+        score = view.features.norm(dim=-1).masked_fill(~view.valid, -1)
+        n = view.valid.shape[1]
+        return [score[v].topk(min(3 + v % 4, n)).indices for v in range(view.num_views)]
+
+
+class _Sourceless(tc.VisionStrategy):
+    """Two placed tokens and two merged ones per view, with an order ``group`` (LLaVA-NeXT crops)."""
+
+    def compress(self, view):
+        x = view.features
+        idx = torch.tensor([5, 2, -1, -1], device=x.device).expand(view.num_views, 4)
+        feats = torch.stack([x[:, 5], x[:, 2], x.mean(1), x.amax(1)], 1)
+        group = torch.tensor([0, 0, 1, 0], device=x.device).expand_as(idx)
+        return tc.ViewTokens(features=feats, index=idx, count=torch.full_like(idx[:, 0], 4), group=group)
+
+
+def _vision_methods(family: str) -> dict:
+    methods = {
+        "random": tc.method("random", budget=7),
+        "random-fixed": tc.method("random", budget=30, draw="fixed"),
+        "visionzip": tc.method("visionzip", budget=12),
+        "pool": tc.method("pool", budget=9),
+        "prumerge": tc.method("prumerge", k_neighbours=5),
+        "prumerge+": tc.method("prumerge+", neighbours="pruned"),
+        "list-select": _ListSelect(),
+        "sourceless": _Sourceless(),
+    }
+    if family == "llava-next":
+        methods["globalcom2"] = tc.method("globalcom2", ratio=0.3)
+    return methods
+
+
+def test_vision_stage_syncs_do_not_grow_with_the_batch(model, images):
+    """Selection, merging and pooling: a few syncs for the whole batch, none per view or image
+    (LLaVA-NeXT images of three crop grids place their crop tokens back with one read in all)."""
+    one = tc.prepare(model, images[:1], PROMPTS[:1])
+    three = tc.prepare(model, images, PROMPTS)
+    base = _prefill_syncs(model, three)
+    for name, method in _vision_methods(model.family).items():
+        counts = [_prefill_syncs(model, batch, method) for batch in (one, three)]
+        assert counts[0] == counts[1] <= base + 5, (name, counts, base)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import PROMPTS, eager_copy, make_images
@@ -11,22 +13,22 @@ import tokencomp as tc
 from tokencomp.strategy import VISUAL
 
 
-def _view(seed: int, n: int = 64, d: int = 8, dk: int = 16) -> tc.VisionView:
+def _view(seed: int, n: int = 64, d: int = 8, dk: int = 16, views: int = 2) -> tc.VisionView:
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(2, dk, generator=g)
-    keys = torch.randn(2, n + 1, dk, generator=g)
-    hot = torch.randint(1, n + 1, (2, 5), generator=g)
-    for v in range(2):  # a few keys aligned with the query: attention outliers
+    q = torch.randn(views, dk, generator=g)
+    keys = torch.randn(views, n + 1, dk, generator=g)
+    hot = torch.randint(1, n + 1, (views, 5), generator=g)
+    for v in range(views):  # a few keys aligned with the query: attention outliers
         keys[v, hot[v]] = q[v] * 3 + 0.1 * torch.randn(5, dk, generator=g)
     return tc.VisionView(
-        features=torch.randn(2, n, d, generator=g),
-        cls=torch.randn(2, d, generator=g),
+        features=torch.randn(views, n, d, generator=g),
+        cls=torch.randn(views, d, generator=g),
         grid=(8, 8),
-        valid=torch.ones(2, n, dtype=torch.bool),
-        role=torch.zeros(2, dtype=torch.long),
-        image=torch.arange(2),
-        key=torch.zeros(2, dtype=torch.long),
-        crop_grid=[(0, 0), (0, 0)],
+        valid=torch.ones(views, n, dtype=torch.bool),
+        role=torch.zeros(views, dtype=torch.long),
+        image=torch.arange(views),
+        key=torch.zeros(views, dtype=torch.long),
+        crop_grid=[(0, 0)] * views,
         captures={tc.Need("vision_cls_query", -1): q, tc.Need("vision_keys_full", -1): keys},
     )
 
@@ -78,6 +80,32 @@ def test_prumerge_end_to_end_uses_last_layer_projections(model, images):
             torch.testing.assert_close(got, model.projector(ref), rtol=1e-4, atol=1e-5)
             assert lay["patch"][base].tolist() == keep + [-1]
             v += model.views_per_image((images[b].size[1], images[b].size[0]))
+
+
+@pytest.mark.parametrize("name", ["prumerge", "prumerge+"])
+@pytest.mark.parametrize("opts", [{}, {"neighbours": "pruned", "k_neighbours": 60}, {"order": "raster"}])
+def test_prumerge_batch_equals_each_view_alone(name, opts):
+    """Views of one call keep different counts (one has no outlier at all: uniform attention, so
+    only the extra token): each view's tokens are those it gets alone, padding zero."""
+    view = _view(4, views=3)
+    view.captures[tc.Need("vision_keys_full", -1)][1] = 1.0  # view 1: equal keys, no outlier
+    method = tc.method(name, **opts)
+    out = method.compress(view)
+    counts = out.count.tolist()
+    assert len(set(counts)) > 1 and 1 in counts  # widths differ; the view without outlier: extra only
+    for v in range(3):
+        alone = method.compress(_one_view(view, v))
+        c = int(alone.count[0])
+        assert int(out.count[v]) == c and torch.equal(out.index[v, :c], alone.index[0])
+        torch.testing.assert_close(out.features[v, :c], alone.features[0], rtol=1e-6, atol=1e-6)
+        assert not out.features[v, c:].any() and bool((out.index[v, c:] == -1).all())
+
+
+def _one_view(view: tc.VisionView, v: int) -> tc.VisionView:
+    """View ``v`` of a `VisionView` alone."""
+    one = {f: getattr(view, f)[v : v + 1] for f in ("features", "cls", "valid", "role", "image", "key")}
+    captures = {need: t[v : v + 1] for need, t in view.captures.items()}
+    return dataclasses.replace(view, **one, captures=captures, pixels=None)
 
 
 @pytest.mark.parametrize("name", ["prumerge", "prumerge+"])

@@ -225,3 +225,41 @@ def test_next_text_only_prompts_and_extreme_aspect_ratios(models):
     with torch.no_grad():
         hf_logits = model.hf(**hf_inputs(batch)).logits[:, -1].float()
     torch.testing.assert_close(tc.Engine(model).prefill(batch).logits, hf_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_select_may_pad_rows_with_minus_one(models, images):
+    """A batched selection with a different count per view pads its rows with -1: the same tokens
+    as the list of index tensors; a -1 before an index, or an index outside [0, N), is refused."""
+    model = models["llava-next"]
+    batch = tc.prepare(model, images, PROMPTS)
+
+    def top(view):  # per view a different count, valid tokens only
+        score = view.features.norm(dim=-1).masked_fill(~view.valid, -1)
+        k = [min(2 + v % 5, int(view.valid[v].sum())) for v in range(view.num_views)]
+        return score, k
+
+    class AsList(tc.VisionStrategy):
+        def select(self, view):
+            score, k = top(view)
+            return [score[v].topk(k[v]).indices for v in range(view.num_views)]
+
+    class Padded(tc.VisionStrategy):
+        shift = 0  # rolls each row: its -1 padding comes first
+        offset = 0  # added to every index
+
+        def select(self, view):
+            score, k = top(view)
+            idx = score.topk(max(k), dim=-1).indices + self.offset
+            pad = torch.arange(max(k))[None] >= torch.tensor(k)[:, None]
+            return idx.masked_fill(pad, -1).roll(self.shift, dims=1)
+
+    want = tc.Engine(model, AsList()).prefill(batch)
+    got = tc.Engine(model, Padded()).prefill(batch)
+    assert got.record.tokens_per_view == want.record.tokens_per_view
+    assert len({v for views in want.record.tokens_per_view for im in views for v in im}) > 2
+    for f in ("hidden", "valid", "kind", "patch", "orig_index"):
+        assert torch.equal(getattr(got.input_state, f), getattr(want.input_state, f)), f
+    with pytest.raises(ValueError, match="before its last index"):
+        tc.Engine(model, type("Rolled", (Padded,), {"shift": 1})()).prefill(batch)
+    with pytest.raises(ValueError, match=rf"outside \[0, {model.patches_per_view}\)"):
+        tc.Engine(model, type("Beyond", (Padded,), {"offset": model.patches_per_view})()).prefill(batch)

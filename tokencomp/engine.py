@@ -38,7 +38,7 @@ import kernels
 
 from .cache import LayerKVCache
 from .errors import InputMismatchError, TokencompError, UnsupportedModelError
-from .layout import pad_left, place_columns, repack
+from .layout import pad_left, place_columns, repack, true_indices
 from .model import Model
 from .profiler import FlopsReport, run_flops
 from .record import RunRecord
@@ -384,7 +384,7 @@ class Engine:
             return [], {}
         n_images = batch.pixel_values.shape[0]
         sizes = self._image_sizes(batch, n_images)
-        pix, role, image, key, crop_grid, valid = [], [], [], [], [], []
+        pix, role, image, key, crop_grid, crop_window, valid = [], [], [], [], [], [], []
         img = 0
         for sample in spans:
             for local in range(len(sample)):
@@ -398,6 +398,7 @@ class Engine:
                 image += [img] * nv
                 key += [local * 1000 + r for r in range(nv)]
                 crop_grid.append(m.crop_grid(sizes[img]))
+                crop_window.append(tuple(m.crop_region(sizes[img])[2:]) if nv > 1 else (0, 0, 0, 0))
                 v = torch.ones(nv, m.patches_per_view, dtype=torch.bool)
                 if nv > 1:
                     v[1:] = m.crop_valid(sizes[img])
@@ -406,38 +407,57 @@ class Engine:
         dev = m.device
         pixel = torch.cat(pix).to(dev, m.vision_model.embeddings.patch_embedding.weight.dtype)
         feats, captures = self._vision_tower(pixel)
+        # the views' bookkeeping in one upload (each upload waits for the copy)
+        meta = torch.cat([torch.tensor([role, image, key]).flatten(), torch.cat(valid).flatten().long()]).to(dev)
+        nv = len(role)
         view = VisionView(
             features=feats[:, 1:] if m.has_cls else feats,
             cls=feats[:, 0] if m.has_cls else None,
             grid=m.grid,
-            valid=torch.cat(valid).to(dev),
-            role=torch.tensor(role, device=dev),
-            image=torch.tensor(image, device=dev),
-            key=torch.tensor(key, device=dev),
+            valid=meta[3 * nv :].view(nv, m.patches_per_view).bool(),
+            role=meta[:nv],
+            image=meta[nv : 2 * nv],
+            key=meta[2 * nv : 3 * nv],
             crop_grid=crop_grid,
+            crop_window=crop_window,
             captures=captures,
             backend=self.options.kernel_backend,
             pixels=pixel,
         )
         if self.vision is None:
             n = m.patches_per_view
-            nv = view.num_views
             out = ViewTokens(
                 features=view.features,
                 index=torch.arange(n, device=dev).expand(nv, n),
                 count=torch.full((nv,), n, device=dev),
                 grid=m.grid,
             )
+            counts = [n] * nv
         else:
             out = self.vision.compress(view)
-        projected = self._project(out)
-        counts = out.count.tolist()  # tokens per view: one read for all images
+            counts = out.count.tolist()  # tokens per view: one read for all images
+        projected = self._project(out, counts)
         images, first = [], 0
         for i in range(n_images):  # image i's views are consecutive, its base view first
             rows = range(first, first + image.count(i))
             images.append(self._assemble(out, projected, rows, counts, sizes[i], crop_grid[i]))
             first = rows.stop
+        pending = [tok for tok in images if "trim" in tok]
+        if pending:  # crop tokens placed back on the grid: one read of how many each image keeps
+            kept = torch.stack([tok["trim"][2] for tok in pending]).tolist()
+            for tok, (main, extra) in zip(pending, kept):
+                self._trim(tok, main, extra)
         return images, captures
+
+    @staticmethod
+    def _trim(tok: dict, main: int, extra: int) -> None:
+        """Keep an image's base-view tokens, the first ``main`` of its sorted crop candidates and
+        the first ``extra`` of its sorted sourceless crop tokens (`_crops_placed`)."""
+        base, sorted_len, _ = tok.pop("trim")
+        cut = base + sorted_len
+        for name in ("feats", "kind", "patch", "view", "offset"):
+            t = tok[name]
+            tok[name] = torch.cat([t[: base + main], t[cut : cut + extra]])
 
     def _vision_tower(self, pixel: torch.Tensor) -> tuple[torch.Tensor, dict]:
         m = self.model
@@ -496,13 +516,18 @@ class Engine:
             else:
                 captures[need] = kh.float().mean(1)  # (V, n, hd) head-mean keys
 
-    def _project(self, out: ViewTokens) -> torch.Tensor:
+    def _project(self, out: ViewTokens, counts: list[int]) -> torch.Tensor:
+        """``(V, k, d_v) -> (V, k, d)``: the projector on the real rows only (``counts`` per view),
+        padding rows zero."""
         nv, k = out.index.shape
-        real = torch.arange(k, device=out.index.device)[None] < out.count[:, None]
-        flat = self.model.projector(out.features[real])
-        proj = flat.new_zeros(nv, k, flat.shape[-1])
-        proj[real] = flat
-        return proj
+        x = out.features.flatten(0, 1)
+        if sum(counts) == nv * k:  # no padding
+            flat = self.model.projector(x)
+            return flat.view(nv, k, flat.shape[-1])
+        real = torch.arange(k, device=x.device)[None] < out.count[:, None]
+        rows = true_indices(real.flatten(), sum(counts))
+        flat = self.model.projector(x[rows])
+        return flat.new_zeros(nv * k, flat.shape[-1]).index_copy_(0, rows, flat).view(nv, k, flat.shape[-1])
 
     def _assemble(self, out: ViewTokens, proj: torch.Tensor, rows: range, counts: list[int], size, crop_grid) -> dict:
         """Lay out one image's tokens: base view first, then the crops (LLaVA-NeXT). ``rows``: the
@@ -521,20 +546,22 @@ class Engine:
             "offset": [idx0 if out.grid in (None, m.grid) else torch.full_like(idx0, -1)],
         }
         if len(rows) > 1:
-            crop_rows = torch.arange(rows.start + 1, rows.stop, device=dev)
+            crop_rows = range(rows.start + 1, rows.stop)
             newline = m.image_newline.to(proj.dtype)
             policy = getattr(self.vision, "newline", "keep") if self.vision else "keep"
             if out.grid is not None:
                 crop = self._crops_on_grid(out, proj, crop_rows, size, crop_grid, newline, policy)
             else:
                 unpad = getattr(self.vision, "unpad", True)
-                crop = self._crops_placed(out, proj, crop_rows, size, crop_grid, newline, policy, unpad)
+                crop = self._crops_placed(out, proj, crop_rows, counts, size, newline, policy, unpad)
             for name in parts:
                 value = crop[name]
                 if name == "offset":
                     value = torch.where(value >= 0, value + n, value)
                 parts[name].append(value)
         out = {name: torch.cat(v) for name, v in parts.items()}
+        if len(rows) > 1 and "kept" in crop:
+            out["trim"] = (c0, crop["sorted"], crop["kept"])
         out["num_views"] = len(rows)
         out["projected"] = sum(counts[r] for r in rows)  # tokens the projector ran on, before unpadding drops any
         return out
@@ -544,6 +571,7 @@ class Engine:
         gh, gw = out.grid
         rows, cols = crop_grid
         dev = proj.device
+        crop_rows = slice(crop_rows.start, crop_rows.stop)
         f = proj[crop_rows, : gh * gw]
         d = f.shape[-1]
         f = f.view(rows, cols, gh, gw, d).permute(0, 2, 1, 3, 4).reshape(rows * gh, cols * gw, d)
@@ -577,58 +605,68 @@ class Engine:
             "offset": offset.flatten(),
         }
 
-    def _crops_placed(self, out, proj, crop_rows, size, crop_grid, newline, policy, unpad) -> dict:
+    def _crops_placed(self, out, proj, crop_rows: range, counts: list[int], size, newline, policy, unpad) -> dict:
         """Crop tokens with a source patch go back to the combined crop grid in raster order (inside
         the unpadded window when ``unpad``), each row closed by a newline per ``policy``; tokens with
-        no source (index -1: CLS, merged) follow, ordered by (``group``, crop, their order)."""
+        no source (index -1: CLS, merged) follow, ordered by (``group``, crop, their order).
+
+        Returns every candidate, sorted so that the kept ones lead (grid tokens and newlines, then
+        sourceless tokens), with ``kept`` their two counts on the device: `encode_images` reads the
+        counts of all images at once and trims (`_trim`).
+        """
         m = self.model
         gh, gw = m.grid
         rows, cols, r0, height, c0, width = m.crop_region(size)
         dev = proj.device
         k = out.index.shape[1]
-        real = torch.arange(k, device=dev)[None] < out.count[crop_rows][:, None]
-        crop_id = torch.arange(len(crop_rows), device=dev)[:, None].expand_as(real)[real]
-        slot = torch.arange(k, device=dev)[None].expand_as(real)[real]
-        idx = out.index[crop_rows][real]
-        feats = proj[crop_rows][real]
-        group = out.group[crop_rows][real] if out.group is not None else torch.zeros_like(idx)
+        n_c = [counts[r] for r in crop_rows]  # real tokens per crop
+        crop_id = torch.cat([torch.full((c,), j, dtype=torch.long, device=dev) for j, c in enumerate(n_c)])
+        slot = torch.cat([torch.arange(c, device=dev) for c in n_c])
+        at = (crop_rows.start + crop_id, slot)
+        idx, feats = out.index[at], proj[at]
+        group = out.group[at].long() if out.group is not None else torch.zeros_like(idx)
         placed = idx >= 0
         r = (crop_id // cols) * gh + idx // gw
         c = (crop_id % cols) * gw + idx % gw
         inside = (r >= r0) & (r < r0 + height) & (c >= c0) & (c < c0 + width)
         if unpad:
-            placed_ok = placed & inside
+            ok = placed & inside
             top, left, n_rows, n_cols = r0, c0, height, width
         else:
-            placed_ok = placed
+            ok = placed
             top, left, n_rows, n_cols = 0, 0, rows * gh, cols * gw
-        sel = placed_ok.nonzero().flatten()
-        pr, pc = r[sel] - top, c[sel] - left
-        key = pr * (n_cols + 1) + pc
-        offset = torch.where(inside[sel], (r[sel] - r0) * (width + 1) + (c[sel] - c0), -1)
-        p_feats, p_idx, p_view = feats[sel], idx[sel], crop_id[sel] + 1
-        kinds = torch.full_like(key, VISUAL, dtype=torch.int8)
-        if policy != "drop":
-            nl_rows = torch.arange(n_rows, device=dev) if policy == "keep" else pr.unique()
-            nl_abs = nl_rows + top
-            nl_off = torch.where((nl_abs >= r0) & (nl_abs < r0 + height), (nl_abs - r0) * (width + 1) + width, -1)
-            key = torch.cat([key, nl_rows * (n_cols + 1) + n_cols])
-            offset = torch.cat([offset, nl_off])
-            p_feats = torch.cat([p_feats, newline.expand(len(nl_rows), -1)])
-            p_idx = torch.cat([p_idx, p_idx.new_full((len(nl_rows),), -1)])
-            p_view = torch.cat([p_view, p_view.new_full((len(nl_rows),), -1)])
-            kinds = torch.cat([kinds, kinds.new_full((len(nl_rows),), NEWLINE)])
-        order = key.argsort()
-        extra = (~placed).nonzero().flatten()
-        extra = extra[
-            (group[extra] * (len(crop_rows) + 1) * (k + 1) + crop_id[extra] * (k + 1) + slot[extra]).argsort()
-        ]
+        # grid tokens, then one newline candidate per row: sorted by raster key, the unkept last
+        pr = torch.where(ok, r - top, n_rows)  # row n_rows: a spill row for the tokens not kept
+        key = pr * (n_cols + 1) + (c - left)
+        offset = torch.where(inside, (r - r0) * (width + 1) + (c - c0), -1)
+        line = torch.arange(n_rows, device=dev)
+        if policy == "keep":
+            line_kept = torch.ones(n_rows, dtype=torch.bool, device=dev)
+        elif policy == "rows":  # only rows that keep a token
+            line_kept = torch.zeros(n_rows + 1, dtype=torch.bool, device=dev).scatter_(0, pr, True)[:n_rows]
+        else:
+            line_kept = torch.zeros(n_rows, dtype=torch.bool, device=dev)
+        nl_abs = line + top
+        nl_off = torch.where((nl_abs >= r0) & (nl_abs < r0 + height), (nl_abs - r0) * (width + 1) + width, -1)
+        spill = (n_rows + 1) * (n_cols + 1)
+        key = torch.cat([torch.where(ok, key, spill), torch.where(line_kept, line * (n_cols + 1) + n_cols, spill)])
+        # sourceless tokens: by (group, crop, slot); the placed ones last
+        extra_key = group * (len(crop_rows) + 1) * (k + 1) + crop_id * (k + 1) + slot
+        extra_key = extra_key.masked_fill(placed, torch.iinfo(torch.long).max)
+        order, extra = key.argsort(), extra_key.argsort()
+        minus = idx.new_full((n_rows,), -1)
+        kinds = torch.cat(
+            [torch.full_like(idx, VISUAL, dtype=torch.int8), torch.full_like(line, NEWLINE, dtype=torch.int8)]
+        )
         return {
-            "feats": torch.cat([p_feats[order], feats[extra]]),
-            "kind": torch.cat([kinds[order], torch.full((len(extra),), VISUAL, dtype=torch.int8, device=dev)]),
-            "patch": torch.cat([p_idx[order], idx[extra]]),
-            "view": torch.cat([p_view[order], crop_id[extra] + 1]),
-            "offset": torch.cat([offset[order], torch.full_like(extra, -1)]),
+            "feats": torch.cat([torch.cat([feats, newline.expand(n_rows, -1)])[order], feats[extra]]),
+            "kind": torch.cat([kinds[order], torch.full_like(extra, VISUAL, dtype=torch.int8)]),
+            "patch": torch.cat([torch.cat([idx, minus])[order], idx[extra]]),
+            "view": torch.cat([torch.cat([crop_id + 1, minus])[order], crop_id[extra] + 1]),
+            "offset": torch.cat([torch.cat([offset, nl_off])[order], torch.full_like(extra, -1)]),
+            # the kept ones lead each sorted part: trimmed after one read for all images (_trim)
+            "sorted": len(order),
+            "kept": torch.stack([ok.sum() + line_kept.sum(), (~placed).sum()]),
         }
 
     # ------------------------------------------------------------------------------------------

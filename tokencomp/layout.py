@@ -46,3 +46,10 @@ def place_columns(keep: torch.Tensor, dest: torch.Tensor, width: int) -> torch.T
     cols = torch.arange(n, device=keep.device).expand(b, n)
     index = torch.zeros(b, width + 1, dtype=torch.long, device=keep.device)
     return index.scatter_(1, dest.masked_fill(~keep, width), cols)[:, :width].contiguous()
+
+
+def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """``(..., n) -> (..., count)`` long: in order, the positions of the first ``count`` True
+    entries of each row of ``mask`` (``mask.nonzero()`` when each row holds ``count`` Trues, known on
+    the host): a stable sort puts them first, without a data-dependent shape (no host sync)."""
+    return (~mask).to(torch.uint8).sort(dim=-1, stable=True).indices[..., :count]

@@ -164,7 +164,12 @@ class VisionView:
         image: ``(V,)`` long, index of the view's image in the batch (images counted over samples).
         key: ``(V,)`` long, a per-sample stable id (image index within its sample * 1000 + role),
             for seeding randomness so that a sample gives the same result alone or in a batch.
-        crop_grid: per image ``(rows, cols)`` of its crop grid, ``(0, 0)`` without crops.
+        crop_grid: per image ``(rows, cols)`` of its crop grid, ``(0, 0)`` without crops. An image's
+            views are consecutive: its base view (role 0), then its crops in raster order.
+        crop_window: per image ``(r0, height, c0, width)``: the window ``[r0, r0 + height) x
+            [c0, c0 + width)`` of its ``(rows * h, cols * w)`` combined crop token grid that survives
+            LLaVA-NeXT unpadding (``valid``'s crop tokens, known on the host); ``(0, 0, 0, 0)``
+            without crops. Empty when the view was built without it.
         captures: captured scores, keyed by `Need`; read them through the accessors below.
         backend: token-kernel backend of this run (pass it to `kernels` calls).
         pixels: ``(V, 3, H, W)`` the views' pixel values as the tower saw them (see `content_key`).
@@ -179,6 +184,7 @@ class VisionView:
     key: torch.Tensor
     crop_grid: list[tuple[int, int]]
     captures: dict[Need, torch.Tensor] = field(default_factory=dict)
+    crop_window: list[tuple[int, int, int, int]] = field(default_factory=list)
     backend: str = "auto"
     pixels: torch.Tensor | None = None
 
@@ -278,7 +284,10 @@ class VisionStrategy(Strategy):
     unpad: ClassVar[bool] = True
 
     def select(self, view: VisionView) -> torch.Tensor | list[torch.Tensor]:
-        """Patch indices to keep per view: a ``(V, k)`` long tensor or ``V`` index tensors."""
+        """Patch indices to keep per view: a ``(V, k)`` long tensor, or ``V`` 1-D index tensors.
+
+        Views may keep different counts: return the list, or pad the tensor's rows at the end with
+        -1 (a batched selection then needs no host read of the counts)."""
         raise NotImplementedError(f"{type(self).__name__} must implement select() or compress()")
 
     def compress(self, view: VisionView) -> ViewTokens:
@@ -287,22 +296,24 @@ class VisionStrategy(Strategy):
 
         idx = self.select(view)
         num_views, n = view.features.shape[:2]
+        dev = view.features.device
         if isinstance(idx, torch.Tensor):
             if idx.dim() != 2 or idx.shape[0] != num_views:
                 raise ValueError(f"{self.name}.select must return (V={num_views}, k) indices, got {tuple(idx.shape)}")
             idx = idx.long()
-            count = torch.full((num_views,), idx.shape[1], dtype=torch.long, device=idx.device)
         else:
             if len(idx) != num_views:
                 raise ValueError(f"{self.name}.select returned {len(idx)} index lists for {num_views} views")
-            count = torch.tensor([len(i) for i in idx], dtype=torch.long)
-            k = int(count.max()) if num_views else 0
-            padded = torch.zeros(num_views, k, dtype=torch.long)
-            for v, i in enumerate(idx):
-                padded[v, : len(i)] = i.long().cpu()
-            idx, count = padded.to(view.features.device), count.to(view.features.device)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-            raise ValueError(f"{self.name}.select returned indices outside [0, {n})")
+            idx = torch.nn.utils.rnn.pad_sequence([i.long().to(dev) for i in idx], batch_first=True, padding_value=-1)
+        real = idx >= 0
+        count = real.sum(1)
+        if idx.numel():  # one read for both checks
+            outside, gap = torch.stack([((idx < -1) | (idx >= n)).any(), (real[:, 1:] & ~real[:, :-1]).any()]).tolist()
+            if outside:
+                raise ValueError(f"{self.name}.select returned indices outside [0, {n})")
+            if gap:
+                raise ValueError(f"{self.name}.select padded a row with -1 before its last index (pad at the end)")
+        idx = idx.clamp(min=0)
         if self.keep_order:
             pad = torch.arange(idx.shape[1], device=idx.device)[None] >= count[:, None]
             idx = idx.masked_fill(pad, n).sort(dim=1).values.masked_fill(pad, 0)
