@@ -9,7 +9,8 @@ the queued kernels finish, so the launches after it are no longer hidden behind 
 latency measured on a GPU includes that cost. This script counts the syncs of each cell with
 `tokencomp.syncs.HostSyncs`, on the CPU (counts do not depend on the device), on the batch the
 runner times latency on (the dataset's first ``batch_size`` samples): one prefill, and one decode
-step (the difference between generating 3 and 2 tokens). ``sites`` names the lines that sync
+step (the difference between generating 3 and 2 tokens), as timed (no EOS token: nothing to look
+for) and as served (an EOS token to look for after each step). ``sites`` names the lines that sync
 most. Data is generated under ``--run-dir`` (default ``runs/host-syncs``) as `tokencomp compare`
 does.
 """
@@ -29,13 +30,13 @@ from tokencomp.runner import _dataset, _latency_batch, _load_model, load_experim
 from tokencomp.syncs import HostSyncs, host_tensors  # noqa: E402
 
 
-def count(engine: Engine, batch, new_tokens: int | None = None) -> HostSyncs:
-    """Syncs of one prefill (``new_tokens=None``) or one `Engine.generate` call."""
+def count(engine: Engine, batch, new_tokens: int | None = None, eos: int | None = None) -> HostSyncs:
+    """Syncs of one prefill (``new_tokens=None``) or one `Engine.generate` call (``eos``: its EOS id)."""
     with torch.no_grad(), HostSyncs(host=host_tensors(batch)) as syncs:
         if new_tokens is None:
             engine.prefill(batch)
         else:
-            engine.generate(batch, max_new_tokens=new_tokens, eos_token_id=None)
+            engine.generate(batch, max_new_tokens=new_tokens, eos_token_id=eos)
     return syncs
 
 
@@ -54,8 +55,8 @@ def main(argv=None) -> int:
         "",
         f"Command: `python experiments/host_syncs.py {args.experiment}`",
         "",
-        "| model | layers | cell | prefill syncs | per decode step | most from |",
-        "|---|---:|---|---:|---:|---|",
+        "| model | layers | cell | prefill syncs | per decode step (timed) | (with EOS) | most from |",
+        "|---|---:|---|---:|---:|---:|---|",
     ]
     for cell in exp.cells:
         model = models[cell.model]
@@ -64,8 +65,11 @@ def main(argv=None) -> int:
         engine.prefill(batch)  # warm-up: lazy imports and caches outside the count
         pre = count(engine, batch)
         step = count(engine, batch, 3).total - count(engine, batch, 2).total
+        step_eos = count(engine, batch, 3, eos=-1).total - count(engine, batch, 2, eos=-1).total  # never generated
         sites = ", ".join(f"{site} ({n})" for site, n in pre.sites.most_common(2))
-        lines.append(f"| {cell.model} | {model.num_layers} | {cell.label} | {pre.total} | {step} | {sites} |")
+        lines.append(
+            f"| {cell.model} | {model.num_layers} | {cell.label} | {pre.total} | {step} | {step_eos} | {sites} |"
+        )
         print(lines[-1], flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")

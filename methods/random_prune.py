@@ -1,12 +1,13 @@
 """Random selection: keep ``budget`` uniformly random patch tokens per view (seeded).
 
 A strong baseline: random pruning matches or beats many published methods on several benchmarks
-(the project spec's baselines, `METHODS.md` §5 in the team's shared folder, not in this repository). ``draw="image"`` (default) draws afresh for every image: the generator is
-seeded by ``seed`` and a hash of the view's pixels (`VisionView.content_key`), so an image gets
-the same tokens alone or in a batch, and a different set from another image. ``draw="fixed"``
-keeps the same patch positions for every image (seeded by ``seed`` and the view's role: a fixed
-random mask). Only tokens that survive LLaVA-NeXT unpadding are drawn; a crop with fewer valid
-tokens than ``budget`` keeps them all.
+(the project spec's baselines, `METHODS.md` §5 in the team's shared folder, not in this
+repository). ``draw="image"`` (default) draws afresh for every image: the generator is seeded by
+``seed`` and a hash of the view's pixels as the processor made them (`VisionView.content_key`),
+so an image gets the same tokens alone or in a batch and in any model dtype, and a different set
+from another image. ``draw="fixed"`` keeps the same patch positions for every image (seeded by
+``seed`` and the view's role: a fixed random mask). Only tokens that survive LLaVA-NeXT unpadding
+are drawn; a crop with fewer valid tokens than ``budget`` keeps them all.
 """
 
 from __future__ import annotations

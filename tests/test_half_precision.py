@@ -64,3 +64,12 @@ def test_every_method_runs_in_half_precision(half_model, model, images):
             )
             assert pre.record.visual_tokens_llm == full.record.visual_tokens_llm, name
             assert pre.record.tokens_per_layer == full.record.tokens_per_layer, name
+
+
+def test_random_keeps_the_same_tokens_in_every_dtype(half_model, model, images):
+    """``random`` seeds each image's draw from its pixels as the processor made them, not as cast
+    to the model's dtype: half precision keeps the float32 run's tokens."""
+    batch = tc.prepare(model, images, PROMPTS)
+    kept = [tc.Engine(m, tc.method("random", budget=9)).prefill(batch).input_state for m in (model, half_model)]
+    assert torch.equal(kept[0].patch, kept[1].patch) and torch.equal(kept[0].view, kept[1].view)
+    assert bool((kept[0].patch >= 0).any())

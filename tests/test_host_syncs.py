@@ -217,3 +217,18 @@ def test_vision_stage_syncs_do_not_grow_with_the_batch(model, images):
     for name, method in _vision_methods(model.family).items():
         counts = [_prefill_syncs(model, batch, method) for batch in (one, three)]
         assert counts[0] == counts[1] <= base + 5, (name, counts, base)
+
+
+def test_decode_steps_sync_only_to_look_for_eos(model, images):
+    """Decoding without an EOS token (as latency is timed) makes no sync per step; with one, one
+    read per step (has every sample finished?). Whatever the number of layers of the cache."""
+    batch = tc.prepare(model, images, PROMPTS)
+    engine = tc.Engine(model, tc.method("fastv", k=1, ratio=0.5))  # layers of different widths
+
+    def syncs(steps: int, eos: int | None) -> int:
+        with HostSyncs(host=host_tensors(batch)) as s:
+            engine.generate(batch, max_new_tokens=steps, eos_token_id=eos)
+        return s.total
+
+    assert syncs(5, None) == syncs(2, None)
+    assert syncs(5, -1) - syncs(2, -1) == 3  # an EOS id never generated: every step runs

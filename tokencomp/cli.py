@@ -66,11 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_arguments(parser: argparse.ArgumentParser, note: str = "") -> None:
     """``--device`` and ``--dtype``: where and in what precision models are loaded."""
+    from .runner import DTYPES
+
     parser.add_argument("--device", default=None, help=f"torch device for the model, e.g. cuda (default cpu){note}")
     parser.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "float16", "bfloat16"],
+        choices=list(DTYPES),
         help=f"weight dtype (default float32){note}",
     )
 

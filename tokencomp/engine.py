@@ -405,7 +405,8 @@ class Engine:
                 valid.append(v)
                 img += 1
         dev = m.device
-        pixel = torch.cat(pix).to(dev, m.vision_model.embeddings.patch_embedding.weight.dtype)
+        given = torch.cat(pix)  # as the processor made them (float32, on the host)
+        pixel = given.to(dev, m.vision_model.embeddings.patch_embedding.weight.dtype)
         feats, captures = self._vision_tower(pixel)
         # the views' bookkeeping in one upload (each upload waits for the copy)
         meta = torch.cat([torch.tensor([role, image, key]).flatten(), torch.cat(valid).flatten().long()]).to(dev)
@@ -422,7 +423,7 @@ class Engine:
             crop_window=crop_window,
             captures=captures,
             backend=self.options.kernel_backend,
-            pixels=pixel,
+            pixels=given,
         )
         if self.vision is None:
             n = m.patches_per_view
@@ -1082,12 +1083,14 @@ class Engine:
         nxt = pre.logits.argmax(-1)
         steps = [nxt]
         done = nxt == eos_token_id if eos_token_id is not None else torch.zeros_like(nxt, dtype=torch.bool)
-        full = [bool(v.all()) for v in cache.valid] if max_new_tokens > 1 else []  # per layer: no padding key
+        # per layer: no padding key (one read for all layers)
+        full = torch.stack([v.all() for v in cache.valid]).tolist() if max_new_tokens > 1 else []
         # FlashAttention takes no mask: a finished sample keeps attending to its own padding steps,
         # which changes only its own (discarded) outputs
         flash = m.attn_implementation.startswith("flash")
         for _ in range(max_new_tokens - 1):
-            finished = done.tolist()  # one host sync per step
+            # without an EOS no sample finishes: nothing to read (timed runs); else one read per step
+            finished = done.tolist() if eos_token_id is not None else [False]
             if all(finished):
                 break
             all_live = not any(finished) or flash

@@ -172,7 +172,8 @@ class VisionView:
             without crops. Empty when the view was built without it.
         captures: captured scores, keyed by `Need`; read them through the accessors below.
         backend: token-kernel backend of this run (pass it to `kernels` calls).
-        pixels: ``(V, 3, H, W)`` the views' pixel values as the tower saw them (see `content_key`).
+        pixels: ``(V, 3, H, W)`` the views' pixel values as the batch holds them (the processor's,
+            before the cast to the model's dtype; see `content_key`).
     """
 
     features: torch.Tensor
@@ -195,7 +196,8 @@ class VisionView:
 
     def content_key(self) -> list[int]:
         """Per view, a 56-bit hash of its pixel values' bytes: an id that differs between images
-        and is the same for an image alone or in a batch (for seeding per-image randomness)."""
+        and is the same for an image alone or in a batch, and whatever the model's dtype (for
+        seeding per-image randomness)."""
         if self.pixels is None:
             raise KeyError("this view carries no pixel values")
         raw = self.pixels.detach().cpu().contiguous().flatten(1).view(torch.uint8)  # any dtype's bytes
