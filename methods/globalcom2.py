@@ -93,10 +93,9 @@ class GlobalCom2(tc.VisionStrategy):
         # 1. thumbnails keep their top int(N R) by their own score; crops are scored below
         combined = scores.clone()
         k = torch.full((nv,), int(n * self.ratio), dtype=torch.long, device=dev)
-        thumbs, first = [], 0
+        first = 0
         for img, (rows, cols) in enumerate(view.crop_grid):  # an image: its thumbnail, then its crops
             crops = slice(first + 1, first + 1 + rows * cols)
-            thumbs.append(first)
             first = crops.stop
             if not rows * cols:
                 continue
@@ -122,6 +121,6 @@ class GlobalCom2(tc.VisionStrategy):
         pad = torch.arange(top.shape[1], device=dev)[None] >= k[:, None]
         index = top.masked_fill(pad, n).sort(dim=-1).values.masked_fill(pad, 0)  # raster order
         if self.thumbnail_order == "score":  # thumbnails in descending score, as the released code
-            index[thumbs] = top[thumbs].masked_fill(pad[thumbs], 0)
+            index = torch.where((view.role == 0)[:, None], top.masked_fill(pad, 0), index)
         feats = kernels.gather_tokens(x, index, k, backend=view.backend)
         return tc.ViewTokens(features=feats, index=index, count=k)

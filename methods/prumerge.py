@@ -85,7 +85,7 @@ class _PruMergeBase(tc.VisionStrategy):
         keep = outlier
         if self.plus:  # raster samples at stride int(int(1 / (k / N)) / 3), at least 1; none when k = 0
             k = outlier.sum(1, keepdim=True)
-            stride = (1 / (k.double() / n)).trunc().div(3).trunc().clamp(min=1).nan_to_num(1).long()
+            stride = (1 / (k.clamp(min=1).double() / n)).trunc().div(3).trunc().clamp(min=1).long()
             keep = outlier | ((k > 0) & (i % stride == 0) & (i < n - 1))
         if self.order == "score":  # outliers by descending attention, then samples in raster order
             rank = torch.empty_like(i.expand(v, n)).scatter_(

@@ -40,8 +40,11 @@ def test_counter_sees_each_kind_of_sync_and_nothing_else():
         torch.where(m)
         torch.equal(x, y)
         x.flatten().repeat_interleave(torch.tensor([1, 2, 3, 1, 1, 1]))
-    assert s.total == 10 and s.counts["__getitem__[bool]"] == 1 and s.counts["__setitem__[bool]"] == 1
-    assert len(s.sites) == 10 and all(site.startswith("test_host_syncs.py:") for site in s.sites)  # one per line
+        x[[1, 0]]  # a Python list: uploaded as an index tensor
+        y[:, [0, 2]] = 0
+    assert s.total == 12 and s.counts["__getitem__[bool]"] == 1 and s.counts["__setitem__[bool]"] == 1
+    assert s.counts["__getitem__[list]"] == 1 and s.counts["__setitem__[list]"] == 1
+    assert len(s.sites) == 12 and all(site.startswith("test_host_syncs.py:") for site in s.sites)  # one per line
 
 
 def test_counter_lets_host_tensors_be():

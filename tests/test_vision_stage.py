@@ -263,3 +263,10 @@ def test_select_may_pad_rows_with_minus_one(models, images):
         tc.Engine(model, type("Rolled", (Padded,), {"shift": 1})()).prefill(batch)
     with pytest.raises(ValueError, match=rf"outside \[0, {model.patches_per_view}\)"):
         tc.Engine(model, type("Beyond", (Padded,), {"offset": model.patches_per_view})()).prefill(batch)
+
+    class ListWithMinusOne(AsList):  # in a list, -1 is no padding: an index outside [0, N)
+        def select(self, view):
+            return [torch.cat([i, i.new_full((1,), -1)]) for i in super().select(view)]
+
+    with pytest.raises(ValueError, match="outside"):
+        tc.Engine(model, ListWithMinusOne()).prefill(batch)

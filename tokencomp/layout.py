@@ -51,5 +51,6 @@ def place_columns(keep: torch.Tensor, dest: torch.Tensor, width: int) -> torch.T
 def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     """``(..., n) -> (..., count)`` long: in order, the positions of the first ``count`` True
     entries of each row of ``mask`` (``mask.nonzero()`` when each row holds ``count`` Trues, known on
-    the host): a stable sort puts them first, without a data-dependent shape (no host sync)."""
+    the host): a stable sort puts them first, without a data-dependent shape (no host sync). A row
+    with fewer than ``count`` Trues fills its last places with positions of False entries."""
     return (~mask).to(torch.uint8).sort(dim=-1, stable=True).indices[..., :count]

@@ -172,8 +172,9 @@ class VisionView:
             without crops. Empty when the view was built without it.
         captures: captured scores, keyed by `Need`; read them through the accessors below.
         backend: token-kernel backend of this run (pass it to `kernels` calls).
-        pixels: ``(V, 3, H, W)`` the views' pixel values as the batch holds them (the processor's,
-            before the cast to the model's dtype; see `content_key`).
+        pixels: ``(V, 3, H, W)`` the views' pixel values as the batch holds them: the processor's,
+            before the cast to the model's dtype, on the host (CPU) for a batch from
+            `tokencomp.prepare` whatever the model's device (see `content_key`).
     """
 
     features: torch.Tensor
@@ -266,8 +267,8 @@ class ViewTokens:
 class VisionStrategy(Strategy):
     """Compress each view's patch tokens before the projector.
 
-    Write ``select(view) -> (V, k) indices`` (or a list of V 1-D index tensors when views keep
-    different counts) for a pruning policy; the engine gathers the tokens and, with
+    Write ``select(view) -> (V, k) indices`` (when views keep different counts: rows padded at the
+    end with -1, or a list of V 1-D index tensors) for a pruning policy; the engine gathers the tokens and, with
     ``keep_order = True``, restores raster order. Override ``compress(view) -> ViewTokens`` for
     merging or pooling.
 
@@ -302,15 +303,17 @@ class VisionStrategy(Strategy):
         if isinstance(idx, torch.Tensor):
             if idx.dim() != 2 or idx.shape[0] != num_views:
                 raise ValueError(f"{self.name}.select must return (V={num_views}, k) indices, got {tuple(idx.shape)}")
-            idx = idx.long()
+            idx, pad = idx.long(), -1
         else:
             if len(idx) != num_views:
                 raise ValueError(f"{self.name}.select returned {len(idx)} index lists for {num_views} views")
-            idx = torch.nn.utils.rnn.pad_sequence([i.long().to(dev) for i in idx], batch_first=True, padding_value=-1)
+            pad = -2  # padded here: a -1 in a list is an index outside [0, N)
+            idx = torch.nn.utils.rnn.pad_sequence([i.long().to(dev) for i in idx], batch_first=True, padding_value=pad)
         real = idx >= 0
         count = real.sum(1)
         if idx.numel():  # one read for both checks
-            outside, gap = torch.stack([((idx < -1) | (idx >= n)).any(), (real[:, 1:] & ~real[:, :-1]).any()]).tolist()
+            outside = ((idx < 0) & (idx != pad)) | (idx >= n)
+            outside, gap = torch.stack([outside.any(), (real[:, 1:] & ~real[:, :-1]).any()]).tolist()
             if outside:
                 raise ValueError(f"{self.name}.select returned indices outside [0, {n})")
             if gap:

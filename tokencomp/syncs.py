@@ -4,8 +4,9 @@ On a GPU, PyTorch queues kernels and returns at once. An operation whose result 
 read waits until the device has finished everything queued before it, and the kernel launches
 after it are then no longer hidden behind device work. Such operations are: a Python ``bool`` /
 ``int`` / ``float`` of a tensor, ``.item()``, ``.tolist()``, ``.cpu()``; a blocking upload of
-host data (``.to(device)``, ``torch.tensor(values, device=d)``); and operations whose output
-shape depends on the data, such as ``nonzero``, boolean-mask indexing and ``bincount``. A few per
+host data (``.to(device)``, ``torch.tensor(values, device=d)``, indexing a device tensor with a
+Python list, which PyTorch uploads as an index tensor); and operations whose output shape depends
+on the data, such as ``nonzero``, boolean-mask indexing and ``bincount``. A few per
 prefill are unavoidable (the packed width after a pruning depends on the data); one per decoder
 layer or per sample adds up.
 
@@ -15,8 +16,7 @@ On the CPU every tensor is a host tensor, so it tells the two kinds apart by whe
 from: a tensor is on the host when it is a ``.cpu()`` / ``.numpy()`` copy, was created without
 naming a device (``torch.tensor(values)``), was given as ``host=`` (a batch's tensors), or was
 computed from such tensors alone; operations on host tensors are free. Everything else counts as
-on the device. It cannot see a sync inside a C++ operator (none of the engine's own operators
-makes one).
+on the device. It cannot see a sync inside a C++ operator other than those named here.
 
 Example::
 
@@ -67,10 +67,17 @@ FACTORIES = frozenset(
 _TORCH_DIR = str(Path(torch.__file__).parent)
 
 
-def _has_bool_index(args) -> bool:
+def _index_kind(args) -> str | None:
+    """``"bool"`` for indexing with a boolean mask (a data-dependent shape), ``"list"`` for
+    indexing with a Python list (an upload of the index), else None."""
     index = args[1] if len(args) > 1 else None
-    parts = index if isinstance(index, (tuple, list)) else (index,)
-    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+    parts = index if isinstance(index, tuple) else (index,)
+    flat = [q for p in parts for q in (p if isinstance(p, list) else [p])]
+    if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in flat):
+        return "bool"
+    if any(isinstance(p, list) and not any(isinstance(q, torch.Tensor) for q in p) for p in parts):
+        return "list"
+    return None
 
 
 def is_host_sync(name: str, args: tuple, kwargs: dict) -> bool:
@@ -79,7 +86,7 @@ def is_host_sync(name: str, args: tuple, kwargs: dict) -> bool:
     if name in ALWAYS:
         return True
     if name in INDEXING:
-        return _has_bool_index(args)
+        return _index_kind(args) is not None
     if name == "where":  # the one-argument form is nonzero
         return len(args) + len(kwargs) == 1
     if name == "repeat_interleave":  # tensor repeats without output_size
@@ -96,7 +103,8 @@ class HostSyncs(TorchFunctionMode):
             work on them alone is free, and their upload to the device counts as one sync.
 
     Attributes:
-        counts: ``Counter`` of operation name -> calls (boolean-mask indexing as ``"name[bool]"``).
+        counts: ``Counter`` of operation name -> calls (indexing as ``"name[bool]"`` with a boolean
+            mask, ``"name[list]"`` with a Python list).
         sites: ``Counter`` of ``"file:line"`` -> calls, the innermost caller outside torch.
         total: all calls counted.
     """
@@ -121,7 +129,7 @@ class HostSyncs(TorchFunctionMode):
         on_host = bool(inputs) and all(self._is_host(t) for t in inputs)
         upload = _uploads(name, args, kwargs, inputs, on_host)
         if upload or (not on_host and is_host_sync(name, args, kwargs)):
-            self.counts["upload" if upload else f"{name}[bool]" if name in INDEXING else name] += 1
+            self.counts["upload" if upload else f"{name}[{_index_kind(args)}]" if name in INDEXING else name] += 1
             self.sites[_caller()] += 1
         out = func(*args, **kwargs)
         if (name in HOST_COPIES or upload) and isinstance(out, torch.Tensor) and out is args[0]:
