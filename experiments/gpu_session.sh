@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The measurements that need a GPU, as one script for a session that is lent one. Each step is one
 # command of well under 10 minutes on an H100; the files it writes to the folder $OUT (at most
-# six) are then committed under experiments/results/. The GPU image has its own torch, triton and
-# transformers but not this package's other dependencies, so the script runs from the checkout
-# (PYTHONPATH) and writes no report there (adjustText is missing): draw it afterwards with
-# `tokencomp report experiments/results/demo-<gpu>`.
+# seven: the device tool returns eight) are then committed under experiments/results/. The GPU
+# image has its own torch, triton and transformers but not this package's other dependencies, so
+# the script runs from the checkout (PYTHONPATH) and writes no report there (adjustText is
+# missing): draw it afterwards with `tokencomp report experiments/results/demo-<gpu>`.
 #
 #   bash experiments/gpu_session.sh kernels   # kernel table, then the launch-setting sweep
-#   bash experiments/gpu_session.sh models    # demo grid on CUDA float16; prefill at 7B shapes, 32 layers
+#   bash experiments/gpu_session.sh models    # demo grid on CUDA float16; prefill at 7B shapes, 32 layers;
+#                                             # host syncs counted against CUDA's sync debug mode
 set -euo pipefail
 : "${OUT:?OUT must name the folder the results go to}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -27,6 +28,8 @@ models)
         --no-report >"$OUT/demo.log" 2>&1
     cp "$run/results.jsonl" "$run/experiment.toml" "$run/models.json" "$OUT/"
     python3 experiments/bench_prefill.py --layers 32 --repeats 20 --out "$OUT/prefill-7b-shapes-$gpu.md"
+    python3 experiments/host_syncs.py experiments/demo.toml --device cuda --dtype float16 \
+        --run-dir "$run-syncs" --out "$OUT/host-syncs-$gpu.md" >"$OUT/host-syncs.log" 2>&1
     ;;
 *)
     echo "usage: bash experiments/gpu_session.sh kernels|models" >&2
