@@ -88,3 +88,21 @@ def test_eager_attention_model_and_eos(family, images):
             row = row[: row.index(eos) + 1]
         assert tokens[b] == row
     assert len(tokens[0]) <= 4 and tokens[0][-1] == eos
+
+
+def test_decode_computes_rope_once_per_step(model, images):
+    """A decode step computes the rotary embeddings of every layer's position in one call (layers
+    may number positions differently), not once per layer; the generation still equals HF's
+    (`test_greedy_generation_matches_hf_generate`)."""
+    batch = tc.prepare(model, images, PROMPTS)
+    engine = tc.Engine(model, tc.method("fastv", k=1, ratio=0.5), tc.EngineOptions(llm_positions="contiguous"))
+    calls = []
+    handle = model.rotary_emb.register_forward_hook(lambda _m, args, _out: calls.append(args[1].shape[0]))
+    try:
+        engine.prefill(batch)
+        prefill = len(calls)
+        calls.clear()
+        engine.generate(batch, max_new_tokens=4, eos_token_id=None)
+    finally:
+        handle.remove()
+    assert calls[prefill:] == [model.num_layers * len(images)] * 3  # 3 steps after the prefill: one call each

@@ -1088,6 +1088,9 @@ class Engine:
         # FlashAttention takes no mask: a finished sample keeps attending to its own padding steps,
         # which changes only its own (discarded) outputs
         flash = m.attn_implementation.startswith("flash")
+        # every layer's position for the next token (layers may number differently: llm_positions)
+        next_pos = torch.stack(cache.next_pos)[..., None]  # (L, B, 1)
+        n_layers, nb = next_pos.shape[:2]
         for _ in range(max_new_tokens - 1):
             # without an EOS no sample finishes: nothing to read (timed runs); else one read per step
             finished = done.tolist() if eos_token_id is not None else [False]
@@ -1096,8 +1099,10 @@ class Engine:
             all_live = not any(finished) or flash
             x = m.embed_tokens(nxt[:, None])
             live = ~done[:, None]  # a finished sample's padding steps leave no valid key behind
+            cos, sin = self._rope(x, next_pos.view(n_layers * nb, 1))  # RoPE of all layers at once
+            cos, sin = cos.view(n_layers, nb, *cos.shape[1:]), sin.view(n_layers, nb, *sin.shape[1:])
             for i, layer in enumerate(m.layers):
-                pos = cache.next_pos[i][:, None]
+                pos = next_pos[i]
                 key_valid = torch.cat([cache.valid[i], live], dim=1)
                 full[i] = full[i] and all_live
                 mask = None
@@ -1109,10 +1114,10 @@ class Engine:
                     position_ids=pos,
                     **{self.model.cache_kwarg: cache},
                     use_cache=True,
-                    position_embeddings=self._rope(x, pos),
+                    position_embeddings=(cos[i], sin[i]),
                 )
                 cache.valid[i] = key_valid
-                cache.next_pos[i] = cache.next_pos[i] + 1
+            next_pos = next_pos + 1
             logits = m.lm_head(m.norm(x[:, -1])).float()
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), logits.argmax(-1))
             steps.append(nxt)
@@ -1120,6 +1125,7 @@ class Engine:
                 done = done | (nxt == eos_token_id)
         sync()
         t2 = time.perf_counter()
+        cache.next_pos = list(next_pos[..., 0])
         gen = torch.stack(steps, dim=1).tolist()
         out = []
         for row in gen:
