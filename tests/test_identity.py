@@ -106,3 +106,19 @@ def test_decode_computes_rope_once_per_step(model, images):
     finally:
         handle.remove()
     assert calls[prefill:] == [model.num_layers * len(images)] * 3  # 3 steps after the prefill: one call each
+
+
+def test_decode_builds_one_key_mask_per_group_of_layers(model, images):
+    """A padded batch needs a key mask at every decode step; layers with no pruning between them
+    share one (FastV at layer 2: two groups), built once per step, not once per layer."""
+    batch = tc.prepare(model, images, PROMPTS)  # prompts of different lengths: padded
+    for method, groups in ((None, 1), (tc.method("fastv", k=2, ratio=0.5), 2)):
+        engine = tc.Engine(model, method)
+        built = []
+        mask = engine._mask
+        engine._mask = lambda *a, built=built, mask=mask, **k: built.append(1) or mask(*a, **k)  # this engine only
+        engine.prefill(batch)
+        prefill = len(built)
+        built.clear()
+        engine.generate(batch, max_new_tokens=4, eos_token_id=None)
+        assert len(built) - prefill == 3 * groups

@@ -1101,13 +1101,18 @@ class Engine:
             live = ~done[:, None]  # a finished sample's padding steps leave no valid key behind
             cos, sin = self._rope(x, next_pos.view(n_layers * nb, 1))  # RoPE of all layers at once
             cos, sin = cos.view(n_layers, nb, *cos.shape[1:]), sin.view(n_layers, nb, *sin.shape[1:])
+            masks = {}  # layers that share a validity mask (no pruning between them) share its key mask
             for i, layer in enumerate(m.layers):
                 pos = next_pos[i]
-                key_valid = torch.cat([cache.valid[i], live], dim=1)
-                full[i] = full[i] and all_live
-                mask = None
-                if not full[i]:
-                    mask = self._mask(key_valid, torch.full_like(pos, key_valid.shape[1] - 1), x.dtype)
+                prev = cache.valid[i]
+                if id(prev) not in masks:  # (prev is kept in the entry, so its id is not reused)
+                    key_valid = torch.cat([prev, live], dim=1)
+                    full_i = full[i] and all_live
+                    mask = None
+                    if not full_i:
+                        mask = self._mask(key_valid, torch.full_like(pos, key_valid.shape[1] - 1), x.dtype)
+                    masks[id(prev)] = (prev, key_valid, full_i, mask)
+                _, key_valid, full[i], mask = masks[id(prev)]
                 x = layer(
                     x,
                     attention_mask=mask,
