@@ -89,6 +89,8 @@ class GlobalCom2(tc.VisionStrategy):
         dev = x.device
         if any(rows for rows, _ in view.crop_grid) and len(view.crop_window) != len(view.crop_grid):
             raise TokencompError("GlobalCom² needs the views' crop_window (the unpadded crop windows)")
+        if sum(1 + rows * cols for rows, cols in view.crop_grid) != nv:
+            raise TokencompError(f"the crop grids {view.crop_grid} do not account for the {nv} views")
         scores = view.cls_logits(self.layer)[:, :, 1:].mean(dim=1)  # (V, N) head-mean logits
         # 1. thumbnails keep their top int(N R) by their own score; crops are scored below
         combined = scores.clone()
@@ -115,8 +117,6 @@ class GlobalCom2(tc.VisionStrategy):
             own = F.normalize(scores[crops].masked_fill(~valid, 0), dim=-1)
             glb = F.normalize(glob.view(height, width)[rg, cg].masked_fill(~valid, 0), dim=-1)
             combined[crops] = (own + glb).masked_fill(~valid, float("-inf"))
-        if first != nv:
-            raise TokencompError(f"the crop grids account for {first} views, the view holds {nv}")
         top = combined.topk(int(k.max()), dim=-1).indices  # one host read: the widest view
         pad = torch.arange(top.shape[1], device=dev)[None] >= k[:, None]
         index = top.masked_fill(pad, n).sort(dim=-1).values.masked_fill(pad, 0)  # raster order
