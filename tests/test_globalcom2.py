@@ -89,3 +89,25 @@ def test_globalcom2_images_whose_crops_unpad_to_nothing(models):
             assert height * width == 0
             assert pre.record.tokens_per_view[b] == [[int(n * 0.25)] + [0] * (rows * cols)]
         v += model.views_per_image(size)
+
+
+def test_globalcom2_refuses_views_its_crop_grids_do_not_account_for():
+    n = 16
+    view = tc.VisionView(
+        features=torch.randn(3, n, 4),
+        cls=None,
+        grid=(4, 4),
+        valid=torch.ones(3, n, dtype=torch.bool),
+        role=torch.tensor([0, 1, 0]),
+        image=torch.tensor([0, 0, 1]),
+        key=torch.zeros(3, dtype=torch.long),
+        crop_grid=[(1, 1)],  # one image of two views: the third view belongs to none
+        crop_window=[(0, 4, 0, 4)],
+        captures={tc.Need("vision_cls_logits", -1): torch.randn(3, 2, 1 + n)},
+    )
+    with pytest.raises(tc.TokencompError, match="do not account for the 3 views"):
+        tc.method("globalcom2").compress(view)
+    view.crop_grid.append((0, 0))
+    view.crop_window.append((0, 0, 0, 0))
+    out = tc.method("globalcom2", ratio=0.25).compress(view)
+    assert out.count.tolist() == [4, 4, 4]  # the thumbnails int(N R); the crop int(N r_1) with r_1 = R
