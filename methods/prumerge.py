@@ -76,9 +76,9 @@ class _PruMergeBase(tc.VisionStrategy):
         kept -= views if self.extra_token else 0
         return views * 2.0 * (n + 1) * dim + 2.0 * kept * n * dim
 
-    def kept(self, a: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    def kept(self, a: torch.Tensor) -> tuple[torch.Tensor, list[int], torch.Tensor]:
         """``(V, N)`` CLS attention -> ``(V, K)`` kept indices per view in emission order, -1 after a
-        view's last, and each view's count (one host read)."""
+        view's last; each view's count (one host read); the ``(V, N)`` bool mask of kept tokens."""
         v, n = a.shape
         i = torch.arange(n, device=a.device)
         outlier = iqr_outliers(a)  # the top-k values: k is the view's adaptive budget
@@ -99,7 +99,7 @@ class _PruMergeBase(tc.VisionStrategy):
         counts = count.tolist()
         width = max(counts, default=0)
         order = key.argsort(dim=-1)[:, :width]
-        return order.masked_fill(torch.arange(width, device=a.device) >= count[:, None], -1), counts
+        return order.masked_fill(torch.arange(width, device=a.device) >= count[:, None], -1), counts, keep
 
     def compress(self, view: tc.VisionView) -> tc.ViewTokens:
         x = view.features
@@ -108,12 +108,10 @@ class _PruMergeBase(tc.VisionStrategy):
         be = view.backend
         a = cls_attention_single_head(view.cls_query(self.layer), view.keys_full(self.layer))  # (V, N)
         keys = torch.nn.functional.normalize(view.keys_full(self.layer)[:, 1:].float(), dim=-1)
-        keep, k = self.kept(a)  # (V, K), -1 padding; k per view
+        keep, k, is_kept = self.kept(a)  # (V, K), -1 padding; k per view; (V, N) mask
         width = keep.shape[1]
         real = keep >= 0
         safe = keep.clamp(min=0)
-        is_kept = torch.zeros(nv, n + 1, dtype=torch.bool, device=dev)
-        is_kept = is_kept.scatter_(1, torch.where(real, keep, n), True)[:, :n]
         # 3. each kept token's nearest neighbours by key cosine, never itself (nor, "pruned", a kept one);
         # the cosines a matmul per view, so that no padding row is computed
         cosines = [keys[v, keep[v, : k[v]]] @ keys[v].T for v in range(nv)]

@@ -38,7 +38,7 @@ import kernels
 
 from .cache import LayerKVCache
 from .errors import InputMismatchError, TokencompError, UnsupportedModelError
-from .layout import pad_left, place_columns, repack, true_indices
+from .layout import filled_slots, pad_left, place_columns, repack
 from .model import Model
 from .profiler import FlopsReport, run_flops
 from .record import RunRecord
@@ -525,8 +525,7 @@ class Engine:
         if sum(counts) == nv * k:  # no padding
             flat = self.model.projector(x)
             return flat.view(nv, k, flat.shape[-1])
-        real = torch.arange(k, device=x.device)[None] < out.count[:, None]
-        rows = true_indices(real.flatten(), sum(counts))
+        rows = filled_slots(out.count, k, sum(counts))
         flat = self.model.projector(x[rows])
         return flat.new_zeros(nv * k, flat.shape[-1]).index_copy_(0, rows, flat).view(nv, k, flat.shape[-1])
 
@@ -620,9 +619,8 @@ class Engine:
         rows, cols, r0, height, c0, width = m.crop_region(size)
         dev = proj.device
         k = out.index.shape[1]
-        n_c = [counts[r] for r in crop_rows]  # real tokens per crop
-        crop_id = torch.cat([torch.full((c,), j, dtype=torch.long, device=dev) for j, c in enumerate(n_c)])
-        slot = torch.cat([torch.arange(c, device=dev) for c in n_c])
+        real = filled_slots(out.count[crop_rows.start : crop_rows.stop], k, sum(counts[r] for r in crop_rows))
+        crop_id, slot = real // k, real % k  # every real token of the crops, crop by crop
         at = (crop_rows.start + crop_id, slot)
         idx, feats = out.index[at], proj[at]
         group = out.group[at].long() if out.group is not None else torch.zeros_like(idx)

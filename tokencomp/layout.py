@@ -54,3 +54,10 @@ def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     the host): a stable sort puts them first, without a data-dependent shape (no host sync). A row
     with fewer than ``count`` Trues fills its last places with positions of False entries."""
     return (~mask).to(torch.uint8).sort(dim=-1, stable=True).indices[..., :count]
+
+
+def filled_slots(count: torch.Tensor, width: int, total: int) -> torch.Tensor:
+    """``(V,)`` counts -> ``(total,)`` long: the flat positions ``v * width + j`` of the first
+    ``count[v]`` slots of each of ``V`` rows of ``width`` slots, in order (``total = count.sum()``,
+    known on the host; no host sync)."""
+    return true_indices((torch.arange(width, device=count.device)[None] < count[:, None]).flatten(), total)

@@ -303,25 +303,24 @@ class VisionStrategy(Strategy):
         if isinstance(idx, torch.Tensor):
             if idx.dim() != 2 or idx.shape[0] != num_views:
                 raise ValueError(f"{self.name}.select must return (V={num_views}, k) indices, got {tuple(idx.shape)}")
-            idx, pad = idx.long(), -1
+            idx, fill = idx.long(), -1
         else:
             if len(idx) != num_views:
                 raise ValueError(f"{self.name}.select returned {len(idx)} index lists for {num_views} views")
-            pad = -2  # padded here: a -1 in a list is an index outside [0, N)
-            idx = torch.nn.utils.rnn.pad_sequence([i.long().to(dev) for i in idx], batch_first=True, padding_value=pad)
+            fill = -2  # padded here: a -1 in a list is an index outside [0, N)
+            idx = torch.nn.utils.rnn.pad_sequence([i.long().to(dev) for i in idx], batch_first=True, padding_value=fill)
         real = idx >= 0
         count = real.sum(1)
         if idx.numel():  # one read for both checks
-            outside = ((idx < 0) & (idx != pad)) | (idx >= n)
+            outside = ((idx < 0) & (idx != fill)) | (idx >= n)
             outside, gap = torch.stack([outside.any(), (real[:, 1:] & ~real[:, :-1]).any()]).tolist()
             if outside:
                 raise ValueError(f"{self.name}.select returned indices outside [0, {n})")
             if gap:
                 raise ValueError(f"{self.name}.select padded a row with -1 before its last index (pad at the end)")
         idx = idx.clamp(min=0)
-        if self.keep_order:
-            pad = torch.arange(idx.shape[1], device=idx.device)[None] >= count[:, None]
-            idx = idx.masked_fill(pad, n).sort(dim=1).values.masked_fill(pad, 0)
+        if self.keep_order:  # real slots lead each row (checked): sorted, they stay ahead of the padding
+            idx = idx.masked_fill(~real, n).sort(dim=1).values.masked_fill(~real, 0)
         feats = gather_tokens(view.features, idx, backend=view.backend)
         return ViewTokens(features=feats, index=idx, count=count)
 
