@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+import kernels
 import tokencomp as tc
 from tokencomp.layout import repack
 from tokencomp.strategy import check_int, check_ratio
@@ -93,16 +94,15 @@ class SparseVLM(tc.LayerStrategy):
     def raters(self, ctx: tc.LayerContext) -> torch.Tensor:
         """``(B, n)`` bool: text tokens after the image whose image relevance exceeds the mean."""
         (vi, v_ok), (ti, t_ok) = repack(ctx.image_mask), repack(ctx.text_after_image)
-        batch = torch.arange(vi.shape[0], device=vi.device)[:, None]
-        v, t = ctx.hidden[batch, vi].float(), ctx.hidden[batch, ti].float()  # (B, V, d), (B, T, d), padded
+        v = kernels.gather_tokens(ctx.hidden, vi, backend=ctx.backend).float()  # (B, V, d), padded
+        t = kernels.gather_tokens(ctx.hidden, ti, backend=ctx.backend).float()  # (B, T, d), padded
         logits = (v @ t.transpose(1, 2)).masked_fill(~t_ok[:, None, :], float("-inf"))
         probs = logits.softmax(dim=2).nan_to_num(0.0) * v_ok[:, :, None]  # softmax over the text
         relevance = probs.sum(1) / v_ok.sum(1, keepdim=True).clamp(min=1)  # (B, T), mean over images
         mean = (relevance * t_ok).sum(1, keepdim=True) / t_ok.sum(1, keepdim=True).clamp(min=1)
         chosen = t_ok & (relevance > mean)
-        out = torch.zeros_like(ctx.valid)
-        out[batch.expand_as(ti)[chosen], ti[chosen]] = True
-        return out
+        # back to token columns (padding slots point at column 0 and add nothing)
+        return torch.zeros(ctx.valid.shape, dtype=torch.long, device=ti.device).scatter_add_(1, ti, chosen.long()) > 0
 
     def keep(self, ctx: tc.LayerContext) -> torch.Tensor:
         stage = self.prune_layers(ctx.num_layers).index(ctx.layer)
@@ -126,8 +126,8 @@ class SparseVLM(tc.LayerStrategy):
         order = relation.float().masked_fill(~deleted, float("-inf")).argsort(dim=1, descending=True, stable=True)
         order = order[:, :most]
         chosen = torch.arange(order.shape[1], device=order.device) < take[:, None]
-        x = ctx.hidden.gather(1, order[:, :, None].expand(-1, -1, ctx.hidden.shape[-1]))
-        return dpc_knn_merge(x, chosen, clusters).to(ctx.hidden.dtype), clusters
+        x = kernels.gather_tokens(ctx.hidden, order, backend=ctx.backend)
+        return dpc_knn_merge(x, chosen, clusters, ctx.backend).to(ctx.hidden.dtype), clusters
 
     def overhead_flops(self, model, record, sample: int) -> float:
         """Matrix products of its own (the profiler's convention): the raters' ``V Tᵀ`` on the
@@ -146,13 +146,13 @@ class SparseVLM(tc.LayerStrategy):
         return total
 
 
-def dpc_knn_merge(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
+def dpc_knn_merge(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Density-peak k-NN clustering (the released code's ``cluster_and_merge``), batched: sample
     ``b``'s tokens ``x[b][valid[b]]`` (``x`` ``(B, m, d)``, ``valid`` ``(B, m)`` bool) go into
     ``clusters[b]`` groups. Density from the ``clusters[b]`` nearest distances, centres by density
     x distance to a denser token, every token to its nearest centre. Returns ``(B, C, d)`` float32
     cluster means (sum / (count + 1e-6), as the code divides), ``C = clusters.max()``; rows past
-    ``clusters[b]`` are zero."""
+    ``clusters[b]`` are zero. ``backend``: the token-kernel backend of the cluster sums."""
     b, m, d = x.shape
     k = int(clusters.max())
     x32 = x.float()
@@ -170,7 +170,7 @@ def dpc_knn_merge(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tensor) 
     to_centre = raw.gather(1, centres[:, :, None].expand(-1, -1, m)).masked_fill(~first[:, :, None], float("inf"))
     assign = to_centre.argmin(1)  # (B, m)
     assign.scatter_(1, centres, torch.arange(k, device=x.device).expand(b, -1).where(first, assign.gather(1, centres)))
-    assign = assign.masked_fill(~valid, k)  # padding into a spare cluster, dropped below
-    sums = torch.zeros(b, k + 1, d, device=x.device).scatter_add_(1, assign[:, :, None].expand(-1, -1, d), x32)
-    size = torch.zeros(b, k + 1, device=x.device).scatter_add_(1, assign, valid.float()) + 1e-6
-    return (sums / size[:, :, None])[:, :k] * first[:, :, None]
+    assign = assign.masked_fill(~valid, -1)  # padding goes into no cluster
+    sums = kernels.merge_tokens(x32, assign, k, mean=False, backend=backend)  # (B, k, d) float32
+    size = torch.zeros(b, k + 1, device=x.device).scatter_add_(1, assign + 1, valid.float())[:, 1:] + 1e-6
+    return sums / size[:, :, None] * first[:, :, None]

@@ -206,13 +206,23 @@ def test_dispatch_rules():
     assert torch.equal(kernels.gather_tokens(x, idx), reference.gather_tokens(x, idx))
 
 
-def test_engine_with_triton_backend_equals_reference(models, images):
-    """The whole engine on the Triton kernels (interpreted) equals the PyTorch-reference run."""
+def _refuse(*args, **kwargs):
+    raise AssertionError("a kernel call ignored the engine's kernel_backend='triton'")
+
+
+@pytest.mark.parametrize("family", ["llava", "llava-next"])
+def test_engine_with_triton_backend_equals_reference(models, images, family):
+    """The whole engine on the Triton kernels (interpreted) equals the PyTorch-reference run, for
+    every method that calls a kernel: the vision-stage gathers, pooling and merges (VisionZip,
+    PruMerge+, GlobalCom², pooling), the projector's and crop layout's gathers (crops placed back
+    on the grid by a selection), the decoder attention rows (FastV) and SparseVLM's gathers and
+    cluster sums. In the Triton run the PyTorch references refuse to run, so a call that drops the
+    engine's backend choice fails here."""
     from conftest import PROMPTS
 
     import tokencomp as tc
 
-    model = models["llava"]
+    model = models[family]
     batch = tc.prepare(model, images, PROMPTS)
 
     @tc.register("_test-cls-top")
@@ -223,19 +233,32 @@ def test_engine_with_triton_backend_equals_reference(models, images):
         def select(self, view):
             return view.cls_attention(-2)[:, :, 1:].mean(1).topk(12, dim=-1).indices
 
-    for strat in ([ClsTop(), tc.method("fastv", k=2, ratio=0.5)], tc.method("pool", budget=9)):
+    strategies = [
+        [ClsTop(), tc.method("fastv", k=2, ratio=0.5)],
+        tc.method("pool", budget=9),
+        tc.method("visionzip", dominant=10, contextual=4),
+        tc.method("prumerge+"),
+        tc.method("sparsevlm", counts=(20, 6), layers=(0, 2)),
+    ]
+    if family == "llava-next":
+        strategies.append(tc.method("globalcom2"))
+    for strat in strategies:
         runs = {}
         for be in ("torch", "triton"):
             eng = tc.Engine(model, strat, tc.EngineOptions(kernel_backend=be))
-            runs[be] = eng.generate(batch, max_new_tokens=3, eos_token_id=None)
+            with pytest.MonkeyPatch.context() as mp:
+                if be == "triton":  # every kernel call must honour the override: the reference refuses
+                    for name in ("gather_tokens", "pool_grid", "merge_tokens", "attention_rows"):
+                        mp.setattr(reference, name, _refuse)
+                runs[be] = eng.generate(batch, max_new_tokens=3, eos_token_id=None)
             assert runs[be][1].record.kernel_backend == be
-        assert runs["torch"][0] == runs["triton"][0]
+        assert runs["torch"][0] == runs["triton"][0], strat
         torch.testing.assert_close(runs["torch"][1].logits, runs["triton"][1].logits, rtol=1e-4, atol=1e-4)
         for b in range(3):
             assert (
                 runs["torch"][1].state.layout(b)["orig_index"].tolist()
                 == runs["triton"][1].state.layout(b)["orig_index"].tolist()
-            )
+            ), strat
     with pytest.raises(ValueError, match="backend must be"):
         tc.EngineOptions(kernel_backend="cuda")
 

@@ -128,7 +128,7 @@ def test_sparsevlm_overhead_counts_the_tokens_it_clusters(models, images, monkey
 
     clustered = []
     real = sv.dpc_knn_merge
-    monkeypatch.setattr(sv, "dpc_knn_merge", lambda x, ok, k: clustered.append(int(ok.sum())) or real(x, ok, k))
+    monkeypatch.setattr(sv, "dpc_knn_merge", lambda x, ok, k, be: clustered.append(int(ok.sum())) or real(x, ok, k, be))
     model = models["llava"]
     method = tc.method("sparsevlm", counts=(20, 10, 4), layers=(0, 1, 2))
     pre = tc.Engine(model, method).prefill(tc.prepare(model, images[:1], PROMPTS[:1]))

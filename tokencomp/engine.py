@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -438,9 +439,9 @@ class Engine:
             out = self.vision.compress(view)
             counts = out.count.tolist()  # tokens per view: one read for all images
         projected = self._project(out, counts)
-        images, first = [], 0
+        images, first, views_of = [], 0, Counter(image)
         for i in range(n_images):  # image i's views are consecutive, its base view first
-            rows = range(first, first + image.count(i))
+            rows = range(first, first + views_of[i])
             images.append(self._assemble(out, projected, rows, counts, sizes[i], crop_grid[i]))
             first = rows.stop
         pending = [tok for tok in images if "trim" in tok]
@@ -526,7 +527,7 @@ class Engine:
             flat = self.model.projector(x)
             return flat.view(nv, k, flat.shape[-1])
         rows = filled_slots(out.count, k, sum(counts))
-        flat = self.model.projector(x[rows])
+        flat = self.model.projector(kernels.gather_tokens(x[None], rows[None], backend=self.options.kernel_backend)[0])
         return flat.new_zeros(nv * k, flat.shape[-1]).index_copy_(0, rows, flat).view(nv, k, flat.shape[-1])
 
     def _assemble(self, out: ViewTokens, proj: torch.Tensor, rows: range, counts: list[int], size, crop_grid) -> dict:
@@ -622,7 +623,9 @@ class Engine:
         real = filled_slots(out.count[crop_rows.start : crop_rows.stop], k, sum(counts[r] for r in crop_rows))
         crop_id, slot = real // k, real % k  # every real token of the crops, crop by crop
         at = (crop_rows.start + crop_id, slot)
-        idx, feats = out.index[at], proj[at]
+        idx = out.index[at]
+        be = self.options.kernel_backend
+        feats = kernels.gather_tokens(proj.flatten(0, 1)[None], (crop_rows.start * k + real)[None], backend=be)[0]
         group = out.group[at].long() if out.group is not None else torch.zeros_like(idx)
         placed = idx >= 0
         r = (crop_id // cols) * gh + idx // gw
@@ -658,7 +661,9 @@ class Engine:
             [torch.full_like(idx, VISUAL, dtype=torch.int8), torch.full_like(line, NEWLINE, dtype=torch.int8)]
         )
         return {
-            "feats": torch.cat([torch.cat([feats, newline.expand(n_rows, -1)])[order], feats[extra]]),
+            "feats": kernels.gather_tokens(
+                torch.cat([feats, newline.expand(n_rows, -1)])[None], torch.cat([order, extra])[None], backend=be
+            )[0],
             "kind": torch.cat([kinds[order], torch.full_like(extra, VISUAL, dtype=torch.int8)]),
             "patch": torch.cat([torch.cat([idx, minus])[order], idx[extra]]),
             "view": torch.cat([torch.cat([crop_id + 1, minus])[order], crop_id[extra] + 1]),
@@ -883,6 +888,7 @@ class Engine:
             scores=scores,
             input_image_count=input_images,
             final_norm=self.model.norm,
+            backend=self.options.kernel_backend,
         )
 
     def _prune(self, state: SeqState, layer: int, scores, input_images: torch.Tensor) -> tuple[SeqState, bool]:

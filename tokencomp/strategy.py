@@ -346,6 +346,7 @@ class LayerContext:
         input_image_count: ``(B,)`` image-span tokens that entered the LLM (schedules count from it).
         final_norm: the decoder's final norm module (``model.norm``), for methods that compare
             hidden states in the space the LM head reads (DART).
+        backend: token-kernel backend of this run (pass it to `kernels` calls).
     """
 
     layer: int
@@ -358,6 +359,7 @@ class LayerContext:
     scores: dict[Need, torch.Tensor]
     input_image_count: torch.Tensor | None = None
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    backend: str = "auto"
 
     @property
     def image_mask(self) -> torch.Tensor:
