@@ -8,11 +8,19 @@ compiles each ahead of time through Triton's CUDA backend and the ``ptxas`` bund
 to a cubin for the given architecture. ``cuobjdump`` (bundled too) then reports each cubin's
 registers per thread and its local memory (register spills), a first sign of a slow kernel.
 
+It also reads the PTX for how wide each global memory access is (`global_accesses`). The copy
+kernels (gather, pooling) can only near the device's copy bandwidth when every load and store of
+token data moves 16 bytes per thread (``ld.global.v4.b32``): a narrower access means the
+compiler could not prove alignment or contiguity, and the kernel issues two to eight times as
+many memory instructions. The check fails on a gather or pooling variant with a narrower data
+access. Loads of 64-bit elements are the index and count tensors, not token data.
+
 Usage (``TRITON_INTERPRET`` must not be set, or the kernels are interpreter functions)::
 
     python -m kernels.compile_check [--arch 90 80]
 
-It prints one line per kernel variant and exits non-zero if any fails to compile.
+It prints one line per kernel variant and exits non-zero if any fails to compile, or if a gather
+or pooling variant accesses token data less than 16 bytes at a time.
 """
 
 from __future__ import annotations
@@ -116,11 +124,32 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {"registers": reg, "stack": stack, "shared": shared, "local": local}
 
 
+_ACCESS = re.compile(r"\b(ld|st|atom|red)\.global((?:\.[a-z_]+\d*)*?)(?:\.v(\d))?\.([bfsu])(\d+)\b")
+
+COPY_KERNELS = ("gather", "pool")  # the kernels held to 16-byte data accesses
+
+
+def global_accesses(ptx: str) -> list[tuple[str, int, int]]:
+    """``(op, element bits, bytes per access)`` of each global load, store or atomic in ``ptx``
+    (``op`` is ``ld``, ``st``, ``atom`` or ``red``; a ``.v4.b32`` access is ``(op, 32, 16)``)."""
+    out = []
+    for op, _, vec, _, bits in _ACCESS.findall(ptx):
+        out.append((op, int(bits), int(vec or 1) * int(bits) // 8))
+    return out
+
+
+def narrow_data_accesses(ptx: str) -> int:
+    """Global accesses of elements of 32 bits or fewer (token data, weights, counts) that move
+    fewer than 16 bytes per instruction."""
+    return sum(1 for _, bits, width in global_accesses(ptx) if bits <= 32 and width < 16)
+
+
 def compile_all(archs: tuple[int, ...] = (90,)) -> list[dict]:
     """Compile every launch of `launches` for each CUDA compute capability in ``archs`` (90: H100/H200).
 
-    Returns one row per (variant, arch) with the resource usage; raises on the first failure,
-    naming the variant.
+    Returns one row per (variant, arch) with the resource usage, the number of global memory
+    accesses in the PTX (``accesses``) and how many of those move 32-bit-or-narrower elements
+    fewer than 16 bytes at a time (``narrow``); raises on the first failure, naming the variant.
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels are interpreter functions and cannot be compiled")
@@ -133,7 +162,16 @@ def compile_all(archs: tuple[int, ...] = (90,)) -> list[dict]:
                 compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch.options)
             except Exception as e:
                 raise RuntimeError(f"{name} does not compile for sm_{arch}: {e}") from e
-            rows.append({"kernel": name, "arch": f"sm_{arch}", **resource_usage(compiled.asm["cubin"])})
+            accesses = global_accesses(compiled.asm["ptx"])
+            rows.append(
+                {
+                    "kernel": name,
+                    "arch": f"sm_{arch}",
+                    **resource_usage(compiled.asm["cubin"]),
+                    "accesses": len(accesses),
+                    "narrow": narrow_data_accesses(compiled.asm["ptx"]),
+                }
+            )
     return rows
 
 
@@ -145,10 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(
             f"{r['kernel']:<48} {r['arch']}  reg {r['registers']:>3}  local {r['local']:>5} B  shared {r['shared']} B"
+            f"  global accesses {r['accesses']:>2} ({r['narrow']} under 16 B)"
         )
     spills = [r for r in rows if r["local"]]
+    narrow = [r for r in rows if r["narrow"] and r["kernel"].startswith(COPY_KERNELS)]
     print(f"{len(rows)} compiled; {len(spills)} with local memory (spills)")
-    return 0
+    print(f"{len(narrow)} gather/pooling variants with a data access under 16 B")
+    for r in narrow:
+        print(f"  narrow: {r['kernel']} {r['arch']}", file=sys.stderr)
+    return 1 if narrow else 0
 
 
 if __name__ == "__main__":

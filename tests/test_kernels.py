@@ -191,6 +191,45 @@ def test_triton_kernels_compile_for_hopper():
 
     expected = sum(1 for _ in compile_check.launches())
     assert f"{expected} compiled; 0 with local memory (spills)" in out.stdout
+    assert "0 gather/pooling variants with a data access under 16 B" in out.stdout
+    # the width check sees a gather that cannot use 16-byte accesses: rows of 1000 fp16 values
+    # (2000 bytes, not a multiple of 16) cannot be proven aligned past the first
+    probe = (
+        "import torch, triton; from kernels import compile_check as cc, triton_kernels as tk;"
+        "from triton.compiler import ASTSource; from triton.backends.compiler import GPUTarget\n"
+        "for d in (1024, 1000):\n"
+        " x = torch.zeros(1, 576, d, dtype=torch.float16); i = torch.zeros(1, 144, dtype=torch.long)\n"
+        " launch = tk.plan_gather(x, i)[1]\n"
+        " c = triton.compile(ASTSource(launch.kernel, *cc.signature(launch)), target=GPUTarget('cuda', 90, 32))\n"
+        " print(d, cc.narrow_data_accesses(c.asm['ptx']))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    narrow = dict(line.split() for line in out.stdout.split("\n") if line)
+    assert narrow["1024"] == "0" and int(narrow["1000"]) > 0, out.stdout
+
+
+def test_compile_check_reads_access_widths():
+    """The PTX reader behind the 16-byte check: vector width times element size, per access."""
+    from kernels import compile_check
+
+    ptx = """
+    ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+    @%p1 ld.global.b64 { %rd5 }, [ %rd2 + 0 ];
+    ld.global.v2.b64 { %rd6, %rd7 }, [ %rd3 + 0 ];
+    @%p2 st.global.b16 [ %rd4 + 0 ], { %rs1 };
+    atom.global.gpu.acq_rel.add.v4.f32 { %f1, %f2, %f3, %f4 }, [ %rd5 + 0 ], { %f5, %f6, %f7, %f8 };
+    atom.global.gpu.acq_rel.add.f32 %f9, [ %rd6 + 0 ], %f10;
+    """
+    assert compile_check.global_accesses(ptx) == [
+        ("ld", 32, 16),
+        ("ld", 64, 8),
+        ("ld", 64, 16),
+        ("st", 16, 2),
+        ("atom", 32, 16),
+        ("atom", 32, 4),
+    ]
+    assert compile_check.narrow_data_accesses(ptx) == 2
 
 
 def test_dispatch_rules():
