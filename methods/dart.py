@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import kernels
 import tokencomp as tc
 from tokencomp.layout import repack
 from tokencomp.strategy import check_image_budget, check_int, top_mask
@@ -86,7 +87,6 @@ class DART(tc.LayerStrategy):
 
     def keep(self, ctx: tc.LayerContext) -> torch.Tensor:
         img = ctx.image_mask
-        b = img.shape[0]
 
         # 1. pivots: the largest key L1 norms among the image tokens and the text after the image
         key_norm = ctx.key_norm(self.k - 1)
@@ -100,7 +100,7 @@ class DART(tc.LayerStrategy):
         # 2. cosine similarity of every token to each pivot, (B, P, n)
         h = ctx.final_norm(ctx.hidden) if self.similarity == "final_norm" else ctx.hidden
         h = F.normalize(h.float(), dim=-1)
-        sim = torch.einsum("bpd,bnd->bpn", h[torch.arange(b, device=h.device)[:, None], pivot_index], h)
+        sim = torch.einsum("bpd,bnd->bpn", kernels.gather_tokens(h, pivot_index, backend=ctx.backend), h)
 
         # 3. each pivot in turn keeps the candidates least similar to it
         per_pivot = self.per_pivot(img.sum(1), image_pivots.sum(1), pivot_ok)

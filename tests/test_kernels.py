@@ -254,8 +254,8 @@ def test_engine_with_triton_backend_equals_reference(models, images, family):
     """The whole engine on the Triton kernels (interpreted) equals the PyTorch-reference run, for
     every method that calls a kernel: the vision-stage gathers, pooling and merges (VisionZip,
     PruMerge+, GlobalCom², pooling), the projector's and crop layout's gathers (crops placed back
-    on the grid by a selection), the decoder attention rows (FastV) and SparseVLM's gathers and
-    cluster sums. In the Triton run the PyTorch references refuse to run, so a call that drops the
+    on the grid by a selection), the decoder attention rows (FastV), SparseVLM's gathers and
+    cluster sums and DART's pivot gather. In the Triton run the PyTorch references refuse to run, so a call that drops the
     engine's backend choice fails here."""
     from conftest import PROMPTS
 
@@ -278,6 +278,7 @@ def test_engine_with_triton_backend_equals_reference(models, images, family):
         tc.method("visionzip", dominant=10, contextual=4),
         tc.method("prumerge+"),
         tc.method("sparsevlm", counts=(20, 6), layers=(0, 2)),
+        tc.method("dart", budget=16, pivot_image=2, pivot_text=2),
     ]
     if family == "llava-next":
         strategies.append(tc.method("globalcom2"))
