@@ -43,6 +43,16 @@ METHODS = {
 }
 
 
+def rope_table_flops(counter: FlopCounterMode) -> int:
+    """FLOPs the counter saw in rotary-embedding modules: transformers before 5.2x builds the RoPE
+    cos/sin table with a matmul of the inverse frequencies and the positions (5.17, on the GPU
+    image, does; 5.24 does not). The analytic model leaves RoPE out, as element-wise work."""
+    counts = counter.get_flop_counts()
+    rope = [name for name in counts if "rotary" in name.lower()]
+    outer = [n for n in rope if not any(n.startswith(f"{m}.") for m in rope)]  # nested names are included
+    return sum(sum(counts[n].values()) for n in outer)
+
+
 @pytest.mark.parametrize("family", ["llava", "llava-next"])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_analytic_flops_match_flop_counter(eager_models, family, name):
@@ -55,7 +65,7 @@ def test_analytic_flops_match_flop_counter(eager_models, family, name):
         batch = tc.prepare(model, [im], [PROMPTS[i]])
         with FlopCounterMode(display=False) as counter:
             tokens, pre = engine.generate(batch, max_new_tokens=4, eos_token_id=None)
-        counted = counter.get_total_flops()
+        counted = counter.get_total_flops() - rope_table_flops(counter)
         report = run_flops(model, pre.record, engine.strategies)[0]
         assert len(report.decode) == 3
         # exact: overheads are tiny shares of the total, so a loose tolerance would hide a missing one.
