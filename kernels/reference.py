@@ -70,11 +70,14 @@ def merge_tokens(
         ``(B, t, d)`` in ``x.dtype``, accumulated in float32.
     """
     b, n, d = x.shape
+    if num_targets == 0:
+        return x.new_zeros(b, 0, d)
     src = x.float() if weight is None else x.float() * weight.float()[..., None]
     ok = target >= 0
     t_idx = target.clamp(min=0)
     out = torch.zeros(b, num_targets, d, dtype=torch.float32, device=x.device)
-    out.scatter_add_(1, t_idx[..., None].expand(b, n, d), src * ok[..., None])
+    # a source going nowhere adds an exact zero (masked, not multiplied: an inf or NaN there stays out)
+    out.scatter_add_(1, t_idx[..., None].expand(b, n, d), src.masked_fill(~ok[..., None], 0.0))
     if mean:
         cnt = torch.zeros(b, num_targets, dtype=torch.float32, device=x.device)
         cnt.scatter_add_(1, t_idx, ok.float())

@@ -114,7 +114,8 @@ class _PruMergeBase(tc.VisionStrategy):
         safe = keep.clamp(min=0)
         # 3. each kept token's nearest neighbours by key cosine, never itself (nor, "pruned", a kept one);
         # the cosines a matmul per view, so that no padding row is computed
-        cosines = [keys[v, keep[v, : k[v]]] @ keys[v].T for v in range(nv)]
+        kept_keys = kernels.gather_tokens(keys, safe, backend=be)  # (V, K, D)
+        cosines = [kept_keys[v, : k[v]] @ keys[v].T for v in range(nv)]
         sim = torch.nn.utils.rnn.pad_sequence(cosines, batch_first=True, padding_value=float("-inf"))
         sim.scatter_(2, safe[..., None], float("-inf"))  # (V, K, N)
         if self.neighbours == "pruned":

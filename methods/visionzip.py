@@ -125,23 +125,22 @@ class VisionZip(tc.VisionStrategy):
         if contextual > 0:
             rest = true_indices(~is_dom, n - (dominant - c))  # raster order
             n_rest = rest.shape[1]
-            keys = kernels.gather_tokens(view.keys(self.layer)[:, c:], rest, backend=be)
-            keys = keys / keys.norm(dim=-1, keepdim=True)
             step = max(1, n_rest // contextual)
             targets = torch.arange(0, n_rest, step, device=dev)[:contextual]
             is_target = torch.zeros(n_rest, dtype=torch.bool, device=dev).index_fill_(0, targets, True)
             others = true_indices(~is_target, n_rest - len(targets))
-            sim = keys[:, others] @ keys[:, targets].transpose(1, 2)  # (V, n_other, contextual)
-            assign = sim.argmax(dim=-1)
-            rest_x = kernels.gather_tokens(x, rest, backend=be)
-            target_x = rest_x[:, targets]
+            target_idx, other_idx = rest[:, targets], rest[:, others]  # (V, contextual), (V, n_other)
+            keys = view.keys(self.layer)[:, c:]
+            target_k, other_k = (kernels.gather_tokens(keys, i, backend=be) for i in (target_idx, other_idx))
+            target_k, other_k = (k / k.norm(dim=-1, keepdim=True) for k in (target_k, other_k))
+            assign = (other_k @ target_k.transpose(1, 2)).argmax(dim=-1)  # (V, n_other): the most similar target
+            target_x = kernels.gather_tokens(x, target_idx, backend=be)
+            other_x = kernels.gather_tokens(x, other_idx, backend=be)
             if self.merge == "code":
-                merged = target_x + kernels.merge_tokens(rest_x[:, others], assign, contextual, backend=be)
+                merged = target_x + kernels.merge_tokens(other_x, assign, contextual, backend=be)
             else:  # paper: plain average of the target and the tokens assigned to it
                 members = torch.cat([torch.arange(contextual, device=dev).expand(nv, -1), assign], 1)
-                merged = kernels.merge_tokens(
-                    torch.cat([target_x, rest_x[:, others]], 1), members, contextual, backend=be
-                )
+                merged = kernels.merge_tokens(torch.cat([target_x, other_x], 1), members, contextual, backend=be)
             parts.append(merged)
             index.append(torch.full((nv, contextual), -1, device=dev))
         feats = torch.cat(parts, dim=1)

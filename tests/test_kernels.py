@@ -87,6 +87,21 @@ def test_merge(dtype, weighted, mean, b, n, t, d):
         _close(ref[0, tgt0], s, dtype)
 
 
+@pytest.mark.parametrize("be", ["torch", "triton"])
+def test_merge_edges(be):
+    """No targets gives an empty result; a source that goes nowhere (-1) leaves no trace, even an
+    inf or NaN one (the reference used to multiply it by zero, which made NaN)."""
+    x = torch.randn(2, 6, 8)
+    target = torch.tensor([[0, 1, -1, 1, -1, 0], [-1, -1, -1, -1, -1, -1]])
+    assert kernels.merge_tokens(x, torch.full((2, 6), -1), 0, backend=be).shape == (2, 0, 8)
+    bad = x.clone()
+    bad[0, 2], bad[0, 4] = float("inf"), float("nan")
+    for mean in (True, False):
+        got = kernels.merge_tokens(bad, target, 2, torch.rand(2, 6), mean=mean, backend=be)
+        assert torch.isfinite(got).all()
+        assert torch.equal(got[1], torch.zeros(2, 8))  # a row with no sources: zero targets
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "b,H,hkv,r,n,hd",
@@ -192,8 +207,8 @@ def test_triton_kernels_compile_for_hopper():
     expected = sum(1 for _ in compile_check.launches())
     assert f"{expected} compiled; 0 with local memory (spills)" in out.stdout
     assert "0 gather/pooling variants with a data access under 16 B" in out.stdout
-    # the width check sees a gather that cannot use 16-byte accesses: rows of 1000 fp16 values
-    # (2000 bytes, not a multiple of 16) cannot be proven aligned past the first
+    # the width check sees a gather that cannot use 16-byte accesses: Triton proves alignment from
+    # integer arguments divisible by 16, and a hidden size of 1000 is not
     probe = (
         "import torch, triton; from kernels import compile_check as cc, triton_kernels as tk;"
         "from triton.compiler import ASTSource; from triton.backends.compiler import GPUTarget\n"
@@ -210,7 +225,9 @@ def test_triton_kernels_compile_for_hopper():
 
 
 def test_compile_check_reads_access_widths():
-    """The PTX reader behind the 16-byte check: vector width times element size, per access."""
+    """The PTX reader behind the 16-byte check: vector width times element size, per access,
+    whatever the cache hints (the forms Triton emits for ``eviction_policy``), shared-memory
+    accesses left out, and the global traffic it cannot size counted apart."""
     from kernels import compile_check
 
     ptx = """
@@ -220,6 +237,13 @@ def test_compile_check_reads_access_widths():
     @%p2 st.global.b16 [ %rd4 + 0 ], { %rs1 };
     atom.global.gpu.acq_rel.add.v4.f32 { %f1, %f2, %f3, %f4 }, [ %rd5 + 0 ], { %f5, %f6, %f7, %f8 };
     atom.global.gpu.acq_rel.add.f32 %f9, [ %rd6 + 0 ], %f10;
+    ld.global.L1::evict_first.L2::cache_hint.b16 { %rs2 }, [ %rd7 + 0 ], %rd20;
+    @!%p3 ld.global.nc.L1::no_allocate.v4.b32 { %r5, %r6, %r7, %r8 }, [ %rd8 + 0 ];
+    st.global.L1::evict_last.L2::cache_hint.v2.f32 [ %rd9 + 0 ], { %f11, %f12 }, %rd21;
+    red.global.gpu.acq_rel.add.noftz.bf16 [ %rd10 + 0 ], %rs3;
+    red.global.add.noftz.f16x2 [ %rd11 + 0 ], %r9;
+    ld.shared.v4.b32 { %r10, %r11, %r12, %r13 }, [ %r14 + 0 ];
+    cp.async.cg.shared.global [ %r15 + 0 ], [ %rd12 + 0 ], 0x10, %r16;
     """
     assert compile_check.global_accesses(ptx) == [
         ("ld", 32, 16),
@@ -228,8 +252,14 @@ def test_compile_check_reads_access_widths():
         ("st", 16, 2),
         ("atom", 32, 16),
         ("atom", 32, 4),
+        ("ld", 16, 2),
+        ("ld", 32, 16),
+        ("st", 32, 8),
+        ("red", 16, 2),
+        ("red", 32, 4),
     ]
-    assert compile_check.narrow_data_accesses(ptx) == 2
+    assert compile_check.narrow_data_accesses(ptx) == 6
+    assert compile_check.unsized_accesses(ptx) == 1
 
 
 def test_dispatch_rules():
@@ -252,10 +282,11 @@ def _refuse(*args, **kwargs):
 @pytest.mark.parametrize("family", ["llava", "llava-next"])
 def test_engine_with_triton_backend_equals_reference(models, images, family):
     """The whole engine on the Triton kernels (interpreted) equals the PyTorch-reference run, for
-    every method that calls a kernel: the vision-stage gathers, pooling and merges (VisionZip,
-    PruMerge+, GlobalCom², pooling), the projector's and crop layout's gathers (crops placed back
-    on the grid by a selection), the decoder attention rows (FastV), SparseVLM's gathers and
-    cluster sums and DART's pivot gather. In the Triton run the PyTorch references refuse to run, so a call that drops the
+    every method that calls a kernel: the vision-stage gathers, pooling and merges (VisionZip in
+    both merge modes, PruMerge, PruMerge+, GlobalCom², both poolings), the projector's and crop
+    layout's gathers (crops placed back on the grid by a selection), the frozen layers' gathers,
+    the decoder attention rows (FastV), SparseVLM's gathers and cluster sums and DART's pivot
+    gather. In the Triton run the PyTorch references refuse to run, so a call that drops the
     engine's backend choice fails here."""
     from conftest import PROMPTS
 
@@ -275,7 +306,10 @@ def test_engine_with_triton_backend_equals_reference(models, images, family):
     strategies = [
         [ClsTop(), tc.method("fastv", k=2, ratio=0.5)],
         tc.method("pool", budget=9),
+        [tc.method("bilinear", budget=9), tc.method("freeze", layers=(1, 2))],
         tc.method("visionzip", dominant=10, contextual=4),
+        tc.method("visionzip", dominant=10, contextual=4, merge="average"),
+        tc.method("prumerge"),
         tc.method("prumerge+"),
         tc.method("sparsevlm", counts=(20, 6), layers=(0, 2)),
         tc.method("dart", budget=16, pivot_image=2, pivot_text=2),
