@@ -152,6 +152,41 @@ def test_model_datasets_restrict_the_grid(tmp_path):
     assert len(exp.cells) == 8  # 4 method cells per model, each on its one dataset
 
 
+def test_report_shows_memory_only_where_comparable_and_flags_noisy_latency(tmp_path):
+    """A CPU run's peak memory (the process's resident set) is left out of the table, a CUDA run's
+    allocator peak shown; the KV cache always; cells whose prefill times spread over half their
+    median are named in a warning; every column of the table is defined."""
+    from tokencomp.report import COLUMNS, make_report
+
+    exp_file = _write(tmp_path)
+    out = tmp_path / "run"
+    assert main(["compare", str(exp_file), "--out", str(out), "--no-report"]) == 0
+    rows = _rows(out / "results.jsonl")
+
+    def table_header(md: str) -> str:
+        return next(line for line in md.splitlines() if line.startswith("| method"))
+
+    for r in rows:
+        r["prefill_spread_ms"] = 0.1 * r["prefill_ms"]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = make_report(out).read_text()
+    head = table_header(md)
+    assert "peak_memory_mb" not in head and "kv_cache_mb" in head and "Noisy latency" not in md
+    defined = " ".join(COLUMNS)
+    for col in (c.strip() for c in head.strip("|").split("|")):
+        if col not in ("method", "samples", "accuracy", "accuracy 95% CI") and not col.startswith("Δ"):
+            assert f"`{col}`" in defined, col
+
+    rows[0]["prefill_spread_ms"] = 2 * rows[0]["prefill_ms"]
+    for r in rows:
+        r["device"] = "cuda:0"
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = make_report(out).read_text()
+    assert "peak_memory_mb" in table_header(md)
+    assert f"**Noisy latency:** in 1 of {len(rows)} cells" in md and rows[0]["method"] in md.split("Noisy")[1][:300]
+    assert "Noisy latency" in (out / "report.html").read_text()
+
+
 def test_report_has_every_plot_and_table(tmp_path, capsys):
     exp_file = _write(tmp_path)
     out = tmp_path / "run"

@@ -199,8 +199,9 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
         plt.close(fig)
 
         fig, ax = plt.subplots(figsize=(6, 4.2))
-        for _, r in g.iterrows():
-            ax.plot(range(len(r["tokens_per_layer"])), r["tokens_per_layer"], marker=".", label=r["method"])
+        for i, (_, r) in enumerate(g.iterrows()):  # ten colours, then a new line style: every line its own look
+            style = {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}
+            ax.plot(range(len(r["tokens_per_layer"])), r["tokens_per_layer"], marker=".", label=r["method"], **style)
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("tokens processed (mean per sample)")
         ax.set_title(f"tokens per layer: {model} / {dataset}", fontsize=10)
@@ -230,7 +231,8 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
             "overhead_tflops",
             "prefill_ms",
             "decode_ms_per_token",
-            "peak_memory_mb",
+            *(["peak_memory_mb"] if _gpu_memory(g) else []),
+            *(["kv_cache_mb"] if "kv_cache_mb" in g else []),
             "ideal_speedup",
             "measured_speedup",
         ]
@@ -245,12 +247,20 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
         "",
         f"FLOPs are {unit}; TFLOPs per sample. {_latency_note(rows)}",
         "",
+        *_noise_note(rows),
+        *COLUMNS,
+        "",
     ]
     page = [
         f"<html><head><meta charset='utf-8'><title>tokencomp report {html.escape(experiment)}</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}img{max-width:100%}</style></head><body>",
-        f"<h1>tokencomp report: {html.escape(experiment)}</h1><p>FLOPs are {html.escape(unit)}.</p>",
+        f"<h1>tokencomp report: {html.escape(experiment)}</h1><p>FLOPs are {html.escape(unit)}; TFLOPs per sample. "
+        f"{html.escape(_latency_note(rows))}</p>",
+        *(f"<p>{html.escape(line)}</p>" for line in _noise_note(rows) if line),
+        f"<p>{html.escape(COLUMNS[0])}</p><ul>",
+        *(f"<li>{html.escape(line.removeprefix('- '))}</li>" for line in COLUMNS[2:]),
+        "</ul>",
     ]
     for title, table, files in sections:
         md += [f"## {title}", "", table, ""]
@@ -301,6 +311,51 @@ def _with_intervals(g: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
             g["accuracy_ci95"].map(lambda v: f"{v[0]:.3f}-{v[1]:.3f}" if isinstance(v, list) else ""),
         )
     return t
+
+
+COLUMNS = [
+    "Columns (means per sample):",
+    "",
+    "- `visual_tokens_llm`: visual tokens entering the LLM, after any vision-stage method (newline tokens not "
+    "counted); an in-LLM method leaves it at the full count and prunes inside.",
+    "- `visual_tokens_mean`: visual tokens averaged over the decoder layers, what an in-LLM method keeps on average.",
+    "- `prefill_tflops`: the LLM's prefill alone (the x-axis of accuracy vs TFLOPs and its Pareto front).",
+    "- `total_prefill_tflops`: the LLM, the vision tower, the projector and the method's overhead; `ideal_speedup` "
+    "is the unmodified model's over the method's.",
+    "- `overhead_tflops`: the method's own matrix products (its scores, similarities and attention captures).",
+    "- `prefill_ms`, `decode_ms_per_token`: medians on the latency batch; `measured_speedup` is the unmodified "
+    "model's prefill over the method's. It can exceed `ideal_speedup`: fewer tokens also save work that FLOPs do "
+    "not count (memory traffic, element-wise layers, kernel launches).",
+    "- `peak_memory_mb` (CUDA runs only): the most memory allocated during the timed runs. On a CPU the only peak "
+    "is the process's resident set, which holds the weights, the Python runtime and memory the allocator keeps "
+    "and so grows with the order the cells ran in: it stays in results.jsonl but is not shown.",
+    "- `kv_cache_mb`: the KV cache at the end of the timed generation.",
+]
+
+
+def _gpu_memory(g: pd.DataFrame) -> bool:
+    """Whether every row's peak memory is a CUDA allocator peak (comparable across cells)."""
+    return "device" in g and bool(g["device"].map(lambda d: str(d).startswith("cuda")).all())
+
+
+def _noise_note(rows: list[dict], limit: float = 0.5) -> list[str]:
+    """A warning when the latency of some cells spread over more than ``limit`` of their median
+    (another job on the machine, most often), or nothing."""
+    noisy = [
+        r["method"]
+        for r in rows
+        if r.get("prefill_spread_ms") is not None
+        and r.get("prefill_ms")
+        and r["prefill_spread_ms"] > limit * r["prefill_ms"]
+    ]
+    if not noisy:
+        return []
+    return [
+        f"**Noisy latency:** in {len(noisy)} of {len(rows)} cells the prefill times spread over {limit:.0%} of their "
+        f"median ({', '.join(sorted(set(noisy))[:6])}{', ...' if len(set(noisy)) > 6 else ''}). Re-time them on an "
+        "idle machine with `tokencomp remeasure RUN_DIR`.",
+        "",
+    ]
 
 
 def _latency_note(rows: list[dict]) -> str:
