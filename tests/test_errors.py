@@ -38,8 +38,9 @@ class _NeedsCrops(tc.VisionStrategy):
 
 
 def test_unknown_method():
-    with pytest.raises(tc.UnknownMethodError, match="unknown method 'nope'.*available methods:.*fastv"):
+    with pytest.raises(tc.UnknownMethodError, match="unknown method 'nope'.*available methods:.*fastv") as err:
         tc.method("nope")
+    assert "_rank-probe" not in str(err.value)  # internal names ("_...") are not offered
     with pytest.raises(tc.TokencompError, match="no parameter.*'budgett'.*accepted"):
         tc.method("random", budgett=3)
 
@@ -53,6 +54,10 @@ def test_unknown_method():
         (lambda: tc.method("pool", budget=500), r"budget.*=500 is outside the allowed range \[1, 36\]"),
         (lambda: tc.method("pool", budget=7), r"must multiply to budget=7 and fit the \(6, 6\)"),
         (lambda: tc.method("fastv", k=4), r"fastv\(k=4.*prune before layer=4 is outside the allowed range \[1, 3\]"),
+        # past the last layer: named by the user's k, not the capture layer k - 1 derived from it
+        (lambda: tc.method("fastv", k=9), r"fastv\(k=9.*prune before layer=9 is outside the allowed range \[1, 3\]"),
+        (lambda: tc.method("fastv", k=0), r"fastv\(k=0.*prune before layer=0 is outside the allowed range \[1, 3\]"),
+        (lambda: tc.method("dart", k=9, budget=8), r"dart\(k=9.*prune before layer=9 is outside the allowed range"),
         (
             lambda: tc.method("fastv", budget=10_000),
             r"budget \(image tokens kept\)=10000 is outside the allowed range \[1, \d+\]",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -18,6 +20,10 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     exec(compile(blocks[1], str(README), "exec"), ns)
     # the custom policy with budget 5 on a one-view LLaVA-1.5 model
     assert ns["out"].record.visual_tokens_llm == [5, 5]
+    # its default budget (64) does not fit the tiny model's 36 patches: refused by its check()
+    tc = ns["tc"]
+    with pytest.raises(tc.BudgetError, match=r"budget=64 is outside the allowed range \[1, 36\]"):
+        tc.generate(ns["model"], ns["images"], ns["prompts"], method=tc.method("keep-brightest"))
     exec(compile(blocks[2], str(README), "exec"), ns)
     keep = ns["schedule"]["keep"]
     assert all(a >= b for a, b in zip(keep, keep[1:]))

@@ -104,6 +104,20 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
         assert len(ids) == len(set(ids)) == 5  # every sample once
 
 
+def test_cli_interruption_says_how_to_resume(tmp_path, capsys):
+    """Ctrl-C in `tokencomp compare` ends with exit code 130 and a line naming the run folder and
+    how to resume (no traceback); the re-run says how many cells were already done."""
+    exp_file = _write(tmp_path)
+    out = tmp_path / "run"
+    Crashy.crash_after, Crashy.calls = 2, 0
+    assert main(["compare", str(exp_file), "--out", str(out), "--no-report"]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted. Finished cells and their predictions are kept in {out}" in err and "again to resume" in err
+    done = len(_rows(out / "results.jsonl"))
+    assert main(["compare", str(exp_file), "--out", str(out), "--no-report"]) == 0
+    assert f"resuming {out}: {done} of 4 cells already done" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "edit,pattern",
     [

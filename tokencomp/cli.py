@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import TokencompError
 
+    exp = None  # the loaded experiment, named when a compare run is interrupted
     try:
         if args.command == "generate":
             return _generate(args)
@@ -164,6 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     except TokencompError as e:
         print(f"tokencomp: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.command not in ("compare", "remeasure"):
+            raise
+        where = args.run_dir if args.command == "remeasure" else (exp.out if exp is not None else args.out)
+        print(
+            f"\ntokencomp: interrupted. Finished cells and their predictions are kept in {where}; "
+            "run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return 130
     return 1
 
 

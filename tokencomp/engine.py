@@ -229,6 +229,17 @@ class Engine:
         self.vision, self.layer_strategies, self.freeze = split_strategies(strategies)
         self.strategies = ([self.vision] if self.vision else []) + self.layer_strategies + self.freeze
         L = model.num_layers
+        # the layers a user names first (FastV's k): a capture layer derived from one would be a worse message
+        self.prune_at: dict[int, list[LayerStrategy]] = {}
+        for s in self.layer_strategies:
+            for lay in s.prune_layers(L):
+                check_int(f"{s}: prune before layer", lay, 1, L - 1)
+                self.prune_at.setdefault(lay, []).append(s)
+            contiguous = "contiguous" in (self.options.llm_positions, getattr(s, "llm_positions", None))
+            if hasattr(s, "recycle_tokens") and not contiguous:
+                raise TokencompError(
+                    f"{s} inserts merged tokens, which have no position of their own: use contiguous LLM positions"
+                )
         self.needs: set[Need] = set()
         for s in self.strategies:
             for need in s.needs_for_model(model):
@@ -244,16 +255,6 @@ class Engine:
                     known = VISION_NEEDS + DECODER_NEEDS + KEY_NORM_NEEDS
                     raise TokencompError(f"{s}: unknown need {need.kind!r}; known: {known}")
                 self.needs.add(need)
-        self.prune_at: dict[int, list[LayerStrategy]] = {}
-        for s in self.layer_strategies:
-            for lay in s.prune_layers(L):
-                check_int(f"{s}: prune before layer", lay, 1, L - 1)
-                self.prune_at.setdefault(lay, []).append(s)
-            contiguous = "contiguous" in (self.options.llm_positions, getattr(s, "llm_positions", None))
-            if hasattr(s, "recycle_tokens") and not contiguous:
-                raise TokencompError(
-                    f"{s} inserts merged tokens, which have no position of their own: use contiguous LLM positions"
-                )
         self.raters = [s for s in self.layer_strategies if hasattr(s, "raters")]
         if any(n.kind.endswith("_raters") for n in self.needs) and not self.raters:
             raise TokencompError("a decoder_attention_raters capture needs a layer strategy with a raters() method")

@@ -59,7 +59,8 @@ def method_class(name: str) -> type:
     """The strategy class registered under ``name``; `UnknownMethodError` lists the known names."""
     _load_builtins()
     if name not in _REGISTRY:
-        raise UnknownMethodError(f"unknown method {name!r}; available methods: {', '.join(sorted(_REGISTRY))}")
+        public = [n for n in sorted(_REGISTRY) if not n.startswith("_")]  # "_name": internal probes and tests
+        raise UnknownMethodError(f"unknown method {name!r}; available methods: {', '.join(public)}")
     return _REGISTRY[name]
 
 

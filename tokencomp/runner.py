@@ -53,6 +53,7 @@ import importlib.util
 import itertools
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -422,6 +423,10 @@ def run_experiment(exp: Experiment, progress: bool = True, side_by_side: bool = 
     (out / "experiment.base").write_text(str(exp.base))  # where its relative dataset paths point
     (out / "predictions").mkdir(exist_ok=True)
     todo = [c for c in exp.cells if c.id not in done]
+    if progress and len(todo) < len(exp.cells):
+        tqdm.write(
+            f"resuming {out}: {len(exp.cells) - len(todo)} of {len(exp.cells)} cells already done", file=sys.stderr
+        )
     for cell in tqdm(todo, desc=f"compare {exp.name}", unit="cell", disable=not progress):
         _run_cell(exp, cell, models[cell.model], datasets[cell.dataset], engines[cell.id], results, progress)
     if side_by_side:  # groups with new cells, or whose pass was cut short, are timed (again)
