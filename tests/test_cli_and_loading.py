@@ -71,13 +71,23 @@ def test_cli_generate_json(saved, capsys):
     from PIL import Image
 
     im = Image.open(image).convert("RGB")
-    api = tc.generate(
-        tc.load_model(path), [im], ["<image>\nwhat color ?"], method=tc.method("random", budget=5), max_new_tokens=3
-    )
+    # a prompt without <image> goes into the model family's conversation template, as compare does
+    model = tc.load_model(path)
+    wrapped = "USER: <image>\nwhat color ? ASSISTANT:"
+    api = tc.generate(model, [im], [wrapped], method=tc.method("random", budget=5), max_new_tokens=3)
     assert api.tokens[0] == out["tokens"]
     assert out["record"]["visual_tokens_llm"] == api.record.visual_tokens_llm
+    assert out["record"]["tokens_per_layer"] == api.record.tokens_per_layer
     if api.prefill.state.hidden.shape and "next" not in str(path):
         assert out["record"]["visual_tokens_llm"] == [5]
+    # --template plain: the question after the image alone; a prompt holding <image> is used as is
+    for extra, prompt in ((["--template", "plain"], "what color ?"), ([], "<image>\nwhat color ?")):
+        args = ["generate", "--model", str(path), "--image", str(image), "--prompt", prompt, "--json", *extra]
+        assert main([*args, "--max-new-tokens", "2"]) == 0
+        got = json.loads(capsys.readouterr().out)["record"]
+        plain = tc.generate(model, [im], ["<image>\nwhat color ?"], max_new_tokens=2).record
+        templated = tc.generate(model, [im], [wrapped], max_new_tokens=2).record
+        assert got["tokens_per_layer"] == plain.tokens_per_layer != templated.tokens_per_layer
 
 
 def test_cli_errors(saved, capsys):

@@ -29,7 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer a prompt about image(s) with a compression method")
     g.add_argument("--model", required=True, help="local checkpoint directory or embedded model name")
     g.add_argument("--image", action="append", required=True, help="image file (repeat for several images)")
-    g.add_argument("--prompt", required=True, help="prompt text; one <image> per image is added in front if absent")
+    g.add_argument(
+        "--prompt",
+        required=True,
+        help="the question; without an <image> it goes into --template, one <image> per image; with one, as is",
+    )
+    g.add_argument(
+        "--template",
+        default=None,
+        help="conversation template for a prompt without <image>: a name (llava, llava-next, vicuna_v1, mistral, "
+        "plain) or a format string with {question} (default: the model family's, as `compare` uses)",
+    )
     g.add_argument("--method", default="identity", help="registered method name (see `tokencomp methods`)")
     g.add_argument("--budget", type=int, default=None, help="the method's token budget, if it has one")
     g.add_argument(
@@ -89,7 +99,11 @@ def _generate(args) -> int:
     for path in args.image:
         if not Path(path).is_file():
             raise tc.TokencompError(f"image file {path!r} does not exist")
+    from .data import fill_template
     from .runner import DTYPES, model_load_options
+
+    if args.template is not None:
+        fill_template(args.template, "")  # an unknown name or a string without {question}: refused before loading
 
     opts = model_load_options({"name": args.model}, args.device, args.dtype)  # checked before loading
     model = tc.load_model(args.model, device=opts["device"], dtype=DTYPES[opts["dtype"]])
@@ -97,7 +111,7 @@ def _generate(args) -> int:
     token = getattr(model.processor, "image_token", "<image>")
     prompt = args.prompt
     if token not in prompt:
-        prompt = " ".join([token] * len(images)) + "\n" + prompt
+        prompt = fill_template(args.template or model.family, prompt, len(images), token)
     out = tc.generate(model, [images], [prompt], method=strategy, max_new_tokens=args.max_new_tokens)
     if args.json:
         print(json.dumps({"text": out.text[0], "tokens": out.tokens[0], "record": out.record.to_dict()}, indent=1))

@@ -146,9 +146,15 @@ class JsonlDataset:
 
 def prompt(sample: Sample, template: str) -> str:
     """Fill a template (a key of `TEMPLATES` or a format string with ``{question}``)."""
+    return fill_template(template, sample.question)
+
+
+def fill_template(template: str, question: str, images: int = 1, image_token: str = "<image>") -> str:
+    """``question`` in a conversation template (a key of `TEMPLATES` or a format string with
+    ``{question}``), its ``<image>`` repeated once per image as ``image_token``."""
     fmt = TEMPLATES.get(template, template)
     if "{question}" not in fmt:
         raise TokencompError(
             f"template {template!r} is neither a known name {sorted(TEMPLATES)} nor contains {{question}}"
         )
-    return fmt.format(question=sample.question)
+    return fmt.format(question=question).replace("<image>", " ".join([image_token] * images), 1)
