@@ -229,7 +229,8 @@ def test_next_text_only_prompts_and_extreme_aspect_ratios(models):
 
 def test_select_may_pad_rows_with_minus_one(models, images):
     """A batched selection with a different count per view pads its rows with -1: the same tokens
-    as the list of index tensors; a -1 before an index, or an index outside [0, N), is refused."""
+    as the list of index tensors; a -1 before an index, an index outside [0, N), one given twice
+    in a view, or indices that are not integers are refused."""
     model = models["llava-next"]
     batch = tc.prepare(model, images, PROMPTS)
 
@@ -270,3 +271,16 @@ def test_select_may_pad_rows_with_minus_one(models, images):
 
     with pytest.raises(ValueError, match="outside"):
         tc.Engine(model, ListWithMinusOne()).prefill(batch)
+
+    class Repeated(AsList):  # the first index twice in every view: a policy bug, not a selection
+        def select(self, view):
+            return [torch.cat([i, i[:1]]) for i in super().select(view)]
+
+    class Floats(Padded):
+        def select(self, view):
+            return super().select(view).float()
+
+    with pytest.raises(ValueError, match="an index twice in one view"):
+        tc.Engine(model, Repeated()).prefill(batch)
+    with pytest.raises(ValueError, match="must return integer indices, got torch.float32"):
+        tc.Engine(model, Floats()).prefill(batch)

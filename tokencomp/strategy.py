@@ -300,6 +300,9 @@ class VisionStrategy(Strategy):
         idx = self.select(view)
         num_views, n = view.features.shape[:2]
         dev = view.features.device
+        given = [idx] if isinstance(idx, torch.Tensor) else list(idx)
+        if any(i.dtype.is_floating_point or i.dtype.is_complex or i.dtype == torch.bool for i in given):
+            raise ValueError(f"{self.name}.select must return integer indices, got {given[0].dtype}")
         if isinstance(idx, torch.Tensor):
             if idx.dim() != 2 or idx.shape[0] != num_views:
                 raise ValueError(f"{self.name}.select must return (V={num_views}, k) indices, got {tuple(idx.shape)}")
@@ -311,16 +314,22 @@ class VisionStrategy(Strategy):
             idx = torch.nn.utils.rnn.pad_sequence([i.long().to(dev) for i in idx], batch_first=True, padding_value=fill)
         real = idx >= 0
         count = real.sum(1)
-        if idx.numel():  # one read for both checks
+        # each row sorted, its padding given distinct values past n: a repeated index shows as a neighbour
+        ordered = torch.where(real, idx, n + torch.arange(idx.shape[1], device=dev)).sort(dim=1).values
+        if idx.numel():  # one read for the three checks
             outside = ((idx < 0) & (idx != fill)) | (idx >= n)
-            outside, gap = torch.stack([outside.any(), (real[:, 1:] & ~real[:, :-1]).any()]).tolist()
+            gap = real[:, 1:] & ~real[:, :-1]
+            repeated = ordered[:, 1:] == ordered[:, :-1]
+            outside, gap, repeated = torch.stack([outside.any(), gap.any(), repeated.any()]).tolist()
             if outside:
                 raise ValueError(f"{self.name}.select returned indices outside [0, {n})")
             if gap:
                 raise ValueError(f"{self.name}.select padded a row with -1 before its last index (pad at the end)")
+            if repeated:
+                raise ValueError(f"{self.name}.select returned an index twice in one view (keep each token once)")
         idx = idx.clamp(min=0)
         if self.keep_order:  # real slots lead each row (checked): sorted, they stay ahead of the padding
-            idx = idx.masked_fill(~real, n).sort(dim=1).values.masked_fill(~real, 0)
+            idx = ordered.masked_fill(~real, 0)
         feats = gather_tokens(view.features, idx, backend=view.backend)
         return ViewTokens(features=feats, index=idx, count=count)
 
