@@ -63,7 +63,7 @@ class SparseVLM(tc.LayerStrategy):
             self.budget = None  # the counts decide; records show them, not a budget
         self.counts = tuple(check_int("counts (image tokens kept per sparse layer)", c, 1) for c in self.counts)
         if self.layers is not None:
-            self.layers = tuple(self.layers)
+            self.layers = tuple(check_int("layers (sparse layers)", lay, 0) for lay in self.layers)
             if len(self.layers) != len(self.counts) or list(self.layers) != sorted(set(self.layers)):
                 raise tc.TokencompError(
                     f"layers must be increasing, one per count: layers={self.layers}, counts={self.counts}"
@@ -74,8 +74,8 @@ class SparseVLM(tc.LayerStrategy):
 
     def sparse_layers(self, num_layers: int) -> list[int]:
         """The layers whose output is sparsified: given, else 2 / 6 / 15 where they fit, else scaled."""
-        if self.layers is not None:
-            return list(self.layers)
+        if self.layers is not None:  # each layer's output is pruned before the next: the last two cannot be
+            return [check_int("layers (sparse layers)", lay, 0, num_layers - 2) for lay in self.layers]
         if num_layers >= PUBLISHED_LAYERS[-1] + 2 and len(self.counts) == len(PUBLISHED_LAYERS):
             return list(PUBLISHED_LAYERS)
         layers = sorted({max(1, round(lay * num_layers / 32)) for lay in PUBLISHED_LAYERS})

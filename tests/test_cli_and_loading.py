@@ -122,3 +122,15 @@ def test_cli_methods_lists_builtins(capsys):
     out = capsys.readouterr().out
     for name in ("identity", "random", "pool", "bilinear", "fastv", "freeze"):
         assert name in out
+
+
+def test_fill_template():
+    """A question in a conversation template: the template's own <image> becomes one token per
+    image (not an <image> inside the question); malformed templates are refused clearly."""
+    from tokencomp.data import fill_template
+
+    assert fill_template("llava", "what?") == "USER: <image>\nwhat? ASSISTANT:"
+    assert fill_template("{question} <image>", "is <image> here?", 2, "<img>") == "is <image> here? <img> <img>"
+    for bad in ("nope", "Q: {question} A:", "Answer {JSON}: <image> {question}", "<image> {question}}"):
+        with pytest.raises(tc.TokencompError, match="template"):
+            fill_template(bad, "x")

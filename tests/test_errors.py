@@ -58,6 +58,11 @@ def test_unknown_method():
         (lambda: tc.method("fastv", k=9), r"fastv\(k=9.*prune before layer=9 is outside the allowed range \[1, 3\]"),
         (lambda: tc.method("fastv", k=0), r"fastv\(k=0.*prune before layer=0 is outside the allowed range \[1, 3\]"),
         (lambda: tc.method("dart", k=9, budget=8), r"dart\(k=9.*prune before layer=9 is outside the allowed range"),
+        # SparseVLM prunes after its layers: named as given, not as the prune layer derived from them
+        (
+            lambda: tc.method("sparsevlm", counts=(20, 6), layers=(1, 3)),
+            r"layers \(sparse layers\)=3 is outside the allowed range \[0, 2\]",
+        ),
         (
             lambda: tc.method("fastv", budget=10_000),
             r"budget \(image tokens kept\)=10000 is outside the allowed range \[1, \d+\]",
@@ -72,6 +77,12 @@ def test_bad_budget_before_any_forward(model, images, forward_calls, make, patte
     with pytest.raises(tc.BudgetError, match=pattern):
         tc.generate(model, images[:1], PROMPTS[:1], method=make())
     assert forward_calls == []
+
+
+def test_sparsevlm_layers_must_be_layer_numbers():
+    for layers, pattern in (((-1, 2), r"layers \(sparse layers\)=-1 is outside"), (("0", "2"), "must be an integer")):
+        with pytest.raises(tc.BudgetError, match=pattern):
+            tc.method("sparsevlm", counts=(20, 6), layers=layers)
 
 
 def test_bad_ratio_at_construction():

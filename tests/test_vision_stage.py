@@ -265,12 +265,16 @@ def test_select_may_pad_rows_with_minus_one(models, images):
     with pytest.raises(ValueError, match=rf"outside \[0, {model.patches_per_view}\)"):
         tc.Engine(model, type("Beyond", (Padded,), {"offset": model.patches_per_view})()).prefill(batch)
 
-    class ListWithMinusOne(AsList):  # in a list, -1 is no padding: an index outside [0, N)
-        def select(self, view):
-            return [torch.cat([i, i.new_full((1,), -1)]) for i in super().select(view)]
+    for negative in (-1, -2):  # in a list, no negative index is padding: outside [0, N)
 
-    with pytest.raises(ValueError, match="outside"):
-        tc.Engine(model, ListWithMinusOne()).prefill(batch)
+        class ListWithNegative(AsList):
+            value = negative
+
+            def select(self, view):
+                return [torch.cat([i, i.new_full((1,), self.value)]) for i in super().select(view)]
+
+        with pytest.raises(ValueError, match="outside"):
+            tc.Engine(model, ListWithNegative()).prefill(batch)
 
     class Repeated(AsList):  # the first index twice in every view: a policy bug, not a selection
         def select(self, view):

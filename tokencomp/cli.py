@@ -182,12 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.command not in ("compare", "remeasure"):
             raise
-        where = args.run_dir if args.command == "remeasure" else (exp.out if exp is not None else args.out)
-        print(
-            f"\ntokencomp: interrupted. Finished cells and their predictions are kept in {where}; "
-            "run the same command again to resume.",
-            file=sys.stderr,
-        )
+        if args.command == "remeasure":
+            said = f"the groups already re-timed are kept in {args.run_dir}; run it again to re-time all."
+        else:
+            where = exp.out if exp is not None else args.out or "the run folder"
+            said = f"Finished cells and their predictions are kept in {where}; run the same command again to resume."
+        print(f"\ntokencomp: interrupted. {said}", file=sys.stderr)
         return 130
     return 1
 

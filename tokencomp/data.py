@@ -153,8 +153,13 @@ def fill_template(template: str, question: str, images: int = 1, image_token: st
     """``question`` in a conversation template (a key of `TEMPLATES` or a format string with
     ``{question}``), its ``<image>`` repeated once per image as ``image_token``."""
     fmt = TEMPLATES.get(template, template)
-    if "{question}" not in fmt:
+    if "{question}" not in fmt or "<image>" not in fmt:
         raise TokencompError(
-            f"template {template!r} is neither a known name {sorted(TEMPLATES)} nor contains {{question}}"
+            f"template {template!r} is neither a known name {sorted(TEMPLATES)} nor a format string with "
+            "{question} and <image>"
         )
-    return fmt.format(question=question).replace("<image>", " ".join([image_token] * images), 1)
+    head, tail = fmt.split("<image>", 1)  # the template's own <image>, not one the question may hold
+    try:
+        return head.format(question=question) + " ".join([image_token] * images) + tail.format(question=question)
+    except (KeyError, IndexError, ValueError) as e:
+        raise TokencompError(f"template {template!r} is not a format string with only {{question}}: {e}") from e

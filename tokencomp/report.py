@@ -257,9 +257,9 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
         "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}img{max-width:100%}</style></head><body>",
         f"<h1>tokencomp report: {html.escape(experiment)}</h1><p>FLOPs are {html.escape(unit)}; TFLOPs per sample. "
         f"{html.escape(_latency_note(rows))}</p>",
-        *(f"<p>{html.escape(line)}</p>" for line in _noise_note(rows) if line),
-        f"<p>{html.escape(COLUMNS[0])}</p><ul>",
-        *(f"<li>{html.escape(line.removeprefix('- '))}</li>" for line in COLUMNS[2:]),
+        *(f"<p>{_md_inline(line)}</p>" for line in _noise_note(rows) if line),
+        f"<p>{_md_inline(COLUMNS[0])}</p><ul>",
+        *(f"<li>{_md_inline(line.removeprefix('- '))}</li>" for line in COLUMNS[2:]),
         "</ul>",
     ]
     for title, table, files in sections:
@@ -314,23 +314,33 @@ def _with_intervals(g: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
 
 
 COLUMNS = [
-    "Columns (means per sample):",
+    "Columns (token counts and FLOPs: means per sample; latency and KV cache: the latency batch, "
+    "`latency_batch_size` samples in results.jsonl; speed-ups: against `identity`, or the cell with the most "
+    "FLOPs where there is none, as the speed-up plot names):",
     "",
     "- `visual_tokens_llm`: visual tokens entering the LLM, after any vision-stage method (newline tokens not "
     "counted); an in-LLM method leaves it at the full count and prunes inside.",
     "- `visual_tokens_mean`: visual tokens averaged over the decoder layers, what an in-LLM method keeps on average.",
     "- `prefill_tflops`: the LLM's prefill alone (the x-axis of accuracy vs TFLOPs and its Pareto front).",
     "- `total_prefill_tflops`: the LLM, the vision tower, the projector and the method's overhead; `ideal_speedup` "
-    "is the unmodified model's over the method's.",
+    "is the reference's over the method's.",
     "- `overhead_tflops`: the method's own matrix products (its scores, similarities and attention captures).",
-    "- `prefill_ms`, `decode_ms_per_token`: medians on the latency batch; `measured_speedup` is the unmodified "
-    "model's prefill over the method's. It can exceed `ideal_speedup`: fewer tokens also save work that FLOPs do "
+    "- `prefill_ms`, `decode_ms_per_token`: medians over timed runs on the latency batch; `measured_speedup` is the "
+    "reference's prefill over the method's. It can exceed `ideal_speedup`: fewer tokens also save work that FLOPs do "
     "not count (memory traffic, element-wise layers, kernel launches).",
-    "- `peak_memory_mb` (CUDA runs only): the most memory allocated during the timed runs. On a CPU the only peak "
+    "- `peak_memory_mb` (CUDA runs only): the most memory allocated during the timed runs (every model of the "
+    "experiment is loaded, so it includes their weights: compare within a table). On a CPU the only peak "
     "is the process's resident set, which holds the weights, the Python runtime and memory the allocator keeps "
     "and so grows with the order the cells ran in: it stays in results.jsonl but is not shown.",
-    "- `kv_cache_mb`: the KV cache at the end of the timed generation.",
+    "- `kv_cache_mb`: the latency batch's KV cache at the end of the timed generation.",
 ]
+
+
+def _md_inline(text: str) -> str:
+    """Escaped HTML of one line of the report's markdown: ``**bold**`` and ```code``` kept as such."""
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
 def _gpu_memory(g: pd.DataFrame) -> bool:

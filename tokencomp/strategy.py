@@ -301,8 +301,9 @@ class VisionStrategy(Strategy):
         num_views, n = view.features.shape[:2]
         dev = view.features.device
         given = [idx] if isinstance(idx, torch.Tensor) else list(idx)
-        if any(i.dtype.is_floating_point or i.dtype.is_complex or i.dtype == torch.bool for i in given):
-            raise ValueError(f"{self.name}.select must return integer indices, got {given[0].dtype}")
+        for i in given:
+            if i.dtype.is_floating_point or i.dtype.is_complex or i.dtype == torch.bool:
+                raise ValueError(f"{self.name}.select must return integer indices, got {i.dtype}")
         if isinstance(idx, torch.Tensor):
             if idx.dim() != 2 or idx.shape[0] != num_views:
                 raise ValueError(f"{self.name}.select must return (V={num_views}, k) indices, got {tuple(idx.shape)}")
@@ -310,7 +311,7 @@ class VisionStrategy(Strategy):
         else:
             if len(idx) != num_views:
                 raise ValueError(f"{self.name}.select returned {len(idx)} index lists for {num_views} views")
-            fill = -2  # padded here: a -1 in a list is an index outside [0, N)
+            fill = torch.iinfo(torch.long).min  # padded here: any negative index in a list is outside [0, N)
             idx = torch.nn.utils.rnn.pad_sequence([i.long().to(dev) for i in idx], batch_first=True, padding_value=fill)
         real = idx >= 0
         count = real.sum(1)
