@@ -242,22 +242,14 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
 
     unit = rows[0].get("flops_unit", "FLOPs")
     experiment = _title(run)
-    md = [
-        f"# tokencomp report: {experiment}",
-        "",
-        f"FLOPs are {unit}; TFLOPs per sample. {_latency_note(rows)}",
-        "",
-        *_noise_note(rows),
-        *COLUMNS,
-        "",
-    ]
+    intro, noise = f"FLOPs are {unit}; TFLOPs per sample. {_latency_note(rows)}", _noise_note(rows)
+    md = [f"# tokencomp report: {experiment}", "", intro, "", *noise, *COLUMNS, ""]
     page = [
         f"<html><head><meta charset='utf-8'><title>tokencomp report {html.escape(experiment)}</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}img{max-width:100%}</style></head><body>",
-        f"<h1>tokencomp report: {html.escape(experiment)}</h1><p>FLOPs are {html.escape(unit)}; TFLOPs per sample. "
-        f"{html.escape(_latency_note(rows))}</p>",
-        *(f"<p>{_md_inline(line)}</p>" for line in _noise_note(rows) if line),
+        f"<h1>tokencomp report: {html.escape(experiment)}</h1><p>{html.escape(intro)}</p>",
+        *(f"<p>{_md_inline(line)}</p>" for line in noise if line),
         f"<p>{_md_inline(COLUMNS[0])}</p><ul>",
         *(f"<li>{_md_inline(line.removeprefix('- '))}</li>" for line in COLUMNS[2:]),
         "</ul>",
