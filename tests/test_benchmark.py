@@ -8,7 +8,7 @@ import json
 import pytest
 
 import tokencomp as tc
-from tokencomp.benchmark import NUMBERS, QUESTION_TYPES, SPLIT_SEED, generate_split, make_scene, vocabulary
+from tokencomp.benchmark import NUMBERS, PRESETS, QUESTION_TYPES, SPLIT_SEED, generate_split, make_scene, vocabulary
 from tokencomp.data import JsonlDataset
 
 
@@ -24,6 +24,11 @@ def test_deterministic(splits, tmp_path):
     assert again.read_text() == paths["test"].read_text()
     first = json.loads(again.read_text().splitlines()[0])
     assert (tmp_path / first["image"]).read_bytes() == (out / first["image"]).read_bytes()
+
+    # the defaults are the embedded model's benchmark: the files a run of "tc-scenes" writes
+    preset = generate_split(tmp_path / "preset", "test", 3, **PRESETS["tc-scenes"])
+    assert preset.read_text().splitlines() == again.read_text().splitlines()[:3]
+    assert (preset.parent / first["image"]).read_bytes() == (tmp_path / first["image"]).read_bytes()
 
 
 def test_splits_disjoint_and_types_balanced(splits):

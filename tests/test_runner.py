@@ -271,10 +271,17 @@ def test_newline_less_last_row_is_not_lost(tmp_path):
 
 def test_failed_validation_does_not_lock_the_run_dir(tmp_path):
     """A file that fails validation leaves nothing a fixed file would reuse: not the run dir's lock,
-    not its generated data (here the fixed file also asks for more samples)."""
+    not its generated data (here the fixed file also asks for more samples), and no stub run dir
+    where it made one."""
     bad = _write(tmp_path, EXPERIMENT.replace("ratio = 0.5", "ratio = 1.5").replace("n = 5", "n = 3"), "bad.toml")
     with pytest.raises(tc.BudgetError):
         run_experiment(load_experiment(bad, tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()  # no stub run dir (generated data, models.json) is left
+    (tmp_path / "out").mkdir()  # a dir the run did not create is left as it was
+    (tmp_path / "out" / "mine.txt").write_text("x")
+    with pytest.raises(tc.BudgetError):
+        run_experiment(load_experiment(bad, tmp_path / "out"), progress=False)
+    assert (tmp_path / "out" / "mine.txt").read_text() == "x"
     good = _write(tmp_path, EXPERIMENT, "good.toml")
     rows = _rows(run_experiment(load_experiment(good, tmp_path / "out"), progress=False))
     assert len(rows) == 4 and all(r["samples"] == 5 for r in rows)

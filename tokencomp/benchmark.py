@@ -305,14 +305,16 @@ def generate_split(
     n: int,
     size: tuple[int, int] | list[tuple[int, int]] = (336, 336),
     types: tuple[str, ...] = QUESTION_TYPES,
-    tag_px: int = 7,
-    tag_grid: int | None = None,
+    tag_px: int = PRESETS["tc-scenes"]["tag_px"],
+    tag_grid: int | None = PRESETS["tc-scenes"]["tag_grid"],
 ) -> Path:
     """Write ``n`` samples of ``split`` (train / val / test) as ``out_dir/<split>.jsonl`` + images.
 
     Question types cycle through ``types`` so each is equally frequent; a scene that cannot ask
     a type (e.g. no uniquely named pair for ``position``) is replaced by the next seed. ``size`` is
     one (height, width) or a list of them, chosen per scene by its seed (varied aspect ratios).
+    The defaults are the ``"tc-scenes"`` preset, the embedded LLaVA-1.5 model's benchmark
+    (``tag_grid=None`` draws the tag on a free plate instead of one grid cell).
     """
     if split not in SPLIT_SEED:
         raise TokencompError(f"split must be one of {sorted(SPLIT_SEED)}, got {split!r}")

@@ -53,6 +53,7 @@ import importlib.util
 import itertools
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -398,29 +399,35 @@ def run_experiment(exp: Experiment, progress: bool = True, side_by_side: bool = 
     started = results.is_file() or any((out / "predictions").glob("*.jsonl"))
     if started and saved.is_file() and saved.read_text() != exp.text:
         _check_extends(out, saved.read_text(), exp)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    done = {r["cell"] for r in read_rows(results, repair=True)}
-    _check_load(out, exp, started)
-    models = {name: _load_model(src, exp.load[name]) for name, src in exp.models.items()}
-    datasets = {name: _dataset(spec, out) for name, spec in exp.datasets.items()}
-    # validate every cell on its model and data (first batch, extreme image sizes) before any forward pass
-    engines, checks = {}, {}
-    for cell in exp.cells:
-        model, data = models[cell.model], datasets[cell.dataset]
-        engine = Engine(model, cell.strategies())
-        if (cell.model, cell.dataset) not in checks:
-            some = _validation_samples(model, data, exp.settings["batch_size"])
-            template = exp.settings["template"] or model.family
-            checks[cell.model, cell.dataset] = prepare(
-                model, [s.load_image() for s in some], [prompt(s, template) for s in some]
-            )
-        engine.validate(checks[cell.model, cell.dataset])
-        engines[cell.id] = engine
-    # the data a resumed run continues on must be the data its earlier rows came from
-    prints = _check_data(out, datasets, started)
-    (out / "datasets.json").write_text(json.dumps(prints, indent=1))
-    saved.write_text(exp.text)  # only once the whole file has passed validation
-    (out / "experiment.base").write_text(str(exp.base))  # where its relative dataset paths point
+    try:
+        done = {r["cell"] for r in read_rows(results, repair=True)}
+        _check_load(out, exp, started)
+        models = {name: _load_model(src, exp.load[name]) for name, src in exp.models.items()}
+        datasets = {name: _dataset(spec, out) for name, spec in exp.datasets.items()}
+        # validate every cell on its model and data (first batch, extreme image sizes) before any forward pass
+        engines, checks = {}, {}
+        for cell in exp.cells:
+            model, data = models[cell.model], datasets[cell.dataset]
+            engine = Engine(model, cell.strategies())
+            if (cell.model, cell.dataset) not in checks:
+                some = _validation_samples(model, data, exp.settings["batch_size"])
+                template = exp.settings["template"] or model.family
+                checks[cell.model, cell.dataset] = prepare(
+                    model, [s.load_image() for s in some], [prompt(s, template) for s in some]
+                )
+            engine.validate(checks[cell.model, cell.dataset])
+            engines[cell.id] = engine
+        # the data a resumed run continues on must be the data its earlier rows came from
+        prints = _check_data(out, datasets, started)
+        (out / "datasets.json").write_text(json.dumps(prints, indent=1))
+        saved.write_text(exp.text)  # only once the whole file has passed validation
+        (out / "experiment.base").write_text(str(exp.base))  # where its relative dataset paths point
+    except BaseException:
+        if created:  # a file that fails validation leaves no stub run dir behind (data, models.json)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     (out / "predictions").mkdir(exist_ok=True)
     todo = [c for c in exp.cells if c.id not in done]
     if progress and len(todo) < len(exp.cells):
