@@ -265,6 +265,13 @@ class Engine:
         # a capture layer past the last feature layer (PruMerge's, GlobalCom2's layer -1 under LLaVA's
         # feature layer -2): its output feeds nothing, so only its norm and q/k projections run
         self.vision_qk_layers = int(self.vision_layers_run > max(self.feature_hidden))
+        # that layer projects queries only for the rows its scores read: every row for a mean over
+        # all queries, the CLS row for CLS scores, none for keys alone
+        at_qk = {n.kind for n in self.needs if n.kind in VISION_NEEDS and n.layer % nl == self.vision_layers_run - 1}
+        if not self.vision_qk_layers or "vision_mean_attention" in at_qk:
+            self.vision_qk_queries = None
+        else:
+            self.vision_qk_queries = 1 if at_qk & set(CLS_NEEDS) else 0
         self.decoder_captures = sorted(
             {
                 (n.layer, n.kind.rsplit("_", 1)[1], n.kind in PREPRUNE_NEEDS)
@@ -474,7 +481,11 @@ class Engine:
             layer = m.vision_layers_list[i]
             if i >= self.vision_layers_run - self.vision_qk_layers:  # q/k of a layer whose output feeds nothing
                 x = layer.layer_norm1(h)
-                got = {"q_proj": layer.self_attn.q_proj(x), "k_proj": layer.self_attn.k_proj(x)}
+                rows = self.vision_qk_queries
+                got = {
+                    "q_proj": layer.self_attn.q_proj(x if rows is None else x[:, :rows]),
+                    "k_proj": layer.self_attn.k_proj(x),
+                }
                 self._vision_scores(layer.self_attn, got, i, captures)
                 continue
             if i in cap_layers:
@@ -869,6 +880,7 @@ class Engine:
             frozen_text_layers=sorted(k for k, v in self.frozen.items() if v == "text"),
             vision_layers_run=self.vision_layers_run - self.vision_qk_layers,
             vision_qk_layers=self.vision_qk_layers,
+            vision_qk_queries=self.vision_qk_queries,
             vision_capture_layers=len(self.vision_capture_layers),
             decoder_captures=[list(c) for c in self.decoder_captures],
             kernel_backend=kernels.backend(state.hidden, self.options.kernel_backend),

@@ -114,9 +114,11 @@ class VisionShape:
     def tokens(self) -> int:
         return self.patches + int(self.cls_token)
 
-    def qk_only(self) -> float:
-        """One layer's q and k projections alone, per view (a capture layer whose output feeds nothing)."""
-        return float(2 * 2 * self.tokens * self.hidden * self.hidden)
+    def qk_only(self, queries: int | None = None) -> float:
+        """One layer's q and k projections alone, per view (a capture layer whose output feeds
+        nothing): keys for every token, queries for ``queries`` rows (None: every token)."""
+        q = self.tokens if queries is None else queries
+        return float(2 * (q + self.tokens) * self.hidden * self.hidden)
 
     def tower(self, views: int, layers_run: int) -> float:
         """Patch embedding plus ``layers_run`` encoder layers over ``views`` views."""
@@ -218,7 +220,8 @@ def run_flops(model, record: RunRecord, strategies=()) -> list[FlopsReport]:
                 decode.append(sum(dec.layer(1, kv_len=k) for k in kv) + dec.lm_head())
         reports.append(
             FlopsReport(
-                vision=vis.tower(views, record.vision_layers_run) + views * record.vision_qk_layers * vis.qk_only(),
+                vision=vis.tower(views, record.vision_layers_run)
+                + views * record.vision_qk_layers * vis.qk_only(record.vision_qk_queries),
                 projector=float(2 * projected * (proj_in * dec.hidden + dec.hidden * dec.hidden)),
                 prefill_layers=layers,
                 lm_head=dec.lm_head(),

@@ -26,6 +26,8 @@ class RunRecord:
         vision_layers_run: vision encoder layers the engine ran whole (it stops at the last one needed).
         vision_qk_layers: vision layers after those of which only the norm and the q/k projections
             ran (a capture layer past the last feature layer).
+        vision_qk_queries: query rows per view that such a layer projected (1: the CLS row's alone,
+            0: none, keys only); None: every token.
         vision_capture_layers: vision layers whose CLS row / keys were captured.
         decoder_captures: ``[layer, query, preprune]`` decoder attention rows captured (query "last",
             "text", "all" or "raters"; ``preprune``: computed from the tokens entering ``layer`` before its pruning).
@@ -54,6 +56,7 @@ class RunRecord:
     vision_layers_run: int = 0
     vision_capture_layers: int = 0
     vision_qk_layers: int = 0
+    vision_qk_queries: int | None = None
     decoder_captures: list[list] = field(default_factory=list)
     kernel_backend: str = "torch"
     kv_cache_bytes: int = 0
