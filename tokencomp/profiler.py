@@ -295,11 +295,12 @@ def measure(engine, batch, repeats: int = 5, warmup: int = 1, new_tokens: int = 
     """Prefill (time to first token) and per-token decode time of ``engine`` on ``batch``.
 
     Warm-up runs first; then ``repeats`` timed greedy generations of ``new_tokens`` tokens, each
-    timing its prefill and its decode steps apart (a monotonic clock, device-synchronised). Peak
-    memory is CUDA max-allocated on GPU; on CPU the process's peak RSS over the timed runs (Linux:
-    the high-water mark is reset before them; where it cannot be, the mark covers the whole
-    process, so compare it within one run only). It includes the model's weights and the Python
-    runtime, not just activations.
+    timing its prefill and its decode steps apart (a monotonic clock, device-synchronised). The
+    prefill is time to first token from the batch as the processor made it, on the host: copying
+    it to the device is part of it, as in serving. Peak memory is CUDA max-allocated on GPU; on
+    CPU the process's peak RSS over the timed runs (Linux: the high-water mark is reset before
+    them; where it cannot be, the mark covers the whole process, so compare it within one run
+    only). It includes the model's weights and the Python runtime, not just activations.
     """
     device = engine.model.device
     cuda = device.type == "cuda"

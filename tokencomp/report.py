@@ -317,8 +317,9 @@ COLUMNS = [
     "- `total_prefill_tflops`: the LLM, the vision tower, the projector and the method's overhead; `ideal_speedup` "
     "is the reference's over the method's.",
     "- `overhead_tflops`: the method's own matrix products (its scores, similarities and attention captures).",
-    "- `prefill_ms`, `decode_ms_per_token`: medians over timed runs on the latency batch; `measured_speedup` is the "
-    "reference's prefill over the method's. It can exceed `ideal_speedup`: fewer tokens also save work that FLOPs do "
+    "- `prefill_ms`, `decode_ms_per_token`: medians over timed runs on the latency batch. Prefill is time to first "
+    "token from the processor's host tensors: their copy to the device, the vision tower, the projector, the method "
+    "and the LLM. `measured_speedup` is the reference's prefill over the method's. It can exceed `ideal_speedup`: fewer tokens also save work that FLOPs do "
     "not count (memory traffic, element-wise layers, kernel launches).",
     "- `peak_memory_mb` (CUDA runs only): the most memory allocated during the timed runs (every model of the "
     "experiment is loaded, so it includes their weights: compare within a table). On a CPU the only peak "
