@@ -7,6 +7,7 @@ import json
 import pytest
 
 import tokencomp as tc
+from tokencomp import runner
 from tokencomp.cli import main
 from tokencomp.report import PLOTS, pareto_front
 from tokencomp.runner import load_experiment, remeasure_latency, run_experiment
@@ -436,6 +437,13 @@ def test_remeasure_rewrites_only_the_latency_of_finished_cells(tmp_path):
         remeasure_latency(out, repeats=0, progress=False)
     with pytest.raises(tc.TokencompError, match="not a run directory"):
         remeasure_latency(tmp_path / "nowhere", progress=False)
+    with runner._run_lock(out):  # another process working in the run dir (an flock of its own)
+        with pytest.raises(tc.TokencompError, match="in use by another"):
+            remeasure_latency(out, progress=False)
+        grown = _write(tmp_path, text + '\n[[method]]\nname = "random"\nbudget = 9\n', "grown.toml")
+        with pytest.raises(tc.TokencompError, match="in use by another"):
+            run_experiment(load_experiment(grown, out), progress=False)
+    assert _rows(out / "results.jsonl") == before  # refused before any work
     assert main(["remeasure", str(out), "--repeats", "2"]) == 0
     after = _rows(out / "results.jsonl")
     assert [r["cell"] for r in after] == [r["cell"] for r in before]
@@ -549,8 +557,6 @@ def test_device_and_dtype_settings_load_the_model_so_and_a_run_keeps_them(tmp_pa
         run_experiment(load_experiment(exp_file, out), progress=False)  # float32 now: refused
     run_experiment(load_experiment(exp_file, out, dtype="bfloat16"), progress=False)  # same settings: resumes
     assert len(_rows(out / "results.jsonl")) == len(rows)
-    from tokencomp import runner
-
     loaded = []
     monkeypatch.setattr(runner, "_load_model", lambda src, opts: loaded.append(opts) or _load_model(src, opts))
     remeasure_latency(out, repeats=1, progress=False)  # times on the run's settings, not the file's

@@ -44,6 +44,9 @@ from. The file a run directory was started with may later gain cells (a new
 [[method]] table or grid value; only the new cells run); a change outside the [[method]] tables,
 or to a cell already started, is refused before work starts; so is resuming on another device,
 dtype or attention implementation than the run began with (``models.json`` records them).
+One process at a time works in a run directory: a second ``compare`` or ``remeasure`` on it while
+one runs is refused (``.lock``, an advisory lock the system releases when its process ends, so a
+crash leaves none behind; POSIX systems only).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +80,11 @@ from .model import Model, load_model
 from .profiler import Timing, measure, measure_interleaved
 from .registry import method as make_method
 from .strategy import check_int
+
+try:
+    import fcntl  # the run directory's lock (POSIX)
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 EXPERIMENT_KEYS = {"name", "out", "batch_size", "max_new_tokens", "latency_repeats", "seed", "template"}
 MODEL_KEYS = {"name", "source", "datasets", "device", "dtype", "attn_implementation"}
@@ -387,21 +396,50 @@ def _check_extends(out: Path, saved_text: str, new: Experiment) -> None:
     )
 
 
+@contextmanager
+def _run_lock(run: Path):
+    """Hold ``run/.lock`` for the block; a `TokencompError` if another process holds it."""
+    if fcntl is None:  # not POSIX: no lock
+        yield
+        return
+    with open(run / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TokencompError(
+                f"{run} is in use by another tokencomp compare or remeasure; wait for it to finish, "
+                "or use another --out"
+            ) from None
+        except OSError:  # a file system without locks (some network mounts): run unlocked
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_experiment(exp: Experiment, progress: bool = True, side_by_side: bool = True) -> Path:
     """Run every unfinished cell of ``exp``; returns the results file.
 
     Each cell's latency is timed when it finishes; with ``side_by_side`` (default), once cells
     have run, every finished cell is then timed again side by side (`remeasure_latency`), so the
-    latency ratios in the report come from one interleaved measurement."""
+    latency ratios in the report come from one interleaved measurement. A `TokencompError` if
+    another process is working in ``exp.out``."""
+    created = not exp.out.exists()
+    exp.out.mkdir(parents=True, exist_ok=True)
+    with _run_lock(exp.out):
+        return _run(exp, created, progress, side_by_side)
+
+
+def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> Path:
     out = exp.out
     saved = out / "experiment.toml"
     results = out / "results.jsonl"
     started = results.is_file() or any((out / "predictions").glob("*.jsonl"))
-    if started and saved.is_file() and saved.read_text() != exp.text:
-        _check_extends(out, saved.read_text(), exp)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     try:
+        if started and saved.is_file() and saved.read_text() != exp.text:
+            _check_extends(out, saved.read_text(), exp)
         done = {r["cell"] for r in read_rows(results, repair=True)}
         _check_load(out, exp, started)
         models = {name: _load_model(src, exp.load[name]) for name, src in exp.models.items()}
@@ -504,7 +542,8 @@ def remeasure_latency(run_dir: str | Path, repeats: int | None = None, progress:
     rewrite the latency fields of ``results.jsonl``: ``prefill_ms``, ``prefill_spread_ms``,
     ``decode_ms_per_token``, plus ``latency`` saying how they were taken. Accuracy, FLOPs and peak
     memory (which interleaving cannot attribute) are left as they are. For runs whose timings were
-    disturbed (another job on the machine) or taken one cell at a time, hours apart.
+    disturbed (another job on the machine) or taken one cell at a time, hours apart. Refused
+    while another process works in the run directory.
 
     Each model and dataset's rows are rewritten as soon as they are timed (a crash loses at most
     the group under way). Returns the results file."""
@@ -523,9 +562,10 @@ def remeasure_latency(run_dir: str | Path, repeats: int | None = None, progress:
     done = {r["cell"] for r in read_rows(results)}
     if not any(c.id in done for c in exp.cells):
         raise TokencompError(f"{results} has no finished cell of {saved}")
-    datasets = {name: _dataset(spec, run, regenerate=False) for name, spec in exp.datasets.items()}
-    _check_data(run, datasets, started=True)
-    return _time_side_by_side(exp, {}, datasets, repeats, progress)
+    with _run_lock(run):
+        datasets = {name: _dataset(spec, run, regenerate=False) for name, spec in exp.datasets.items()}
+        _check_data(run, datasets, started=True)
+        return _time_side_by_side(exp, {}, datasets, repeats, progress)
 
 
 def _finished_groups(exp: Experiment) -> dict[tuple[str, str], list[Cell]]:
