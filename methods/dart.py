@@ -49,6 +49,9 @@ from tokencomp.strategy import check_image_budget, check_int, top_mask
 
 @tc.register("dart")
 class DART(tc.LayerStrategy):
+    """DART (arXiv 2502.11494): before decoder layer ``k``, keep the image tokens least similar
+    to a few pivot tokens (duplication, not importance); ``budget`` image tokens (see ``count``)."""
+
     k: int = 2
     budget: int = 128
     pivot_image: int = 4

@@ -18,6 +18,9 @@ from tokencomp.strategy import check_image_budget, check_ratio
 
 @tc.register("fastv")
 class FastV(tc.LayerStrategy):
+    """FastV (arXiv 2403.06764): from decoder layer ``k`` on, drop the ``ratio`` of image tokens
+    that received the least attention at layer ``k - 1`` (from the last token by default)."""
+
     k: int = 2
     ratio: float = 0.5
     budget: int | None = None

@@ -15,6 +15,9 @@ import tokencomp as tc
 
 @tc.register("freeze")
 class FreezeLayers(tc.FreezeStrategy):
+    """Freeze the visual (or text, ``tokens``) tokens in the decoder ``layers`` listed: they pass
+    through those layers unchanged while the other tokens attend to them (ShortV's mechanics)."""
+
     layers: tuple[int, ...] = ()
     tokens: str = "visual"
 

@@ -57,6 +57,9 @@ def crop_retention(s: torch.Tensor, ratio: float, tau: float) -> torch.Tensor:
 
 @tc.register("globalcom2")
 class GlobalCom2(tc.VisionStrategy):
+    """GlobalCom² (arXiv 2501.05179), LLaVA-NeXT only: the thumbnail's CLS scores set how many
+    tokens each crop keeps (global ratio ``ratio``) and guide which."""
+
     ratio: float = 0.25
     tau: float = 10.0
     layer: int = -1

@@ -97,6 +97,10 @@ def load_schedule(path: str | Path) -> dict:
 
 @tc.register("schedule")
 class Schedule(tc.LayerStrategy):
+    """A per-layer keep-rate schedule (G-Search / P-Sigmoid, arXiv 2412.00556): before each
+    decoder layer keep the best-attended fraction of the visual tokens the schedule gives, from
+    ``rates``, a named ``preset`` or a saved schedule file ``path``."""
+
     rates: tuple[float, ...] | None = None
     preset: str | None = None
     path: str | None = None

@@ -26,6 +26,9 @@ PUBLISHED_LAYERS = (8, 16, 24)
 
 @tc.register("pdrop")
 class PyramidDrop(tc.LayerStrategy):
+    """PyramidDrop (arXiv 2410.17247): at each stage boundary in ``layers`` keep the ``ratio`` of
+    the remaining image tokens that the last instruction token attends to most."""
+
     layers: tuple[int, ...] | None = None
     ratio: float = 0.5
     query: str = "last"

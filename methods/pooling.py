@@ -50,6 +50,8 @@ class _GridPool(tc.VisionStrategy):
 
 @tc.register("pool")
 class AveragePool(_GridPool):
+    """Adaptive average pooling of each view's patch grid to ``budget`` tokens (a baseline)."""
+
     budget: int = 64
     grid: tuple[int, int] | None = None
     mode = "avg"
@@ -57,6 +59,9 @@ class AveragePool(_GridPool):
 
 @tc.register("bilinear")
 class BilinearDownsample(_GridPool):
+    """Bilinear downsampling of each view's patch grid to ``budget`` tokens (a baseline; the
+    grid pooling LLaVA-NeXT-style models use)."""
+
     budget: int = 64
     grid: tuple[int, int] | None = None
     mode = "bilinear"

@@ -142,6 +142,9 @@ class _PruMergeBase(tc.VisionStrategy):
 
 @tc.register("prumerge")
 class PruMerge(_PruMergeBase):
+    """LLaVA-PruMerge (arXiv 2403.15388): keep the tokens whose CLS attention is an outlier (IQR)
+    and fold their nearest neighbours (by key) into them; the token count adapts per image."""
+
     layer: int = -1
     k_neighbours: int = 32
     neighbours: str = "all"
@@ -152,4 +155,7 @@ class PruMerge(_PruMergeBase):
 
 @tc.register("prumerge+")
 class PruMergePlus(PruMerge):
+    """PruMerge+ (arXiv 2403.15388): PruMerge's outliers plus spatially uniform samples, each
+    folding in its nearest neighbours."""
+
     plus = True

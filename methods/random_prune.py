@@ -20,6 +20,8 @@ from tokencomp.strategy import check_int
 
 @tc.register("random")
 class RandomSelection(tc.VisionStrategy):
+    """Keep ``budget`` uniformly random patch tokens per view (seeded by ``seed``; a baseline)."""
+
     budget: int = 64
     seed: int = 0
     draw: str = "image"

@@ -167,6 +167,9 @@ def plot_layer_contribution(calibration: dict, path: str | Path, chosen=()) -> P
 
 @tc.register("shortv")
 class ShortV(tc.FreezeStrategy):
+    """ShortV (arXiv 2504.00502): freeze the visual tokens in the decoder layers where they
+    contribute least (a published ``preset``, a ``calibration`` file's ``n`` lowest, or ``layers``)."""
+
     layers: tuple[int, ...] | None = None
     preset: str | None = None
     calibration: str | None = None

@@ -45,6 +45,9 @@ PUBLISHED_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26)
 
 @tc.register("sparsevlm")
 class SparseVLM(tc.LayerStrategy):
+    """SparseVLM (arXiv 2410.04417): text tokens relevant to the image rate the image tokens at
+    a few decoder layers; the least rated are dropped and some recycled into merged tokens."""
+
     budget: int | None = 64
     counts: tuple[int, ...] | None = None
     layers: tuple[int, ...] | None = None

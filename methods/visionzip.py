@@ -51,6 +51,9 @@ def default_split(budget: int) -> tuple[int, int]:
 
 @tc.register("visionzip")
 class VisionZip(tc.VisionStrategy):
+    """VisionZip (arXiv 2412.04467): keep the dominant tokens (most CLS attention) and merge the
+    rest into a few contextual tokens by key similarity; ``budget`` tokens per view."""
+
     budget: int = 64
     dominant: int | None = None
     contextual: int | None = None

@@ -118,10 +118,26 @@ def test_cli_errors(saved, capsys):
 
 
 def test_cli_methods_lists_builtins(capsys):
+    """`tokencomp methods` lists every public method with its parameters and a summary written for
+    it (not the signature a dataclass makes up); `tokencomp methods NAME` adds the algorithm."""
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    for name in ("identity", "random", "pool", "bilinear", "fastv", "freeze"):
-        assert name in out
+    public = [n for n in tc.available_methods() if not n.startswith("_")]
+    assert {"identity", "random", "pool", "bilinear", "fastv", "freeze", "visionzip", "shortv"} <= set(public)
+    starts = [line.split()[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert starts == public  # internal probes ("_name") are not listed
+    for name in public:
+        cls = tc.method_class(name)
+        doc = cls.__dict__.get("__doc__") or ""
+        assert doc and not doc.startswith(f"{cls.__name__}("), f"{name} has no docstring of its own"
+        first = " ".join(doc.split())[:40]
+        assert first in " ".join(out.split()), name
+    assert main(["methods", "fastv"]) == 0
+    one = capsys.readouterr().out
+    assert one.startswith("fastv ") and "query='last'" in one
+    assert "arXiv 2403.06764" in one and 'query="all"' in one  # the module's options, not only the summary
+    assert main(["methods", "fastvv"]) == 2
+    assert "unknown method 'fastvv'" in capsys.readouterr().err
 
 
 def test_fill_template():

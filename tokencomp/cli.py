@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the answer and the run record as JSON")
     _load_arguments(g)
 
-    sub.add_parser("methods", help="list the registered methods and their parameters")
+    m = sub.add_parser("methods", help="list the registered methods and their parameters, or describe one")
+    m.add_argument("name", nargs="?", default=None, help="a method to describe: its parameters and algorithm")
 
     c = sub.add_parser("compare", help="run an experiment file (models x datasets x methods), resumable")
     c.add_argument("experiment", help="experiment TOML file (see tokencomp/runner.py)")
@@ -126,17 +128,38 @@ def _generate(args) -> int:
     return 0
 
 
-def _methods() -> int:
+def _methods(name: str | None) -> int:
+    """Each public method on one line (stage, parameters with defaults) with its summary below; or,
+    for ``name``, its parameters, its class docstring and its module's (the algorithm, the paper,
+    the options where the authors' code and paper differ)."""
     import dataclasses
+    import inspect
+    import sys
+    import textwrap
 
     import tokencomp as tc
 
-    for name in tc.available_methods():
-        if name.startswith("_"):
-            continue
-        cls = tc.method_class(name)
+    def summary(cls) -> str:
+        own = cls.__dict__.get("__doc__") or ""
+        generated = own.startswith(f"{cls.__name__}(")  # the signature a dataclass writes without one
+        return "" if generated else inspect.cleandoc(own)
+
+    names = [n for n in tc.available_methods() if not n.startswith("_")] if name is None else [name]
+    for n in names:
+        cls = tc.method_class(n)  # an unknown name lists the known ones
         params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
-        print(f"{name:12s} [{cls.stage}] {params}")
+        print(f"{n:12s} [{cls.stage}] {params}")
+        doc = summary(cls)
+        if name is None:
+            if doc:
+                print(
+                    textwrap.fill(
+                        " ".join(doc.split("\n\n")[0].split()), 100, initial_indent=" " * 13, subsequent_indent=" " * 13
+                    )
+                )
+            continue
+        module = inspect.getdoc(sys.modules[cls.__module__]) or ""
+        print("\n" + "\n\n".join(part for part in (doc, module) if part))
     return 0
 
 
@@ -150,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return _generate(args)
         if args.command == "methods":
-            return _methods()
+            return _methods(args.name)
         if args.command == "compare":
             from .runner import load_experiment, run_experiment
 
@@ -179,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     except TokencompError as e:
         print(f"tokencomp: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the output's reader stopped early (`tokencomp methods | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
     except KeyboardInterrupt:
         if args.command not in ("compare", "remeasure"):
             raise
