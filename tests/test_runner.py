@@ -403,13 +403,18 @@ def test_a_run_can_gain_methods_but_not_change(tmp_path):
     run_experiment(load_experiment(_write(tmp_path, first), out), progress=False)
     before = _rows(out / "results.jsonl")
     assert [r["method"] for r in before] == ["identity", "fastv"]
-    more = first + '\n[[method]]\nname = "random"\nbudget = 9\n'
+    # a new table between the old ones: run last, listed where the file puts it
+    more = first.replace(
+        '[[method]]\nname = "fastv"', '[[method]]\nname = "random"\nbudget = 9\n\n[[method]]\nname = "fastv"'
+    )
     run_experiment(load_experiment(_write(tmp_path, more, "more.toml"), out), progress=False)
     after = _rows(out / "results.jsonl")
-    assert _stable(after[:2]) == _stable(before)  # finished cells are not run again (only re-timed)
-    assert [r["finished"] for r in after[:2]] == [r["finished"] for r in before]
+    old = [after[0], after[2]]
+    assert _stable(old) == _stable(before)  # finished cells are not run again (only re-timed)
+    assert [r["finished"] for r in old] == [r["finished"] for r in before]
+    assert after[1]["finished"] >= before[-1]["finished"]  # run after them
     assert all(r["latency"]["cells"] == 3 for r in after)  # the new cell timed side by side with the old
-    assert [r["method"] for r in after] == ["identity", "fastv", "random-budget9"]
+    assert [r["method"] for r in after] == ["identity", "random-budget9", "fastv"]
     assert (out / "experiment.toml").read_text() == more
     for changed, why in ((more.replace("n = 5", "n = 4"), "outside the"), (first, "gone or changed")):
         with pytest.raises(tc.TokencompError, match=why):

@@ -478,8 +478,20 @@ def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> 
         stale = _stale_groups(exp)
         if stale:
             _time_side_by_side(exp, models, datasets, exp.settings["latency_repeats"], progress, stale)
+    _in_cell_order(exp)
     _paired_deltas(exp)
     return results
+
+
+def _in_cell_order(exp: Experiment) -> None:
+    """Rewrite ``results.jsonl`` in the experiment file's cell order, the order the report lists:
+    a cell added to a finished run's file runs last but is listed where the file puts it."""
+    results = exp.out / "results.jsonl"
+    rows = read_rows(results)
+    order = {c.id: i for i, c in enumerate(exp.cells)}
+    ranked = sorted(rows, key=lambda r: order.get(r["cell"], len(order)))
+    if ranked != rows:
+        _rewrite(results, ranked)
 
 
 def _paired_deltas(exp: Experiment) -> None:
