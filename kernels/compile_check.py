@@ -17,13 +17,16 @@ access, or with no data load or store it could size (so that it cannot pass by s
 Loads of 64-bit elements are the index and count tensors, not token data. What it establishes
 holds for the shapes of `launches`: Triton proves 16-byte alignment from integer arguments
 divisible by 16, so a hidden size that is not (1000, or 1032 in fp16) compiles to narrow accesses.
+Gather, pooling and merge must also have no atomics (``atom``/``red``): each output element is
+then written by one program, summed in a fixed order, and a run gives the same bits every time.
 
 Usage (``TRITON_INTERPRET`` must not be set, or the kernels are interpreter functions)::
 
     python -m kernels.compile_check [--arch 90 80]
 
-It prints one line per kernel variant and exits non-zero if any fails to compile, or if a gather
-or pooling variant accesses token data less than 16 bytes at a time.
+It prints one line per kernel variant and exits non-zero if any fails to compile, if a gather
+or pooling variant accesses token data less than 16 bytes at a time, or if a gather, pooling or
+merge variant uses atomics.
 """
 
 from __future__ import annotations
@@ -135,6 +138,7 @@ _ACCESS = re.compile(
 _OTHER = re.compile(r"\b(?:cp\.async|ldu|multimem)[.\w:]*\.global")  # global traffic the reader cannot size
 
 COPY_KERNELS = ("gather", "pool")  # the kernels held to 16-byte data accesses
+DETERMINISTIC_KERNELS = ("gather", "pool", "merge")  # no atomics: each output is summed in one fixed order
 
 
 def global_accesses(ptx: str) -> list[tuple[str, int, int]]:
@@ -194,6 +198,7 @@ def compile_all(archs: tuple[int, ...] = (90,)) -> list[dict]:
                     "data_ld": sum(1 for op, bits, _ in accesses if op == "ld" and bits <= 32),
                     "data_st": sum(1 for op, bits, _ in accesses if op == "st" and bits <= 32),
                     "unsized": unsized_accesses(ptx),
+                    "atomics": sum(1 for op, _, _ in accesses if op in ("atom", "red")),
                 }
             )
     return rows
@@ -213,13 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     copy = [r for r in rows if r["kernel"].startswith(COPY_KERNELS)]
     narrow = [r for r in copy if r["narrow"]]
     unseen = [r for r in copy if r["unsized"] or not (r["data_ld"] and r["data_st"])]  # not a vacuous pass
+    racy = [r for r in rows if r["kernel"].startswith(DETERMINISTIC_KERNELS) and r["atomics"]]
     print(f"{len(rows)} compiled; {len(spills)} with local memory (spills)")
     print(f"{len(narrow)} gather/pooling variants with a data access under 16 B")
+    print(f"{len(racy)} gather/pooling/merge variants with atomics (sums in no fixed order)")
+    for r in racy:
+        print(f"  atomics: {r['kernel']} {r['arch']}", file=sys.stderr)
     for r in narrow:
         print(f"  narrow: {r['kernel']} {r['arch']}", file=sys.stderr)
     for r in unseen:
         print(f"  data accesses not seen by the width check: {r['kernel']} {r['arch']}", file=sys.stderr)
-    return 1 if narrow or unseen else 0
+    return 1 if narrow or unseen or racy else 0
 
 
 if __name__ == "__main__":

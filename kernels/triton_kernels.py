@@ -185,39 +185,53 @@ def pool_grid(x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mode
 
 
 @triton.jit
-def _merge_kernel(x_ptr, t_ptr, w_ptr, acc_ptr, cnt_ptr, n, t, d, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)  # b * n + i
+def _merge_kernel(
+    x_ptr, order_ptr, start_ptr, cnt_ptr, w_ptr, out_ptr, n, t, d,
+    HAS_W: tl.constexpr, MEAN: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    bt = tl.program_id(0)  # b * t + target
     blk = tl.program_id(1)
-    b = row // n
-    tgt = tl.load(t_ptr + row)
-    if tgt >= 0:
-        offs = blk * BLOCK_D + tl.arange(0, BLOCK_D)
-        m = offs < d
-        val = tl.load(x_ptr + row.to(tl.int64) * d + offs, mask=m, other=0.0).to(tl.float32)
+    b = bt // t
+    first = tl.load(start_ptr + bt)
+    count = tl.load(cnt_ptr + bt)
+    offs = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = offs < d
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for i in range(count):  # this target's sources in ascending source order: a fixed sum order
+        src = b.to(tl.int64) * n + tl.load(order_ptr + b.to(tl.int64) * n + first + i)
+        val = tl.load(x_ptr + src * d + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_W:
-            val = val * tl.load(w_ptr + row).to(tl.float32)
-        dst = (b.to(tl.int64) * t + tgt) * d
-        tl.atomic_add(acc_ptr + dst + offs, val, mask=m)
-        if blk == 0:
-            tl.atomic_add(cnt_ptr + b * t + tgt, 1.0)
+            val = val * tl.load(w_ptr + src).to(tl.float32)
+        acc += val
+    if MEAN:
+        acc = acc / tl.maximum(count, 1).to(tl.float32)
+    tl.store(out_ptr + bt.to(tl.int64) * d + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def plan_merge(
-    x: torch.Tensor, target: torch.Tensor, num_targets: int, weight: torch.Tensor | None = None
-) -> tuple[tuple[torch.Tensor, torch.Tensor], Launch | None]:
-    """The float32 sums ``(B, t, d)`` and source counts ``(B, t)``, and the launch that accumulates them."""
+    x: torch.Tensor, target: torch.Tensor, num_targets: int, weight: torch.Tensor | None = None, mean: bool = True
+) -> tuple[torch.Tensor, Launch | None]:
+    """The output ``(B, t, d)`` and the launch that fills it: one program per target and feature
+    block sums the target's sources in ascending source order (a stable sort by target gives
+    them), in float32, so the result is deterministic, with no atomics and no zero-fill pass."""
     b, n, d = x.shape
     x = x.contiguous()
-    acc = torch.zeros(b, num_targets, d, dtype=torch.float32, device=x.device)
-    cnt = torch.zeros(b, num_targets, dtype=torch.float32, device=x.device)
-    if not (b * n and d and num_targets):
-        return (acc, cnt), None
-    tgt = target.contiguous().to(torch.int64)
-    wt = weight.contiguous().float() if weight is not None else acc
+    out = torch.zeros(b, num_targets, d, dtype=x.dtype, device=x.device)
+    if not (b and d and num_targets):
+        return out, None
+    tgt = target.to(torch.int64)
+    key = torch.where(tgt >= 0, tgt, num_targets)  # sources that go nowhere sort last
+    order = torch.sort(key, dim=1, stable=True).indices.contiguous()
+    count = torch.zeros(b, num_targets + 1, dtype=torch.int64, device=x.device).scatter_add_(
+        1, key, torch.ones_like(key)
+    )
+    count = count[:, :num_targets].contiguous()
+    first = (count.cumsum(1) - count).contiguous()
+    wt = weight.contiguous().float() if weight is not None else x
     block = _block(d)
-    grid = (b * n, triton.cdiv(d, block))
-    args = (x, tgt, wt, acc, cnt, n, num_targets, d)
-    return (acc, cnt), Launch(_merge_kernel, grid, args, {"HAS_W": weight is not None, "BLOCK_D": block})
+    grid = (b * num_targets, triton.cdiv(d, block))
+    args = (x, order, first, count, wt, out, n, num_targets, d)
+    return out, Launch(_merge_kernel, grid, args, {"HAS_W": weight is not None, "MEAN": mean, "BLOCK_D": block})
 
 
 def merge_tokens(
@@ -228,12 +242,10 @@ def merge_tokens(
     mean: bool = True,
 ) -> torch.Tensor:
     """``(B, n, d) -> (B, t, d)`` scatter-sum / scatter-mean; see `kernels.reference.merge_tokens`."""
-    (acc, cnt), launch = plan_merge(x, target, num_targets, weight)
+    out, launch = plan_merge(x, target, num_targets, weight, mean)
     if launch is not None:
         launch()
-    if mean:
-        acc = acc / cnt.clamp(min=1)[..., None]
-    return acc.to(x.dtype)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

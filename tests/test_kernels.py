@@ -75,7 +75,10 @@ def test_merge(dtype, weighted, mean, b, n, t, d):
     weight = torch.rand(b, n, generator=g) if weighted else None
     got = kernels.merge_tokens(x, target, t, weight, mean, backend="triton")
     ref = reference.merge_tokens(x, target, t, weight, mean)
-    _close(got, ref, dtype)
+    if dtype == torch.bfloat16:  # Triton's interpreter rounds float32 -> bfloat16 toward zero (a GPU to nearest)
+        _close(got, ref, dtype)
+    else:  # each target sums its sources in source order in float32, as the reference does on a CPU
+        assert torch.equal(got, ref)
     # independent check of the reference on one row: a plain loop
     tgt0 = int(target[0, 0]) if int(target[0, 0]) >= 0 else None
     if tgt0 is not None:
@@ -207,6 +210,7 @@ def test_triton_kernels_compile_for_hopper():
     expected = sum(1 for _ in compile_check.launches())
     assert f"{expected} compiled; 0 with local memory (spills)" in out.stdout
     assert "0 gather/pooling variants with a data access under 16 B" in out.stdout
+    assert "0 gather/pooling/merge variants with atomics" in out.stdout  # deterministic sums
     # the width check sees a gather that cannot use 16-byte accesses: Triton proves alignment from
     # integer arguments divisible by 16, and a hidden size of 1000 is not
     probe = (
