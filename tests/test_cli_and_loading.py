@@ -118,8 +118,9 @@ def test_cli_errors(saved, capsys):
 
 
 def test_cli_methods_lists_builtins(capsys):
-    """`tokencomp methods` lists every public method with its parameters and a summary written for
-    it (not the signature a dataclass makes up); `tokencomp methods NAME` adds the algorithm."""
+    """`tokencomp methods` lists every public method with its parameters, and each built-in one
+    with a summary written for it (not the signature a dataclass makes up); `tokencomp methods
+    NAME` adds the algorithm."""
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     public = [n for n in tc.available_methods() if not n.startswith("_")]
@@ -128,6 +129,8 @@ def test_cli_methods_lists_builtins(capsys):
     assert starts == public  # internal probes ("_name") are not listed
     for name in public:
         cls = tc.method_class(name)
+        if not cls.__module__.startswith("methods."):  # registered by another test (the README's example)
+            continue
         doc = cls.__dict__.get("__doc__") or ""
         assert doc and not doc.startswith(f"{cls.__name__}("), f"{name} has no docstring of its own"
         first = " ".join(doc.split())[:40]
