@@ -11,7 +11,7 @@ side with CUDA events after warm-up; the speed-up; the achieved bandwidth (the b
 must read and write / time) and that bandwidth as a fraction of the device's copy bandwidth (a
 plain ``dst.copy_(src)`` moving the same number of bytes, measured in the same run). Before timing
 a case it checks both the Triton output and the PyTorch equivalent's against the reference
-(`kernels.reference`; exactly for the gather, within dtype tolerance otherwise), so a wrong
+(`tokencomp.kernels.reference`; exactly for the gather, within dtype tolerance otherwise), so a wrong
 kernel never reaches the table. With ``--out`` the table is rewritten after every shape, so a run
 cut short keeps what it measured.
 
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels  # noqa: E402
+from tokencomp import kernels  # noqa: E402
 
 # Tolerance of the Triton output against the reference's, by input dtype (as in tests/test_kernels.py).
 TOL = {torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2), torch.float32: (1e-5, 1e-5)}
@@ -170,7 +170,7 @@ def cases(s: Shape, device: str) -> dict[str, Case]:
 
 
 def gather_torch(x: torch.Tensor, index: torch.Tensor, count: torch.Tensor | None) -> torch.Tensor:
-    """`kernels.gather_tokens` as one ``index_select`` on the flattened batch and an in-place zeroing of padding."""
+    """`tokencomp.kernels.gather_tokens` as one ``index_select`` on the flattened batch and an in-place zeroing of padding."""
     b, n, d = x.shape
     rows = (index + torch.arange(b, device=x.device)[:, None] * n).flatten()
     out = x.reshape(b * n, d).index_select(0, rows).view(b, -1, d)
@@ -181,7 +181,7 @@ def gather_torch(x: torch.Tensor, index: torch.Tensor, count: torch.Tensor | Non
 
 
 def pool_torch(x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mode: str) -> torch.Tensor:
-    """`kernels.pool_grid` on a channels-last view of the tokens (no transposing copy), in their dtype.
+    """`tokencomp.kernels.pool_grid` on a channels-last view of the tokens (no transposing copy), in their dtype.
 
     ``(V, h*w, d)`` viewed as ``(V, h, w, d)`` and permuted to NCHW is already channels-last memory,
     which PyTorch's pooling and interpolation kernels take and return as is.
@@ -196,7 +196,7 @@ def pool_torch(x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mod
 
 
 def merge_torch(x: torch.Tensor, target: torch.Tensor, t: int, weight: torch.Tensor | None, mean: bool) -> torch.Tensor:
-    """`kernels.merge_tokens` as one float32 ``index_add_``; dropped sources go to a spare slot per row."""
+    """`tokencomp.kernels.merge_tokens` as one float32 ``index_add_``; dropped sources go to a spare slot per row."""
     b, n, d = x.shape
     slot = torch.where(target >= 0, target, t) + torch.arange(b, device=x.device)[:, None] * (t + 1)
     src = x.reshape(b * n, d).float()
@@ -213,7 +213,7 @@ def merge_torch(x: torch.Tensor, target: torch.Tensor, t: int, weight: torch.Ten
 
 
 def attention_rows_torch(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`kernels.attention_rows` (no masks, as benchmarked) as a matmul in the input dtype and a softmax.
+    """`tokencomp.kernels.attention_rows` (no masks, as benchmarked) as a matmul in the input dtype and a softmax.
 
     The matmul accumulates in float32 but rounds the logits to the input dtype before they are
     widened, a little less precise than the kernel (and a little cheaper).
@@ -223,8 +223,8 @@ def attention_rows_torch(q: torch.Tensor, k: torch.Tensor, scale: float) -> tupl
 
 
 def attention_rows_per_row(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`kernels.attention_rows` on the one-program-per-row Triton kernel."""
-    from kernels import triton_kernels
+    """`tokencomp.kernels.attention_rows` on the one-program-per-row Triton kernel."""
+    from tokencomp.kernels import triton_kernels
 
     return triton_kernels.attention_rows(q, k, scale, tiled=False)
 
@@ -325,7 +325,7 @@ def sweep_cases(device: str, tiny: bool = False) -> Iterator[tuple[str, str, boo
     per program and warps, the pooling's warps, and the attention-rows kernels' row tile, key
     block and warps. Each ``case.triton`` launches one setting through the wrappers' plans.
     """
-    from kernels import triton_kernels as tk
+    from tokencomp.kernels import triton_kernels as tk
 
     if tiny:
         sizes = [Shape(torch.float16, hidden=48, views=2, side=6, batch=2, head_dim=16)]

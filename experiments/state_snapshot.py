@@ -11,9 +11,11 @@ first ``batch_size`` samples), and saves per cell: the packed sequence entering 
 states and the token record: kind, positions, prompt index, image, view, patch, validity), the
 sequence leaving it, the first token's logits, the tokens the vision stage kept per view, the
 projected tokens, the visual tokens per layer, the KV-cache lengths and ``--new-tokens`` greedy
-tokens. ``--code`` names the checkout whose tokencomp, methods and kernels run (default: this
+tokens. ``--code`` names the checkout whose tokencomp and methods run (default: this
 one's): dump once with ``--code`` on an older commit (``git worktree add /tmp/old <commit>``),
-once without, and ``diff`` the files. It lists each field that is not bit-identical, with the largest difference of a float
+once without, and ``diff`` the files. Commits before the kernels moved into ``tokencomp.kernels``
+have a top-level ``kernels`` package that shadows Hugging Face's, which transformers >= 5.25
+imports: dump those in an environment with transformers < 5.25. It lists each field that is not bit-identical, with the largest difference of a float
 field, and exits 1 if any differ. Last-bit differences are expected where an equivalent change
 reorders a floating-point reduction (a matrix product of another shape); the token record is not.
 

@@ -41,8 +41,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import kernels
 import tokencomp as tc
+from tokencomp import kernels
 from tokencomp.layout import repack
 from tokencomp.strategy import check_image_budget, check_int, top_mask
 

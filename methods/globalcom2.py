@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import kernels
 import tokencomp as tc
+from tokencomp import kernels
 from tokencomp.errors import TokencompError, UnsupportedModelError
 from tokencomp.strategy import check_ratio
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 
-import kernels
 import tokencomp as tc
+from tokencomp import kernels
 from tokencomp.errors import BudgetError
 from tokencomp.strategy import check_int
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-import kernels
 import tokencomp as tc
+from tokencomp import kernels
 from tokencomp.errors import TokencompError, UnsupportedModelError
 from tokencomp.strategy import check_int
 

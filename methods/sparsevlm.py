@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import torch
 
-import kernels
 import tokencomp as tc
+from tokencomp import kernels
 from tokencomp.layout import repack
 from tokencomp.strategy import check_int, check_ratio
 

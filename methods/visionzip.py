@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import torch
 
-import kernels
 import tokencomp as tc
+from tokencomp import kernels
 from tokencomp.errors import BudgetError, TokencompError
 from tokencomp.layout import true_indices
 from tokencomp.strategy import check_int

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from tokencomp import kernels
+from tokencomp.kernels import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
@@ -27,7 +27,7 @@ def test_gather(dtype, b, n, k, d):
     count[0] = k  # one row keeps everything
     if b > 1:
         count[1] = 0  # one row keeps nothing
-    from kernels import triton_kernels
+    from tokencomp.kernels import triton_kernels
 
     for c in (None, count):
         got = kernels.gather_tokens(x, index, c, backend="triton")
@@ -112,7 +112,7 @@ def test_merge_edges(be):
 )
 @pytest.mark.parametrize("tiled", [None, False, True])  # None: the wrapper's choice by row count
 def test_attention_rows(dtype, b, H, hkv, r, n, hd, tiled):
-    from kernels import triton_kernels
+    from tokencomp.kernels import triton_kernels
 
     g = torch.Generator().manual_seed(n + r)
     q = torch.randn(b, H, r, hd, generator=g).to(dtype)
@@ -136,7 +136,7 @@ def test_attention_rows(dtype, b, H, hkv, r, n, hd, tiled):
 
 
 def test_attention_rows_all_masked_row_is_zero():
-    from kernels import triton_kernels
+    from tokencomp.kernels import triton_kernels
 
     for r in (1, 3):  # one program per row, and a tile
         q = torch.randn(1, 2, r, 8)
@@ -153,7 +153,7 @@ def test_attention_rows_all_masked_row_is_zero():
 def test_attention_rows_precision_and_head_limit():
     """The interpreter ignores tl.dot's precision, so the choice is checked on the plan: float32
     inputs must never be rounded to TF32 (16-bit ones are exact in it); too wide a head is refused."""
-    from kernels import triton_kernels
+    from tokencomp.kernels import triton_kernels
 
     for qd, kd, want in [
         (torch.float32, torch.float32, "ieee"),
@@ -168,8 +168,8 @@ def test_attention_rows_precision_and_head_limit():
 
 
 def test_compile_check_covers_every_triton_kernel():
-    """kernels.compile_check plans a launch of every @triton.jit kernel, through the wrappers' own plans."""
-    from kernels import compile_check, triton_kernels
+    """tokencomp.kernels.compile_check plans a launch of every @triton.jit kernel, through the wrappers' own plans."""
+    from tokencomp.kernels import compile_check, triton_kernels
 
     jitted = {
         v for k, v in vars(triton_kernels).items() if k.startswith("_") and k.endswith("_kernel") and hasattr(v, "fn")
@@ -198,14 +198,14 @@ def test_triton_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).parents[1]
     out = subprocess.run(
-        [sys.executable, "-m", "kernels.compile_check", "--arch", "90"],
+        [sys.executable, "-m", "tokencomp.kernels.compile_check", "--arch", "90"],
         cwd=root,
         env=env,
         capture_output=True,
         text=True,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    from kernels import compile_check
+    from tokencomp.kernels import compile_check
 
     expected = sum(1 for _ in compile_check.launches())
     assert f"{expected} compiled; 0 with local memory (spills)" in out.stdout
@@ -214,7 +214,7 @@ def test_triton_kernels_compile_for_hopper():
     # the width check sees a gather that cannot use 16-byte accesses: Triton proves alignment from
     # integer arguments divisible by 16, and a hidden size of 1000 is not
     probe = (
-        "import torch, triton; from kernels import compile_check as cc, triton_kernels as tk;"
+        "import torch, triton; from tokencomp.kernels import compile_check as cc, triton_kernels as tk;"
         "from triton.compiler import ASTSource; from triton.backends.compiler import GPUTarget\n"
         "for d in (1024, 1000):\n"
         " x = torch.zeros(1, 576, d, dtype=torch.float16); i = torch.zeros(1, 144, dtype=torch.long)\n"
@@ -232,7 +232,7 @@ def test_compile_check_reads_access_widths():
     """The PTX reader behind the 16-byte check: vector width times element size, per access,
     whatever the cache hints (the forms Triton emits for ``eviction_policy``), shared-memory
     accesses left out, and the global traffic it cannot size counted apart."""
-    from kernels import compile_check
+    from tokencomp.kernels import compile_check
 
     ptx = """
     ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];

@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import kernels
-
+from . import kernels
 from .cache import LayerKVCache
 from .errors import InputMismatchError, TokencompError, UnsupportedModelError
 from .layout import filled_slots, pad_left, place_columns, repack

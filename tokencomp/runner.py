@@ -67,8 +67,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import kernels
-
+from . import kernels
 from ._compat import tomllib
 from .api import prepare
 from .benchmark import PRESETS, SPLIT_SEED, generate_split

@@ -171,7 +171,7 @@ class VisionView:
             LLaVA-NeXT unpadding (``valid``'s crop tokens, known on the host); ``(0, 0, 0, 0)``
             without crops. Empty when the view was built without it.
         captures: captured scores, keyed by `Need`; read them through the accessors below.
-        backend: token-kernel backend of this run (pass it to `kernels` calls).
+        backend: token-kernel backend of this run (pass it to `tokencomp.kernels` calls).
         pixels: ``(V, 3, H, W)`` the views' pixel values as the batch holds them: the processor's,
             before the cast to the model's dtype, on the host (CPU) for a batch from
             `tokencomp.prepare` whatever the model's device (see `content_key`).
@@ -295,7 +295,7 @@ class VisionStrategy(Strategy):
 
     def compress(self, view: VisionView) -> ViewTokens:
         """Default: gather the tokens chosen by `select`."""
-        from kernels import gather_tokens
+        from .kernels import gather_tokens
 
         idx = self.select(view)
         num_views, n = view.features.shape[:2]
@@ -356,7 +356,7 @@ class LayerContext:
         input_image_count: ``(B,)`` image-span tokens that entered the LLM (schedules count from it).
         final_norm: the decoder's final norm module (``model.norm``), for methods that compare
             hidden states in the space the LM head reads (DART).
-        backend: token-kernel backend of this run (pass it to `kernels` calls).
+        backend: token-kernel backend of this run (pass it to `tokencomp.kernels` calls).
     """
 
     layer: int

@@ -1,4 +1,4 @@
-"""Triton implementations of the token kernels (same contracts as `kernels.reference`).
+"""Triton implementations of the token kernels (same contracts as `tokencomp.kernels.reference`).
 
 They run on CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``
 set before this module is imported), which is how the tests check them without a GPU.
@@ -24,7 +24,7 @@ class Launch:
     """One kernel launch: the JIT function, its grid, its runtime arguments and its compile-time constants.
 
     Every wrapper below plans its launch with a ``plan_*`` function and then calls it, so that
-    `kernels.compile_check` compiles exactly what the wrappers launch (same argument types and
+    `tokencomp.kernels.compile_check` compiles exactly what the wrappers launch (same argument types and
     constants) for a GPU architecture, on a machine without one.
     """
 
@@ -97,7 +97,7 @@ def plan_gather(
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
-    """``(B, n, d), (B, k) -> (B, k, d)``; see `kernels.reference.gather_tokens`."""
+    """``(B, n, d), (B, k) -> (B, k, d)``; see `tokencomp.kernels.reference.gather_tokens`."""
     out, launch = plan_gather(x, index, count)
     if launch is not None:
         launch()
@@ -173,7 +173,7 @@ def plan_pool(
 
 
 def pool_grid(x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mode: str = "avg") -> torch.Tensor:
-    """``(V, h*w, d) -> (V, gh*gw, d)``; see `kernels.reference.pool_grid`."""
+    """``(V, h*w, d) -> (V, gh*gw, d)``; see `tokencomp.kernels.reference.pool_grid`."""
     res, launch = plan_pool(x, grid, out, mode)
     if launch is not None:
         launch()
@@ -241,7 +241,7 @@ def merge_tokens(
     weight: torch.Tensor | None = None,
     mean: bool = True,
 ) -> torch.Tensor:
-    """``(B, n, d) -> (B, t, d)`` scatter-sum / scatter-mean; see `kernels.reference.merge_tokens`."""
+    """``(B, n, d) -> (B, t, d)`` scatter-sum / scatter-mean; see `tokencomp.kernels.reference.merge_tokens`."""
     out, launch = plan_merge(x, target, num_targets, weight, mean)
     if launch is not None:
         launch()
@@ -466,7 +466,7 @@ def attention_rows(
     query_index: torch.Tensor | None = None,
     tiled: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head logits and softmax of a few query rows; see `kernels.reference.attention_rows`.
+    """Per-head logits and softmax of a few query rows; see `tokencomp.kernels.reference.attention_rows`.
 
     ``tiled`` picks the kernel (see `plan_attention_rows`); both give the same result.
     """

@@ -3,7 +3,7 @@
 Triton's interpreter (how the tests run the kernels on a CPU) executes the kernels' Python with
 numpy; it does not check what only the compiler sees: loop-carried types, layouts of ``tl.dot``
 operands, register pressure. This module takes the launches the wrappers plan
-(`kernels.triton_kernels.plan_*`) at LLaVA shapes, in every dtype and variant they can take, and
+(`tokencomp.kernels.triton_kernels.plan_*`) at LLaVA shapes, in every dtype and variant they can take, and
 compiles each ahead of time through Triton's CUDA backend and the ``ptxas`` bundled with Triton
 to a cubin for the given architecture. ``cuobjdump`` (bundled too) then reports each cubin's
 registers per thread and its local memory (register spills), a first sign of a slow kernel.
@@ -22,7 +22,7 @@ then written by one program, summed in a fixed order, and a run gives the same b
 
 Usage (``TRITON_INTERPRET`` must not be set, or the kernels are interpreter functions)::
 
-    python -m kernels.compile_check [--arch 90 80]
+    python -m tokencomp.kernels.compile_check [--arch 90 80]
 
 It prints one line per kernel variant and exits non-zero if any fails to compile, if a gather
 or pooling variant accesses token data less than 16 bytes at a time, or if a gather, pooling or

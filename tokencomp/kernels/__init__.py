@@ -1,12 +1,12 @@
 """Token kernels behind one dispatch layer.
 
-Every kernel has a pure-PyTorch reference (`kernels.reference`) and a Triton implementation
-(`kernels.triton_kernels`). Each public function takes ``backend="auto" | "torch" | "triton"``:
+Every kernel has a pure-PyTorch reference (`tokencomp.kernels.reference`) and a Triton implementation
+(`tokencomp.kernels.triton_kernels`). Each public function takes ``backend="auto" | "torch" | "triton"``:
 ``"auto"`` picks Triton for CUDA tensors when Triton is importable, the reference otherwise;
 an explicit choice overrides it (Triton on CPU tensors needs ``TRITON_INTERPRET=1`` set before
 import, which is how the tests run it). `backend(x)` says what ``"auto"`` would pick, and the
 engine records it in the run record. The Triton gather, pooling and merge use no atomics (each
-output is summed by one program in a fixed order; `kernels.compile_check` holds them to it), so
+output is summed by one program in a fixed order; `tokencomp.kernels.compile_check` holds them to it), so
 their results repeat bit for bit; the reference merge on CUDA tensors (``scatter_add_``) does not.
 """
 
@@ -25,7 +25,7 @@ __all__ = ["attention_rows", "backend", "gather_tokens", "merge_tokens", "pool_g
 @cache
 def _triton():
     try:
-        return importlib.import_module("kernels.triton_kernels")
+        return importlib.import_module(".triton_kernels", __name__)
     except Exception:  # triton missing or unusable on this platform
         return None
 
@@ -51,14 +51,14 @@ def _impl(name: str, x: torch.Tensor, choice: str):
 def gather_tokens(
     x: torch.Tensor, index: torch.Tensor, count: torch.Tensor | None = None, backend: str = "auto"
 ) -> torch.Tensor:
-    """``(B, n, d), (B, k) -> (B, k, d)`` batched gather; see `kernels.reference.gather_tokens`."""
+    """``(B, n, d), (B, k) -> (B, k, d)`` batched gather; see `tokencomp.kernels.reference.gather_tokens`."""
     return _impl("gather_tokens", x, backend)(x, index, count)
 
 
 def pool_grid(
     x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mode: str = "avg", backend: str = "auto"
 ) -> torch.Tensor:
-    """``(V, h*w, d) -> (V, gh*gw, d)`` grid pooling; see `kernels.reference.pool_grid`."""
+    """``(V, h*w, d) -> (V, gh*gw, d)`` grid pooling; see `tokencomp.kernels.reference.pool_grid`."""
     return _impl("pool_grid", x, backend)(x, grid, out, mode)
 
 
@@ -70,7 +70,7 @@ def merge_tokens(
     mean: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``(B, n, d) -> (B, t, d)`` scatter-sum / mean into targets; see `kernels.reference.merge_tokens`."""
+    """``(B, n, d) -> (B, t, d)`` scatter-sum / mean into targets; see `tokencomp.kernels.reference.merge_tokens`."""
     return _impl("merge_tokens", x, backend)(x, target, num_targets, weight, mean)
 
 
@@ -82,5 +82,5 @@ def attention_rows(
     query_index: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head ``(logits, probs)`` ``(B, H, r, n)`` of r query rows; see `kernels.reference.attention_rows`."""
+    """Per-head ``(logits, probs)`` ``(B, H, r, n)`` of r query rows; see `tokencomp.kernels.reference.attention_rows`."""
     return _impl("attention_rows", q, backend)(q, k, scale, key_valid, query_index)
