@@ -20,7 +20,10 @@ thumbnail + four crops); hidden 1024 (CLIP ViT-L, 16 heads of 64) and 4096 (Vicu
 of 128); fp16 and bf16. The attention-rows cases score one query row (the CLS or last-token
 query), 32 rows and 256 rows (the engine's chunk of text or vision queries) against all tokens of
 every head; the multi-row cases are also timed on the one-program-per-row kernel, to show where
-the row-tiled kernel that the dispatch picks for them pays off.
+the row-tiled kernel that the dispatch picks for them pays off. The merge cases are 64 evenly
+filled targets, VisionZip's 10 contextual tokens unevenly filled (the largest takes about half the
+sources) and PruMerge+'s one extra token (the weighted sum of the three quarters not kept): a
+merge program sums its target's sources in order, so the last two are its slow cases.
 
 Triton needs a CUDA device; on a CPU-only machine the script says so and exits without a table.
 ``--tiny`` runs small shapes on the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` must
@@ -113,6 +116,10 @@ def cases(s: Shape, device: str) -> dict[str, Case]:
     pool_out, bil_out = (s.side // 3, s.side // 3), (s.side // 2, 2 * s.side // 3)
     t = 64 if s.side >= 24 else 4
     target = torch.randint(-1, t, (b, n), device=device, generator=g)
+    u = torch.rand(b, n, device=device, generator=g)
+    skewed = torch.where(u < 0.2, -1, ((u - 0.2) / 0.8) ** 4 * 10).long()  # -1 or 0..9, mostly 0
+    pruned = torch.where(u < 0.25, -1, 0)  # kept tokens (-1) and the rest, all merged into one
+    weight = torch.rand(b, n, device=device, generator=g)
     heads = d // s.head_dim
 
     def case(kernel: Callable, best: Callable, *args: Any, nbytes: int) -> Case:
@@ -147,6 +154,21 @@ def cases(s: Shape, device: str) -> dict[str, Case]:
         ),
         f"merge n->{t} mean": case(
             kernels.merge_tokens, merge_torch, x, target, t, None, True, nbytes=b * (n + t) * d * el + b * n * 8
+        ),
+        # VisionZip's contextual tokens: few targets, unevenly filled (the largest takes about half)
+        "merge n->10 skewed mean": case(
+            kernels.merge_tokens, merge_torch, x, skewed, 10, None, True, nbytes=b * (n + 10) * d * el + b * n * 8
+        ),
+        # PruMerge+'s extra token: the attention-weighted sum of every token it did not keep
+        "merge n->1 weighted sum": case(
+            kernels.merge_tokens,
+            merge_torch,
+            x,
+            pruned,
+            1,
+            weight,
+            False,
+            nbytes=b * (n + 1) * d * el + b * n * (8 + 4),
         ),
     }
     kk = torch.randn(b, heads, n, s.head_dim, device=device, dtype=s.dtype, generator=g)
@@ -196,8 +218,14 @@ def pool_torch(x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mod
 
 
 def merge_torch(x: torch.Tensor, target: torch.Tensor, t: int, weight: torch.Tensor | None, mean: bool) -> torch.Tensor:
-    """`tokencomp.kernels.merge_tokens` as one float32 ``index_add_``; dropped sources go to a spare slot per row."""
+    """`tokencomp.kernels.merge_tokens` as one float32 ``index_add_``; dropped sources go to a spare slot per row.
+
+    One target is a masked (weighted) matrix-vector product instead (``bmm``)."""
     b, n, d = x.shape
+    if t == 1:  # one target: a masked (weighted) matrix-vector product, in x's dtype (float32 accumulation)
+        w = (target >= 0).to(x.dtype) if weight is None else torch.where(target >= 0, weight, 0).to(x.dtype)
+        acc = torch.bmm(w[:, None, :], x).float()
+        return (acc / (target >= 0).sum(1).clamp(min=1)[:, None, None] if mean else acc).to(x.dtype)
     slot = torch.where(target >= 0, target, t) + torch.arange(b, device=x.device)[:, None] * (t + 1)
     src = x.reshape(b * n, d).float()
     if weight is not None:
@@ -322,8 +350,8 @@ def sweep_cases(device: str, tiny: bool = False) -> Iterator[tuple[str, str, boo
     """``(kernel, config, is_default, shape, case)`` for the launch settings the kernels leave open.
 
     At the largest shape of each hidden size (float16, batch 64, 2880 tokens): the gather's rows
-    per program and warps, the pooling's warps, and the attention-rows kernels' row tile, key
-    block and warps. Each ``case.triton`` launches one setting through the wrappers' plans.
+    per program and warps, the pooling's warps, the merge's sources per step and warps, and the
+    attention-rows kernels' row tile, key block and warps. Each ``case.triton`` launches one setting through the wrappers' plans.
     """
     from tokencomp.kernels import triton_kernels as tk
 
@@ -362,6 +390,13 @@ def sweep_cases(device: str, tiny: bool = False) -> Iterator[tuple[str, str, boo
                 for warps in (1, 2, 4, 8):
                     fn = launched(tk.plan_pool, *case.torch.args, num_warps=warps)
                     yield name, f"warps={warps}", warps == 4, s, dataclasses.replace(case, triton=fn)
+        for name, case in base.items():
+            if case.torch.func is merge_torch:
+                for chunk in (1, 2, 4, 8, 16):
+                    for warps in (4, 8):
+                        fn = launched(tk.plan_merge, *case.torch.args, chunk=chunk, num_warps=warps)
+                        default = (chunk, warps) == (tk.MERGE_CHUNK, 4)
+                        yield name, f"chunk={chunk} warps={warps}", default, s, dataclasses.replace(case, triton=fn)
         for rows, tiled, tiles, blocks in (
             (1, False, (1,), (16, 32, 64, 128)),
             (256 if not tiny else 3, True, (16, 32, 64), (32, 64)),

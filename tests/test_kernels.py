@@ -90,6 +90,31 @@ def test_merge(dtype, weighted, mean, b, n, t, d):
         _close(ref[0, tgt0], s, dtype)
 
 
+@pytest.mark.parametrize("chunk", [2, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_in_chunks(chunk, dtype):
+    """Summing ``chunk`` sources per step (a tail shorter than a chunk included: one target gets
+    most of the 45 sources, as VisionZip's contextual tokens can) agrees with the reference to
+    rounding, repeats bit for bit, and takes a weight broadcast over the batch as the reference does."""
+    from tokencomp.kernels import triton_kernels
+
+    g = torch.Generator().manual_seed(chunk)
+    x = torch.randn(3, 45, 70, generator=g).to(dtype)
+    target = (torch.rand(3, 45, generator=g) ** 4 * 5).long()  # skewed: target 0 takes about half
+    target[:, ::7] = -1
+    weight = torch.rand(1, 45, generator=g)
+    for w, mean in ((None, True), (weight, False)):
+        ref = reference.merge_tokens(x, target, 5, w, mean)
+        runs = []
+        for _ in range(2):
+            out, launch = triton_kernels.plan_merge(x, target, 5, w, mean, chunk=chunk)
+            launch()
+            runs.append(out)
+        assert torch.equal(runs[0], runs[1])
+        _close(runs[0], ref, dtype)
+    assert int((target == 0).sum(1).min()) > 2 * chunk  # several steps and a tail for the big target
+
+
 @pytest.mark.parametrize("be", ["torch", "triton"])
 def test_merge_edges(be):
     """No targets gives an empty result; a source that goes nowhere (-1) leaves no trace, even an
@@ -385,7 +410,9 @@ def test_kernel_benchmark_covers_and_checks_every_kernel(monkeypatch):
     swept = bench.sweep(tiny=True, device="cpu", repeats=1, warmup=0)
     assert not [r for r in swept if "error" in r]
     kinds = {r["kernel"] for r in swept}
-    assert {"gather n/4", "attention rows r=1", "attention rows r=3"} <= kinds and len(kinds) == 5
+    merges = {n for n in cases if n.startswith("merge")}
+    assert {"gather n/4", "attention rows r=1", "attention rows r=3"} | merges <= kinds and len(kinds) == 8
+    assert len(merges) == 3 and {"merge n->10 skewed mean", "merge n->1 weighted sum"} <= merges
     for kind in kinds:
         assert sum(r["config"].endswith("(default)") for r in swept if r["kernel"] == kind) == 1, kind
 

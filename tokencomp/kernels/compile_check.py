@@ -72,7 +72,9 @@ def launches() -> Iterator[tuple[str, tk.Launch]]:
             target = torch.zeros(1, n, dtype=torch.long)
             for weight in (None, torch.ones(1, n)):
                 tag = "weighted" if weight is not None else "plain"
-                yield f"merge {tag} d={d} {name}", tk.plan_merge(x, target, 64, weight)[1]
+                for chunk in sorted({tk.MERGE_CHUNK, 8}):  # the default and a chunked sum the sweep times
+                    launch = tk.plan_merge(x, target, 64, weight, chunk=chunk)[1]
+                    yield f"merge {tag} chunk={chunk} d={d} {name}", launch
         for heads, hd, keys in ((16, 64, n), (32, 128, 5 * n)):
             k = torch.zeros(1, heads, keys, hd, dtype=dt)
             for r, tiled in ((1, False), (32, True)):

@@ -187,36 +187,57 @@ def pool_grid(x: torch.Tensor, grid: tuple[int, int], out: tuple[int, int], mode
 @triton.jit
 def _merge_kernel(
     x_ptr, order_ptr, start_ptr, cnt_ptr, w_ptr, out_ptr, n, t, d,
-    HAS_W: tl.constexpr, MEAN: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_W: tl.constexpr, MEAN: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     bt = tl.program_id(0)  # b * t + target
     blk = tl.program_id(1)
     b = bt // t
+    row0 = b.to(tl.int64) * n
     first = tl.load(start_ptr + bt)
     count = tl.load(cnt_ptr + bt)
     offs = blk * BLOCK_D + tl.arange(0, BLOCK_D)
     m = offs < d
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for i in range(count):  # this target's sources in ascending source order: a fixed sum order
-        src = b.to(tl.int64) * n + tl.load(order_ptr + b.to(tl.int64) * n + first + i)
-        val = tl.load(x_ptr + src * d + offs, mask=m, other=0.0).to(tl.float32)
+    # this target's sources in ascending source order, CHUNK rows per step: their loads are in
+    # flight together, and the step's sum is a fixed reduction, so the result is deterministic
+    # (CHUNK = 1 adds one source after the other, the reference's order on a CPU)
+    for i in range(0, count, CHUNK):
+        j = i + tl.arange(0, CHUNK)
+        ok = j < count
+        src = row0 + tl.load(order_ptr + row0 + first + j, mask=ok, other=0)
+        val = tl.load(x_ptr + (src * d)[:, None] + offs[None, :], mask=ok[:, None] & m[None, :], other=0.0)
+        val = val.to(tl.float32)
         if HAS_W:
-            val = val * tl.load(w_ptr + src).to(tl.float32)
-        acc += val
+            val = val * tl.load(w_ptr + src, mask=ok, other=0.0).to(tl.float32)[:, None]
+        acc += tl.sum(val, axis=0)
     if MEAN:
         acc = acc / tl.maximum(count, 1).to(tl.float32)
     tl.store(out_ptr + bt.to(tl.int64) * d + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
+# Sources each merge program loads per step. 1 sums them one after the other (bit for bit the
+# reference's order on a CPU); more keeps more row loads in flight, which a target with hundreds of
+# sources (PruMerge+'s extra token, a VisionZip contextual token) needs on a GPU. A first choice
+# until measured (`experiments/bench_kernels.py --sweep` times the alternatives).
+MERGE_CHUNK = 1
+
+
 def plan_merge(
-    x: torch.Tensor, target: torch.Tensor, num_targets: int, weight: torch.Tensor | None = None, mean: bool = True
+    x: torch.Tensor,
+    target: torch.Tensor,
+    num_targets: int,
+    weight: torch.Tensor | None = None,
+    mean: bool = True,
+    chunk: int = MERGE_CHUNK,
+    num_warps: int = 4,
 ) -> tuple[torch.Tensor, Launch | None]:
     """The output ``(B, t, d)`` and the launch that fills it: one program per target and feature
     block sums the target's sources in ascending source order (a stable sort by target gives
-    them), in float32, so the result is deterministic, with no atomics and no zero-fill pass."""
+    them), ``chunk`` (a power of two) at a time, in float32, so the result is deterministic, with
+    no atomics and no zero-fill pass. ``target`` must lie in ``[-1, t)`` (checked upstream)."""
     b, n, d = x.shape
     x = x.contiguous()
-    out = torch.zeros(b, num_targets, d, dtype=x.dtype, device=x.device)
+    out = torch.empty(b, num_targets, d, dtype=x.dtype, device=x.device)  # the kernel writes every element
     if not (b and d and num_targets):
         return out, None
     tgt = target.to(torch.int64)
@@ -227,11 +248,12 @@ def plan_merge(
     )
     count = count[:, :num_targets].contiguous()
     first = (count.cumsum(1) - count).contiguous()
-    wt = weight.contiguous().float() if weight is not None else x
+    wt = weight.expand(b, n).contiguous().float() if weight is not None else x  # (B, n): the kernel reads it so
     block = _block(d)
     grid = (b * num_targets, triton.cdiv(d, block))
     args = (x, order, first, count, wt, out, n, num_targets, d)
-    return out, Launch(_merge_kernel, grid, args, {"HAS_W": weight is not None, "MEAN": mean, "BLOCK_D": block})
+    consts = {"HAS_W": weight is not None, "MEAN": mean, "CHUNK": chunk, "BLOCK_D": block}
+    return out, Launch(_merge_kernel, grid, args, consts, {"num_warps": num_warps})
 
 
 def merge_tokens(
