@@ -88,14 +88,31 @@ def differences(old: dict, new: dict) -> list[str]:
         for name, a in fields.items():
             b = new[cell].get(name)
             if isinstance(a, torch.Tensor):
-                same = isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-                if not same and isinstance(b, torch.Tensor) and a.shape == b.shape and a.is_floating_point():
-                    lines.append(f"{cell}: {name} max |diff| {(a.double() - b.double()).abs().max().item():.3g}")
-                elif not same:
-                    lines.append(f"{cell}: {name} differs (shape or dtype, or integers)")
-            elif a != b:
+                said = _tensor_difference(a, b)
+                if said:
+                    lines.append(f"{cell}: {name} {said}")
+            elif isinstance(b, torch.Tensor) or a != b:
                 lines.append(f"{cell}: {name} differs")
     return lines
+
+
+def _tensor_difference(a: torch.Tensor, b) -> str | None:
+    """None where ``b`` holds ``a`` bit for bit (NaN where ``a`` has NaN), else what differs: for
+    floats, the largest difference where both are finite, or where infinities or NaNs moved."""
+    if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+        return "differs (type or shape)"
+    if a.dtype != b.dtype:
+        return f"differs in dtype ({a.dtype} -> {b.dtype})"
+    if not a.is_floating_point():
+        return None if torch.equal(a, b) else "differs (integers)"
+    if torch.equal(a, b) or (torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0), b.nan_to_num(0))):
+        return None
+    finite = a.isfinite() & b.isfinite()
+    if not torch.equal(a.isfinite(), b.isfinite()) or not torch.equal(
+        a[~finite].nan_to_num(0), b[~finite].nan_to_num(0)
+    ):
+        return "differs in its infinities or NaNs"
+    return f"max |diff| {(a[finite].double() - b[finite].double()).abs().max().item():.3g}"
 
 
 def diff(args) -> int:

@@ -143,6 +143,29 @@ def test_cli_methods_lists_builtins(capsys):
     assert "unknown method 'fastvv'" in capsys.readouterr().err
 
 
+def test_cli_broken_pipe(monkeypatch, tmp_path):
+    """A reader that stops early (`tokencomp methods | head`) ends the listing quietly with exit
+    code 1; a broken pipe inside a long command (here the report) is not swallowed."""
+    import os
+    import sys
+
+    from tokencomp import cli, report
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    saved = os.dup(sys.stdout.fileno())  # the handler points stdout at /dev/null: put it back after
+    try:
+        monkeypatch.setattr(cli, "_methods", broken)
+        assert main(["methods"]) == 1
+    finally:
+        os.dup2(saved, sys.stdout.fileno())
+        os.close(saved)
+    monkeypatch.setattr(report, "make_report", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["report", str(tmp_path)])
+
+
 def test_fill_template():
     """A question in a conversation template: the template's own <image> becomes one token per
     image (not an <image> inside the question); malformed templates are refused clearly."""

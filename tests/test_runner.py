@@ -461,6 +461,39 @@ def test_remeasure_rewrites_only_the_latency_of_finished_cells(tmp_path):
     assert (out / "report.md").is_file() and not (out / "results.jsonl.part").exists()
 
 
+@pytest.mark.skipif(runner.fcntl is None, reason="run-dir locks are POSIX only")
+def test_run_lock_errors(tmp_path, monkeypatch):
+    """A lock held elsewhere is refused also where flock reports it as EACCES (flock emulated by
+    fcntl locks); a file system without locks (ENOLCK) runs unlocked; a lock file that cannot be
+    opened is a clear error, not a traceback."""
+    import errno
+    import os
+
+    def flock_raising(code):
+        def flock(f, op):
+            if op != runner.fcntl.LOCK_UN:
+                raise OSError(code, os.strerror(code))
+
+        return flock
+
+    monkeypatch.setattr(runner.fcntl, "flock", flock_raising(errno.EACCES))
+    with pytest.raises(tc.TokencompError, match="in use by another"), runner._run_lock(tmp_path):
+        pass
+    monkeypatch.setattr(runner.fcntl, "flock", flock_raising(errno.ENOLCK))
+    ran = []
+    with runner._run_lock(tmp_path):
+        ran.append(1)
+    assert ran == [1]
+    monkeypatch.undo()
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / ".lock").mkdir()  # cannot be opened for writing, even by root
+    with (
+        pytest.raises(tc.TokencompError, match="cannot write in the run directory"),
+        runner._run_lock(tmp_path / "blocked"),
+    ):
+        pass
+
+
 def test_paired_deltas_pair_predictions_by_question(tmp_path):
     """The difference to identity pairs the two cells' predictions by question id (their files
     may list them in different orders), per model and dataset; cells without a reference or with

@@ -32,5 +32,17 @@ def test_snapshot_diff_finds_a_changed_cell_and_nothing_else(model, images):
     nudged = {name: dict(fields) for name, fields in again.items()}
     nudged["identity"]["logits"] = again["identity"]["logits"] + 1e-3
     assert differences(old, nudged) == ["identity: logits max |diff| 0.001"]
+    # NaN where the old snapshot had NaN is no difference; an infinity elsewhere, or a dtype, is
+    nan = again["identity"]["logits"].clone()
+    nan[0, 0] = float("nan")
+    assert differences({"identity": {"logits": nan.clone()}}, {"identity": {"logits": nan}}) == []
+    inf = nan.clone()
+    inf[0, 1] = float("inf")
+    assert differences({"identity": {"logits": nan}}, {"identity": {"logits": inf}}) == [
+        "identity: logits differs in its infinities or NaNs"
+    ]
+    assert differences({"identity": {"logits": nan}}, {"identity": {"logits": nan.half()}}) == [
+        "identity: logits differs in dtype (torch.float32 -> torch.float16)"
+    ]
     del nudged["identity"]
     assert differences(old, nudged) == ["identity: only in the old snapshot"]

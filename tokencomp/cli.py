@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokencomp: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the output's reader stopped early (`tokencomp methods | head`)
+        if args.command not in ("methods", "generate"):  # a long run's broken pipe is not a reader's choice
+            raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 1
     except KeyboardInterrupt:

@@ -51,6 +51,7 @@ crash leaves none behind; POSIX systems only).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import itertools
@@ -401,15 +402,21 @@ def _run_lock(run: Path):
     if fcntl is None:  # not POSIX: no lock
         yield
         return
-    with open(run / ".lock", "a") as f:
+    try:
+        f = open(run / ".lock", "a")  # noqa: SIM115 (closed by the with below)
+    except OSError as e:
+        raise TokencompError(f"cannot write in the run directory {run}: {e.strerror}") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TokencompError(
-                f"{run} is in use by another tokencomp compare or remeasure; wait for it to finish, "
-                "or use another --out"
-            ) from None
-        except OSError:  # a file system without locks (some network mounts): run unlocked
+        except OSError as e:
+            # EWOULDBLOCK (BlockingIOError), or EACCES where flock is emulated by fcntl locks: held
+            if isinstance(e, BlockingIOError) or e.errno == errno.EACCES:
+                raise TokencompError(
+                    f"{run} is in use by another tokencomp compare or remeasure; wait for it to finish, "
+                    "or use another --out"
+                ) from None
+            # a file system without locks (ENOLCK, ENOSYS, EOPNOTSUPP: some network mounts): run unlocked
             yield
             return
         try:
@@ -425,8 +432,12 @@ def run_experiment(exp: Experiment, progress: bool = True, side_by_side: bool = 
     have run, every finished cell is then timed again side by side (`remeasure_latency`), so the
     latency ratios in the report come from one interleaved measurement. A `TokencompError` if
     another process is working in ``exp.out``."""
-    created = not exp.out.exists()
-    exp.out.mkdir(parents=True, exist_ok=True)
+    exp.out.parent.mkdir(parents=True, exist_ok=True)
+    try:  # atomic: of two runs starting on a new directory, one made it and may remove it
+        exp.out.mkdir()
+        created = True
+    except FileExistsError:
+        created = False
     with _run_lock(exp.out):
         return _run(exp, created, progress, side_by_side)
 
@@ -564,16 +575,17 @@ def remeasure_latency(run_dir: str | Path, repeats: int | None = None, progress:
         raise TokencompError(
             f"{run} is not a run directory (no experiment.toml and results.jsonl); run `tokencomp compare` first"
         )
-    base, loaded = run / "experiment.base", run / "models.json"
-    # time on the device and dtype the run was made with, not the file's own settings
-    made_with = json.loads(loaded.read_text()) if loaded.is_file() else None
-    exp = load_experiment(saved, run, base.read_text() if base.is_file() else None, load=made_with)
-    repeats = exp.settings["latency_repeats"] if repeats is None else repeats
-    check_int("repeats (timed rounds)", repeats, 1)
-    done = {r["cell"] for r in read_rows(results)}
-    if not any(c.id in done for c in exp.cells):
-        raise TokencompError(f"{results} has no finished cell of {saved}")
-    with _run_lock(run):
+    if repeats is not None:
+        check_int("repeats (timed rounds)", repeats, 1)
+    with _run_lock(run):  # before reading the run: a compare finishing meanwhile may extend it
+        base, loaded = run / "experiment.base", run / "models.json"
+        # time on the device and dtype the run was made with, not the file's own settings
+        made_with = json.loads(loaded.read_text()) if loaded.is_file() else None
+        exp = load_experiment(saved, run, base.read_text() if base.is_file() else None, load=made_with)
+        repeats = exp.settings["latency_repeats"] if repeats is None else repeats
+        done = {r["cell"] for r in read_rows(results)}
+        if not any(c.id in done for c in exp.cells):
+            raise TokencompError(f"{results} has no finished cell of {saved}")
         datasets = {name: _dataset(spec, run, regenerate=False) for name, spec in exp.datasets.items()}
         _check_data(run, datasets, started=True)
         return _time_side_by_side(exp, {}, datasets, repeats, progress)
