@@ -76,6 +76,21 @@ def test_analytic_flops_match_flop_counter(eager_models, family, name):
         assert (pre.record.prefill_flops[0], pre.record.total_flops[0]) == (report.prefill, report.total)
 
 
+def test_analytic_flops_match_flop_counter_without_cls():
+    """A tower without CLS (SigLIP-style): VisionZip ranks by the attention every query row pays,
+    scored in chunks by the engine; the analytic count includes those rows and equals the counter."""
+    model = tc.Model(*tiny_llava("llava", seed=3, vision="siglip", attn_implementation="eager", text_layers=4))
+    assert not model.has_cls
+    engine = tc.Engine(model, tc.method("visionzip", dominant=8, contextual=4))
+    batch = tc.prepare(model, make_images([(60, 100)], seed=3), PROMPTS[:1])
+    with FlopCounterMode(display=False) as counter:
+        _, pre = engine.generate(batch, max_new_tokens=4, eos_token_id=None)
+    report = run_flops(model, pre.record, engine.strategies)[0]
+    n, d = model.patches_per_view, model.hf.config.vision_config.hidden_size
+    assert report.overhead > 2 * n * n * d  # every query row's logits, not the one row a CLS would need
+    assert report.total == pytest.approx(counter.get_total_flops() - rope_table_flops(counter), rel=1e-9)
+
+
 def test_prefill_layers_follow_token_counts(eager_models, images):
     model = eager_models["llava"]
     pre = tc.Engine(model, tc.method("fastv", k=2, budget=4)).prefill(tc.prepare(model, images[:1], PROMPTS[:1]))
