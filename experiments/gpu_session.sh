@@ -9,8 +9,11 @@
 #   session.log                 every step's output, with its exit code
 #   kernels-<gpu>.md            kernel table (bench_kernels.py), partial if cut short
 #   kernels-sweep-<gpu>.md      launch-setting sweep (bench_kernels.py --sweep)
-#   demo-<gpu>.tgz              the demo grid's run directory on CUDA float16 (unpack it under
-#                               experiments/results/ and draw it with `tokencomp report`)
+#   demo-<gpu>.tgz              the demo grid's run directory on CUDA float16, without its
+#                               generated images: `tar xzf demo-<gpu>.tgz -C runs`, copy data/ from
+#                               a local demo run (`cp -r runs/demo/data runs/demo-<gpu>/`, the
+#                               same images, for the overlay plots), `tokencomp report
+#                               runs/demo-<gpu>`, and commit it as experiments/results/demo is
 #   prefill-7b-shapes-<gpu>.md  prefill at LLaVA-1.5-7B shapes, all 32 layers
 #   host-syncs-<gpu>.md         host syncs: the CPU counter beside CUDA's sync debug mode
 # The GPU image has its own torch, triton and transformers but not this package's other
@@ -42,10 +45,11 @@ kernels() {
 }
 
 models() {
-    local run=/tmp/demo-$gpu
+    local run=runs/demo-$gpu # relative: the predictions name their images by this path
     step "demo grid" 150 python3 -m tokencomp.cli compare experiments/demo.toml --device cuda --dtype float16 \
         --out "$run" --no-report
-    [ -d "$run" ] && tar czf "$OUT/demo-$gpu.tgz" -C /tmp --exclude=.lock "demo-$gpu"
+    # without the generated images (25 MB; the tool returns 16 MiB a file): the same as a local demo run's
+    [ -d "$run" ] && tar czf "$OUT/demo-$gpu.tgz" -C runs --exclude=.lock --exclude="demo-$gpu/data" "demo-$gpu"
     step "prefill at 7B shapes" 60 python3 experiments/bench_prefill.py --layers 32 --repeats 20 \
         --out "$OUT/prefill-7b-shapes-$gpu.md"
     step "host syncs" 50 python3 experiments/host_syncs.py experiments/demo.toml --device cuda --dtype float16 \
