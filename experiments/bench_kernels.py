@@ -222,9 +222,13 @@ def merge_torch(x: torch.Tensor, target: torch.Tensor, t: int, weight: torch.Ten
 
     One target is a masked (weighted) matrix-vector product instead (``bmm``)."""
     b, n, d = x.shape
-    if t == 1:  # one target: a masked (weighted) matrix-vector product, in x's dtype (float32 accumulation)
-        w = (target >= 0).to(x.dtype) if weight is None else torch.where(target >= 0, weight, 0).to(x.dtype)
-        acc = torch.bmm(w[:, None, :], x).float()
+    if t == 1:  # one target: a masked (weighted) matrix-vector product in x's dtype, float32 accumulation
+        if weight is None:
+            acc = torch.bmm((target >= 0).to(x.dtype)[:, None, :], x).float()
+        else:  # the float32 weight as two x-dtype parts (high and the rest): x is still read once
+            w = torch.where(target >= 0, weight.float(), 0)
+            hi = w.to(x.dtype)
+            acc = torch.bmm(torch.stack([hi, (w - hi.float()).to(x.dtype)], 1), x).float().sum(1, keepdim=True)
         return (acc / (target >= 0).sum(1).clamp(min=1)[:, None, None] if mean else acc).to(x.dtype)
     slot = torch.where(target >= 0, target, t) + torch.arange(b, device=x.device)[:, None] * (t + 1)
     src = x.reshape(b * n, d).float()

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The measurements that need a GPU, as one script for a session that is lent one. A session has
 # about 15 minutes of device time in all, the machine's start included, and one call may run 10
-# minutes: `all` does everything in one call of at most about 9 minutes (520 s of limits), each step under a time
-# limit of its own, so that a slow or failing step costs only its own share and the later steps
-# still run. A step stopped at its limit gets SIGINT first: the benchmarks have written their
-# table after every shape or setting, and compare keeps its finished cells. What comes back in
+# minutes: `all` does everything in one call of at most about 9.5 minutes (520 s of step limits,
+# 5 s of grace each, the imports), each step under a time limit of its own, so that a slow or
+# failing step costs only its own share and the later steps still run. A step stopped at its
+# limit gets SIGINT first: the benchmarks have written their table after every shape or setting,
+# and compare keeps its finished cells. What comes back in
 # $OUT (six files; the device tool returns eight) is committed under experiments/results/:
 #   session.log                 every step's output, with its exit code
 #   kernels-<gpu>.md            kernel table (bench_kernels.py), partial if cut short
@@ -28,14 +29,14 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 failed=0
 
-# step NAME SECONDS COMMAND...: run under a time limit (SIGINT at the limit, SIGKILL 20 s later)
+# step NAME SECONDS COMMAND...: run under a time limit (SIGINT at the limit, SIGKILL 5 s later)
 step() {
     local name=$1 limit=$2 rc
     shift 2
     echo "== $name: start $(date +%T), limit ${limit} s"
-    timeout --signal=INT --kill-after=20 "$limit" "$@"
+    timeout --signal=INT --kill-after=5 "$limit" "$@"
     rc=$?
-    echo "== $name: exit $rc at $(date +%T)$([ "$rc" -eq 124 ] && echo ' (time limit)')"
+    echo "== $name: exit $rc at $(date +%T)$([ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo ' (time limit)')"
     [ "$rc" -eq 0 ] || failed=1
 }
 

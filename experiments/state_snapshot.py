@@ -105,12 +105,12 @@ def _tensor_difference(a: torch.Tensor, b) -> str | None:
         return f"differs in dtype ({a.dtype} -> {b.dtype})"
     if not a.is_floating_point():
         return None if torch.equal(a, b) else "differs (integers)"
-    if torch.equal(a, b) or (torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0), b.nan_to_num(0))):
-        return None
+    nan_a, nan_b = a.isnan(), b.isnan()
+    if torch.equal(nan_a, nan_b) and torch.equal(a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0)):
+        return None  # (not nan_to_num: it would also make an infinity the largest finite value)
     finite = a.isfinite() & b.isfinite()
-    if not torch.equal(a.isfinite(), b.isfinite()) or not torch.equal(
-        a[~finite].nan_to_num(0), b[~finite].nan_to_num(0)
-    ):
+    odd_a, odd_b = a[~finite].masked_fill(nan_a[~finite], 0), b[~finite].masked_fill(nan_b[~finite], 0)
+    if not torch.equal(a.isfinite(), b.isfinite()) or not torch.equal(odd_a, odd_b):
         return "differs in its infinities or NaNs"
     return f"max |diff| {(a[finite].double() - b[finite].double()).abs().max().item():.3g}"
 

@@ -464,8 +464,9 @@ def test_remeasure_rewrites_only_the_latency_of_finished_cells(tmp_path):
 @pytest.mark.skipif(runner.fcntl is None, reason="run-dir locks are POSIX only")
 def test_run_lock_errors(tmp_path, monkeypatch):
     """A lock held elsewhere is refused also where flock reports it as EACCES (flock emulated by
-    fcntl locks); a file system without locks (ENOLCK) runs unlocked; a lock file that cannot be
-    opened is a clear error, not a traceback."""
+    fcntl locks); a file system without locks (ENOLCK) runs unlocked; a lock taken on a file that
+    was removed meanwhile is refused; a lock file that cannot be opened is a clear error, not a
+    traceback."""
     import errno
     import os
 
@@ -476,6 +477,7 @@ def test_run_lock_errors(tmp_path, monkeypatch):
 
         return flock
 
+    real_flock = runner.fcntl.flock
     monkeypatch.setattr(runner.fcntl, "flock", flock_raising(errno.EACCES))
     with pytest.raises(tc.TokencompError, match="in use by another"), runner._run_lock(tmp_path):
         pass
@@ -484,6 +486,18 @@ def test_run_lock_errors(tmp_path, monkeypatch):
     with runner._run_lock(tmp_path):
         ran.append(1)
     assert ran == [1]
+
+    def flock_after_removal(f, op):  # the run that made the dir removes it between our open and lock
+        if op != runner.fcntl.LOCK_UN:
+            os.remove(tmp_path / ".lock")
+        real_flock(f, op)
+
+    monkeypatch.setattr(runner.fcntl, "flock", flock_after_removal)
+    with (
+        pytest.raises(tc.TokencompError, match="was removed by the tokencomp run that made it"),
+        runner._run_lock(tmp_path),
+    ):
+        pass
     monkeypatch.undo()
     (tmp_path / "blocked").mkdir()
     (tmp_path / "blocked" / ".lock").mkdir()  # cannot be opened for writing, even by root

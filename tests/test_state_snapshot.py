@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 from conftest import PROMPTS
 
 import tokencomp as tc
@@ -39,6 +40,11 @@ def test_snapshot_diff_finds_a_changed_cell_and_nothing_else(model, images):
     inf = nan.clone()
     inf[0, 1] = float("inf")
     assert differences({"identity": {"logits": nan}}, {"identity": {"logits": inf}}) == [
+        "identity: logits differs in its infinities or NaNs"
+    ]
+    top = inf.clone()
+    top[0, 1] = torch.finfo(top.dtype).max  # an overflow saturated instead of going to inf
+    assert differences({"identity": {"logits": inf}}, {"identity": {"logits": top}}) == [
         "identity: logits differs in its infinities or NaNs"
     ]
     assert differences({"identity": {"logits": nan}}, {"identity": {"logits": nan.half()}}) == [

@@ -419,6 +419,14 @@ def _run_lock(run: Path):
             # a file system without locks (ENOLCK, ENOSYS, EOPNOTSUPP: some network mounts): run unlocked
             yield
             return
+        try:  # removed between our open and our lock (the run that made it failed validation)?
+            now, ours = os.stat(run / ".lock"), os.fstat(f.fileno())
+            here = (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino)
+        except FileNotFoundError:
+            here = False
+        if not here:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            raise TokencompError(f"{run} was removed by the tokencomp run that made it; start again")
         try:
             yield
         finally:
@@ -436,7 +444,9 @@ def run_experiment(exp: Experiment, progress: bool = True, side_by_side: bool = 
     try:  # atomic: of two runs starting on a new directory, one made it and may remove it
         exp.out.mkdir()
         created = True
-    except FileExistsError:
+    except OSError:  # EEXIST, or EACCES / EROFS that some systems give for a directory that exists
+        if not exp.out.is_dir():
+            raise
         created = False
     with _run_lock(exp.out):
         return _run(exp, created, progress, side_by_side)
