@@ -355,7 +355,8 @@ def sweep_cases(device: str, tiny: bool = False) -> Iterator[tuple[str, str, boo
 
     At the largest shape of each hidden size (float16, batch 64, 2880 tokens): the gather's rows
     per program and warps, the pooling's warps, the merge's sources per step and warps, and the
-    attention-rows kernels' row tile, key block and warps. Each ``case.triton`` launches one setting through the wrappers' plans.
+    attention-rows kernels' row tile, key block and warps. Each ``case.triton`` launches one
+    setting through the wrappers' plans.
     """
     from tokencomp.kernels import triton_kernels as tk
 

@@ -15,7 +15,8 @@ tokens. ``--code`` names the checkout whose tokencomp and methods run (default: 
 one's): dump once with ``--code`` on an older commit (``git worktree add /tmp/old <commit>``),
 once without, and ``diff`` the files. Commits before the kernels moved into ``tokencomp.kernels``
 have a top-level ``kernels`` package that shadows Hugging Face's, which transformers >= 5.25
-imports: dump those in an environment with transformers < 5.25. It lists each field that is not bit-identical, with the largest difference of a float
+imports: dump those in an environment with transformers < 5.25. It lists each field that is not
+bit-identical, with the largest difference of a float
 field, and exits 1 if any differ. Last-bit differences are expected where an equivalent change
 reorders a floating-point reduction (a matrix product of another shape); the token record is not.
 
@@ -108,9 +109,10 @@ def _tensor_difference(a: torch.Tensor, b) -> str | None:
     nan_a, nan_b = a.isnan(), b.isnan()
     if torch.equal(nan_a, nan_b) and torch.equal(a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0)):
         return None  # (not nan_to_num: it would also make an infinity the largest finite value)
-    finite = a.isfinite() & b.isfinite()
-    odd_a, odd_b = a[~finite].masked_fill(nan_a[~finite], 0), b[~finite].masked_fill(nan_b[~finite], 0)
-    if not torch.equal(a.isfinite(), b.isfinite()) or not torch.equal(odd_a, odd_b):
+    finite = a.isfinite()
+    if not torch.equal(finite, b.isfinite()) or not torch.equal(
+        a[~finite].masked_fill(nan_a[~finite], 0), b[~finite].masked_fill(nan_b[~finite], 0)
+    ):
         return "differs in its infinities or NaNs"
     return f"max |diff| {(a[finite].double() - b[finite].double()).abs().max().item():.3g}"
 

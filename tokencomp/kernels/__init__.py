@@ -1,13 +1,14 @@
 """Token kernels behind one dispatch layer.
 
-Every kernel has a pure-PyTorch reference (`tokencomp.kernels.reference`) and a Triton implementation
-(`tokencomp.kernels.triton_kernels`). Each public function takes ``backend="auto" | "torch" | "triton"``:
-``"auto"`` picks Triton for CUDA tensors when Triton is importable, the reference otherwise;
-an explicit choice overrides it (Triton on CPU tensors needs ``TRITON_INTERPRET=1`` set before
-import, which is how the tests run it). `backend(x)` says what ``"auto"`` would pick, and the
-engine records it in the run record. The Triton gather, pooling and merge use no atomics (each
-output is summed by one program in a fixed order; `tokencomp.kernels.compile_check` holds them to it), so
-their results repeat bit for bit; the reference merge on CUDA tensors (``scatter_add_``) does not.
+Every kernel has a pure-PyTorch reference (`tokencomp.kernels.reference`) and a Triton
+implementation (`tokencomp.kernels.triton_kernels`). Each public function takes
+``backend="auto" | "torch" | "triton"``: ``"auto"`` picks Triton for CUDA tensors when Triton is
+importable, the reference otherwise; an explicit choice overrides it (Triton on CPU tensors needs
+``TRITON_INTERPRET=1`` set before import, which is how the tests run it). `backend(x)` says what
+``"auto"`` would pick, and the engine records it in the run record. The Triton gather, pooling and
+merge use no atomics (each output is summed by one program in a fixed order;
+`tokencomp.kernels.compile_check` holds them to it), so their results repeat bit for bit; the
+reference merge on CUDA tensors (``scatter_add_``) does not.
 """
 
 from __future__ import annotations
