@@ -9,7 +9,7 @@ import pytest
 import tokencomp as tc
 from tokencomp import runner
 from tokencomp.cli import main
-from tokencomp.report import PLOTS, pareto_front
+from tokencomp.report import PLOTS, make_report, pareto_front
 from tokencomp.runner import load_experiment, remeasure_latency, run_experiment
 
 EXPERIMENT = """
@@ -643,3 +643,40 @@ def test_device_names_of_one_device_compare_equal(tmp_path, monkeypatch):
     exp.load["m"]["device"] = "cuda:0"
     with pytest.raises(tc.TokencompError, match="use another --out"):
         runner._check_load(tmp_path, exp, started=True)
+
+
+def test_a_run_resumed_on_other_code_says_so_and_records_which_code_made_what(tmp_path, monkeypatch, capsys):
+    """A run interrupted on one version of the code and resumed on another warns, each row and cell
+    records its code (a cell cut mid-way gets both), and the report flags the mix; a run made on one
+    version has no such note."""
+    exp_file = _write(tmp_path)
+    now = runner.code_version()
+    old = "tokencomp 0.0.1+g0123456789ab"
+    monkeypatch.setattr(runner, "code_version", lambda: old)
+    Crashy.crash_after, Crashy.calls = 2, 0  # inside the crashy cell, after its first batch
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_experiment(exp_file, out), progress=False)
+    monkeypatch.undo()
+    capsys.readouterr()
+    run_experiment(load_experiment(exp_file, out), progress=False)
+    warned = capsys.readouterr().err
+    assert "other code" in warned and old in warned and now in warned
+    rows = {r["method"]: r for r in _rows(out / "results.jsonl")}
+    crashy = "_test-crashy-budget20"
+    assert rows["identity"]["code"] == [old]
+    assert rows[crashy]["code"] == sorted([old, now])  # its first batch before, the rest after
+    assert rows["_test-crashy-budget10"]["code"] == rows["fastv"]["code"] == [now]
+    preds = _rows(out / "predictions" / f"{rows[crashy]['cell']}.jsonl")
+    k = sum(p["code"] == old for p in preds)  # the samples done before the interruption
+    assert 0 < k < 5 and [p["code"] for p in preds] == [old] * k + [now] * (5 - k)
+    assert all(r["latency"]["code"] == now for r in rows.values())  # all re-timed side by side now
+    report = make_report(out).read_text()
+    assert "**Mixed code:**" in report and f"within {crashy}" in report and old in report
+    # one version throughout: no note, and no warning on a resume with nothing left to do
+    clean = tmp_path / "clean"
+    run_experiment(load_experiment(exp_file, clean), progress=False)
+    capsys.readouterr()
+    run_experiment(load_experiment(exp_file, clean), progress=False)
+    assert "other code" not in capsys.readouterr().err
+    assert "Mixed code" not in make_report(clean).read_text()

@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 from ._compat import tomllib  # noqa: E402
 from .data import read_rows  # noqa: E402
 from .errors import TokencompError  # noqa: E402
+from .provenance import codes_of  # noqa: E402
 
 PLOTS = ("accuracy_vs_tflops", "accuracy_vs_tokens", "latency_vs_tokens", "speedup", "tokens_per_layer", "overlays")
 
@@ -242,7 +243,7 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
 
     unit = rows[0].get("flops_unit", "FLOPs")
     experiment = _title(run)
-    intro, noise = f"FLOPs are {unit}; TFLOPs per sample. {_latency_note(rows)}", _noise_note(rows)
+    intro, noise = f"FLOPs are {unit}; TFLOPs per sample. {_latency_note(rows)}", _noise_note(rows) + _code_note(rows)
     md = [f"# tokencomp report: {experiment}", "", intro, "", *noise, *COLUMNS, ""]
     page = [
         f"<html><head><meta charset='utf-8'><title>tokencomp report {html.escape(experiment)}</title>",
@@ -357,6 +358,24 @@ def _noise_note(rows: list[dict], limit: float = 0.5) -> list[str]:
         f"**Noisy latency:** in {len(noisy)} of {len(rows)} cells the prefill times spread over {limit:.0%} of their "
         f"median ({', '.join(sorted(set(noisy))[:6])}{', ...' if len(set(noisy)) > 6 else ''}). Re-time them on an "
         "idle machine with `tokencomp remeasure RUN_DIR`.",
+        "",
+    ]
+
+
+def _code_note(rows: list[dict]) -> list[str]:
+    """A warning when the cells' predictions were made with more than one version of the code
+    (a run resumed after an update; rows from before rows recorded it count as one more), or nothing."""
+    if not any("code" in r for r in rows):  # a run made before rows recorded their code
+        return []
+    codes = codes_of(rows)
+    if len(codes) < 2:
+        return []
+    mixed = [r["method"] for r in rows if len(codes_of([r])) > 1]
+    return [
+        f"**Mixed code:** these cells were made with {len(codes)} versions of the code ({', '.join(codes)})"
+        + (f"; within {', '.join(mixed)} too" if mixed else "")
+        + ". Where the scoring changed between them their numbers do not compare: `code` in results.jsonl and "
+        "in each prediction row says which made what; rerun the cells into a new directory to compare them.",
         "",
     ]
 

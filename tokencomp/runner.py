@@ -78,6 +78,7 @@ from .errors import TokencompError
 from .metrics import answer_score, mean_ci, paired_difference_ci, scores_by_type, yes_no_scores
 from .model import Model, load_model
 from .profiler import Timing, measure, measure_interleaved
+from .provenance import code_version, codes_of
 from .registry import method as make_method
 from .strategy import check_int
 
@@ -488,12 +489,14 @@ def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> 
         raise
     (out / "predictions").mkdir(exist_ok=True)
     todo = [c for c in exp.cells if c.id not in done]
+    code = code_version()
+    _warn_other_code(out, code)
     if progress and len(todo) < len(exp.cells):
         tqdm.write(
             f"resuming {out}: {len(exp.cells) - len(todo)} of {len(exp.cells)} cells already done", file=sys.stderr
         )
     for cell in tqdm(todo, desc=f"compare {exp.name}", unit="cell", disable=not progress):
-        _run_cell(exp, cell, models[cell.model], datasets[cell.dataset], engines[cell.id], results, progress)
+        _run_cell(exp, cell, models[cell.model], datasets[cell.dataset], engines[cell.id], results, code, progress)
     if side_by_side:  # groups with new cells, or whose pass was cut short, are timed (again)
         stale = _stale_groups(exp)
         if stale:
@@ -501,6 +504,21 @@ def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> 
     _in_cell_order(exp)
     _paired_deltas(exp)
     return results
+
+
+def _warn_other_code(out: Path, code: str) -> None:
+    """Say so on stderr when a run resumes on other code than its rows were made with (the rows
+    from before and after may differ where the scoring changed); rows record which is which."""
+    rows = read_rows(out / "results.jsonl")
+    for path in sorted((out / "predictions").glob("*.jsonl")):
+        rows += read_rows(path, repair=True)
+    other = [c for c in codes_of(rows) if c != code] if rows else []
+    if other:
+        tqdm.write(
+            f"warning: {out} has rows made with other code ({', '.join(other)}) than this run ({code}); where "
+            "scoring changed between them its cells do not compare (each row's `code` says which made it)",
+            file=sys.stderr,
+        )
 
 
 def _in_cell_order(exp: Experiment) -> None:
@@ -628,6 +646,7 @@ def _time_side_by_side(
     others are loaded when needed; ``only``: the (model, dataset) groups to time, default all)."""
     results = exp.out / "results.jsonl"
     groups = {k: v for k, v in _finished_groups(exp).items() if only is None or k in only}
+    code = code_version()
     for (model_name, dataset), group in tqdm(groups.items(), desc="side-by-side latency", disable=not progress):
         if model_name not in models:
             models[model_name] = _load_model(exp.models[model_name], exp.load[model_name])
@@ -641,7 +660,13 @@ def _time_side_by_side(
         for r in rows:
             if r["cell"] in timing:
                 r.update(_latency_fields(timing[r["cell"]]))
-                r["latency"] = {"taken": "interleaved", "cells": len(group), "repeats": repeats, "when": when}
+                r["latency"] = {
+                    "taken": "interleaved",
+                    "cells": len(group),
+                    "repeats": repeats,
+                    "when": when,
+                    "code": code,
+                }
         _rewrite(results, rows)
     return results
 
@@ -665,7 +690,9 @@ def _rewrite(path: Path, rows: list[dict]) -> None:
     os.replace(part, path)
 
 
-def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine, results: Path, progress: bool) -> None:
+def _run_cell(
+    exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine, results: Path, code: str, progress: bool
+) -> None:
     s = exp.settings
     torch.manual_seed(s["seed"])
     template = s["template"] or model.family
@@ -708,6 +735,7 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
                     "decode_steps": len(flops[b].decode),
                     "kept_patches": lay["patch"][base].tolist(),
                     "image": str(x.image),
+                    "code": code,
                 }
                 f.write(json.dumps(row) + "\n")
             f.flush()
@@ -765,6 +793,8 @@ def _run_cell(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine,
         # the backend that served this model's tensors ("auto" resolved: Triton on CUDA)
         "kernel_backend": kernels.backend(model.lm_head.weight, engine.options.kernel_backend),
         "flops_unit": "FLOPs (2 x multiply-adds; matrix products only)",
+        # the code its predictions were made with (more than one: a cell resumed on other code)
+        "code": codes_of(rows),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     with results.open("a") as f:

@@ -119,7 +119,7 @@ def _pool_kernel(x_ptr, out_ptr, h, w, gh, gw, d, MODE: tl.constexpr, MAX_WIN: t
     offs = blk * BLOCK_D + tl.arange(0, BLOCK_D)
     m = offs < d
     base = x_ptr + v.to(tl.int64) * h * w * d
-    acc = tl.full([BLOCK_D], 0.0, tl.float32)  # (tl.zeros is not available in the interpreter)
+    acc = tl.full([BLOCK_D], 0.0, tl.float32)
     if MODE == 0:  # adaptive average pooling: window [floor(o*h/g), ceil((o+1)*h/g))
         y0 = (oy * h) // gh
         y1 = ((oy + 1) * h + gh - 1) // gh
