@@ -92,17 +92,13 @@ class VisionZip(tc.VisionStrategy):
 
     def overhead_flops(self, model, record, sample: int) -> float:
         """Key-cosine similarities of the contextual merge, ``2 * n_other * contextual * d_head`` per
-        view; without CLS also the attention logits of every query row but the one the profiler
-        already counts, ``2 * (n - 1) * n * d``."""
+        view (the profiler charges the captured attention: the CLS row, or every row without CLS)."""
         dominant, contextual = self.split()
         vc = model.hf.config.vision_config
         n = model.patches_per_view
         n_other = n - (dominant - int(model.has_cls)) - contextual
         views = sum(len(v) for v in record.tokens_per_view[sample])
-        flops = views * 2 * n_other * contextual * (vc.hidden_size // vc.num_attention_heads)
-        if not model.has_cls:
-            flops += views * 2 * (n - 1) * n * vc.hidden_size
-        return float(flops)
+        return float(views * 2 * n_other * contextual * (vc.hidden_size // vc.num_attention_heads))
 
     def compress(self, view: tc.VisionView) -> tc.ViewTokens:
         dominant, contextual = self.split()

@@ -216,3 +216,35 @@ def test_measure_interleaved_rotates_the_order_and_takes_medians():
     assert {k: t.prefill_median for k, t in timing.items()} == {"a": 3.0, "b": 4.0, "c": 1.0}
     assert timing["b"].prefill_spread == 7.0 and timing["b"].decode_per_token_median == 4.0  # 3 t / 3 steps
     assert all(t.repeats == 3 and t.peak_memory_bytes == 0 and t.kv_cache_bytes == 7 for t in timing.values())
+
+
+@tc.register("_test-mean-attention")
+class MeanAttentionTopK(tc.VisionStrategy):
+    """A custom policy with no ``overhead_flops`` of its own: the tokens that receive the most
+    attention, averaged over every query row and head, with the CLS row's ranking as a tie-break
+    (both captures at one layer)."""
+
+    budget: int = 9
+
+    def needs_for_model(self, model):
+        cls = [tc.Need("vision_cls_attention", -2)] if model.has_cls else []
+        return [tc.Need("vision_mean_attention", -2), *cls]
+
+    def select(self, view):
+        score = view.mean_attention(-2).sum(dim=1)  # (V, N)
+        if view.cls is not None:
+            score = score[:, 1:] + 1e-6 * view.cls_attention(-2)[:, :, 1:].sum(dim=1)
+        return score.topk(self.budget, dim=1).indices.sort(dim=1).values
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_captured_vision_attention_is_charged_by_the_profiler(vision):
+    """The profiler charges every query row a custom strategy's captures score (every row for a
+    mean, plus the CLS row where it is scored too), without the strategy counting them itself."""
+    model = tc.Model(*tiny_llava("llava", seed=3, vision=vision, attn_implementation="eager", text_layers=4))
+    engine = tc.Engine(model, tc.method("_test-mean-attention"))
+    batch = tc.prepare(model, make_images([(60, 100)], seed=3), PROMPTS[:1])
+    with FlopCounterMode(display=False) as counter:
+        _, pre = engine.generate(batch, max_new_tokens=2, eos_token_id=None)
+    report = run_flops(model, pre.record, engine.strategies)[0]
+    assert report.total == pytest.approx(counter.get_total_flops() - rope_table_flops(counter), rel=1e-9)

@@ -260,6 +260,9 @@ class Engine:
         nl = model.vision_num_layers
         self.feature_hidden = [f % (nl + 1) for f in model.feature_layers]  # hidden_states index: 0 = embeddings
         self.vision_capture_layers = sorted({n.layer % nl for n in self.needs if n.kind in VISION_NEEDS})
+        # the layers whose CLS row, and those whose every row, is scored (`_vision_scores`): FLOPs
+        self.vision_cls_layers = len({n.layer % nl for n in self.needs if n.kind in CLS_NEEDS})
+        self.vision_mean_layers = len({n.layer % nl for n in self.needs if n.kind == "vision_mean_attention"})
         self.vision_layers_run = max([f for f in self.feature_hidden] + [c + 1 for c in self.vision_capture_layers])
         # a capture layer past the last feature layer (PruMerge's, GlobalCom2's layer -1 under LLaVA's
         # feature layer -2): its output feeds nothing, so only its norm and q/k projections run
@@ -881,6 +884,8 @@ class Engine:
             vision_qk_layers=self.vision_qk_layers,
             vision_qk_queries=self.vision_qk_queries,
             vision_capture_layers=len(self.vision_capture_layers),
+            vision_cls_layers=self.vision_cls_layers,
+            vision_mean_layers=self.vision_mean_layers,
             decoder_captures=[list(c) for c in self.decoder_captures],
             kernel_backend=kernels.backend(state.hidden, self.options.kernel_backend),
             kv_cache_bytes=cache.nbytes(),

@@ -176,7 +176,9 @@ def run_flops(model, record: RunRecord, strategies=()) -> list[FlopsReport]:
         model: the `tokencomp.Model` that ran.
         record: its `RunRecord`.
         strategies: the strategies of the run; each may add its own scoring cost through an
-            ``overhead_flops(model, record, sample) -> float`` method.
+            ``overhead_flops(model, record, sample) -> float`` method. The captures the engine makes
+            for them (vision attention rows, decoder attention rows and keys) are charged here;
+            a method adds only the work it does itself.
     """
     cfg = model.hf.config
     dec = DecoderShape.from_config(cfg.text_config)
@@ -194,7 +196,9 @@ def run_flops(model, record: RunRecord, strategies=()) -> list[FlopsReport]:
         for i, (n, v) in enumerate(zip(record.tokens_per_layer[b], record.visual_per_layer[b])):
             active = n - v if i in frozen else v if i in frozen_text else None  # tokens that get updates
             layers.append(dec.layer(n, text=active))
-        overhead = views * record.vision_capture_layers * 2 * vis.tokens * vis.hidden  # CLS row: q . K
+        # captured vision attention, q . K of the scored rows: the CLS row, or every row for a mean
+        scored_rows = record.vision_cls_layers + record.vision_mean_layers * vis.tokens
+        overhead = views * scored_rows * 2 * vis.tokens * vis.hidden
         for layer, query, *preprune in record.decoder_captures:
             early = bool(preprune and preprune[0])  # before the pruning at `layer`: the tokens leaving layer - 1
             at = layer - 1 if early and layer > 0 else layer

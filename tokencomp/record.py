@@ -29,6 +29,9 @@ class RunRecord:
         vision_qk_queries: query rows per view that such a layer projected (1: the CLS row's alone,
             0: none, keys only); None: every token.
         vision_capture_layers: vision layers whose CLS row / keys were captured.
+        vision_cls_layers: those of them whose CLS query row was scored against the keys.
+        vision_mean_layers: those of them whose every query row was scored against the keys
+            (``vision_mean_attention``: the mean attention each token receives).
         decoder_captures: ``[layer, query, preprune]`` decoder attention rows captured (query "last",
             "text", "all" or "raters"; ``preprune``: computed from the tokens entering ``layer`` before its pruning).
         kernel_backend: which token-kernel backend ran (``"torch"`` reference or ``"triton"``).
@@ -55,6 +58,8 @@ class RunRecord:
     frozen_text_layers: list[int] = field(default_factory=list)
     vision_layers_run: int = 0
     vision_capture_layers: int = 0
+    vision_cls_layers: int = 0
+    vision_mean_layers: int = 0
     vision_qk_layers: int = 0
     vision_qk_queries: int | None = None
     decoder_captures: list[list] = field(default_factory=list)
