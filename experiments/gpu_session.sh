@@ -6,7 +6,7 @@
 # failing step costs only its own share and the later steps still run. A step stopped at its
 # limit gets SIGINT first: the benchmarks have written their table after every shape or setting,
 # and compare keeps its finished cells. What comes back in
-# $OUT (six files; the device tool returns eight) is committed under experiments/results/:
+# $OUT (seven files; the device tool returns eight) is committed under experiments/results/:
 #   session.log                 every step's output, with its exit code
 #   kernels-<gpu>.md            kernel table (bench_kernels.py), partial if cut short
 #   kernels-sweep-<gpu>.md      launch-setting sweep (bench_kernels.py --sweep)
@@ -16,6 +16,7 @@
 #                               same images, for the overlay plots), `tokencomp report
 #                               runs/demo-<gpu>`, and commit it as experiments/results/demo is
 #   prefill-7b-shapes-<gpu>.md  prefill at LLaVA-1.5-7B shapes, all 32 layers
+#   decode-cache-<gpu>.md       decoding steps over a reserved KV buffer vs concatenation
 #   host-syncs-<gpu>.md         host syncs: the CPU counter beside CUDA's sync debug mode
 # The GPU image has its own torch, triton and transformers but not this package's other
 # dependencies, so the script runs from the checkout (PYTHONPATH) and draws no report (adjustText
@@ -23,7 +24,7 @@
 #
 #   bash experiments/gpu_session.sh all       # everything below, in order
 #   bash experiments/gpu_session.sh kernels   # kernel table, then the launch-setting sweep
-#   bash experiments/gpu_session.sh models    # demo grid; prefill at 7B shapes; host syncs
+#   bash experiments/gpu_session.sh models    # demo grid; prefill and decoding at 7B shapes; host syncs
 set -uo pipefail
 : "${OUT:?OUT must name the folder the results go to}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -42,7 +43,7 @@ step() {
 
 kernels() {
     step "kernel table" 180 python3 experiments/bench_kernels.py --out "$OUT/kernels-$gpu.md"
-    step "launch-setting sweep" 80 python3 experiments/bench_kernels.py --sweep --out "$OUT/kernels-sweep-$gpu.md"
+    step "launch-setting sweep" 70 python3 experiments/bench_kernels.py --sweep --out "$OUT/kernels-sweep-$gpu.md"
 }
 
 models() {
@@ -53,7 +54,9 @@ models() {
     [ -d "$run" ] && tar czf "$OUT/demo-$gpu.tgz" -C runs --exclude=.lock --exclude="demo-$gpu/data" "demo-$gpu"
     step "prefill at 7B shapes" 60 python3 experiments/bench_prefill.py --layers 32 --repeats 20 \
         --out "$OUT/prefill-7b-shapes-$gpu.md"
-    step "host syncs" 50 python3 experiments/host_syncs.py experiments/demo.toml --device cuda --dtype float16 \
+    step "decoding over the KV cache" 20 python3 experiments/bench_decode_cache.py --batch 1 8 32 64 \
+        --out "$OUT/decode-cache-$gpu.md"
+    step "host syncs" 40 python3 experiments/host_syncs.py experiments/demo.toml --device cuda --dtype float16 \
         --run-dir "$run-syncs" --out "$OUT/host-syncs-$gpu.md"
 }
 

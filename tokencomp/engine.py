@@ -1101,6 +1101,7 @@ class Engine:
         sync()
         t1 = time.perf_counter()
         cache = pre.cache
+        cache.reserve = max(max_new_tokens - 2, 0)  # the first decoding step's append makes room for the rest
         nxt = pre.logits.argmax(-1)
         steps = [nxt]
         done = nxt == eos_token_id if eos_token_id is not None else torch.zeros_like(nxt, dtype=torch.bool)
