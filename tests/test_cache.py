@@ -50,3 +50,17 @@ def test_decoding_moves_each_layer_into_a_buffer_once(model, images, monkeypatch
             assert sorted(moved) == sorted(2 * pre.cache.lengths())
         else:
             assert not moved
+
+
+def test_keys_replaced_after_decoding_began_are_not_overwritten_by_the_buffer():
+    """Code that replaces a layer's keys and values once decoding has begun (e.g. drops cached
+    positions) gets them back with the next step appended, not the buffer's stale contents."""
+    cache = LayerKVCache(1, reserve=8)
+    k = torch.arange(6.0).view(1, 1, 6, 1)
+    cache.update(k[:, :, :5], -k[:, :, :5], 0)
+    cache.update(k[:, :, 5:], -k[:, :, 5:], 0)  # into a buffer with room to spare
+    keep = torch.tensor([1, 3, 5])
+    cache.keys[0], cache.values[0] = cache.keys[0][:, :, keep], cache.values[0][:, :, keep]
+    new = torch.full((1, 1, 1, 1), 9.0)
+    got, val = cache.update(new, -new, 0)
+    assert got.flatten().tolist() == [1.0, 3.0, 5.0, 9.0] and torch.equal(val, -got)

@@ -225,10 +225,12 @@ class MeanAttentionTopK(tc.VisionStrategy):
     (both captures at one layer)."""
 
     budget: int = 9
+    alias: bool = False  # also name the layer from the front (scored once all the same)
 
     def needs_for_model(self, model):
         cls = [tc.Need("vision_cls_attention", -2)] if model.has_cls else []
-        return [tc.Need("vision_mean_attention", -2), *cls]
+        alias = [tc.Need("vision_mean_attention", model.vision_num_layers - 2)] if self.alias else []
+        return [tc.Need("vision_mean_attention", -2), *cls, *alias]
 
     def select(self, view):
         score = view.mean_attention(-2).sum(dim=1)  # (V, N)
@@ -237,12 +239,13 @@ class MeanAttentionTopK(tc.VisionStrategy):
         return score.topk(self.budget, dim=1).indices.sort(dim=1).values
 
 
+@pytest.mark.parametrize("alias", [False, True])
 @pytest.mark.parametrize("vision", ["clip", "siglip"])
-def test_captured_vision_attention_is_charged_by_the_profiler(vision):
+def test_captured_vision_attention_is_charged_by_the_profiler(vision, alias):
     """The profiler charges every query row a custom strategy's captures score (every row for a
     mean, plus the CLS row where it is scored too), without the strategy counting them itself."""
     model = tc.Model(*tiny_llava("llava", seed=3, vision=vision, attn_implementation="eager", text_layers=4))
-    engine = tc.Engine(model, tc.method("_test-mean-attention"))
+    engine = tc.Engine(model, tc.method("_test-mean-attention", alias=alias))
     batch = tc.prepare(model, make_images([(60, 100)], seed=3), PROMPTS[:1])
     with FlopCounterMode(display=False) as counter:
         _, pre = engine.generate(batch, max_new_tokens=2, eos_token_id=None)

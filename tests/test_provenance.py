@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -19,30 +21,38 @@ def _git(root, *args):
         capture_output=True,
         text=True,
         check=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("GIT_")},
     ).stdout.strip()
 
 
-def test_code_version_names_the_commit_and_only_code_edits_make_it_dirty(tmp_path):
+def test_code_version_names_the_commit_and_digests_code_edits(tmp_path, monkeypatch):
     plain = f"tokencomp {tc.__version__}"
+    repo = tmp_path / "repo"
     assert code_version(tmp_path) == plain  # not a checkout
     for rel in ("tokencomp/engine.py", "methods/fastv.py", "experiments/results.md"):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text("one\n")
-    _git(tmp_path, "init", "-q")
-    assert code_version(tmp_path) == plain  # a checkout with no commit yet
-    _git(tmp_path, "add", ".")
-    _git(tmp_path, "commit", "-qm", "first")
-    head = _git(tmp_path, "rev-parse", "HEAD")
-    assert code_version(tmp_path) == f"{plain}+g{head[:12]}"
-    (tmp_path / "experiments/results.md").write_text("two\n")  # results, not code
-    (tmp_path / "tokencomp/new_file.py").write_text("x = 1\n")  # untracked
-    assert code_version(tmp_path) == f"{plain}+g{head[:12]}"
-    for rel in ("tokencomp/engine.py", "methods/fastv.py"):
-        (tmp_path / rel).write_text("two\n")
-        assert code_version(tmp_path) == f"{plain}+g{head[:12]}.dirty"
-        _git(tmp_path, "checkout", "--", rel)
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text("one\n")
+    _git(repo, "init", "-q")
+    assert code_version(repo) == f"{plain}+gunknown"  # a checkout with no commit to name
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "first")
+    clean = f"{plain}+g{_git(repo, 'rev-parse', 'HEAD')[:12]}"
+    assert code_version(repo) == clean
+    monkeypatch.setenv("GIT_DIR", str(Path(tc.__file__).parents[1] / "no-such-repo"))  # ignored
+    (repo / "experiments/results.md").write_text("two\n")  # results, not code
+    assert code_version(repo) == clean
+    seen = set()
+    for rel, text in (("tokencomp/engine.py", "two\n"), ("tokencomp/engine.py", "three\n"), ("methods/new.py", "x\n")):
+        (repo / rel).write_text(text)  # an edit, another edit, a new (untracked) method file
+        code = code_version(repo)
+        assert code.startswith(f"{clean}.dirty-") and code not in seen
+        seen.add(code)
+        assert code_version(repo) == code  # the same edits, the same code
+        _git(repo, "checkout", "--", "tokencomp/engine.py")
+        (repo / "methods/new.py").unlink(missing_ok=True)
+    assert code_version(repo) == clean
     # packages copied into a folder of some other repository are not that repository's code
-    assert code_version(tmp_path / "tokencomp") == plain
+    assert code_version(repo / "tokencomp") == plain
 
 
 def test_codes_of_reads_prediction_and_results_rows():

@@ -42,7 +42,12 @@ class LayerKVCache:
             return key_states, value_states
         have, n = self.keys[i].shape[2], key_states.shape[2]
         buf = self._buffers[i]
-        if buf is None or buf[0].shape[2] < have + n:
+        # a new buffer when full, or when the layer's keys were replaced since (no longer its view)
+        if (
+            buf is None
+            or buf[0].shape[2] < have + n
+            or (self.keys[i].data_ptr(), self.values[i].data_ptr()) != (buf[0].data_ptr(), buf[1].data_ptr())
+        ):
             buf = tuple(self._grown(t, have + n + self.reserve) for t in (self.keys[i], self.values[i]))
             self._buffers[i] = buf
         buf[0][:, :, have : have + n] = key_states

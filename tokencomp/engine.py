@@ -512,14 +512,17 @@ class Engine:
             qh = q[:, :1].view(v, 1, heads, -1).transpose(1, 2)  # (V, H, 1, hd): the CLS query only
             logits, probs = kernels.attention_rows(qh, kh, attn.scale, backend=be)
             logits, probs = logits.squeeze(2), probs.squeeze(2)  # (V, H, n)
+        mean = None  # once per layer, however its needs name it (-2 and nl - 2)
         for need in mine:
             if need.kind == "vision_mean_attention":  # all query rows, a chunk at a time (no n x n map kept)
-                qa = q.view(v, n, heads, -1).transpose(1, 2)
-                total = kh.new_zeros((v, heads, n), dtype=torch.float32)
-                for s in range(0, n, 256):
-                    _, p = kernels.attention_rows(qa[:, :, s : s + 256].contiguous(), kh, attn.scale, backend=be)
-                    total += p.float().sum(2)
-                captures[need] = total / n
+                if mean is None:
+                    qa = q.view(v, n, heads, -1).transpose(1, 2)
+                    mean = kh.new_zeros((v, heads, n), dtype=torch.float32)
+                    for s in range(0, n, 256):
+                        _, p = kernels.attention_rows(qa[:, :, s : s + 256].contiguous(), kh, attn.scale, backend=be)
+                        mean += p.float().sum(2)
+                    mean /= n
+                captures[need] = mean
                 continue
             if need.kind == "vision_cls_logits":
                 captures[need] = logits

@@ -3,6 +3,8 @@ code (a changed FLOPs formula, a fixed method) says so instead of mixing the two
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 from pathlib import Path
 
@@ -14,9 +16,12 @@ _CODE_DIRS = ("tokencomp", "methods")
 
 def code_version(root: str | Path | None = None) -> str:
     """The code a run is made with: ``"tokencomp <version>"``, followed, when the packages are run
-    from a git checkout, by ``+g<commit>`` (12 hex digits) and ``.dirty`` if tracked files under
-    ``tokencomp/`` or ``methods/`` differ from that commit (the rest of the checkout, e.g. results
-    committed under ``experiments/``, does not count).
+    from the top of a git checkout, by ``+g<commit>`` (12 hex digits) and, where ``tokencomp/`` or
+    ``methods/`` differ from that commit (edited or new files, untracked ones included),
+    ``.dirty-<8 hex>``, a digest of those differences: two different sets of uncommitted edits
+    give two different codes. The rest of the checkout (e.g. results committed under
+    ``experiments/``) does not count. ``+gunknown`` when the folder is a checkout that git will not
+    read (not installed, or a repository owned by another user).
 
     Args:
         root: the directory holding the ``tokencomp`` and ``methods`` packages (default: where
@@ -27,20 +32,27 @@ def code_version(root: str | Path | None = None) -> str:
 
     root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
     plain = f"tokencomp {__version__}"
+    if not (root / ".git").exists():  # a directory, or a file in a worktree or submodule
+        return plain
+    # the checkout at root, whatever repository the environment points git to
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
 
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=True
-        ).stdout.strip()
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=True, env=env
+        ).stdout
 
     try:
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
-            return plain  # e.g. a site-packages inside some other repository
-        commit = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *_CODE_DIRS)
-    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, or no commit yet
-        return plain
-    return f"{plain}+g{commit}{'.dirty' if dirty else ''}"
+        commit = git("rev-parse", "--short=12", "HEAD").strip()
+        changed = git("status", "--porcelain", "--untracked-files=all", "--", *_CODE_DIRS)
+        if not changed.strip():
+            return f"{plain}+g{commit}"
+        digest = hashlib.sha256(git("diff", "HEAD", "--binary", "--", *_CODE_DIRS).encode())
+        for name in sorted(git("ls-files", "--others", "--exclude-standard", "--", *_CODE_DIRS).splitlines()):
+            digest.update(name.encode() + b"\0" + (root / name).read_bytes())
+    except (OSError, subprocess.SubprocessError):  # no git, no commit yet, or not a repository git trusts
+        return f"{plain}+gunknown"
+    return f"{plain}+g{commit}.dirty-{digest.hexdigest()[:8]}"
 
 
 def codes_of(rows: list[dict]) -> list[str]:

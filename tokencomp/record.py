@@ -35,7 +35,8 @@ class RunRecord:
         decoder_captures: ``[layer, query, preprune]`` decoder attention rows captured (query "last",
             "text", "all" or "raters"; ``preprune``: computed from the tokens entering ``layer`` before its pruning).
         kernel_backend: which token-kernel backend ran (``"torch"`` reference or ``"triton"``).
-        kv_cache_bytes: bytes of keys and values held at the end of the run.
+        kv_cache_bytes: bytes of the keys and values cached at the end of the run (a decoding
+            buffer's positions left free by an early end of sequence are not counted).
         kv_cache_lengths: ``[sample][layer]`` cached tokens at the end of the run.
         rater_tokens: per sample, the text tokens marked as raters (``decoder_attention_raters``
             captures; empty when no strategy marks any).

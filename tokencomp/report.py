@@ -370,7 +370,7 @@ def _code_note(rows: list[dict]) -> list[str]:
     codes = codes_of(rows)
     if len(codes) < 2:
         return []
-    mixed = [r["method"] for r in rows if len(codes_of([r])) > 1]
+    mixed = sorted({r["method"] for r in rows if len(codes_of([r])) > 1})
     return [
         f"**Mixed code:** these cells were made with {len(codes)} versions of the code ({', '.join(codes)})"
         + (f"; within {', '.join(mixed)} too" if mixed else "")
