@@ -160,6 +160,49 @@ def test_attention_rows(dtype, b, H, hkv, r, n, hd, tiled):
     torch.testing.assert_close(reference.attention_rows(q, k, hd**-0.5)[1][0, 0], full.softmax(-1))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_random_shapes_against_reference(seed):
+    """Every kernel at shapes drawn at random (odd sizes, sizes past one block, empty keeps, all
+    tokens kept), each dtype drawn too: the Triton output against the reference."""
+    g = torch.Generator().manual_seed(1000 + seed)
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    dtype = DTYPES[seed % 3]
+    b, n, d = draw(1, 4), draw(1, 80), draw(1, 300)
+    x = torch.randn(b, n, d, generator=g).to(dtype)
+    k = (0, n, draw(1, n))[seed % 3]
+    index = torch.randint(0, n, (b, k), generator=g)
+    count = torch.randint(0, k + 1, (b,), generator=g)
+    for c in (None, count):
+        assert torch.equal(kernels.gather_tokens(x, index, c, backend="triton"), reference.gather_tokens(x, index, c))
+    gh, gw = draw(1, 12), draw(1, 12)
+    out = (draw(1, gh + 3), draw(1, gw + 3))  # up- and down-sampling
+    grid_x = torch.randn(draw(1, 3), gh * gw, draw(1, 70), generator=g).to(dtype)
+    for mode in ("avg", "bilinear"):
+        got = kernels.pool_grid(grid_x, (gh, gw), out, mode, backend="triton")
+        _close(got, reference.pool_grid(grid_x, (gh, gw), out, mode), dtype)
+    t = draw(1, n)
+    target = torch.randint(-1, t, (b, n), generator=g)
+    weight = torch.rand(b, n, generator=g)
+    for w, mean in ((None, True), (weight, False)):
+        got = kernels.merge_tokens(x, target, t, w, mean, backend="triton")
+        _close(got, reference.merge_tokens(x, target, t, w, mean), dtype)
+    hkv, hd, r = draw(1, 3), draw(1, 40), draw(1, 40)
+    heads = hkv * draw(1, 3)
+    q = torch.randn(b, heads, r, hd, generator=g).to(dtype)
+    keys = torch.randn(b, hkv, n, hd, generator=g).to(dtype)
+    valid = torch.rand(b, n, generator=g) > 0.3
+    qi = torch.randint(0, n, (b, r), generator=g)
+    lg, pr = kernels.attention_rows(q, keys, hd**-0.5, valid, qi, backend="triton")
+    rl, rp = reference.attention_rows(q, keys, hd**-0.5, valid, qi)
+    fin = torch.isfinite(rl)
+    assert torch.equal(fin, torch.isfinite(lg))
+    _close(lg[fin], rl[fin], dtype)
+    _close(pr, rp, dtype)
+
+
 def test_attention_rows_all_masked_row_is_zero():
     from tokencomp.kernels import triton_kernels
 
