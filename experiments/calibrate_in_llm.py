@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 
 import tokencomp as tc
-from methods.gsearch import (
+from tokencomp.benchmark import PRESETS, generate_split
+from tokencomp.data import JsonlDataset, prompt
+from tokencomp.methods.gsearch import (
     gsearch,
     plot_rank_similarity,
     psigmoid,
@@ -39,9 +41,7 @@ from methods.gsearch import (
     save_schedule,
     schedule_flops_ratio,
 )
-from methods.shortv import calibrate, lowest_layers, plot_layer_contribution
-from tokencomp.benchmark import PRESETS, generate_split
-from tokencomp.data import JsonlDataset, prompt
+from tokencomp.methods.shortv import calibrate, lowest_layers, plot_layer_contribution
 from tokencomp.profiler import prefill_flops_from_config
 
 

@@ -91,7 +91,7 @@ def test_bad_ratio_at_construction():
 
 
 def test_bad_in_llm_settings_before_any_work(models):
-    from methods.gsearch import gsearch, psigmoid
+    from tokencomp.methods.gsearch import gsearch, psigmoid
 
     with pytest.raises(tc.TokencompError, match="n= .* applies to calibration= only"):
         tc.method("shortv", layers=(1, 2), n=3)
@@ -206,3 +206,30 @@ def test_flash_attention_decodes_past_a_finished_sample(models, images, monkeypa
     monkeypatch.setattr(model, "attn_implementation", "flash_attention_2")
     tokens, _ = tc.Engine(model).generate(batch, max_new_tokens=6, eos_token_id=free[0][k])
     assert tokens[0] == free[0][: k + 1] and tokens[1] == free[1]
+
+
+@tc.register("_test-late-capture")
+class _LateCapture(tc.LayerStrategy):
+    """Prunes before layer 2 on the attention captured while layer 2 runs: too late."""
+
+    def needs(self):
+        return [tc.Need("decoder_attention_last", 2)]
+
+    def prune_layers(self, num_layers):
+        return [2]
+
+    def keep(self, ctx):
+        return ctx.keep_top(ctx.attention(2), 4)
+
+
+def test_errors_name_the_method_and_what_to_pass_instead(model, images):
+    with pytest.raises(tc.BudgetError, match=r"^fastv: budget \(image tokens kept\)=10000"):
+        tc.generate(
+            model, images[:1], PROMPTS[:1], method=[tc.method("random", budget=9), tc.method("fastv", budget=10_000)]
+        )
+    with pytest.raises(tc.TokencompError, match=r"got str: 'fastv'; build one by name with tc.method\('fastv', ...\)"):
+        tc.generate(model, images[:1], PROMPTS[:1], method="fastv")
+    with pytest.raises(tc.TokencompError, match=r"_LateCapture is a class: pass an instance"):
+        tc.generate(model, images[:1], PROMPTS[:1], method=_LateCapture)
+    with pytest.raises(KeyError, match=r"read before decoder layer 2, but a capture at layer 2 is taken while"):
+        tc.generate(model, images[:1], PROMPTS[:1], method=_LateCapture())

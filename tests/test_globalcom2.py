@@ -60,7 +60,7 @@ def test_globalcom2_needs_crops_and_valid_ratio(models, images):
 
 
 def test_crop_retention_formula():
-    from methods.globalcom2 import crop_retention
+    from tokencomp.methods.globalcom2 import crop_retention
 
     s = torch.tensor([10.0, 0.0, -30.0, 5.0])
     r = crop_retention(s, 0.25, 10.0)

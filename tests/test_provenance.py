@@ -29,7 +29,7 @@ def test_code_version_names_the_commit_and_digests_code_edits(tmp_path, monkeypa
     plain = f"tokencomp {tc.__version__}"
     repo = tmp_path / "repo"
     assert code_version(tmp_path) == plain  # not a checkout
-    for rel in ("tokencomp/engine.py", "methods/fastv.py", "experiments/results.md"):
+    for rel in ("tokencomp/engine.py", "tokencomp/methods/fastv.py", "experiments/results.md"):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_text("one\n")
     _git(repo, "init", "-q")
@@ -42,14 +42,18 @@ def test_code_version_names_the_commit_and_digests_code_edits(tmp_path, monkeypa
     (repo / "experiments/results.md").write_text("two\n")  # results, not code
     assert code_version(repo) == clean
     seen = set()
-    for rel, text in (("tokencomp/engine.py", "two\n"), ("tokencomp/engine.py", "three\n"), ("methods/new.py", "x\n")):
+    for rel, text in (
+        ("tokencomp/engine.py", "two\n"),
+        ("tokencomp/engine.py", "three\n"),
+        ("tokencomp/methods/new.py", "x\n"),
+    ):
         (repo / rel).write_text(text)  # an edit, another edit, a new (untracked) method file
         code = code_version(repo)
         assert code.startswith(f"{clean}.dirty-") and code not in seen
         seen.add(code)
         assert code_version(repo) == code  # the same edits, the same code
         _git(repo, "checkout", "--", "tokencomp/engine.py")
-        (repo / "methods/new.py").unlink(missing_ok=True)
+        (repo / "tokencomp/methods/new.py").unlink(missing_ok=True)
     assert code_version(repo) == clean
     # packages copied into a folder of some other repository are not that repository's code
     assert code_version(repo / "tokencomp") == plain

@@ -652,7 +652,7 @@ def test_a_run_resumed_on_other_code_says_so_and_records_which_code_made_what(tm
     exp_file = _write(tmp_path)
     now = runner.code_version()
     old = "tokencomp 0.0.1+g0123456789ab"
-    monkeypatch.setattr(runner, "code_version", lambda: old)
+    monkeypatch.setattr(runner, "code_version", lambda **kw: old)
     Crashy.crash_after, Crashy.calls = 2, 0  # inside the crashy cell, after its first batch
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
@@ -680,3 +680,88 @@ def test_a_run_resumed_on_other_code_says_so_and_records_which_code_made_what(tm
     run_experiment(load_experiment(exp_file, clean), progress=False)
     assert "other code" not in capsys.readouterr().err
     assert "Mixed code" not in make_report(clean).read_text()
+
+
+@pytest.mark.parametrize(
+    "edit,pattern",
+    [
+        (lambda t: t.replace('name = "fastv"', 'name = "fastvv"'), "method 'fastvv': unknown method 'fastvv'"),
+        (lambda t: t.replace("ratio = 0.5", "ratioo = 0.5"), r"method 'fastv': .*no parameter\(s\) \['ratioo'\]"),
+        (
+            lambda t: t.replace('"tiny-random:llava"', '"/no/such/llava-7b"'),
+            "model 'm': '/no/such/llava-7b' is neither",
+        ),
+        (lambda t: t.replace('"tiny-random:llava"', '"tiny-random:llava2"'), "tiny-random family 'llava2'"),
+        (
+            lambda t: t.replace("n = 5", "n = 5\nsamples = 4"),
+            r"\[\[dataset\]\] 'scenes' has unknown key\(s\) \['samples'\]",
+        ),
+        (lambda t: t.replace("n = 5", "n = 5\nlimit = 0"), "limit must be a positive integer"),
+        (
+            lambda t: t.replace('source = "tiny-random:llava"', 'source = "tiny-random:llava"\ndatasets = "scenes"'),
+            "datasets must be a list of names",
+        ),
+        (lambda t: t.replace('name = "fastv"', 'name = "fastv"\nmodels = "m"'), "models must be a list of names"),
+        (lambda t: t.replace("[experiment]", '[experiment]\nplugins = ["nowhere.py"]'), "nowhere.py' does not exist"),
+        (lambda t: t.replace("[experiment]", '[experiment]\nplugins = "mine.py"'), "plugins must be a list"),
+        (lambda t: t.replace("[experiment]", '[experiment]\nplugins = ["no_such_module_xyz"]'), "failed to import"),
+    ],
+)
+def test_file_mistakes_fail_before_any_model_or_data_is_loaded(tmp_path, monkeypatch, edit, pattern):
+    def never(*a, **k):
+        raise AssertionError("loaded before the file was validated")
+
+    monkeypatch.setattr(runner, "_load_model", never)
+    monkeypatch.setattr(runner, "_dataset", never)
+    with pytest.raises(tc.TokencompError, match=pattern):
+        load_experiment(_write(tmp_path, edit(EXPERIMENT)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+PLUGIN = '''
+import tokencomp as tc
+
+
+@tc.register("_test-plugin-norm")
+class KeepByNorm(tc.VisionStrategy):
+    """Keep the patches with the largest feature norm (VERSION)."""
+
+    budget: int = 12
+
+    def select(self, view):
+        score = view.features.norm(dim=-1).masked_fill(~view.valid, -1.0)
+        return score.topk(self.budget, dim=1).indices.sort(dim=1).values
+'''
+
+
+def test_a_plugin_method_runs_in_compare_and_its_edits_change_the_code(tmp_path, capsys):
+    """An experiment's ``plugins`` file registers a method of one's own: compare runs it, its
+    digest is part of each row's code, remeasure re-imports it, and an edited plugin warns on resume."""
+    (tmp_path / "policies").mkdir()
+    plugin = tmp_path / "policies" / "mine.py"
+    plugin.write_text(PLUGIN.replace("VERSION", "one"))
+    text = (
+        EXPERIMENT.replace("[experiment]", '[experiment]\nplugins = ["policies/mine.py"]')
+        .replace('[[method]]\nname = "_test-crashy"\nbudget = [20, 10]\n\n', "")
+        .replace('[[method]]\nname = "fastv"\nratio = 0.5\n', '[[method]]\nname = "_test-plugin-norm"\n')
+    )
+    out = tmp_path / "run"
+    exp = load_experiment(_write(tmp_path, text), out)
+    assert exp.plugins == [plugin.resolve()]
+    run_experiment(exp, progress=False)
+    rows = {r["method"]: r for r in _rows(out / "results.jsonl")}
+    assert rows["_test-plugin-norm"]["visual_tokens_llm"] == 12
+    assert all(r["code"][0].endswith("; mine.py@" + _digest(plugin)) for r in rows.values())
+    remeasure_latency(out, repeats=1, progress=False)  # imports it again from the saved file
+    plugin.write_text(PLUGIN.replace("VERSION", "two"))
+    capsys.readouterr()
+    grown = text + '\n[[method]]\nname = "_test-plugin-norm"\nbudget = 8\n'
+    run_experiment(load_experiment(_write(tmp_path, grown, "grown.toml"), out), progress=False)
+    assert "other code" in capsys.readouterr().err
+    assert "Mixed code" in make_report(out).read_text()
+
+
+def _digest(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:8]

@@ -7,7 +7,7 @@ import torch
 from conftest import PROMPTS, make_images
 
 import tokencomp as tc
-from methods.gsearch import (
+from tokencomp.methods.gsearch import (
     _Evaluator,
     gsearch,
     load_schedule,
@@ -112,7 +112,7 @@ def test_pdrop_stages(deep, calib):
 
 
 def test_rank_similarity_table(deep, calib, tmp_path):
-    from methods.gsearch import plot_rank_similarity, rank_similarity_table
+    from tokencomp.methods.gsearch import plot_rank_similarity, rank_similarity_table
 
     tau = rank_similarity(deep, calib[:1])
     assert plot_rank_similarity(tau, tmp_path / "tau.png").stat().st_size > 1000

@@ -10,9 +10,15 @@ import torch
 from conftest import PROMPTS, make_images
 
 import tokencomp as tc
-from methods.shortv import calibrate, kl_divergence, layer_contribution, lowest_layers, plot_layer_contribution
 from tokencomp.benchmark import generate_split
 from tokencomp.data import JsonlDataset
+from tokencomp.methods.shortv import (
+    calibrate,
+    kl_divergence,
+    layer_contribution,
+    lowest_layers,
+    plot_layer_contribution,
+)
 from tokencomp.profiler import run_flops
 from tokencomp.tiny import tiny_llava
 
@@ -77,7 +83,7 @@ def test_presets_and_errors(models):
         tc.method("shortv")
     with pytest.raises(tc.TokencompError, match="unknown ShortV preset"):
         tc.method("shortv", preset="llava-2")
-    from methods.shortv import preset_for
+    from tokencomp.methods.shortv import preset_for
 
     hf, proc = tiny_llava("llava")
     assert preset_for(tc.Model(hf, proc, name="llava-hf/llava-1.5-7b-hf")) == "llava-1.5-7b"

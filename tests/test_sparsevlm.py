@@ -9,7 +9,7 @@ from conftest import PROMPTS, hf_inputs
 from reference import _cluster_and_merge, sparsevlm_reference
 
 import tokencomp as tc
-from methods.sparsevlm import dpc_knn_merge
+from tokencomp.methods.sparsevlm import dpc_knn_merge
 
 
 @pytest.mark.parametrize(
@@ -124,7 +124,7 @@ def test_recycling_needs_contiguous_positions(models):
 
 
 def test_sparsevlm_overhead_counts_the_tokens_it_clusters(models, images, monkeypatch):
-    import methods.sparsevlm as sv
+    import tokencomp.methods.sparsevlm as sv
 
     clustered = []
     real = sv.dpc_knn_merge

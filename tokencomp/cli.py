@@ -48,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--json", action="store_true", help="print the answer and the run record as JSON")
+    _plugin_argument(g)
     _load_arguments(g)
 
     m = sub.add_parser("methods", help="list the registered methods and their parameters, or describe one")
     m.add_argument("name", nargs="?", default=None, help="a method to describe: its parameters and algorithm")
+    _plugin_argument(m)
 
     c = sub.add_parser("compare", help="run an experiment file (models x datasets x methods), resumable")
     c.add_argument("experiment", help="experiment TOML file (see tokencomp/runner.py)")
@@ -74,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--repeats", type=int, default=None, help="timed rounds (default: the experiment's latency_repeats)")
     m.add_argument("--no-report", action="store_true", help="do not re-write the report at the end")
     return p
+
+
+def _plugin_argument(parser: argparse.ArgumentParser) -> None:
+    """``--plugin``: a file or module registering methods of one's own (an experiment file's
+    ``plugins`` does this for ``compare``)."""
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE_OR_MODULE",
+        help="import a .py file or module that registers your own methods with tc.register (repeatable)",
+    )
 
 
 def _load_arguments(parser: argparse.ArgumentParser, note: str = "") -> None:
@@ -170,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
 
     exp = None  # the loaded experiment, named when a compare run is interrupted
     try:
+        if getattr(args, "plugin", None):
+            from .runner import import_plugins
+
+            import_plugins(args.plugin, Path.cwd())
         if args.command == "generate":
             return _generate(args)
         if args.command == "methods":

@@ -197,12 +197,17 @@ def split_strategies(strategies) -> tuple[VisionStrategy | None, list[LayerStrat
     """Normalise ``None``, one strategy or a list into (vision, layer list, freeze list)."""
     if strategies is None:
         strategies = []
-    elif isinstance(strategies, Strategy):
+    elif isinstance(strategies, (Strategy, str, type)):
         strategies = [strategies]
     vision, layer, freeze = [], [], []
     for s in strategies:
         if not isinstance(s, Strategy):
-            raise TokencompError(f"expected a tokencomp strategy, got {type(s).__name__}: {s!r}")
+            hint = ""
+            if isinstance(s, str):
+                hint = f"; build one by name with tc.method({s!r}, ...)"
+            elif isinstance(s, type):
+                hint = f"; {s.__name__} is a class: pass an instance, e.g. {s.__name__}(...)"
+            raise TokencompError(f"expected a tokencomp strategy, got {type(s).__name__}: {s!r}{hint}")
         stages = {"vision": vision, "layer": layer, "freeze": freeze}
         if s.stage not in stages:
             raise TokencompError(f"strategy {s} has unknown stage {s.stage!r}; expected one of {sorted(stages)}")
@@ -372,7 +377,12 @@ class Engine:
         spans = self.image_spans(batch)
         info = self.run_info(batch, spans)
         for s in self.strategies:
-            s.check(info)
+            try:
+                s.check(info)
+            except TokencompError as e:  # name the method: a grid or a composition holds several
+                if str(e).startswith((str(s), s.name)):
+                    raise
+                raise type(e)(f"{s.name}: {e}") from e
         flash = self.model.attn_implementation.startswith("flash")
         if flash and (bool((batch.attention_mask == 0).any()) or self.frozen or self.prune_at):
             raise TokencompError(

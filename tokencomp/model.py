@@ -245,12 +245,9 @@ def _unpadded_window(rows: int, cols: int, gh: int, gw: int, orig_h: int, orig_w
     return 0, full_h, pad, full_w - 2 * pad
 
 
-def load_model(name_or_path: str | Path, **kwargs) -> Model:
-    """Load a model by embedded name (``"tiny-llava"``, ``"tiny-llava-next"``) or local path.
-
-    Keyword arguments go to `Model.from_pretrained` (``dtype``, ``device``, ``attn_implementation``).
-    No hub download is ever attempted.
-    """
+def model_path(name_or_path: str | Path) -> Path:
+    """The checkpoint directory of an embedded name (``"tiny-llava"``, ``"tiny-llava-next"``) or a
+    local path; a `TokencompError` if there is none (checked before anything is loaded)."""
     key = str(name_or_path)
     if key in EMBEDDED:
         path = EMBEDDED_DIR / EMBEDDED[key]
@@ -259,8 +256,17 @@ def load_model(name_or_path: str | Path, **kwargs) -> Model:
                 f"embedded model {key!r} is not shipped in this build ({path} is missing); "
                 "pass a local checkpoint directory instead"
             )
-        return Model.from_pretrained(path, **kwargs)
+        return path
     path = Path(name_or_path)
     if not path.exists():
         raise TokencompError(f"{key!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor an existing local path")
-    return Model.from_pretrained(path, **kwargs)
+    return path
+
+
+def load_model(name_or_path: str | Path, **kwargs) -> Model:
+    """Load a model by embedded name (``"tiny-llava"``, ``"tiny-llava-next"``) or local path.
+
+    Keyword arguments go to `Model.from_pretrained` (``dtype``, ``device``, ``attn_implementation``).
+    No hub download is ever attempted.
+    """
+    return Model.from_pretrained(model_path(name_or_path), **kwargs)

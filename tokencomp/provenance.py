@@ -6,28 +6,36 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 UNRECORDED = "unrecorded"  # a row written before rows recorded their code
 
 # the source trees whose edits change what a run measures (the rest of a checkout does not)
-_CODE_DIRS = ("tokencomp", "methods")
+_CODE_DIRS = ("tokencomp",)
 
 
-def code_version(root: str | Path | None = None) -> str:
-    """The code a run is made with: ``"tokencomp <version>"``, followed, when the packages are run
-    from the top of a git checkout, by ``+g<commit>`` (12 hex digits) and, where ``tokencomp/`` or
-    ``methods/`` differ from that commit (edited or new files, untracked ones included),
-    ``.dirty-<8 hex>``, a digest of those differences: two different sets of uncommitted edits
-    give two different codes. The rest of the checkout (e.g. results committed under
-    ``experiments/``) does not count. ``+gunknown`` when the folder is a checkout that git will not
-    read (not installed, or a repository owned by another user).
+def code_version(root: str | Path | None = None, plugins: Sequence[str | Path] = ()) -> str:
+    """The code a run is made with: ``"tokencomp <version>"``, followed, when the package is run
+    from the top of a git checkout, by ``+g<commit>`` (12 hex digits) and, where ``tokencomp/``
+    differs from that commit (edited or new files, untracked ones included), ``.dirty-<8 hex>``, a
+    digest of those differences: two different sets of uncommitted edits give two different codes.
+    The rest of the checkout (e.g. results committed under ``experiments/``) does not count.
+    ``+gunknown`` when the folder is a checkout that git will not read (not installed, or a
+    repository owned by another user). Then ``; <file name>@<8 hex>`` per plugin file, a digest of
+    its contents, so an edited policy of one's own is another code too.
 
     Args:
-        root: the directory holding the ``tokencomp`` and ``methods`` packages (default: where
-            this one is imported from). An installed copy that is not the top of a git checkout
-            gives the version alone.
+        root: the directory holding the ``tokencomp`` package (default: where this one is imported
+            from). An installed copy that is not the top of a git checkout gives the version alone.
+        plugins: the files of the plugins the run imported (`tokencomp.runner.import_plugins`).
     """
+    own = "".join(f"; {Path(p).name}@{hashlib.sha256(Path(p).read_bytes()).hexdigest()[:8]}" for p in plugins)
+    return _package_version(root) + own
+
+
+def _package_version(root: str | Path | None) -> str:
+    """`code_version` of the package alone."""
     from . import __version__
 
     root = Path(root) if root is not None else Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """Registry of compression strategies: ``@tc.register("name")`` and ``tc.method("name", **params)``.
 
-Method modules in the ``methods`` package register themselves on import; the registry imports
+Method modules in the ``tokencomp.methods`` package register themselves on import; the registry imports
 that package lazily the first time a name is looked up, so ``import tokencomp`` stays cheap.
 """
 
@@ -46,7 +46,7 @@ def _load_builtins() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        importlib.import_module("methods")
+        importlib.import_module("tokencomp.methods")
 
 
 def available_methods() -> list[str]:
@@ -67,8 +67,10 @@ def method_class(name: str) -> type:
 def method(name: str, **params):
     """Instantiate the strategy registered under ``name`` with ``params``.
 
-    Unknown parameter names raise a `TokencompError` naming the accepted ones; each strategy
-    validates its own values (budgets, ratios, layers) in ``__post_init__``.
+    Unknown parameter names raise a `TokencompError` naming the accepted ones. Values that need
+    no model (a ratio in [0, 1]) are checked here by the strategies that validate them in
+    ``__post_init__``; values that depend on the model (budgets against its tokens, layers against
+    its depth) are checked in the strategy's ``check(info)`` before the first forward pass.
     """
     cls = method_class(name)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}

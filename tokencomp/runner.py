@@ -4,6 +4,8 @@ An experiment file names models, datasets and a grid of methods::
 
     [experiment]
     name = "demo"            # results go to runs/<name> unless out = "..." is given
+    plugins = ["my_policy.py"]  # optional: your own methods (files registering them with
+                             # tc.register, relative to this file, or importable module names)
     batch_size = 4
     max_new_tokens = 4
     latency_repeats = 3
@@ -22,7 +24,7 @@ An experiment file names models, datasets and a grid of methods::
     name = "scenes"
     generator = "tc-scenes"  # the project's benchmark (tokencomp.benchmark.PRESETS; split, n,
     split = "test"           # optional size = [h, w] and tag_px), or path = "data.jsonl"
-    n = 24
+    n = 24                   # limit = k: the first k samples of a path's file
 
     [[method]]
     name = "visionzip"
@@ -32,8 +34,8 @@ An experiment file names models, datasets and a grid of methods::
     label = "pool64+fastv"   # a composition of strategies in one run
     compose = [{name = "pool", budget = 64}, {name = "fastv", k = 2}]
 
-The whole file is validated before any work (unknown method or parameter, bad budget on the
-first batch or on the LLaVA-NeXT images with the fewest and most tokens, missing dataset, a method
+The whole file is validated before any work: a missing model path or dataset file, an unknown
+key, method or parameter before any model is loaded, then a bad budget on the first batch or on the LLaVA-NeXT images with the fewest and most tokens, missing dataset, a method
 a model cannot serve, two configurations under one label). Every finished sample is appended to
 ``predictions/<cell>.jsonl`` and every finished cell to ``results.jsonl``; a crashed or
 interrupted run started again skips finished cells and samples, so nothing is lost or repeated.
@@ -76,7 +78,7 @@ from .data import JsonlDataset, prompt, read_rows
 from .engine import Engine
 from .errors import TokencompError
 from .metrics import answer_score, mean_ci, paired_difference_ci, scores_by_type, yes_no_scores
-from .model import Model, load_model
+from .model import Model, load_model, model_path
 from .profiler import Timing, measure, measure_interleaved
 from .provenance import code_version, codes_of
 from .registry import method as make_method
@@ -87,8 +89,10 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-EXPERIMENT_KEYS = {"name", "out", "batch_size", "max_new_tokens", "latency_repeats", "seed", "template"}
+EXPERIMENT_KEYS = {"name", "out", "batch_size", "max_new_tokens", "latency_repeats", "seed", "template", "plugins"}
 MODEL_KEYS = {"name", "source", "datasets", "device", "dtype", "attn_implementation"}
+DATASET_KEYS = {"name", "generator", "split", "n", "size", "tag_px", "path", "limit"}
+TINY_FAMILIES = ("llava", "llava-next")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 # how a model is loaded when its [[model]] table says nothing (the committed results' settings)
@@ -166,6 +170,7 @@ class Experiment:
     text: str = ""
     base: Path = Path(".")  # the folder relative dataset paths were read from
     load: dict[str, dict] = field(default_factory=dict)  # model name -> `model_load_options`
+    plugins: list[Path] = field(default_factory=list)  # the files of the plugins it imported
 
 
 def _grid(table: dict) -> list[tuple[str, list[dict]]]:
@@ -222,6 +227,7 @@ def load_experiment(
     if unknown:
         raise TokencompError(f"[experiment] has unknown key(s) {sorted(unknown)}; known: {sorted(EXPERIMENT_KEYS)}")
     name = exp.get("name", path.stem)
+    plugins = import_plugins(_names(exp.get("plugins", []), "[experiment] plugins"), base)
     settings = {"batch_size": 4, "max_new_tokens": 8, "latency_repeats": 3, "seed": 0, "template": None}
     settings.update({k: v for k, v in exp.items() if k in settings})
     for key in ("batch_size", "max_new_tokens", "latency_repeats"):
@@ -238,16 +244,23 @@ def load_experiment(
                 f"[[model]] {m['name']!r} has unknown key(s) {sorted(set(m) - MODEL_KEYS)}; known: {sorted(MODEL_KEYS)}"
             )
         models[m["name"]] = m.get("source", m["name"])
+        _check_source(m["name"], models[m["name"]])
         given = {k: v for k, v in ((load or {}).get(m["name"]) or {}).items() if k in DEFAULT_LOAD}
         settings_of[m["name"]] = model_load_options({**m, **given}, device, dtype)
         if "datasets" in m:
-            model_datasets[m["name"]] = list(m["datasets"])
+            model_datasets[m["name"]] = _names(m["datasets"], f"model {m['name']!r}: datasets")
     if not models:
         raise TokencompError(f"{path}: no [[model]] given")
     datasets = {}
     for d in doc.get("dataset", []):
         if "name" not in d:
             raise TokencompError("each [[dataset]] needs a name")
+        if set(d) - DATASET_KEYS:
+            raise TokencompError(
+                f"[[dataset]] {d['name']!r} has unknown key(s) {sorted(set(d) - DATASET_KEYS)}; known: {sorted(DATASET_KEYS)}"
+            )
+        if "limit" in d and (not isinstance(d["limit"], int) or isinstance(d["limit"], bool) or d["limit"] < 1):
+            raise TokencompError(f"dataset {d['name']!r}: limit must be a positive integer, got {d['limit']!r}")
         if "path" not in d and d.get("generator") not in PRESETS:
             raise TokencompError(
                 f"dataset {d['name']!r} needs path = 'file.jsonl' or generator = one of {sorted(PRESETS)}"
@@ -272,6 +285,8 @@ def load_experiment(
     cells = []
     for table in doc.get("method", []):
         only = table.get("models")
+        if only is not None:
+            only = _names(only, f"method {table.get('name', table.get('label'))!r}: models")
         if only and set(only) - set(models):
             raise TokencompError(
                 f"method {table.get('name', table.get('label'))!r} names unknown models {sorted(set(only) - set(models))}"
@@ -284,6 +299,11 @@ def load_experiment(
                     cells.append(Cell(mname, dname, label, spec))
     if not cells:
         raise TokencompError(f"{path}: no [[method]] given")
+    for c in {c.label: c for c in cells}.values():  # names and parameters, before any model is loaded
+        try:
+            c.strategies()
+        except TokencompError as e:
+            raise type(e)(f"method {c.label!r}: {e}") from e
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
         raise TokencompError("two method entries expand to the same configuration")
@@ -296,7 +316,59 @@ def load_experiment(
                 "give each [[method]] a distinct label"
             )
     out_dir = Path(out) if out else Path(exp.get("out", Path("runs") / name))
-    return Experiment(name, out_dir, settings, models, datasets, cells, text, base.resolve(), settings_of)
+    return Experiment(name, out_dir, settings, models, datasets, cells, text, base.resolve(), settings_of, plugins)
+
+
+def _names(value, what: str) -> list[str]:
+    """A TOML list of strings, or a `TokencompError` saying so (a bare string is not split into letters)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TokencompError(f"{what} must be a list of names, e.g. [{value!r}], got {value!r}")
+    return value
+
+
+def _check_source(name: str, source: str) -> None:
+    """Fail on a model source that cannot load before any model is loaded."""
+    if source.startswith("tiny-random:"):
+        family = source.split(":", 1)[1]
+        if family not in TINY_FAMILIES:
+            raise TokencompError(f"model {name!r}: tiny-random family {family!r} must be one of {TINY_FAMILIES}")
+        return
+    try:
+        model_path(source)
+    except TokencompError as e:
+        raise TokencompError(f"model {name!r}: {e}") from e
+
+
+def import_plugins(entries: list[str], base: str | Path) -> list[Path]:
+    """Import the modules that register an experiment's own methods (``@tc.register``); returns
+    their files (recorded with the run's code, `tokencomp.provenance.code_version`).
+
+    Args:
+        entries: each a ``.py`` file (relative to ``base``) or an importable module name.
+        base: the experiment file's folder.
+    """
+    files = []
+    for entry in entries:
+        try:
+            if entry.endswith(".py") or "/" in entry or os.sep in entry:
+                file = Path(entry) if Path(entry).is_absolute() else Path(base) / entry
+                if not file.is_file():
+                    raise TokencompError(f"plugin {entry!r}: file {str(file)!r} does not exist")
+                # a fresh module each time: an edited file registers its new version
+                name = f"tokencomp_plugin_{hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:10]}_{file.stem}"
+                spec = importlib.util.spec_from_file_location(name, file)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module  # dataclasses look their module up while the file runs
+                spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(entry)
+                file = Path(module.__file__)
+        except TokencompError:
+            raise
+        except Exception as e:  # the plugin's own error, named
+            raise TokencompError(f"plugin {entry!r} failed to import: {type(e).__name__}: {e}") from e
+        files.append(file.resolve())
+    return files
 
 
 def _load_model(source: str, opts: dict) -> Model:
@@ -489,7 +561,7 @@ def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> 
         raise
     (out / "predictions").mkdir(exist_ok=True)
     todo = [c for c in exp.cells if c.id not in done]
-    code = code_version()
+    code = code_version(plugins=exp.plugins)
     _warn_other_code(out, code)
     if progress and len(todo) < len(exp.cells):
         tqdm.write(
@@ -649,7 +721,7 @@ def _time_side_by_side(
     others are loaded when needed; ``only``: the (model, dataset) groups to time, default all)."""
     results = exp.out / "results.jsonl"
     groups = {k: v for k, v in _finished_groups(exp).items() if only is None or k in only}
-    code = code_version()
+    code = code_version(plugins=exp.plugins)
     for (model_name, dataset), group in tqdm(groups.items(), desc="side-by-side latency", disable=not progress):
         if model_name not in models:
             models[model_name] = _load_model(exp.models[model_name], exp.load[model_name])

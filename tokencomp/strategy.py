@@ -49,9 +49,24 @@ KEY_NORM_NEEDS = ("decoder_key_norm",)
 PAD, TEXT, VISUAL, NEWLINE = 0, 1, 2, 3
 
 
+def _missing(need: Need, layer: int, have: list) -> str:
+    """The message for a decoder capture a strategy reads but the engine does not hold."""
+    if need.layer >= layer and not need.kind.startswith("decoder_preprune_"):
+        return (
+            f"{need} is read before decoder layer {layer}, but a capture at layer {need.layer} is taken while "
+            f"that layer runs, after this point: read a layer < {layer}, or the decoder_preprune_* kind at "
+            f"{layer} (computed from the tokens entering it)"
+        )
+    return f"{need} was not captured; declare it in needs() (captured: {have})"
+
+
 class Need(NamedTuple):
-    """One capture request: ``kind`` is one of `VISION_NEEDS`, `DECODER_NEEDS` or `KEY_NORM_NEEDS`,
-    ``layer`` an index."""
+    """One capture request: ``kind`` is one of `VISION_NEEDS`, `DECODER_NEEDS` or `KEY_NORM_NEEDS`;
+    ``layer`` a vision layer index (negative counts from the last, as in Hugging Face's
+    ``hidden_states``: -2 is the penultimate layer) or a decoder layer in ``[0, L)``. A decoder
+    capture at layer ``l`` is taken while layer ``l`` runs, so a strategy pruning before layer
+    ``p`` reads captures of layers ``< p`` (or the ``decoder_preprune_*`` kinds at ``p``, computed
+    from the tokens entering ``p``)."""
 
     kind: str
     layer: int
@@ -68,7 +83,8 @@ class RunInfo:
         patches_per_view: N, patch tokens of one view (576 for 336 px / patch 14).
         grid: ``(h, w)`` patch grid of one view.
         has_crops: whether images are split into AnyRes crops.
-        visual_tokens: per sample, image-placeholder tokens in the uncompressed prompt.
+        visual_tokens: per sample, image-placeholder tokens in the uncompressed prompt (on
+            LLaVA-NeXT its ``image_newline`` tokens included, as the processor expands them).
         views_valid: per sample, per view, patch tokens that survive LLaVA-NeXT unpadding.
         has_cls: whether the vision tower has a CLS token.
     """
@@ -399,7 +415,7 @@ class LayerContext:
         computed before the pruning at that layer) instead of the one taken while it ran."""
         need = Need(f"decoder_{'preprune_' if preprune else ''}attention_{query}", layer)
         if need not in self.scores:
-            raise KeyError(f"{need} was not captured; declare it in needs() (captured: {sorted(self.scores)})")
+            raise KeyError(_missing(need, self.layer, sorted(self.scores)))
         return self.scores[need]
 
     def key_norm(self, layer: int) -> torch.Tensor:
@@ -407,7 +423,7 @@ class LayerContext:
         key/value heads concatenated), on this layer's tokens (the ``decoder_key_norm`` capture)."""
         need = Need("decoder_key_norm", layer)
         if need not in self.scores:
-            raise KeyError(f"{need} was not captured; declare it in needs() (captured: {sorted(self.scores)})")
+            raise KeyError(_missing(need, self.layer, sorted(self.scores)))
         return self.scores[need]
 
     def keep_top(self, scores: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:

@@ -183,7 +183,7 @@ class _Evaluator:
         self.evaluations += 1
         got = self._run(rates)
         if self.metric == "kl":
-            from methods.shortv import kl_divergence
+            from tokencomp.methods.shortv import kl_divergence
 
             return float(kl_divergence(self.base, got, "code").mean())
         return float(self.base - got)
