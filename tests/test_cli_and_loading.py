@@ -129,7 +129,7 @@ def test_cli_methods_lists_builtins(capsys):
     assert starts == public  # internal probes ("_name") are not listed
     for name in public:
         cls = tc.method_class(name)
-        if not cls.__module__.startswith("methods."):  # registered by another test (the README's example)
+        if not cls.__module__.startswith("tokencomp.methods."):  # registered by another test (the README's example)
             continue
         doc = cls.__dict__.get("__doc__") or ""
         assert doc and not doc.startswith(f"{cls.__name__}("), f"{name} has no docstring of its own"
@@ -176,3 +176,16 @@ def test_fill_template():
     for bad in ("nope", "Q: {question} A:", "Answer {JSON}: <image> {question}", "<image> {question}}"):
         with pytest.raises(tc.TokencompError, match="template"):
             fill_template(bad, "x")
+
+
+def test_cli_plugin_registers_a_method_of_ones_own(tmp_path, capsys):
+    plugin = tmp_path / "mine.py"
+    plugin.write_text(
+        "import tokencomp as tc\n\n\n@tc.register('_test-cli-plugin')\n"
+        "class Mine(tc.VisionStrategy):\n    '''Keeps the first patches (a plugin test).'''\n\n    budget: int = 4\n\n"
+        "    def select(self, view):\n        return view.features.new_zeros(0)\n"
+    )
+    assert main(["methods", "_test-cli-plugin", "--plugin", str(plugin)]) == 0
+    assert "Keeps the first patches" in capsys.readouterr().out
+    assert main(["methods", "x", "--plugin", str(tmp_path / "none.py")]) == 2
+    assert "none.py' does not exist" in capsys.readouterr().err

@@ -46,6 +46,6 @@ def test_readme_lists_every_registered_method():
     public = {  # the project's methods (the README's own example registers one more)
         name
         for name in tc.available_methods()
-        if not name.startswith("_") and tc.method_class(name).__module__.startswith("methods.")
+        if not name.startswith("_") and tc.method_class(name).__module__.startswith("tokencomp.methods.")
     }
     assert public <= listed, f"methods missing from the README's table: {sorted(public - listed)}"
