@@ -765,3 +765,25 @@ def _digest(path):
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+
+
+def test_scatter_of_one_value_keeps_its_labels_on_the_figure():
+    """Every method at accuracy 0 (a tiny random model): the plot gets a range around the value
+    and its labels fit the figure (it used to squeeze the axis to nothing and push them off)."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from tokencomp.report import _scatter
+
+    df = pd.DataFrame(
+        {"method": ["identity", "a-long-method-name", "b"], "tflops": [1e-3, 2e-5, 1e-5], "accuracy": [0.0] * 3}
+    )
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    _scatter(ax, df, "tflops", "accuracy", "x", "y", "t", front=True)
+    assert ax.get_ylim()[1] - ax.get_ylim()[0] >= 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig.tight_layout()
+    plt.close(fig)

@@ -65,6 +65,10 @@ def _scatter(ax, df, x, y, xlabel, ylabel, title, front=False):
             ax.errorbar(r[x], r[y], yerr=[[r[y] - ci[0]], [ci[1] - r[y]]], fmt="none", ecolor="0.6", lw=0.8, capsize=2)
         cell = (round(r[x] / dx), round(r[y] / dy))  # methods on (nearly) the same point share a label
         labels.setdefault(cell, (r[x], r[y], []))[2].append(str(r["method"]))
+    for values, set_lim in ((xs, ax.set_xlim), (ys, ax.set_ylim)):
+        if len(values) and not np.ptp(values):  # one value (e.g. every accuracy 0): a range around it
+            pad = 0.05 * (abs(values[0]) or 1.0)
+            set_lim(values[0] - pad, values[0] + pad)
     for px, py, names in labels.values():
         # one line per method, long names (option-derived labels) wrapped at their hyphens
         texts.append(ax.text(px, py, "\n".join(textwrap.fill(n, 24) for n in names), fontsize=7))
