@@ -233,3 +233,21 @@ def test_errors_name_the_method_and_what_to_pass_instead(model, images):
         tc.generate(model, images[:1], PROMPTS[:1], method=_LateCapture)
     with pytest.raises(KeyError, match=r"read before decoder layer 2, but a capture at layer 2 is taken while"):
         tc.generate(model, images[:1], PROMPTS[:1], method=_LateCapture())
+
+
+class _OwnError(tc.BudgetError):
+    def __init__(self, value, allowed):
+        super().__init__(f"value={value} outside {allowed}")
+
+
+@tc.register("_test-own-error")
+class _OwnErrorStrategy(tc.VisionStrategy):
+    """Raises an error class of its own, which takes two arguments."""
+
+    def check(self, info):
+        raise _OwnError(7, "[0, 3]")
+
+
+def test_a_strategys_own_error_class_is_still_named(model, images):
+    with pytest.raises(tc.TokencompError, match=r"^_test-own-error: value=7 outside \[0, 3\]"):
+        tc.generate(model, images[:1], PROMPTS[:1], method=tc.method("_test-own-error"))

@@ -9,6 +9,7 @@ import pytest
 import tokencomp as tc
 from tokencomp import runner
 from tokencomp.cli import main
+from tokencomp.provenance import file_digests
 from tokencomp.report import PLOTS, make_report, pareto_front
 from tokencomp.runner import load_experiment, remeasure_latency, run_experiment
 
@@ -664,12 +665,13 @@ def test_a_run_resumed_on_other_code_says_so_and_records_which_code_made_what(tm
     assert "other code" in warned and old in warned and now in warned
     rows = {r["method"]: r for r in _rows(out / "results.jsonl")}
     crashy = "_test-crashy-budget20"
+    here = file_digests([__file__])  # the crashy method is defined in this file: its digest joins its code
     assert rows["identity"]["code"] == [old]
-    assert rows[crashy]["code"] == sorted([old, now])  # its first batch before, the rest after
-    assert rows["_test-crashy-budget10"]["code"] == rows["fastv"]["code"] == [now]
+    assert rows[crashy]["code"] == sorted([old + here, now + here])  # its first batch before, the rest after
+    assert rows["_test-crashy-budget10"]["code"] == [now + here] and rows["fastv"]["code"] == [now]
     preds = _rows(out / "predictions" / f"{rows[crashy]['cell']}.jsonl")
-    k = sum(p["code"] == old for p in preds)  # the samples done before the interruption
-    assert 0 < k < 5 and [p["code"] for p in preds] == [old] * k + [now] * (5 - k)
+    k = sum(p["code"] == old + here for p in preds)  # the samples done before the interruption
+    assert 0 < k < 5 and [p["code"] for p in preds] == [old + here] * k + [now + here] * (5 - k)
     assert all(r["latency"]["code"] == now for r in rows.values())  # all re-timed side by side now
     report = make_report(out).read_text()
     assert "**Mixed code:**" in report and f"within {crashy}" in report and old in report
@@ -751,14 +753,15 @@ def test_a_plugin_method_runs_in_compare_and_its_edits_change_the_code(tmp_path,
     run_experiment(exp, progress=False)
     rows = {r["method"]: r for r in _rows(out / "results.jsonl")}
     assert rows["_test-plugin-norm"]["visual_tokens_llm"] == 12
-    assert all(r["code"][0].endswith("; mine.py@" + _digest(plugin)) for r in rows.values())
+    assert rows["_test-plugin-norm"]["code"][0].endswith("; mine.py@" + _digest(plugin))
+    assert "mine.py" not in rows["identity"]["code"][0]  # a built-in method's cell: the package alone
     remeasure_latency(out, repeats=1, progress=False)  # imports it again from the saved file
     plugin.write_text(PLUGIN.replace("VERSION", "two"))
     capsys.readouterr()
     grown = text + '\n[[method]]\nname = "_test-plugin-norm"\nbudget = 8\n'
     run_experiment(load_experiment(_write(tmp_path, grown, "grown.toml"), out), progress=False)
     assert "other code" in capsys.readouterr().err
-    assert "Mixed code" in make_report(out).read_text()
+    assert "mine.py (2 versions)" in make_report(out).read_text()
 
 
 def _digest(path):
@@ -787,3 +790,39 @@ def test_scatter_of_one_value_keeps_its_labels_on_the_figure():
         warnings.simplefilter("error")
         fig.tight_layout()
     plt.close(fig)
+
+
+def test_plugins_import_siblings_may_join_a_started_run_and_cannot_take_a_builtin_name(tmp_path):
+    out = tmp_path / "run"
+    base = EXPERIMENT.replace('[[method]]\nname = "_test-crashy"\nbudget = [20, 10]\n\n', "")
+    run_experiment(load_experiment(_write(tmp_path, base), out), progress=False)
+    # a plugin file importing a module beside it, and a module-name plugin found beside the experiment
+    (tmp_path / "scoring.py").write_text("def score(view):\n    return view.features.norm(dim=-1)\n")
+    (tmp_path / "mine.py").write_text(
+        "from scoring import score as norm\n"
+        + PLUGIN.replace("_test-plugin-norm", "_test-plugin-sibling").replace(
+            "score = view.features.norm(dim=-1)", "score = norm(view)"
+        )
+    )
+    (tmp_path / "mine_module.py").write_text(PLUGIN.replace("_test-plugin-norm", "_test-plugin-module"))
+    grown = base.replace("[experiment]", '[experiment]\nplugins = ["mine.py", "mine_module"]')
+    grown += '\n[[method]]\nname = "_test-plugin-sibling"\n\n[[method]]\nname = "_test-plugin-module"\n'
+    run_experiment(load_experiment(_write(tmp_path, grown, "grown.toml"), out), progress=False)  # joins the run
+    assert [r["method"] for r in _rows(out / "results.jsonl")][-2:] == ["_test-plugin-sibling", "_test-plugin-module"]
+    # a built-in's name: refused, and the built-ins stay whole
+    (tmp_path / "clash.py").write_text(PLUGIN.replace("_test-plugin-norm", "fastv"))
+    clash = base.replace("[experiment]", '[experiment]\nplugins = ["clash.py"]')
+    with pytest.raises(tc.TokencompError, match=r"'fastv' is already registered by tokencomp\.methods\.fastv"):
+        load_experiment(_write(tmp_path, clash, "clash.toml"), tmp_path / "other")
+    assert {"fastv", "visionzip", "pool"} <= set(tc.available_methods())
+    (tmp_path / "quits.py").write_text("raise SystemExit(3)\n")
+    with pytest.raises(tc.TokencompError, match="plugin 'quits.py' failed to import: SystemExit"):
+        load_experiment(_write(tmp_path, base.replace("[experiment]", '[experiment]\nplugins = ["quits.py"]')))
+
+
+def test_every_configuration_is_validated_at_load_even_under_a_shared_label(tmp_path):
+    text = EXPERIMENT + '\n[[method]]\nlabel = "x"\nname = "random"\nbudget = 9\nmodels = ["m"]\n'
+    text += '\n[[method]]\nlabel = "x"\nname = "random"\nbudget = 9\nnosuch = 1\nmodels = ["n"]\n'
+    text += '\n[[model]]\nname = "n"\nsource = "tiny-random:llava"\n'
+    with pytest.raises(tc.TokencompError, match=r"method 'x': .*no parameter\(s\) \['nosuch'\]"):
+        load_experiment(_write(tmp_path, text), tmp_path / "out")

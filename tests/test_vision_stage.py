@@ -10,7 +10,7 @@ import tokencomp as tc
 from tokencomp.strategy import NEWLINE, VISUAL
 
 
-@tc.register("keep-brightest")
+@tc.register("_test-keep-brightest")
 class KeepBrightest(tc.VisionStrategy):
     budget: int = 64
 
@@ -21,7 +21,7 @@ class KeepBrightest(tc.VisionStrategy):
 def test_custom_policy_keeps_exactly_its_tokens(models, images):
     model = models["llava"]
     batch = tc.prepare(model, images, PROMPTS)
-    pre = tc.Engine(model, tc.method("keep-brightest", budget=5)).prefill(batch)
+    pre = tc.Engine(model, tc.method("_test-keep-brightest", budget=5)).prefill(batch)
     # independent: the vision tower's second-to-last hidden state, computed by the HF model
     pix = batch.pixel_values
     with torch.no_grad():
@@ -34,7 +34,7 @@ def test_custom_policy_keeps_exactly_its_tokens(models, images):
         assert st.patch[b][vis].tolist() == ref_idx[b].tolist()
         torch.testing.assert_close(st.hidden[b][vis], ref_tokens[b], rtol=1e-5, atol=1e-5)
     assert pre.record.visual_tokens_llm == [5, 5, 5]
-    assert tc.available_methods().count("keep-brightest") == 1
+    assert tc.available_methods().count("_test-keep-brightest") == 1
 
 
 def test_next_selection_of_every_token_equals_identity(models, images):

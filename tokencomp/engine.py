@@ -37,7 +37,7 @@ import torch
 
 from . import kernels
 from .cache import LayerKVCache
-from .errors import InputMismatchError, TokencompError, UnsupportedModelError
+from .errors import InputMismatchError, TokencompError, UnsupportedModelError, renamed
 from .layout import filled_slots, pad_left, place_columns, repack
 from .model import Model
 from .profiler import FlopsReport, run_flops
@@ -197,7 +197,7 @@ def split_strategies(strategies) -> tuple[VisionStrategy | None, list[LayerStrat
     """Normalise ``None``, one strategy or a list into (vision, layer list, freeze list)."""
     if strategies is None:
         strategies = []
-    elif isinstance(strategies, (Strategy, str, type)):
+    elif isinstance(strategies, (Strategy, str, type, dict)):
         strategies = [strategies]
     vision, layer, freeze = [], [], []
     for s in strategies:
@@ -380,9 +380,10 @@ class Engine:
             try:
                 s.check(info)
             except TokencompError as e:  # name the method: a grid or a composition holds several
-                if str(e).startswith((str(s), s.name)):
+                name = str(s).split("(", 1)[0]
+                if str(e).startswith(name):
                     raise
-                raise type(e)(f"{s.name}: {e}") from e
+                raise renamed(e, f"{name}: {e}") from e
         flash = self.model.attn_implementation.startswith("flash")
         if flash and (bool((batch.attention_mask == 0).any()) or self.frozen or self.prune_at):
             raise TokencompError(

@@ -22,5 +22,14 @@ class UnsupportedModelError(TokencompError):
     """A method asked to run on a model it cannot serve (e.g. crops needed, none present)."""
 
 
+def renamed(error: Exception, message: str) -> Exception:
+    """``error``'s type with another message (a `TokencompError` where that type takes other
+    arguments, e.g. a strategy's own subclass)."""
+    try:
+        return type(error)(message)
+    except Exception:
+        return TokencompError(message)
+
+
 class InputMismatchError(TokencompError):
     """Images and prompts that do not fit together (image count vs placeholders, batch sizes)."""

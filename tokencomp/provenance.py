@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,8 +31,12 @@ def code_version(root: str | Path | None = None, plugins: Sequence[str | Path] =
             from). An installed copy that is not the top of a git checkout gives the version alone.
         plugins: the files of the plugins the run imported (`tokencomp.runner.import_plugins`).
     """
-    own = "".join(f"; {Path(p).name}@{hashlib.sha256(Path(p).read_bytes()).hexdigest()[:8]}" for p in plugins)
-    return _package_version(root) + own
+    return _package_version(root) + file_digests(plugins)
+
+
+def file_digests(files: Sequence[str | Path]) -> str:
+    """``"; <file name>@<8 hex>"`` per file, a digest of its contents (what `code_version` appends)."""
+    return "".join(f"; {Path(p).name}@{hashlib.sha256(Path(p).read_bytes()).hexdigest()[:8]}" for p in files)
 
 
 def _package_version(root: str | Path | None) -> str:
@@ -61,6 +66,18 @@ def _package_version(root: str | Path | None) -> str:
     except (OSError, subprocess.SubprocessError):  # no git, no commit yet, or not a repository git trusts
         return f"{plain}+gunknown"
     return f"{plain}+g{commit}.dirty-{digest.hexdigest()[:8]}"
+
+
+def strategy_files(strategies) -> list[Path]:
+    """The files that define ``strategies``' classes outside the tokencomp package (a plugin, a
+    script's own method): their digests join a cell's code, the package's own are in its commit."""
+    files = set()
+    for s in strategies or []:
+        module = type(s).__module__
+        path = getattr(sys.modules.get(module), "__file__", None)
+        if path and module != "tokencomp" and not module.startswith("tokencomp."):
+            files.add(Path(path).resolve())
+    return sorted(files)
 
 
 def codes_of(rows: list[dict]) -> list[str]:

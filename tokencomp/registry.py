@@ -33,13 +33,26 @@ def register(name: str) -> Callable[[T], T]:
     def deco(cls: T) -> T:
         if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
             cls = dataclasses.dataclass(cls)
-        if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
-            raise TokencompError(f"method name {name!r} is already registered by {_REGISTRY[name]!r}")
+        if name in _REGISTRY and _identity(_REGISTRY[name]) != _identity(cls):  # the same class again: a reload
+            raise TokencompError(
+                f"method name {name!r} is already registered by {_identity(_REGISTRY[name])}; choose another name"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls
 
     return deco
+
+
+def _identity(cls: type) -> str:
+    """Where a strategy class is defined: its module and qualified name."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def load_builtins() -> None:
+    """Import the built-in methods (once); before a plugin registers its own, so that a plugin
+    reusing a built-in's name is refused rather than replaced or replacing."""
+    _load_builtins()
 
 
 def _load_builtins() -> None:

@@ -367,17 +367,26 @@ def _noise_note(rows: list[dict], limit: float = 0.5) -> list[str]:
 
 
 def _code_note(rows: list[dict]) -> list[str]:
-    """A warning when the cells' predictions were made with more than one version of the code
-    (a run resumed after an update; rows from before rows recorded it count as one more), or nothing."""
+    """A warning when the cells were made with more than one version of the code: of the package
+    (a run resumed after an update; rows from before rows recorded it count as one more), of a
+    method file of one's own (a plugin edited between cells), or within one cell; or nothing.
+    Cells whose methods come from different plugin files differ in their codes by design."""
     if not any("code" in r for r in rows):  # a run made before rows recorded their code
         return []
-    codes = codes_of(rows)
-    if len(codes) < 2:
+    package, files = set(), {}
+    for code in codes_of(rows):
+        head, *own = code.split("; ")
+        package.add(head)
+        for entry in own:
+            name, _, digest = entry.rpartition("@")
+            files.setdefault(name, set()).add(digest)
+    versions = sorted(package) + [f"{name} ({len(d)} versions)" for name, d in sorted(files.items()) if len(d) > 1]
+    within = sorted({r["method"] for r in rows if len(codes_of([r])) > 1})
+    if len(package) < 2 and len(versions) == len(package) and not within:
         return []
-    mixed = sorted({r["method"] for r in rows if len(codes_of([r])) > 1})
     return [
-        f"**Mixed code:** these cells were made with {len(codes)} versions of the code ({', '.join(codes)})"
-        + (f"; within {', '.join(mixed)} too" if mixed else "")
+        f"**Mixed code:** these cells were made with more than one version of the code ({', '.join(versions)})"
+        + (f"; within {', '.join(within)} too" if within else "")
         + ". Where the scoring changed between them their numbers do not compare: `code` in results.jsonl and "
         "in each prediction row says which made what; rerun the cells into a new directory to compare them.",
         "",

@@ -76,11 +76,12 @@ from .api import prepare
 from .benchmark import PRESETS, SPLIT_SEED, generate_split
 from .data import JsonlDataset, prompt, read_rows
 from .engine import Engine
-from .errors import TokencompError
+from .errors import TokencompError, renamed
 from .metrics import answer_score, mean_ci, paired_difference_ci, scores_by_type, yes_no_scores
 from .model import Model, load_model, model_path
 from .profiler import Timing, measure, measure_interleaved
-from .provenance import code_version, codes_of
+from .provenance import code_version, codes_of, file_digests, strategy_files
+from .registry import load_builtins
 from .registry import method as make_method
 from .strategy import check_int
 
@@ -299,11 +300,11 @@ def load_experiment(
                     cells.append(Cell(mname, dname, label, spec))
     if not cells:
         raise TokencompError(f"{path}: no [[method]] given")
-    for c in {c.label: c for c in cells}.values():  # names and parameters, before any model is loaded
+    for c in {json.dumps(c.spec, sort_keys=True): c for c in cells}.values():  # before any model loads
         try:
             c.strategies()
         except TokencompError as e:
-            raise type(e)(f"method {c.label!r}: {e}") from e
+            raise renamed(e, f"method {c.label!r}: {e}") from e
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
         raise TokencompError("two method entries expand to the same configuration")
@@ -347,13 +348,20 @@ def import_plugins(entries: list[str], base: str | Path) -> list[Path]:
         entries: each a ``.py`` file (relative to ``base``) or an importable module name.
         base: the experiment file's folder.
     """
+    load_builtins()  # first: a plugin reusing a built-in's name is refused, not swapped
     files = []
     for entry in entries:
+        is_file = entry.endswith(".py") or "/" in entry or os.sep in entry
+        file = (Path(entry) if Path(entry).is_absolute() else Path(base) / entry) if is_file else None
+        if file is not None and not file.is_file():
+            raise TokencompError(f"plugin {entry!r}: file {str(file)!r} does not exist")
+        # while it imports, its own folder (a file's) or the experiment's (a module's) is searched
+        # first, so a plugin may import its siblings
+        folder = str((file.parent if file is not None else Path(base)).resolve())
+        sys.path.insert(0, folder)
+        name = None
         try:
-            if entry.endswith(".py") or "/" in entry or os.sep in entry:
-                file = Path(entry) if Path(entry).is_absolute() else Path(base) / entry
-                if not file.is_file():
-                    raise TokencompError(f"plugin {entry!r}: file {str(file)!r} does not exist")
+            if file is not None:
                 # a fresh module each time: an edited file registers its new version
                 name = f"tokencomp_plugin_{hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:10]}_{file.stem}"
                 spec = importlib.util.spec_from_file_location(name, file)
@@ -364,9 +372,13 @@ def import_plugins(entries: list[str], base: str | Path) -> list[Path]:
                 module = importlib.import_module(entry)
                 file = Path(module.__file__)
         except TokencompError:
+            sys.modules.pop(name, None)
             raise
-        except Exception as e:  # the plugin's own error, named
+        except (Exception, SystemExit) as e:  # the plugin's own error, named
+            sys.modules.pop(name, None)
             raise TokencompError(f"plugin {entry!r} failed to import: {type(e).__name__}: {e}") from e
+        finally:
+            sys.path.remove(folder)
         files.append(file.resolve())
     return files
 
@@ -456,7 +468,11 @@ def _check_extends(out: Path, saved_text: str, new: Experiment) -> None:
     the [[method]] tables as it was (compared as parsed TOML), and every cell already started
     (finished or with saved predictions) still in the file, unchanged."""
     old_doc, new_doc = tomllib.loads(saved_text), tomllib.loads(new.text)
-    same = {k: v for k, v in old_doc.items() if k != "method"} == {k: v for k, v in new_doc.items() if k != "method"}
+
+    def fixed(doc: dict) -> dict:  # plugins may be added to bring new methods (rows' code tracks them)
+        return {k: v if k != "experiment" else {**v, "plugins": None} for k, v in doc.items() if k != "method"}
+
+    same = fixed(old_doc) == fixed(new_doc)
     started = {r["cell"] for r in read_rows(out / "results.jsonl")}
     started |= {p.stem for p in (out / "predictions").glob("*.jsonl")}
     gone = sorted(started - {c.id for c in new.cells})
@@ -561,14 +577,18 @@ def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> 
         raise
     (out / "predictions").mkdir(exist_ok=True)
     todo = [c for c in exp.cells if c.id not in done]
-    code = code_version(plugins=exp.plugins)
-    _warn_other_code(out, code)
+    # each cell's code: the package's, and the files of its methods defined outside it (plugins)
+    package = code_version()
+    codes = {c.id: package + file_digests(strategy_files(engines[c.id].strategies)) for c in exp.cells}
+    _warn_other_code(out, codes)
     if progress and len(todo) < len(exp.cells):
         tqdm.write(
             f"resuming {out}: {len(exp.cells) - len(todo)} of {len(exp.cells)} cells already done", file=sys.stderr
         )
     for cell in tqdm(todo, desc=f"compare {exp.name}", unit="cell", disable=not progress):
-        _run_cell(exp, cell, models[cell.model], datasets[cell.dataset], engines[cell.id], results, code, progress)
+        _run_cell(
+            exp, cell, models[cell.model], datasets[cell.dataset], engines[cell.id], results, codes[cell.id], progress
+        )
     if side_by_side:  # groups with new cells, or whose pass was cut short, are timed (again)
         stale = _stale_groups(exp)
         if stale:
@@ -578,20 +598,22 @@ def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> 
     return results
 
 
-def _warn_other_code(out: Path, code: str) -> None:
-    """Say so on stderr when a run resumes on other code than its rows were made with (the rows
-    from before and after may differ where the scoring changed); rows record which is which."""
-    rows = read_rows(out / "results.jsonl")
+def _warn_other_code(out: Path, codes: dict[str, str]) -> None:
+    """Say so on stderr when a run resumes on other code than its cells' rows were made with (the
+    rows from before and after may differ where the scoring changed); rows record which is which.
+    ``codes``: each cell's code now."""
+    rows = {r["cell"]: [r] for r in read_rows(out / "results.jsonl")}
     for path in sorted((out / "predictions").glob("*.jsonl")):
         try:  # a damaged file is the business of its cell's run (which says so), not of this warning
-            rows += read_rows(path)
+            rows.setdefault(path.stem, []).extend(read_rows(path))
         except TokencompError:
             continue
-    other = [c for c in codes_of(rows) if c != code] if rows else []
+    other = sorted({c for cell, got in rows.items() if cell in codes for c in codes_of(got) if c != codes[cell]})
     if other:
+        now = sorted({codes[cell] for cell in rows if cell in codes})
         tqdm.write(
-            f"warning: {out} has rows made with other code ({', '.join(other)}) than this run ({code}); where "
-            "scoring changed between them its cells do not compare (each row's `code` says which made it)",
+            f"warning: {out} has rows made with other code ({', '.join(other)}) than this run ({', '.join(now)}); "
+            "where scoring changed between them their cells do not compare (each row's `code` says which made it)",
             file=sys.stderr,
         )
 
@@ -721,7 +743,7 @@ def _time_side_by_side(
     others are loaded when needed; ``only``: the (model, dataset) groups to time, default all)."""
     results = exp.out / "results.jsonl"
     groups = {k: v for k, v in _finished_groups(exp).items() if only is None or k in only}
-    code = code_version(plugins=exp.plugins)
+    code = code_version()  # the engine's (the timing runs no method file's scoring)
     for (model_name, dataset), group in tqdm(groups.items(), desc="side-by-side latency", disable=not progress):
         if model_name not in models:
             models[model_name] = _load_model(exp.models[model_name], exp.load[model_name])

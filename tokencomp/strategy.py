@@ -52,10 +52,11 @@ PAD, TEXT, VISUAL, NEWLINE = 0, 1, 2, 3
 def _missing(need: Need, layer: int, have: list) -> str:
     """The message for a decoder capture a strategy reads but the engine does not hold."""
     if need.layer >= layer and not need.kind.startswith("decoder_preprune_"):
+        early = need.kind.replace("decoder_", "decoder_preprune_", 1)
+        instead = f", or {early} at {layer} (computed from the tokens entering it)" if early in DECODER_NEEDS else ""
         return (
             f"{need} is read before decoder layer {layer}, but a capture at layer {need.layer} is taken while "
-            f"that layer runs, after this point: read a layer < {layer}, or the decoder_preprune_* kind at "
-            f"{layer} (computed from the tokens entering it)"
+            f"that layer runs, after this point: read a layer < {layer}{instead}"
         )
     return f"{need} was not captured; declare it in needs() (captured: {have})"
 
