@@ -682,6 +682,10 @@ def test_a_run_resumed_on_other_code_says_so_and_records_which_code_made_what(tm
     run_experiment(load_experiment(exp_file, clean), progress=False)
     assert "other code" not in capsys.readouterr().err
     assert "Mixed code" not in make_report(clean).read_text()
+    # re-timing: a warning where the cells were made with other code than times them now
+    for run, warns in ((out, True), (clean, False)):
+        remeasure_latency(run, repeats=1, progress=False)
+        assert ("re-times them" in capsys.readouterr().err) == warns
 
 
 @pytest.mark.parametrize(

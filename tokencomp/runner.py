@@ -713,6 +713,14 @@ def remeasure_latency(run_dir: str | Path, repeats: int | None = None, progress:
             raise TokencompError(f"{results} has no finished cell of {saved}")
         datasets = {name: _dataset(spec, run, regenerate=False) for name, spec in exp.datasets.items()}
         _check_data(run, datasets, started=True)
+        package = code_version()
+        made = sorted({c.split("; ")[0] for c in codes_of(read_rows(results))} - {package})
+        if made:  # timings of this code beside accuracy and FLOPs of another
+            tqdm.write(
+                f"warning: {run}'s cells were made with other code ({', '.join(made)}) than re-times them "
+                f"({package}); each row's latency.code says which timed it",
+                file=sys.stderr,
+            )
         return _time_side_by_side(exp, {}, datasets, repeats, progress)
 
 
