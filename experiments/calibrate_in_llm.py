@@ -103,9 +103,10 @@ def main() -> None:
     rs = out / "rank-similarity.md"
     if not rs.is_file():
         tau = rank_similarity(model, batches[:4])
+        used = sum(len(b) for b in answers[:4])
         plot_rank_similarity(tau, out / "rank-similarity.png", title=f"{model.name}: Kendall tau of visual-token ranks")
         rs.write_text(
-            f"# Rank similarity of visual tokens between decoder layers ({model.name}, 32 validation samples)\n\n"
+            f"# Rank similarity of visual tokens between decoder layers ({model.name}, {used} validation samples)\n\n"
             "Kendall tau between the rankings of visual tokens by the attention they receive from the last\n"
             "token at each layer, averaged over samples (`python experiments/calibrate_in_llm.py`).\n\n"
             + rank_similarity_table(tau)

@@ -47,7 +47,7 @@ kernels() {
 }
 
 models() {
-    local run=runs/demo-$gpu # relative: the predictions name their images by this path
+    local run=runs/demo-$gpu # its predictions name their images relative to it (data/...)
     step "demo grid" 150 python3 -m tokencomp.cli compare experiments/demo.toml --device cuda --dtype float16 \
         --out "$run" --no-report
     # without the generated images (25 MB; the tool returns 16 MiB a file): the same as a local demo run's

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import tokencomp as tc
-from tokencomp.provenance import UNRECORDED, code_version, codes_of
+from tokencomp.provenance import UNRECORDED, code_version, codes_of, file_digests, strategy_files
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -63,3 +63,24 @@ def test_codes_of_reads_prediction_and_results_rows():
     rows = [{"code": "b"}, {"code": ["a", "b"]}, {}]
     assert codes_of(rows) == sorted(["a", "b", UNRECORDED])
     assert codes_of([]) == []
+
+
+@tc.register("_test-reads-file")
+class _ReadsFile(tc.FreezeStrategy):
+    """Stands in for ShortV / G-Search: a parameter names a file the method reads."""
+
+    calibration: str = "preset-name"
+
+    def frozen_layers(self, num_layers):
+        return []
+
+
+def test_strategy_files_are_its_defining_file_and_the_files_its_parameters_name(tmp_path):
+    calib = tmp_path / "calib.json"
+    calib.write_text("{}")
+    assert strategy_files([tc.method("fastv"), tc.method("_test-reads-file")]) == [Path(__file__).resolve()]
+    got = strategy_files([tc.method("_test-reads-file", calibration=str(calib))])
+    assert got == sorted([Path(__file__).resolve(), calib.resolve()])
+    before = file_digests([calib])
+    calib.write_text('{"visual": [1]}')
+    assert file_digests([calib]) != before and file_digests([calib]).startswith("; calib.json@")

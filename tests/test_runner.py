@@ -830,3 +830,26 @@ def test_every_configuration_is_validated_at_load_even_under_a_shared_label(tmp_
     text += '\n[[model]]\nname = "n"\nsource = "tiny-random:llava"\n'
     with pytest.raises(tc.TokencompError, match=r"method 'x': .*no parameter\(s\) \['nosuch'\]"):
         load_experiment(_write(tmp_path, text), tmp_path / "out")
+
+
+def test_report_finds_the_run_images_from_another_folder_and_in_a_moved_run(tmp_path, monkeypatch):
+    import shutil
+
+    text = EXPERIMENT.replace('[[method]]\nname = "_test-crashy"\nbudget = [20, 10]\n\n', "")
+    out = tmp_path / "run"
+    run_experiment(load_experiment(_write(tmp_path, text), out), progress=False)
+    first = _rows(next((out / "predictions").glob("*.jsonl")))[0]
+    assert first["image"].startswith("data/") and (out / first["image"]).is_file()  # relative to the run dir
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    for run in (out, moved):
+        for png in (run / "plots").glob("overlays_*.png"):
+            png.unlink()
+        make_report(run)
+        assert list((run / "plots").glob("overlays_*.png"))  # drawn: the images were found
+    shutil.rmtree(moved / "data")  # without its images: the report is written, the overlays left out
+    (next((moved / "plots").glob("overlays_*.png"))).unlink()
+    assert "overlays" not in make_report(moved).read_text()

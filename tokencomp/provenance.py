@@ -69,14 +69,19 @@ def _package_version(root: str | Path | None) -> str:
 
 
 def strategy_files(strategies) -> list[Path]:
-    """The files that define ``strategies``' classes outside the tokencomp package (a plugin, a
-    script's own method): their digests join a cell's code, the package's own are in its commit."""
+    """The files a cell's results depend on besides the package: those that define ``strategies``'
+    classes outside it (a plugin, a script's own method) and those its parameters name (a ShortV
+    calibration, a saved G-Search schedule). Their digests join a cell's code, so an edited file
+    is another code; the package's own files are in its commit."""
     files = set()
     for s in strategies or []:
         module = type(s).__module__
         path = getattr(sys.modules.get(module), "__file__", None)
         if path and module != "tokencomp" and not module.startswith("tokencomp."):
             files.add(Path(path).resolve())
+        for value in s.params().values():
+            if isinstance(value, str) and value.endswith((".json", ".toml", ".pt", ".npy")) and Path(value).is_file():
+                files.add(Path(value).resolve())
     return sorted(files)
 
 

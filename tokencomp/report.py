@@ -219,9 +219,11 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
 
         preds = {r["method"]: read_rows(run / "predictions" / f"{r['cell']}.jsonl") for _, r in g.iterrows()}
         n_img = min(overlay_samples, min(len(p) for p in preds.values()))
+        if any(_image(run, p[i]["image"]) is None for p in preds.values() for i in range(n_img)):
+            n_img = 0  # images not at hand (a copy of the run without its data): no overlays drawn
         overlay = plots / f"overlays_{tag}.png"
         if n_img:
-            _overlays(g, preds, n_img, f"{model} / {dataset}", overlay)
+            _overlays(g, preds, n_img, f"{model} / {dataset}", overlay, run)
         if overlay.is_file():  # drawn now, or kept from the run when the predictions are not at hand
             files["overlays"] = overlay
 
@@ -273,13 +275,23 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
     return run / "report.md"
 
 
-def _overlays(g: pd.DataFrame, preds: dict, n_img: int, where: str, path: Path) -> None:
+def _image(run: Path, stored: str) -> Path | None:
+    """A prediction row's image: relative to the run dir, or (rows written before they were) to
+    the folder the run was made from; absolute as is; None when it is not at hand."""
+    path = Path(stored)
+    for candidate in [path] if path.is_absolute() else [run / path, path]:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _overlays(g: pd.DataFrame, preds: dict, n_img: int, where: str, path: Path, run: Path) -> None:
     """The first ``n_img`` images of each method (columns), its kept base-view tokens in red."""
     fig, axes = plt.subplots(n_img, len(g), figsize=(1.6 * len(g), 1.7 * n_img + 0.4), squeeze=False)
     for j, (_, r) in enumerate(g.iterrows()):
         for i in range(n_img):
             p = preds[r["method"]][i]
-            _overlay(axes[i][j], p["image"], p["kept_patches"], r["grid"], r["family"])
+            _overlay(axes[i][j], _image(run, p["image"]), p["kept_patches"], r["grid"], r["family"])
             if i == 0:
                 axes[i][j].set_title(r["method"], fontsize=6)
     fig.suptitle(f"kept base-view tokens (red) at the last layer: {where}", fontsize=8)
@@ -324,8 +336,9 @@ COLUMNS = [
     "- `overhead_tflops`: the method's own matrix products (its scores, similarities and attention captures).",
     "- `prefill_ms`, `decode_ms_per_token`: medians over timed runs on the latency batch. Prefill is time to first "
     "token from the processor's host tensors: their copy to the device, the vision tower, the projector, the method "
-    "and the LLM. `measured_speedup` is the reference's prefill over the method's. It can exceed `ideal_speedup`: fewer tokens also save work that FLOPs do "
-    "not count (memory traffic, element-wise layers, kernel launches).",
+    "and the LLM. `measured_speedup` is the reference's prefill over the method's. It can exceed `ideal_speedup`: the latency batch is left padded "
+    "to its longest sample, so the reference computes padding that a method with equal budgets per sample does not (the FLOPs count each sample "
+    "unpadded), and fewer tokens also save work that FLOPs do not count (memory traffic, element-wise layers, kernel launches).",
     "- `peak_memory_mb` (CUDA runs only): the most memory allocated during the timed runs (every model of the "
     "experiment is loaded, so it includes their weights: compare within a table). On a CPU the only peak "
     "is the process's resident set, which holds the weights, the Python runtime and memory the allocator keeps "

@@ -598,6 +598,12 @@ def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> 
     return results
 
 
+def _image_ref(image: str | Path, out: Path) -> str:
+    """How a prediction row names its image: relative to the run dir ``out`` when inside it, else absolute."""
+    path, run = Path(image).resolve(), out.resolve()
+    return str(path.relative_to(run)) if path.is_relative_to(run) else str(path)
+
+
 def _warn_other_code(out: Path, codes: dict[str, str]) -> None:
     """Say so on stderr when a run resumes on other code than its cells' rows were made with (the
     rows from before and after may differ where the scoring changed); rows record which is which.
@@ -839,7 +845,9 @@ def _run_cell(
                     "decode_flops": sum(flops[b].decode),
                     "decode_steps": len(flops[b].decode),
                     "kept_patches": lay["patch"][base].tolist(),
-                    "image": str(x.image),
+                    # the run dir's own generated images by a path relative to it (a run dir moved or
+                    # read from elsewhere still finds them), any other image by its absolute path
+                    "image": _image_ref(x.image, exp.out),
                     "code": code,
                 }
                 f.write(json.dumps(row) + "\n")

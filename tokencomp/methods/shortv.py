@@ -151,6 +151,13 @@ def plot_layer_contribution(calibration: dict, path: str | Path, chosen=()) -> P
     for i in chosen:
         ax.axvspan(i - 0.4, i + 0.4, color="grey", alpha=0.2)
     ax.set_yscale("log")
+    # a contribution of exactly 0 (e.g. visual tokens at the last layer: nothing after it reads
+    # them) has no place on a log axis: drawn at the axis floor, hollow
+    for values, marker in ((calibration["visual"], "o"), (calibration["text"], "s")):
+        zero = [i for i, v in enumerate(values) if v <= 0]
+        if zero:
+            floor = min((v for v in values if v > 0), default=1e-12) / 10
+            ax.plot(zero, [floor] * len(zero), marker, mfc="none", color="0.3", label=f"0 ({marker} at floor)")
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("layer contribution (KL, nats)")
     ax.set_title(
