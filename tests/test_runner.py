@@ -853,3 +853,20 @@ def test_report_finds_the_run_images_from_another_folder_and_in_a_moved_run(tmp_
     shutil.rmtree(moved / "data")  # without its images: the report is written, the overlays left out
     (next((moved / "plots").glob("overlays_*.png"))).unlink()
     assert "overlays" not in make_report(moved).read_text()
+
+
+def test_evaluate_reports_what_compare_reports_for_the_same_cell(tmp_path):
+    """`tc.evaluate` on a run's data, model and settings gives the accuracy, its interval and the
+    yes/no metrics that the run's results row holds."""
+    from tokencomp.data import JsonlDataset
+
+    text = EXPERIMENT.replace('[[method]]\nname = "_test-crashy"\nbudget = [20, 10]\n\n', "")
+    exp = load_experiment(_write(tmp_path, text), tmp_path / "run")
+    run_experiment(exp, progress=False, side_by_side=False)
+    row = next(r for r in _rows(tmp_path / "run" / "results.jsonl") if r["method"] == "fastv")
+    model = runner._load_model(exp.models["m"], exp.load["m"])
+    data = JsonlDataset(tmp_path / "run" / "data" / "scenes" / "val.jsonl")
+    got = tc.evaluate(model, data, tc.method("fastv", ratio=0.5), batch_size=2, max_new_tokens=2)
+    assert got.accuracy == pytest.approx(row["accuracy"])
+    assert list(got.accuracy_ci95) == pytest.approx(row["accuracy_ci95"])
+    assert row["yes_no"] is not None and got.yes_no == row["yes_no"]

@@ -105,11 +105,17 @@ class EvalResult:
         accuracy: mean score over the samples (exact match, or VQA soft accuracy for 10-answer items).
         by_type: mean score per question type.
         predictions: one dict per sample: ``id``, ``type``, ``prediction``, ``answers``, ``score``.
+        accuracy_ci95: ``(low, high)`` bootstrap 95% interval of the accuracy, as `tokencomp
+            compare` reports it (`tokencomp.metrics.mean_ci`).
+        yes_no: accuracy, precision, recall and F1 over the yes/no items (POPE-style, "yes" the
+            positive class), as `compare` reports them; None without such items.
     """
 
     accuracy: float
     by_type: dict[str, float]
     predictions: list[dict]
+    accuracy_ci95: tuple[float, float] | None = None
+    yes_no: dict[str, float] | None = None
 
 
 def evaluate(
@@ -135,7 +141,7 @@ def evaluate(
     from tqdm import tqdm
 
     from .data import prompt
-    from .metrics import answer_score, scores_by_type
+    from .metrics import answer_score, mean_ci, scores_by_type, yes_no_scores
 
     samples = list(data)
     if not samples:
@@ -153,8 +159,11 @@ def evaluate(
             text = tok.decode(t, skip_special_tokens=True).strip()
             score = answer_score(text, s.answers)
             rows.append({"id": s.id, "type": s.type, "prediction": text, "answers": s.answers, "score": score})
+    yn = [r for r in rows if r["answers"][0].strip().lower() in ("yes", "no")]  # as compare picks them
     return EvalResult(
         accuracy=sum(r["score"] for r in rows) / len(rows),
         by_type=scores_by_type(rows),
         predictions=rows,
+        accuracy_ci95=mean_ci([r["score"] for r in rows]),
+        yes_no=yes_no_scores([r["prediction"] for r in yn], [r["answers"][0] for r in yn]) if yn else None,
     )
