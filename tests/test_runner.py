@@ -653,7 +653,7 @@ def test_a_run_resumed_on_other_code_says_so_and_records_which_code_made_what(tm
     exp_file = _write(tmp_path)
     now = runner.code_version()
     old = "tokencomp 0.0.1+g0123456789ab"
-    monkeypatch.setattr(runner, "code_version", lambda **kw: old)
+    monkeypatch.setattr(runner, "code_version", lambda: old)
     Crashy.crash_after, Crashy.calls = 2, 0  # inside the crashy cell, after its first batch
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):

@@ -380,10 +380,9 @@ class Engine:
             try:
                 s.check(info)
             except TokencompError as e:  # name the method: a grid or a composition holds several
-                name = str(s).split("(", 1)[0]
-                if str(e).startswith(name):
+                if str(e).startswith(s.label):
                     raise
-                raise renamed(e, f"{name}: {e}") from e
+                raise renamed(e, f"{s.label}: {e}") from e
         flash = self.model.attn_implementation.startswith("flash")
         if flash and (bool((batch.attention_mask == 0).any()) or self.frozen or self.prune_at):
             raise TokencompError(

@@ -16,31 +16,20 @@ UNRECORDED = "unrecorded"  # a row written before rows recorded their code
 _CODE_DIRS = ("tokencomp",)
 
 
-def code_version(root: str | Path | None = None, plugins: Sequence[str | Path] = ()) -> str:
-    """The code a run is made with: ``"tokencomp <version>"``, followed, when the package is run
-    from the top of a git checkout, by ``+g<commit>`` (12 hex digits) and, where ``tokencomp/``
-    differs from that commit (edited or new files, untracked ones included), ``.dirty-<8 hex>``, a
-    digest of those differences: two different sets of uncommitted edits give two different codes.
-    The rest of the checkout (e.g. results committed under ``experiments/``) does not count.
-    ``+gunknown`` when the folder is a checkout that git will not read (not installed, or a
-    repository owned by another user). Then ``; <file name>@<8 hex>`` per plugin file, a digest of
-    its contents, so an edited policy of one's own is another code too.
+def code_version(root: str | Path | None = None) -> str:
+    """The code of the package a run is made with: ``"tokencomp <version>"``, followed, when the
+    package is run from the top of a git checkout, by ``+g<commit>`` (12 hex digits) and, where
+    ``tokencomp/`` differs from that commit (edited or new files, untracked ones included),
+    ``.dirty-<8 hex>``, a digest of those differences: two different sets of uncommitted edits give
+    two different codes. The rest of the checkout (e.g. results committed under ``experiments/``)
+    does not count. ``+gunknown`` when the folder is a checkout that git will not read (not
+    installed, or a repository owned by another user). A cell's code appends `file_digests` of its
+    `strategy_files`.
 
     Args:
         root: the directory holding the ``tokencomp`` package (default: where this one is imported
             from). An installed copy that is not the top of a git checkout gives the version alone.
-        plugins: the files of the plugins the run imported (`tokencomp.runner.import_plugins`).
     """
-    return _package_version(root) + file_digests(plugins)
-
-
-def file_digests(files: Sequence[str | Path]) -> str:
-    """``"; <file name>@<8 hex>"`` per file, a digest of its contents (what `code_version` appends)."""
-    return "".join(f"; {Path(p).name}@{hashlib.sha256(Path(p).read_bytes()).hexdigest()[:8]}" for p in files)
-
-
-def _package_version(root: str | Path | None) -> str:
-    """`code_version` of the package alone."""
     from . import __version__
 
     root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
@@ -83,6 +72,19 @@ def strategy_files(strategies) -> list[Path]:
             if isinstance(value, str) and value.endswith((".json", ".toml", ".pt", ".npy")) and Path(value).is_file():
                 files.add(Path(value).resolve())
     return sorted(files)
+
+
+def file_digests(files: Sequence[str | Path]) -> str:
+    """``"; <file name>@<8 hex>"`` per file, a digest of its contents (what a cell's code appends
+    to `code_version`)."""
+    return "".join(f"; {Path(p).name}@{hashlib.sha256(Path(p).read_bytes()).hexdigest()[:8]}" for p in files)
+
+
+def split_code(code: str) -> tuple[str, dict[str, str]]:
+    """A code's two parts: the package's (`code_version`) and ``{file name: digest}`` of the files
+    appended to it (`file_digests`)."""
+    package, *files = code.split("; ")
+    return package, dict(entry.rpartition("@")[::2] for entry in files)
 
 
 def codes_of(rows: list[dict]) -> list[str]:

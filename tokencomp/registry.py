@@ -50,12 +50,9 @@ def _identity(cls: type) -> str:
 
 
 def load_builtins() -> None:
-    """Import the built-in methods (once); before a plugin registers its own, so that a plugin
-    reusing a built-in's name is refused rather than replaced or replacing."""
-    _load_builtins()
-
-
-def _load_builtins() -> None:
+    """Import the built-in methods (once): lazily on the first lookup, and before a plugin
+    registers its own, so that a plugin reusing a built-in's name is refused rather than replaced
+    or replacing."""
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
@@ -64,13 +61,13 @@ def _load_builtins() -> None:
 
 def available_methods() -> list[str]:
     """Names of every registered strategy, sorted."""
-    _load_builtins()
+    load_builtins()
     return sorted(_REGISTRY)
 
 
 def method_class(name: str) -> type:
     """The strategy class registered under ``name``; `UnknownMethodError` lists the known names."""
-    _load_builtins()
+    load_builtins()
     if name not in _REGISTRY:
         public = [n for n in sorted(_REGISTRY) if not n.startswith("_")]  # "_name": internal probes and tests
         raise UnknownMethodError(f"unknown method {name!r}; available methods: {', '.join(public)}")

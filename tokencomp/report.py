@@ -26,7 +26,7 @@ from PIL import Image  # noqa: E402
 from ._compat import tomllib  # noqa: E402
 from .data import read_rows  # noqa: E402
 from .errors import TokencompError  # noqa: E402
-from .provenance import codes_of  # noqa: E402
+from .provenance import codes_of, split_code  # noqa: E402
 
 PLOTS = ("accuracy_vs_tflops", "accuracy_vs_tokens", "latency_vs_tokens", "speedup", "tokens_per_layer", "overlays")
 
@@ -219,11 +219,12 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
 
         preds = {r["method"]: read_rows(run / "predictions" / f"{r['cell']}.jsonl") for _, r in g.iterrows()}
         n_img = min(overlay_samples, min(len(p) for p in preds.values()))
-        if any(_image(run, p[i]["image"]) is None for p in preds.values() for i in range(n_img)):
+        shown = {m: [_image(run, p[i]["image"]) for i in range(n_img)] for m, p in preds.items()}
+        if any(None in found for found in shown.values()):
             n_img = 0  # images not at hand (a copy of the run without its data): no overlays drawn
         overlay = plots / f"overlays_{tag}.png"
         if n_img:
-            _overlays(g, preds, n_img, f"{model} / {dataset}", overlay, run)
+            _overlays(g, preds, shown, f"{model} / {dataset}", overlay)
         if overlay.is_file():  # drawn now, or kept from the run when the predictions are not at hand
             files["overlays"] = overlay
 
@@ -285,13 +286,15 @@ def _image(run: Path, stored: str) -> Path | None:
     return None
 
 
-def _overlays(g: pd.DataFrame, preds: dict, n_img: int, where: str, path: Path, run: Path) -> None:
-    """The first ``n_img`` images of each method (columns), its kept base-view tokens in red."""
+def _overlays(g: pd.DataFrame, preds: dict, images: dict, where: str, path: Path) -> None:
+    """Each method's (columns) images (``images``: method -> image paths, its first predictions'),
+    its kept base-view tokens in red."""
+    n_img = len(next(iter(images.values())))
     fig, axes = plt.subplots(n_img, len(g), figsize=(1.6 * len(g), 1.7 * n_img + 0.4), squeeze=False)
     for j, (_, r) in enumerate(g.iterrows()):
         for i in range(n_img):
             p = preds[r["method"]][i]
-            _overlay(axes[i][j], _image(run, p["image"]), p["kept_patches"], r["grid"], r["family"])
+            _overlay(axes[i][j], images[r["method"]][i], p["kept_patches"], r["grid"], r["family"])
             if i == 0:
                 axes[i][j].set_title(r["method"], fontsize=6)
     fig.suptitle(f"kept base-view tokens (red) at the last layer: {where}", fontsize=8)
@@ -388,10 +391,9 @@ def _code_note(rows: list[dict]) -> list[str]:
         return []
     package, files = set(), {}
     for code in codes_of(rows):
-        head, *own = code.split("; ")
+        head, own = split_code(code)
         package.add(head)
-        for entry in own:
-            name, _, digest = entry.rpartition("@")
+        for name, digest in own.items():
             files.setdefault(name, set()).add(digest)
     versions = sorted(package) + [f"{name} ({len(d)} versions)" for name, d in sorted(files.items()) if len(d) > 1]
     within = sorted({r["method"] for r in rows if len(codes_of([r])) > 1})

@@ -34,9 +34,10 @@ An experiment file names models, datasets and a grid of methods::
     label = "pool64+fastv"   # a composition of strategies in one run
     compose = [{name = "pool", budget = 64}, {name = "fastv", k = 2}]
 
-The whole file is validated before any work: a missing model path or dataset file, an unknown
-key, method or parameter before any model is loaded, then a bad budget on the first batch or on the LLaVA-NeXT images with the fewest and most tokens, missing dataset, a method
-a model cannot serve, two configurations under one label). Every finished sample is appended to
+The whole file is validated before any work: before any model is loaded, a missing model path or
+dataset file, an unknown key, method or parameter, a missing dataset, two configurations under one
+label; then a bad budget on the first batch or on the LLaVA-NeXT images with the fewest and most
+tokens, a method a model cannot serve. Every finished sample is appended to
 ``predictions/<cell>.jsonl`` and every finished cell to ``results.jsonl``; a crashed or
 interrupted run started again skips finished cells and samples, so nothing is lost or repeated.
 Generated splits live in ``data/<dataset>/`` with the settings they were made from
@@ -80,7 +81,7 @@ from .errors import TokencompError, renamed
 from .metrics import answer_score, mean_ci, paired_difference_ci, scores_by_type, yes_no_scores
 from .model import Model, load_model, model_path
 from .profiler import Timing, measure, measure_interleaved
-from .provenance import code_version, codes_of, file_digests, strategy_files
+from .provenance import code_version, codes_of, file_digests, split_code, strategy_files
 from .registry import load_builtins
 from .registry import method as make_method
 from .strategy import check_int
@@ -342,7 +343,7 @@ def _check_source(name: str, source: str) -> None:
 
 def import_plugins(entries: list[str], base: str | Path) -> list[Path]:
     """Import the modules that register an experiment's own methods (``@tc.register``); returns
-    their files (recorded with the run's code, `tokencomp.provenance.code_version`).
+    their files (the digest of a method's file joins its cells' code: `tokencomp.provenance.strategy_files`).
 
     Args:
         entries: each a ``.py`` file (relative to ``base``) or an importable module name.
@@ -592,7 +593,7 @@ def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> 
     if side_by_side:  # groups with new cells, or whose pass was cut short, are timed (again)
         stale = _stale_groups(exp)
         if stale:
-            _time_side_by_side(exp, models, datasets, exp.settings["latency_repeats"], progress, stale)
+            _time_side_by_side(exp, models, datasets, exp.settings["latency_repeats"], progress, package, stale)
     _in_cell_order(exp)
     _paired_deltas(exp)
     return results
@@ -720,14 +721,14 @@ def remeasure_latency(run_dir: str | Path, repeats: int | None = None, progress:
         datasets = {name: _dataset(spec, run, regenerate=False) for name, spec in exp.datasets.items()}
         _check_data(run, datasets, started=True)
         package = code_version()
-        made = sorted({c.split("; ")[0] for c in codes_of(read_rows(results))} - {package})
+        made = sorted({split_code(c)[0] for c in codes_of(read_rows(results))} - {package})
         if made:  # timings of this code beside accuracy and FLOPs of another
             tqdm.write(
                 f"warning: {run}'s cells were made with other code ({', '.join(made)}) than re-times them "
                 f"({package}); each row's latency.code says which timed it",
                 file=sys.stderr,
             )
-        return _time_side_by_side(exp, {}, datasets, repeats, progress)
+        return _time_side_by_side(exp, {}, datasets, repeats, progress, package)
 
 
 def _finished_groups(exp: Experiment) -> dict[tuple[str, str], list[Cell]]:
@@ -751,13 +752,13 @@ def _stale_groups(exp: Experiment) -> set[tuple[str, str]]:
 
 
 def _time_side_by_side(
-    exp: Experiment, models: dict, datasets: dict, repeats: int, progress: bool, only: set | None = None
+    exp: Experiment, models: dict, datasets: dict, repeats: int, progress: bool, code: str, only: set | None = None
 ) -> Path:
     """`remeasure_latency`'s work on a loaded experiment (``models``: those already loaded; the
-    others are loaded when needed; ``only``: the (model, dataset) groups to time, default all)."""
+    others are loaded when needed; ``code``: the package's `code_version`, which the timings
+    record; ``only``: the (model, dataset) groups to time, default all)."""
     results = exp.out / "results.jsonl"
     groups = {k: v for k, v in _finished_groups(exp).items() if only is None or k in only}
-    code = code_version()  # the engine's (the timing runs no method file's scoring)
     for (model_name, dataset), group in tqdm(groups.items(), desc="side-by-side latency", disable=not progress):
         if model_name not in models:
             models[model_name] = _load_model(exp.models[model_name], exp.load[model_name])

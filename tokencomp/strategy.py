@@ -157,10 +157,14 @@ class Strategy:
         """The strategy's parameters as plain data (for run records and result tables)."""
         return {f.name: getattr(self, f.name) for f in fields(self)} if hasattr(self, "__dataclass_fields__") else {}
 
+    @property
+    def label(self) -> str:
+        """The registered name, or the class name of an unregistered strategy."""
+        return self.name if self.name != "unnamed" else type(self).__name__
+
     def __str__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        name = self.name if self.name != "unnamed" else type(self).__name__  # an unregistered strategy
-        return f"{name}({args})"
+        return f"{self.label}({args})"
 
 
 # ----------------------------------------------------------------------------------------------
