@@ -75,10 +75,14 @@ def run_pruned(hf, out, kept: torch.Tensor, k: int, steps: int):
     return first, tokens
 
 
-def fastv_reference(hf, inputs: dict, image_token_id: int, k: int, ratio: float, steps: int, query: str = "last"):
+def fastv_reference(
+    hf, inputs: dict, image_token_id: int, k: int, ratio: float, steps: int, query: str = "last", rounding="round"
+):
     """FastV on one unpadded sample, from eager attentions and an explicitly shortened sequence.
     Image tokens are ranked by the head-mean attention of layer ``k - 1`` from the last token
     (``query="last"``), averaged over the text tokens' rows (``"text"``) or over every row (``"all"``).
+    The kept count: the authors' ``round(N * (1 - R))`` (their HF integration), or ``int(...)``
+    with ``rounding="floor"`` (their lmms-eval script).
 
     Returns (kept original indices, prefill last logits, greedy tokens by no-cache recomputation).
     """
@@ -90,7 +94,7 @@ def fastv_reference(hf, inputs: dict, image_token_id: int, k: int, ratio: float,
         att = out.attentions[k - 1][0].mean(0)  # (n, n) head mean
         rows = {"last": att[-1:], "text": att[ids != image_token_id], "all": att}[query]
         score = rows.mean(0)[img]
-        n_keep = int(len(img) * (1 - ratio))
+        n_keep = (round if rounding == "round" else int)(len(img) * (1 - ratio))
         top = img[score.argsort(descending=True, stable=True)[:n_keep]]
         keep = torch.ones(n, dtype=torch.bool)
         keep[img] = False
@@ -172,7 +176,7 @@ def dart_reference(
 
         image_pivots, text_pivots = top(img, pivot_image), top(text, pivot_text)
         indices_set = set(image_pivots + text_pivots)
-        visit = list(indices_set.copy())
+        visit = list(indices_set)  # the released loop: `for item in list(indices_set)`
         P = pivot_image + pivot_text
         if exact:
             rest = min(budget, len(img)) - len(image_pivots)

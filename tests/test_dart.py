@@ -27,7 +27,17 @@ def normed_model(model):
 
 
 @pytest.mark.parametrize(
-    "k,budget,pivots,count", [(2, 16, (2, 2), "code"), (1, 11, (3, 2), "exact"), (3, 8, (1, 4), "exact")]
+    "k,budget,pivots,count",
+    [
+        (2, 16, (2, 2), "code"),
+        (1, 11, (3, 2), "exact"),
+        (3, 8, (1, 4), "exact"),
+        # 5 to 7 pivots: CPython lists such small sets in an order a copy of the set can change
+        (2, 18, (4, 2), "code"),
+        (2, 10, (3, 2), "code"),
+        (1, 12, (4, 1), "exact"),
+        (2, 12, (2, 4), "code"),
+    ],
 )
 def test_dart_matches_reference_prefill_and_decode(normed_model, images, k, budget, pivots, count):
     model = normed_model
@@ -184,3 +194,26 @@ def test_dart_budget_beyond_the_image_is_refused_before_work(models, images):
     batch = tc.prepare(model, images[:1], PROMPTS[:1])
     with pytest.raises(tc.BudgetError, match="budget"):
         tc.Engine(model, tc.method("dart", budget=1000)).prefill(batch)
+
+
+def test_pivot_order_is_the_released_list_of_the_set():
+    """The pivots are visited in the order of the released ``list(set(image + text))`` (each part by
+    descending key norm). For these six indices a copy of the set lists them otherwise
+    ([612, 615, 120, 88, 300, 45]), which the previous code followed."""
+    from types import SimpleNamespace
+
+    from tokencomp.methods.dart import DART
+
+    image, text = [120, 88, 300, 45], [612, 615]  # each by descending norm
+    n = 640
+    norm = torch.zeros(1, n)
+    for rank, c in enumerate(image + text):
+        norm[0, c] = 100.0 - rank
+    image_pivots = torch.zeros(1, n, dtype=torch.bool)
+    text_pivots = torch.zeros(1, n, dtype=torch.bool)
+    image_pivots[0, image] = True
+    text_pivots[0, text] = True
+    ctx = SimpleNamespace(valid=torch.ones(1, n, dtype=torch.bool))
+    index, valid = DART.set_order(ctx, norm, image_pivots, text_pivots)
+    assert index[0].tolist() == list(set(image + text))  # the released expression, in this interpreter
+    assert valid.all()

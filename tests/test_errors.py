@@ -251,3 +251,33 @@ class _OwnErrorStrategy(tc.VisionStrategy):
 def test_a_strategys_own_error_class_is_still_named(model, images):
     with pytest.raises(tc.TokencompError, match=r"^_test-own-error: value=7 outside \[0, 3\]"):
         tc.generate(model, images[:1], PROMPTS[:1], method=tc.method("_test-own-error"))
+
+
+def test_pinpoints_not_multiples_of_the_view_size_are_refused():
+    """The processor would cut 3 views where the model counts 2 (and HF's own forward fails)."""
+    from tokencomp.tiny import tiny_llava
+
+    hf, proc = tiny_llava("llava-next", image_size=56)
+    hf.config.image_grid_pinpoints = [[56, 84], [84, 56]]
+    with pytest.raises(tc.UnsupportedModelError, match=r"\[\[56, 84\], \[84, 56\]\].*multiples of the view size 56"):
+        tc.Model(hf, proc)
+
+
+def test_processor_views_checked_against_the_model_before_work(images):
+    """A processor with other pinpoints than the model's: the view mismatch is named (pinpoints,
+    view size) before the vision tower runs."""
+    from tokencomp.tiny import tiny_llava
+
+    hf, proc = tiny_llava("llava-next", image_size=28)
+    model = tc.Model(hf, proc)
+    proc.image_processor.image_grid_pinpoints = [[28, 56]]  # every image: thumbnail + 1x2 crops
+    calls = []
+    handle = model.vision_model.embeddings.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        # the model cuts this image into 2x2 crops (pinpoint 56x56), the processor into 1x2
+        batch = tc.prepare(model, [images[0]], [PROMPTS[0]])
+        with pytest.raises(tc.InputMismatchError, match=r"fewer views than the model's 5 .*pinpoints \[\[28, 56\]"):
+            tc.Engine(model).prefill(batch)
+    finally:
+        handle.remove()
+    assert calls == []

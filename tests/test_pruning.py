@@ -11,18 +11,27 @@ import tokencomp as tc
 
 
 @pytest.mark.parametrize(
-    "k,ratio,query", [(2, 0.5, "last"), (1, 0.75, "last"), (3, 0.25, "last"), (2, 0.5, "all"), (1, 0.75, "text")]
+    "k,ratio,query,rounding",
+    [
+        (2, 0.5, "last", "round"),
+        (1, 0.75, "last", "round"),
+        (3, 0.25, "last", "round"),
+        (2, 0.5, "all", "round"),
+        (1, 0.75, "text", "round"),
+        # 36 x 0.1 = 3.6 image tokens kept (LLaVA-1.5): 4 by the authors' round, 3 by floor
+        (2, 0.9, "last", "round"),
+        (2, 0.9, "last", "floor"),
+    ],
 )
-def test_fastv_matches_reference_prefill_and_decode(model, images, k, ratio, query):
+def test_fastv_matches_reference_prefill_and_decode(model, images, k, ratio, query, rounding):
     hf = eager_copy(model)
     for i in range(2):
         batch = tc.prepare(model, [images[i]], [PROMPTS[i]])
         kept, ref_logits, ref_tokens = fastv_reference(
-            hf, hf_inputs(batch), model.image_token_id, k, ratio, steps=6, query=query
+            hf, hf_inputs(batch), model.image_token_id, k, ratio, steps=6, query=query, rounding=rounding
         )
-        tokens, pre = tc.Engine(model, tc.method("fastv", k=k, ratio=ratio, query=query)).generate(
-            batch, max_new_tokens=6, eos_token_id=None
-        )
+        method = tc.method("fastv", k=k, ratio=ratio, query=query, rounding=rounding)
+        tokens, pre = tc.Engine(model, method).generate(batch, max_new_tokens=6, eos_token_id=None)
         assert pre.state.orig_index[0].tolist() == kept.tolist()
         torch.testing.assert_close(pre.logits[0], ref_logits[0], rtol=1e-4, atol=1e-4)
         assert tokens[0] == ref_tokens

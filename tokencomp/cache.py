@@ -21,6 +21,8 @@ class LayerKVCache:
             filled part of the layer's buffer once decoding has begun (a view, contiguous in
             ``d_head``).
         valid: per layer ``(B, n_l)`` bool, which cached entries are real tokens (not padding).
+        positions: per layer ``(B, n_l)`` long, the position ids of the cached entries (a sliding
+            window may count in them).
         next_pos: per layer ``(B,)`` long, the position id the next decoded token gets there.
         reserve: positions a layer's buffer leaves free when it is (re)allocated; the engine sets it
             to the decoding steps still to come.
@@ -30,6 +32,7 @@ class LayerKVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.valid: list[torch.Tensor | None] = [None] * num_layers
+        self.positions: list[torch.Tensor | None] = [None] * num_layers
         self.next_pos: list[torch.Tensor | None] = [None] * num_layers
         self.reserve = reserve
         self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers

@@ -19,6 +19,12 @@ Position-id policy (one per stage, both switchable in `EngineOptions`):
   its own pruning whatever the option says.
 Decoded tokens continue, in each layer, from that layer's last position + 1.
 
+Each decoder layer attends as its config says (`tokencomp.attention`): full causal, or a sliding
+window (Mistral, Qwen2 / Qwen3 with ``use_sliding_window``, Gemma2 / Gemma3 ``layer_types``), its
+mask built with transformers' masking utilities, its rotary embedding of its own kind (Gemma3).
+``window="sequence"`` (default, as Hugging Face counts): a window spans the tokens the layer holds,
+in order; ``"position"``: it spans position ids (see `tokencomp.attention`).
+
 A layer strategy may also insert tokens inside the LLM (`LayerStrategy.recycle_tokens`, SparseVLM's
 merged tokens): they go right after each sample's kept image tokens, have no source position and
 so need contiguous LLM positions, and get score 0 in the captures taken before they existed.
@@ -35,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kernels
+from . import attention, kernels
 from .cache import LayerKVCache
 from .errors import InputMismatchError, TokencompError, UnsupportedModelError, renamed
 from .layout import filled_slots, pad_left, place_columns, repack
@@ -69,18 +75,23 @@ ROW_CHUNK = 256  # query rows per attention-rows call when scores average over m
 
 @dataclass
 class EngineOptions:
-    """Run options: position-id policies (module docstring) and the token-kernel backend
-    (``"auto"``: Triton on CUDA tensors, PyTorch reference otherwise; ``"torch"``; ``"triton"``)."""
+    """Run options: position-id policies (module docstring), what a sliding window counts in
+    (``window``: ``"sequence"``, the tokens a layer holds, as Hugging Face; ``"position"``, position
+    ids; see `tokencomp.attention`) and the token-kernel backend (``"auto"``: Triton on CUDA tensors,
+    PyTorch reference otherwise; ``"torch"``; ``"triton"``)."""
 
     vision_positions: str = "contiguous"
     llm_positions: str = "original"
     kernel_backend: str = "auto"
+    window: str = "sequence"
 
     def __post_init__(self) -> None:
         kernels.backend(None, self.kernel_backend)  # validates the name
         for name in ("vision_positions", "llm_positions"):
             if getattr(self, name) not in ("contiguous", "original"):
                 raise TokencompError(f"{name} must be 'contiguous' or 'original', got {getattr(self, name)!r}")
+        if self.window not in attention.WINDOW_COUNTS:
+            raise TokencompError(f"window must be one of {list(attention.WINDOW_COUNTS)}, got {self.window!r}")
 
 
 @dataclass
@@ -158,12 +169,13 @@ class FrozenPlan:
         index: ``(B, t)`` long, their columns, left padded; a padding slot holds a column that no
             real slot holds.
         ok: ``(B, t)`` bool, the real slots.
-        mask: ``(B, 1, t, n)`` additive attention mask of their query rows.
+        masks: per attention kind, the ``(B, 1, t, n)`` additive mask of their query rows (filled
+            by `Engine._frozen_layer` when a layer of that kind first needs it).
     """
 
     index: torch.Tensor
     ok: torch.Tensor
-    mask: torch.Tensor
+    masks: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -341,6 +353,28 @@ class Engine:
             raise InputMismatchError("LLaVA-NeXT needs image_sizes with one (height, width) row per image")
         return [tuple(int(x) for x in s) for s in batch.image_sizes.tolist()]
 
+    def _check_views(self, batch: Batch) -> None:
+        """LLaVA-NeXT: each image's views in ``pixel_values`` are the thumbnail and crops its size
+        gives (`Model.views_per_image`), the rest zero padding up to the batch's most views; a
+        processor whose crops disagree (pinpoints read otherwise) is named before any work."""
+        m = self.model
+        if m.family != "llava-next" or batch.pixel_values is None:
+            return
+        pix = batch.pixel_values
+        sizes = self._image_sizes(batch, pix.shape[0])
+        counts = [m.views_per_image(s) for s in sizes]
+        extra = [i for i, c in enumerate(counts) if c < pix.shape[1] and bool(pix[i, c:].ne(0).any())]
+        short = [i for i, c in enumerate(counts) if pix.dim() != 5 or c > pix.shape[1]]
+        if extra or short:
+            i = (short + extra)[0]
+            given = "fewer" if i in short else "more"
+            raise InputMismatchError(
+                f"image {i} ({sizes[i][0]}x{sizes[i][1]} px): the processor gave {given} views than the model's "
+                f"{counts[i]} (thumbnail + {m.crop_grid(sizes[i])[0]}x{m.crop_grid(sizes[i])[1]} crops of "
+                f"{m.view_size} px from image_grid_pinpoints {m.pinpoints}); the processor and the model must "
+                "share the pinpoints and the view size"
+            )
+
     def run_info(self, batch: Batch, spans) -> RunInfo:
         """What the strategies' ``check`` sees of ``batch`` (token counts per sample and view),
         from its image ``spans`` (`validate`'s output)."""
@@ -374,6 +408,7 @@ class Engine:
             raise InputMismatchError("input_ids and attention_mask must both be (batch, length)")
         if bool((batch.attention_mask[:, -1] == 0).any()) or bool((batch.attention_mask.long().diff(dim=1) < 0).any()):
             raise InputMismatchError("the batch must be left padded (each row: padding, then its tokens to the end)")
+        self._check_views(batch)
         spans = self.image_spans(batch)
         info = self.run_info(batch, spans)
         for s in self.strategies:
@@ -411,10 +446,7 @@ class Engine:
             for local in range(len(sample)):
                 nv = m.views_per_image(sizes[img])
                 p = batch.pixel_values[img]
-                p = p[None] if p.dim() == 3 else p[:nv]
-                if p.shape[0] != nv:
-                    raise InputMismatchError(f"image {img} has {p.shape[0]} views, expected {nv}")
-                pix.append(p)
+                pix.append(p[None] if p.dim() == 3 else p[:nv])  # as `_check_views` checked
                 role += list(range(nv))
                 image += [img] * nv
                 key += [local * 1000 + r for r in range(nv)]
@@ -781,32 +813,53 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
     # decoder
-    def _mask(self, key_valid: torch.Tensor, query_index: torch.Tensor | None, dtype) -> torch.Tensor | None:
-        """Additive mask ``(B, 1, q, n)``: causal over sequence index, padding keys hidden.
+    def _mask(
+        self,
+        key_valid: torch.Tensor,
+        query_index: torch.Tensor | None,
+        dtype,
+        kind: str = attention.FULL,
+        positions: torch.Tensor | None = None,
+        all_valid: bool | None = None,
+        decoding: bool = False,
+    ) -> torch.Tensor | None:
+        """Additive mask ``(B, 1, q, n)`` of a layer of attention ``kind``: causal over sequence
+        index, padding keys hidden, and a sliding layer's window (`tokencomp.attention`).
 
         ``query_index`` ``(B, q)`` gives each query row's index in the key sequence (None: the
-        square prefill case). Rows with no visible key (padding rows) see everything instead.
+        square prefill case; ``decoding``: one row, the last key). ``positions`` ``(B, n)``: the
+        keys' position ids, which the window counts in under ``window="position"`` (the queries'
+        are those of their keys). Rows with no visible key (padding rows) see everything instead.
+        None where no mask is needed (prefill or decoding, every key real, full causal or a window
+        longer than the sequence): ``all_valid`` says whether every key is real when the caller
+        knows it (one host read saved).
         """
         b, n = key_valid.shape
-        dev = key_valid.device
         impl = self.model.attn_implementation
+        window = self.model.sliding_window if kind == attention.SLIDING else None
+        by_position = window is not None and self.options.window == "position"
+        if window is not None and not by_position and n <= window:
+            window = None  # the window reaches every key: the layer attends as a full one
+        if impl.startswith("flash") and not by_position:
+            window = None  # FlashAttention applies the layer's window itself, in sequence positions
+        plain = window is None and (impl == "sdpa" or impl.startswith("flash")) and (query_index is None or decoding)
+        if plain and (all_valid if all_valid is not None else bool(key_valid.all())):
+            return None  # plain causal: SDPA's fast path, FlashAttention's causal kernel
         if query_index is None:
-            if bool(key_valid.all()) and (impl == "sdpa" or impl.startswith("flash")):
-                return None  # plain causal: SDPA's fast path, FlashAttention's causal kernel
-            query_index = torch.arange(n, device=dev).expand(b, n)
+            query_index = torch.arange(n, device=key_valid.device).expand(b, n)
         if impl.startswith("flash"):  # it would read a (B, 1, q, n) mask as a 2-D padding mask
             raise TokencompError(
                 f"attn_implementation {impl!r} cannot run samples of different lengths (per-sample keep "
-                "counts, or a sample that stopped decoding before the others); load the model with 'sdpa'"
+                "counts, or a sample that stopped decoding before the others), nor sliding windows whose "
+                "counting differs from its own; load the model with 'sdpa'"
             )
-        allowed = key_valid[:, None, :] & (torch.arange(n, device=dev)[None, None, :] <= query_index[:, :, None])
-        allowed |= ~allowed.any(-1, keepdim=True)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask[:, None]
+        query_pos = None if not by_position else positions.gather(1, query_index)
+        allow = attention.allowed(key_valid, query_index, window, positions if by_position else None, query_pos)
+        return attention.additive(allow, dtype)
 
-    def _rope(self, hidden: torch.Tensor, positions: torch.Tensor):
-        return self.model.rotary_emb(hidden, positions)
+    def _rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``kind -> (cos, sin)`` of ``positions`` for each attention kind the decoder's layers have."""
+        return {kind: self.model.rope(hidden, positions, kind) for kind in dict.fromkeys(self.model.layer_kinds)}
 
     @torch.no_grad()
     def prefill(self, batch: Batch, all_logits: bool = False) -> PrefillOutput:
@@ -830,49 +883,53 @@ class Engine:
         tokens = torch.zeros(bsz, L, dtype=torch.long, device=state.hidden.device)  # read once at the end:
         visual = torch.zeros_like(tokens)  # no host sync per layer
         image = torch.zeros_like(tokens)
-        cos_sin = self._rope(state.hidden, state.positions)
-        mask = self._mask(state.valid, None, state.hidden.dtype)
+        cos_sin = self._rope(state.hidden, state.positions)  # per attention kind
+        masks: dict[str, torch.Tensor | None] = {}  # per attention kind, built when a layer first needs it
         frozen_plans: dict[str, FrozenPlan] = {}  # per frozen kind, while the packing stays
         for i, layer in enumerate(m.layers):
+            kind = m.layer_kinds[i]
             early = [n for n in self.needs if n.kind in PREPRUNE_NEEDS and n.layer == i]
             if early:  # layer i's own norm and q/k on the tokens entering it, before its pruning
                 normed = layer.input_layernorm(state.hidden)
-                got = {"input_layernorm": normed, "k_proj": layer.self_attn.k_proj(normed)}
-                self._score_rows(layer, got, state, cos_sin, early, captures, scores)
+                got = {"input_layernorm": normed, "keys": m.key_source(layer.self_attn)(normed)}
+                self._score_rows(layer, i, got, state, cos_sin[kind], early, captures, scores)
             if i in self.prune_at:
                 state, changed = self._prune(state, i, scores, input_images)
                 if changed:
                     cos_sin = self._rope(state.hidden, state.positions)
-                    mask = self._mask(state.valid, None, state.hidden.dtype)
-                    frozen_plans = {}
+                    masks, frozen_plans = {}, {}
             wanted = [
                 n for n in self.needs if n.kind in DECODER_NEEDS and n.kind not in PREPRUNE_NEEDS and n.layer == i
             ]
             key_norms = [n for n in self.needs if n.kind in KEY_NORM_NEEDS and n.layer == i]
             hooks = (
-                _capture(layer, ["input_layernorm"] if wanted else [], {"k_proj": layer.self_attn.k_proj})
+                _capture(layer, ["input_layernorm"] if wanted else [], {"keys": m.key_source(layer.self_attn)})
                 if wanted or key_norms
                 else _nothing()
             )
             with hooks as got:
                 if i in self.frozen:
-                    kind = self.frozen[i]
-                    if kind not in frozen_plans:
-                        frozen_plans[kind] = self._frozen_plan(state, kind)
-                    state.hidden = self._frozen_layer(layer, i, state, cos_sin, cache, frozen_plans[kind])
+                    frozen = self.frozen[i]
+                    if frozen not in frozen_plans:
+                        frozen_plans[frozen] = self._frozen_plan(state, frozen)
+                    state.hidden = self._frozen_layer(layer, i, state, cos_sin[kind], cache, frozen_plans[frozen])
                 else:
+                    if kind not in masks:
+                        masks[kind] = self._mask(state.valid, None, state.hidden.dtype, kind, state.positions)
                     state.hidden = layer(
                         state.hidden,
-                        attention_mask=mask,
+                        attention_mask=masks[kind],
                         position_ids=state.positions,
                         **{self.model.cache_kwarg: cache},
                         use_cache=True,
-                        position_embeddings=cos_sin,
+                        position_embeddings=cos_sin[kind],
                     )
-            self._score_rows(layer, got, state, cos_sin, wanted, captures, scores)
+            self._score_rows(layer, i, got, state, cos_sin[kind], wanted, captures, scores)
             for need in key_norms:  # the RoPE'd keys _score_rows kept in `got`
-                captures[need] = scores[need] = self._rope_keys(layer, got, cos_sin).float().abs().sum(dim=(1, 3))
+                keys = self._rope_keys(layer, got, cos_sin[kind])
+                captures[need] = scores[need] = keys.float().abs().sum(dim=(1, 3))
             cache.valid[i] = state.valid
+            cache.positions[i] = state.positions
             # after the highest position (not the last column's: a merged token without a source can sit
             # anywhere in its image's span when a prompt ends on its image)
             cache.next_pos[i] = state.positions.masked_fill(~state.valid, -1).amax(1) + 1
@@ -1004,34 +1061,35 @@ class Engine:
             new.rater &= ~added
         return new, index.masked_fill(~valid, 0)
 
-    def _score_rows(self, layer, got, state: SeqState, cos_sin, needs, captures: dict, scores: dict) -> None:
+    def _score_rows(self, layer, i: int, got, state: SeqState, cos_sin, needs, captures: dict, scores: dict) -> None:
         """Each decoder need's per-head rows into ``captures`` and their head-mean, query-mean
-        ``(B, n)`` into ``scores``, from the norm output and keys in ``got``."""
+        ``(B, n)`` into ``scores``, from layer ``i``'s norm output and key projection in ``got``."""
         for need in needs:
-            captures[need] = self._decoder_rows(layer, got, state, cos_sin, need.kind.rsplit("_", 1)[1])
+            captures[need] = self._decoder_rows(layer, i, got, state, cos_sin, need.kind.rsplit("_", 1)[1])
             scores[need] = captures[need].mean(dim=(1, 2))
 
     def _rope_keys(self, layer, got: dict, cos_sin) -> torch.Tensor:
-        """The layer's keys with RoPE applied, ``(B, H_kv, n, d_head)``, from the captured ``k_proj``
-        output ``(B, n, H_kv * d_head)``; computed once per layer and kept in ``got`` (a layer with
-        both an attention-row and a key-norm capture uses them twice)."""
+        """The layer's keys as its attention uses them (per-head norm and RoPE applied),
+        ``(B, H_kv, n, d_head)``, from the captured output of its key projection (`Model.key_source`);
+        computed once per layer and kept in ``got`` (a layer with both an attention-row and a
+        key-norm capture uses them twice)."""
         if "k_rope" not in got:
-            k = got["k_proj"]
-            b, n, _ = k.shape
             cos, sin = cos_sin
-            got["k_rope"] = self.model.apply_rope(k.view(b, n, -1, layer.self_attn.head_dim).transpose(1, 2), cos, sin)
+            got["k_rope"] = self.model.apply_rope(self.model.keys(layer.self_attn, got["keys"]), cos, sin)
         return got["k_rope"]
 
-    def _decoder_rows(self, layer, got, state: SeqState, cos_sin, query: str) -> torch.Tensor:
+    def _decoder_rows(self, layer, i: int, got, state: SeqState, cos_sin, query: str) -> torch.Tensor:
         """Per-head softmax attention rows from the captured norm output and keys: ``(B, heads, 1, n)``,
         the last token's row (``query="last"``) or the mean row over the text tokens (``"text"``),
-        the rater tokens (``"raters"``) or all tokens (``"all"``), computed ``ROW_CHUNK`` query rows at a time (no n x n map kept)."""
+        the rater tokens (``"raters"``) or all tokens (``"all"``), computed ``ROW_CHUNK`` query rows at
+        a time (no n x n map kept). As layer ``i`` computes them: its scale, logit soft-cap and window."""
         m = self.model
         attn = layer.self_attn
         x = got["input_layernorm"]
         b, n, _ = x.shape
-        hd = attn.head_dim
         cos, sin = cos_sin
+        window = m.sliding_window if m.layer_kinds[i] == attention.SLIDING else None
+        by_position = self.options.window == "position"
         if query == "last":
             rows = torch.full((b, 1), n - 1, device=x.device)
             row_ok = torch.ones(b, 1, dtype=torch.bool, device=x.device)
@@ -1043,10 +1101,20 @@ class Engine:
         total = None
         for s in range(0, rows.shape[1], ROW_CHUNK):
             r, ok = rows[:, s : s + ROW_CHUNK], row_ok[:, s : s + ROW_CHUNK]
-            q = attn.q_proj(gather(x, r)).view(b, r.shape[1], -1, hd).transpose(1, 2)
-            q = m.apply_rope(q, gather(cos, r), gather(sin, r))
+            q = m.apply_rope(m.project(attn, gather(x, r), "q"), gather(cos, r), gather(sin, r))
+            allow = None
+            if window is not None and (by_position or n > window):
+                pos = state.positions if by_position else None
+                allow = attention.allowed(state.valid, r, window, pos, None if pos is None else pos.gather(1, r))
             _, probs = kernels.attention_rows(
-                q, kh, attn.scaling, state.valid, r, backend=self.options.kernel_backend
+                q,
+                kh,
+                attn.scaling,
+                state.valid,
+                r,
+                backend=self.options.kernel_backend,
+                softcap=m.softcap,
+                allowed=allow,
             )  # (B, H, chunk, n)
             part = probs.masked_fill(~ok[:, None, :, None], 0.0).sum(2, keepdim=True)
             total = part if total is None else total + part
@@ -1066,33 +1134,40 @@ class Engine:
         # sample with padding slots, as it has fewer active tokens than the packed width <= n
         spare = (~active).long().argmax(1, keepdim=True)
         index = torch.where(ok, index, spare)
-        return FrozenPlan(index, ok, self._mask(state.valid, index, state.hidden.dtype))
+        return FrozenPlan(index, ok)
 
     def _frozen_layer(self, layer, idx: int, state: SeqState, cos_sin, cache: LayerKVCache, plan: FrozenPlan):
         """A layer in which the tokens outside ``plan`` (image tokens for ShortV) pass through
         unchanged but still give keys and values; the tokens in it are computed as in the
-        ordinary layer. Returns the new hidden states ``(B, n, d)``."""
+        ordinary layer (its attention kind, scale and soft-cap; Gemma2 / Gemma3's norms around
+        the attention and MLP outputs). Returns the new hidden states ``(B, n, d)``."""
         m = self.model
         attn = layer.self_attn
         h = state.hidden
         b, n, d = h.shape
-        hd = attn.head_dim
         cos, sin = cos_sin
         rows = plan.index
         t = rows.shape[1]
         gather = self._gather
+        kind = m.layer_kinds[idx]
+        if kind not in plan.masks:
+            plan.masks[kind] = self._mask(state.valid, rows, h.dtype, kind, state.positions)
         x = layer.input_layernorm(h)
-        q = attn.q_proj(gather(x, rows)).view(b, t, -1, hd).transpose(1, 2)
-        k = attn.k_proj(x).view(b, n, -1, hd).transpose(1, 2)
-        v = attn.v_proj(x).view(b, n, -1, hd).transpose(1, 2)
-        q = m.apply_rope(q, gather(cos, rows), gather(sin, rows))
-        k = m.apply_rope(k, cos, sin)
-        k, v = cache.update(k, v, idx)
-        out, _ = m.attention_function(attn)(attn, q, k, v, plan.mask, dropout=0.0, scaling=attn.scaling)
+        q = m.apply_rope(m.project(attn, gather(x, rows), "q"), gather(cos, rows), gather(sin, rows))
+        k = m.apply_rope(m.project(attn, x, "k"), cos, sin)
+        k, v = cache.update(k, m.project(attn, x, "v"), idx)
+        capped = {} if m.softcap is None else {"softcap": m.softcap}
+        out, _ = m.attention_function(attn)(
+            attn, q, k, v, plan.masks[kind], dropout=0.0, scaling=attn.scaling, **capped
+        )
         out = attn.o_proj(out.reshape(b, t, -1))
         h_rows = gather(h, rows)
-        ht = h_rows + out
-        ht = ht + layer.mlp(layer.post_attention_layernorm(ht))
+        if m.sandwich_norms:
+            ht = h_rows + layer.post_attention_layernorm(out)
+            ht = ht + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(ht)))
+        else:
+            ht = h_rows + out
+            ht = ht + layer.mlp(layer.post_attention_layernorm(ht))
         ht = torch.where(plan.ok[..., None], ht, h_rows)  # padding slots rewrite their spare token as it was
         return h.clone().scatter_(1, rows[..., None].expand(b, t, d), ht)
 
@@ -1126,6 +1201,7 @@ class Engine:
         # every layer's position for the next token (layers may number differently: llm_positions)
         next_pos = torch.stack(cache.next_pos)[..., None]  # (L, B, 1)
         n_layers, nb = next_pos.shape[:2]
+        flat_pos = next_pos.view(n_layers * nb, 1)
         for _ in range(max_new_tokens - 1):
             # without an EOS no sample finishes: nothing to read (timed runs); else one read per step
             finished = done.tolist() if eos_token_id is not None else [False]
@@ -1134,30 +1210,35 @@ class Engine:
             all_live = not any(finished) or flash
             x = m.embed_tokens(nxt[:, None])
             live = ~done[:, None]  # a finished sample's padding steps leave no valid key behind
-            cos, sin = self._rope(x, next_pos.view(n_layers * nb, 1))  # RoPE of all layers at once
-            cos, sin = cos.view(n_layers, nb, *cos.shape[1:]), sin.view(n_layers, nb, *sin.shape[1:])
-            masks = {}  # layers that share a validity mask (no pruning between them) share its key mask
+            # RoPE of all layers at once (one call per attention kind)
+            rope = {k: [t.view(n_layers, nb, *t.shape[1:]) for t in cs] for k, cs in self._rope(x, flat_pos).items()}
+            # layers that share a validity mask (no pruning between them) share its key mask
+            masks: dict[tuple, tuple] = {}
             for i, layer in enumerate(m.layers):
+                kind = m.layer_kinds[i]
                 pos = next_pos[i]
-                prev = cache.valid[i]
-                if id(prev) not in masks:  # (prev is kept in the entry, so its id is not reused)
+                prev, prev_pos = cache.valid[i], cache.positions[i]
+                key = (id(prev), id(prev_pos))  # (both are kept in the entry, so their ids are not reused)
+                if key not in masks:
                     key_valid = torch.cat([prev, live], dim=1)
-                    full_i = full[i] and all_live
-                    mask = None
-                    if not full_i:
-                        mask = self._mask(key_valid, torch.full_like(pos, key_valid.shape[1] - 1), x.dtype)
-                    masks[id(prev)] = (prev, key_valid, full_i, mask)
-                _, key_valid, full[i], mask = masks[id(prev)]
+                    key_pos = torch.cat([prev_pos, pos], dim=1)  # a window may count in them
+                    masks[key] = (prev, prev_pos, key_valid, key_pos, full[i] and all_live, {})
+                _, _, key_valid, key_pos, full[i], by_kind = masks[key]
+                if kind not in by_kind:
+                    last = torch.full_like(pos, key_valid.shape[1] - 1)
+                    by_kind[kind] = self._mask(key_valid, last, x.dtype, kind, key_pos, full[i], decoding=True)
+                cos, sin = rope[kind]
                 x = layer(
                     x,
-                    attention_mask=mask,
+                    attention_mask=by_kind[kind],
                     position_ids=pos,
                     **{self.model.cache_kwarg: cache},
                     use_cache=True,
                     position_embeddings=(cos[i], sin[i]),
                 )
-                cache.valid[i] = key_valid
+                cache.valid[i], cache.positions[i] = key_valid, key_pos
             next_pos = next_pos + 1
+            flat_pos = next_pos.view(n_layers * nb, 1)
             logits = m.lm_head(m.norm(x[:, -1])).float()
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), logits.argmax(-1))
             steps.append(nxt)

@@ -25,11 +25,19 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
+from .attention import FULL, KINDS, SLIDING
 from .errors import TokencompError, UnsupportedModelError
 
 # Embedded default models, shipped inside the package (recipe: experiments/train_tiny.py; accuracy: README "Embedded default models").
 EMBEDDED_DIR = Path(__file__).parent / "assets"
 EMBEDDED = {"tiny-llava": "tiny-llava", "tiny-llava-next": "tiny-llava-next"}
+
+# The decoders (``text_config.model_type``) whose layers the engine drives: each is a row of the
+# conformance matrix (tests/test_conformance.py: identity, generation, batching, FastV and a frozen
+# layer equal to Hugging Face on LLaVA-1.5 and LLaVA-NeXT). Others are refused when the model is
+# wrapped, before any forward pass: a decoder may scale its input embeddings in its own forward
+# (Granite), run layers that are not attention (hybrids), or lay its projections out otherwise.
+SUPPORTED_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 
 
 class Model:
@@ -49,6 +57,16 @@ class Model:
         layers: decoder layers; ``rotary_emb``, ``norm``, ``embed_tokens``, ``lm_head`` as named.
         grid: ``(h, w)`` patch grid of one view; ``patches_per_view = h * w``.
         feature_layers: vision layer outputs fed to the projector (``vision_feature_layer``).
+        layer_kinds: per decoder layer, ``"full_attention"`` or ``"sliding_attention"``;
+            ``sliding_window`` the window in tokens (None without sliding layers).
+        fused_qkv / qk_norm / softcap / sandwich_norms: the decoder's attention layout (Phi-3's one
+            projection, Qwen3 / Gemma3's per-head norms, Gemma2's logit cap, Gemma2 / 3's norms around
+            the attention and MLP outputs), which the engine's own attention code follows.
+
+    Raises:
+        UnsupportedModelError: a decoder outside `SUPPORTED_DECODERS`, an attention kind other
+            than full or sliding, LLaVA-NeXT pinpoints that are not multiples of the view size, a
+            vision tower or feature selection the engine does not drive.
     """
 
     def __init__(self, hf: nn.Module, processor=None, name: str | None = None) -> None:
@@ -89,14 +107,7 @@ class Model:
         self.norm = lm.norm
         self.embed_tokens = lm.embed_tokens
         self.lm_head = hf.lm_head
-        for i, layer in enumerate(self.layers):
-            for part in ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn"):
-                if not hasattr(layer, part):
-                    raise UnsupportedModelError(f"decoder layer {i} ({type(layer).__name__}) has no {part}")
-        attn = self.layers[0].self_attn
-        self._rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
-        if self._rope is None:
-            raise UnsupportedModelError(f"cannot find apply_rotary_pos_emb for {type(attn).__name__}")
+        self._read_decoder(cfg.text_config)
         # the decoder layers' KV-cache keyword: ``cache`` since transformers 5.24, ``past_key_values``
         # before (5.24 still accepts the old name, with a warning, until 5.40)
         params = inspect.signature(type(self.layers[0]).forward).parameters
@@ -109,9 +120,70 @@ class Model:
         self.patches_per_view = self.grid[0] * self.grid[1]
         self.image_token_id = cfg.image_token_id
         self.pinpoints = getattr(cfg, "image_grid_pinpoints", None)
+        if self.family == "llava-next":
+            odd = [p for p in self.pinpoints or [] if p[0] % self.view_size or p[1] % self.view_size]
+            if not self.pinpoints or odd:
+                raise UnsupportedModelError(
+                    f"image_grid_pinpoints {self.pinpoints} must be (height, width) multiples of the view size "
+                    f"{self.view_size} px (vision_config.image_size){f'; these are not: {odd}' if odd else ''}"
+                )
         self.num_layers = len(self.layers)
         self.vision_num_layers = len(self.vision_layers_list)
         self.attn_implementation = cfg.text_config._attn_implementation or "eager"
+
+    def _read_decoder(self, text_config) -> None:
+        """Read the decoder's attention layout, or refuse it (`UnsupportedModelError`): the attention
+        kind of each layer and the window, the rotary embedding per kind, where queries, keys and
+        values are projected (separate or fused), their per-head norms, the logit soft-cap and
+        the residual structure of a layer."""
+        name = text_config.model_type
+        if name not in SUPPORTED_DECODERS:
+            raise UnsupportedModelError(
+                f"decoder model_type {name!r} is not supported; supported decoders: {', '.join(SUPPORTED_DECODERS)}"
+            )
+        if getattr(text_config, "use_bidirectional_attention", False):
+            raise UnsupportedModelError(f"decoder {name!r} with use_bidirectional_attention=True: causal decoders only")
+        n_layers = len(self.layers)
+        window = getattr(text_config, "sliding_window", None)
+        # as the decoders dispatch their masks: `layer_types` where the config has them (Qwen2, Qwen3,
+        # Gemma2, Gemma3), else every layer sliding when a window is set (Mistral, Phi-3)
+        kinds = getattr(text_config, "layer_types", None) or [SLIDING if window is not None else FULL] * n_layers
+        if len(kinds) != n_layers:
+            raise UnsupportedModelError(f"layer_types has {len(kinds)} entries for {n_layers} decoder layers")
+        for i, kind in enumerate(kinds):
+            if kind not in KINDS:
+                raise UnsupportedModelError(f"decoder layer {i} has attention kind {kind!r}; supported: {list(KINDS)}")
+        if SLIDING in kinds and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise UnsupportedModelError(f"sliding-window layers need sliding_window >= 1, got {window!r}")
+        self.layer_kinds: list[str] = list(kinds)
+        self.sliding_window: int | None = window if SLIDING in kinds else None
+        for i, layer in enumerate(self.layers):
+            attn = getattr(layer, "self_attn", None)
+            fused = hasattr(attn, "qkv_proj")
+            parts = ["input_layernorm", "post_attention_layernorm", "mlp", "self_attn"]
+            parts += [f"self_attn.{p}" for p in (("qkv_proj",) if fused else ("q_proj", "k_proj", "v_proj"))]
+            for part in parts + ["self_attn.o_proj"]:
+                owner, _, leaf = part.rpartition(".")
+                if not hasattr(getattr(layer, owner) if owner else layer, leaf):
+                    raise UnsupportedModelError(f"decoder layer {i} ({type(layer).__name__}) has no {part}")
+        attn = self.layers[0].self_attn
+        self.fused_qkv = hasattr(attn, "qkv_proj")  # Phi-3: one projection, queries | keys | values
+        self.qk_norm = hasattr(attn, "q_norm")  # Qwen3, Gemma3: a norm over each head's queries and keys
+        if self.qk_norm and attn.q_norm.weight.shape[-1] != attn.head_dim:
+            raise UnsupportedModelError(f"{type(attn).__name__}: a query norm over more than one head is not supported")
+        # Gemma2 / Gemma3: the attention and MLP outputs are normed before each residual add
+        self.sandwich_norms = all(
+            hasattr(self.layers[0], n) for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+        )
+        self.softcap = getattr(attn, "attn_logit_softcapping", None)  # Gemma2: cap * tanh(logits / cap)
+        tc = text_config
+        hd = attn.head_dim
+        self._qkv_split = (tc.num_attention_heads * hd, tc.num_key_value_heads * hd)
+        self._rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+        if self._rope is None:
+            raise UnsupportedModelError(f"cannot find apply_rotary_pos_emb for {type(attn).__name__}")
+        # Gemma3's rotary embedding takes the layer kind (local / global bases)
+        self._rope_by_kind = "layer_type" in inspect.signature(type(self.rotary_emb).forward).parameters
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
@@ -205,9 +277,46 @@ class Model:
         return inside.view(rows, gh, cols, gw).permute(0, 2, 1, 3).reshape(rows * cols, gh * gw)
 
     # -- attention helpers ----------------------------------------------------------------------
+    def rope(self, hidden: torch.Tensor, positions: torch.Tensor, kind: str = FULL):
+        """``(cos, sin)`` ``(B, n, d_rot)`` of ``positions`` ``(B, n)`` for the layers of attention
+        ``kind`` (one rotary embedding for all kinds except Gemma3's local / global pair)."""
+        if self._rope_by_kind:
+            return self.rotary_emb(hidden, positions, kind)
+        return self.rotary_emb(hidden, positions)
+
     def apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding of ``x`` ``(B, heads, n, d_head)`` with ``cos/sin`` ``(B, n, d_head)``."""
+        """Rotary embedding of ``x`` ``(B, heads, n, d_head)`` with ``cos/sin`` ``(B, n, d_rot)``
+        (the decoder's own function: a partial rotary leaves the rest of each head as it is)."""
         return self._rope(x, x, cos, sin)[0]
+
+    def key_source(self, attn: nn.Module) -> nn.Module:
+        """The module whose output holds a layer's keys: ``k_proj``, or the fused ``qkv_proj``."""
+        return attn.qkv_proj if self.fused_qkv else attn.k_proj
+
+    def _heads(self, attn: nn.Module, y: torch.Tensor, part: str) -> torch.Tensor:
+        """``(B, n, heads * d_head) -> (B, heads, n, d_head)``, through the per-head norm of
+        queries or keys where the decoder has one."""
+        y = y.view(*y.shape[:-1], -1, attn.head_dim).transpose(1, 2)
+        return getattr(attn, f"{part}_norm")(y) if self.qk_norm and part != "v" else y
+
+    def keys(self, attn: nn.Module, source_out: torch.Tensor) -> torch.Tensor:
+        """A layer's keys ``(B, H_kv, n, d_head)`` before RoPE, from the output ``(B, n, *)`` of its
+        `key_source`."""
+        if self.fused_qkv:
+            q, k = self._qkv_split
+            source_out = source_out[..., q : q + k]
+        return self._heads(attn, source_out, "k")
+
+    def project(self, attn: nn.Module, x: torch.Tensor, part: str) -> torch.Tensor:
+        """A layer's queries (``part="q"``), keys (``"k"``) or values (``"v"``) ``(B, heads, n, d_head)``
+        of its normed input ``x`` ``(B, n, d)``, before RoPE: only that part of a fused projection
+        is computed."""
+        if not self.fused_qkv:
+            return self._heads(attn, getattr(attn, f"{part}_proj")(x), part)
+        q, k = self._qkv_split
+        rows = {"q": slice(0, q), "k": slice(q, q + k), "v": slice(q + k, None)}[part]
+        w, b = attn.qkv_proj.weight, attn.qkv_proj.bias
+        return self._heads(attn, nn.functional.linear(x, w[rows], None if b is None else b[rows]), part)
 
     def attention_function(self, attn: nn.Module) -> Callable:
         """The transformers attention function the model is configured with (SDPA, eager, ...)."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
+    CONFIG_MAPPING,
     CLIPVisionConfig,
-    LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
@@ -78,6 +78,8 @@ def tiny_llava(
     mlp: int | None = None,
     words: list[str] | None = None,
     vision: str = "clip",
+    decoder: str = "llama",
+    decoder_config: dict | None = None,
 ):
     """Build a random-weight LLaVA-1.5 (``family="llava"``) or LLaVA-NeXT (``"llava-next"``) model.
 
@@ -98,6 +100,9 @@ def tiny_llava(
         words: tokenizer vocabulary after the special tokens (default: a small English set).
         vision: ``"clip"`` (CLS token, ``vision_feature_select_strategy="default"``) or ``"siglip"``
             (no CLS, ``"full"``: every patch token reaches the projector); LLaVA-1.5 family only.
+        decoder: the decoder's transformers ``model_type`` (``"llama"``, ``"mistral"``, ``"qwen2"``,
+            ``"qwen3"``, ``"gemma"``, ``"gemma2"``, ``"gemma3_text"``, ``"phi3"``, ...).
+        decoder_config: further decoder config fields (e.g. ``{"sliding_window": 8}``).
 
     Returns:
         ``(hf_model, processor)``: a transformers model in eval mode and its processor.
@@ -118,18 +123,22 @@ def tiny_llava(
         image_size=image_size,
         patch_size=patch_size,
     )
-    text = LlamaConfig(
+    if decoder not in CONFIG_MAPPING:
+        raise ValueError(f"decoder {decoder!r} is not a transformers model_type")
+    text = CONFIG_MAPPING[decoder](
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=mlp or hidden * 2,
         num_hidden_layers=text_layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,  # Gemma's configs default to 256
         max_position_embeddings=4096,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        **(decoder_config or {}),
     )
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     common = dict(

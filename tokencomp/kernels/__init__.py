@@ -82,6 +82,12 @@ def attention_rows(
     key_valid: torch.Tensor | None = None,
     query_index: torch.Tensor | None = None,
     backend: str = "auto",
+    softcap: float | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head ``(logits, probs)`` ``(B, H, r, n)`` of r query rows; see `tokencomp.kernels.reference.attention_rows`."""
+    """Per-head ``(logits, probs)`` ``(B, H, r, n)`` of r query rows; see `tokencomp.kernels.reference.attention_rows`.
+    Rows with a logit soft-cap or an explicit ``allowed`` mask (a sliding window) are computed by
+    the reference whatever the backend: the Triton kernel takes neither."""
+    if softcap is not None or allowed is not None:
+        return reference.attention_rows(q, k, scale, key_valid, query_index, softcap, allowed)
     return _impl("attention_rows", q, backend)(q, k, scale, key_valid, query_index)

@@ -91,6 +91,8 @@ def attention_rows(
     scale: float,
     key_valid: torch.Tensor | None = None,
     query_index: torch.Tensor | None = None,
+    softcap: float | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of a few query rows against many keys, per head.
 
@@ -101,6 +103,9 @@ def attention_rows(
         key_valid: ``(B, n)`` bool, keys that may be attended (default all).
         query_index: ``(B, r)`` long, each row's index in the key sequence; keys after it are
             masked (causal). Default: no causal limit.
+        softcap: logit soft-cap (Gemma2): scaled logits become ``softcap * tanh(logits / softcap)``.
+        allowed: ``(B, r, n)`` bool, keys each row may attend besides the limits above (a sliding
+            window's mask).
 
     Returns:
         ``(logits, probs)``, both ``(B, H, r, n)`` float32: scaled pre-softmax logits (masked keys
@@ -109,12 +114,14 @@ def attention_rows(
     groups = q.shape[1] // k.shape[1]
     kh = k.float().repeat_interleave(groups, dim=1)
     logits = (q.float() @ kh.transpose(-1, -2)) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     b, _, r, n = logits.shape
-    allowed = torch.ones(b, r, n, dtype=torch.bool, device=q.device)
+    allow = torch.ones(b, r, n, dtype=torch.bool, device=q.device) if allowed is None else allowed.clone()
     if key_valid is not None:
-        allowed &= key_valid[:, None, :]
+        allow &= key_valid[:, None, :]
     if query_index is not None:
-        allowed &= torch.arange(n, device=q.device)[None, None] <= query_index[..., None]
-    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        allow &= torch.arange(n, device=q.device)[None, None] <= query_index[..., None]
+    logits = logits.masked_fill(~allow[:, None], float("-inf"))
     probs = logits.softmax(-1).nan_to_num(0.0)
     return logits, probs

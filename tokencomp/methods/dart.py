@@ -132,9 +132,9 @@ class DART(tc.LayerStrategy):
             ]
             prompt_index = [int(orig[i, c]) for c in listed]
             column_of = dict(zip(prompt_index, listed))
-            # a set built from the list, then copied, as the released code does: both steps can
-            # reorder colliding entries of CPython's hash table
-            columns.append([column_of[j] for j in list(set(prompt_index).copy())])
+            # the released code's list(set(...)): a set built from the list, listed as it stands
+            # (a copy of it would rebuild the hash table and can list colliding entries otherwise)
+            columns.append([column_of[j] for j in list(set(prompt_index))])
         width = max(map(len, columns), default=0)
         index = torch.tensor([c + [0] * (width - len(c)) for c in columns], dtype=torch.long).view(len(columns), width)
         valid = torch.arange(width)[None] < torch.tensor([len(c) for c in columns])[:, None]

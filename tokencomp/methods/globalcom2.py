@@ -22,6 +22,21 @@ logits q·k/sqrt(d_head), patches only. With the global retention ratio R (``rat
    Nor is its reading of the first image's scores for every image of a batch: here each image is
    scored by its own views.)
 
+Two smaller differences with the released code, documented rather than optional (measured by
+running both rules on the same inputs; released code at commit 96b2d00):
+
+- **Unpadding rounding.** The released code unpads as the original LLaVA does, truncating the
+  resized side (``int(original_height * scale)``); transformers' ``unpad_image``, which this engine
+  follows for every LLaVA-NeXT model, rounds first (``int(round(..., 7))``). Over every image size
+  from 10 to 1250 px a side (1.54 million sizes, 336 px views, the default pinpoints) 36 unpadded
+  grids differ, always by 2 rows or columns, e.g. 55 x 176 px: 14 rows released, 16 here.
+  (A larger source of difference with the released pipeline is the crop grid itself: see the
+  README on ``image_grid_pinpoints``.)
+- **Ties.** The released thumbnail ranks with an unstable ``torch.argsort(descending=True)`` and the
+  crops with ``torch.topk``; here both use ``topk``. Equal scores at the cut-off may keep other
+  tokens than the released code (as they may between its CPU and GPU runs); with real-valued CLS
+  logits such ties are rare.
+
 Scores come from the engine's SDPA-compatible capture (the CLS row of one layer only).
 """
 

@@ -22,7 +22,10 @@ and ``contextual`` are given. LLaVA-NeXT: every view (thumbnail and each crop) g
 (640 / 320 / 160 over 5 views = budgets 128 / 64 / 32). ``next_layout="code"`` assembles the crops
 as the released code does: dominant patches of all crops in raster order of the combined crop grid
 with no unpadding and no newline tokens, then each crop's CLS, then each crop's contextual tokens;
-``next_layout="model"`` keeps LLaVA-NeXT's unpadding and newline tokens for the placed tokens.
+``next_layout="model"`` keeps LLaVA-NeXT's unpadding and newline tokens for the placed tokens;
+a crop's dominant tokens are chosen over its whole padded grid, so those that fall in the padding
+unpadding removes are dropped and such a view keeps fewer tokens than its budget (the record's
+``tokens_per_view`` shows what each view kept).
 
 The scores come from the engine's SDPA-compatible capture (CLS row and head-mean keys only), not
 from an eager vision tower.
