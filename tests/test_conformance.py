@@ -152,6 +152,28 @@ def test_captured_rows_and_key_norms_match_hf(case, images):
             torch.testing.assert_close(norm, keys.float().abs().sum((0, 2)), rtol=1e-4, atol=1e-4)
 
 
+IN_LLM = {
+    "pdrop-preprune": lambda: tc.method("pdrop", scoring="preprune"),
+    "dart": lambda: tc.method("dart", k=1, budget=8, pivot_image=2, pivot_text=2),
+    "sparsevlm": lambda: tc.method("sparsevlm", counts=(12, 6), layers=(1, 2)),
+    "schedule": lambda: tc.method("schedule", rates=(1, 1, 0.5, 0.25), query="text"),
+}
+
+
+@pytest.mark.parametrize("method", IN_LLM)
+def test_in_llm_methods_batch_equals_each_alone(case, images, method):
+    """PDrop (pre-prune rows), DART (key norms), SparseVLM (rater rows, recycled tokens) and a
+    schedule run on every decoder, a padded batch equal to each sample alone."""
+    model, _ = case
+    engine = tc.Engine(model, IN_LLM[method]())
+    tokens, pre = engine.generate(tc.prepare(model, images, PROMPTS), max_new_tokens=4, eos_token_id=None)
+    for i in range(len(PROMPTS)):
+        one, p1 = engine.generate(tc.prepare(model, [images[i]], [PROMPTS[i]]), max_new_tokens=4, eos_token_id=None)
+        assert one[0] == tokens[i]
+        torch.testing.assert_close(p1.logits[0], pre.logits[i], rtol=1e-4, atol=1e-4)
+        assert p1.record.tokens_per_layer[0] == pre.record.tokens_per_layer[i]
+
+
 def _suffix_model(hf, k: int):
     """A fresh decoder of layers ``k..L-1`` of ``hf``'s (same config, same weights)."""
     lm = hf.model.language_model
