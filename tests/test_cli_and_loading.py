@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -42,6 +43,55 @@ def test_load_model_errors(tmp_path):
         tc.load_model(tmp_path / "missing")
     with pytest.raises(tc.TokencompError, match="not a model directory"):
         tc.load_model(tmp_path)
+
+
+EVIL = "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('checkpoint code ran')\n"
+
+
+def test_loading_never_runs_checkpoint_code(tmp_path, saved):
+    """A folder whose config asks transformers to run its own code (``auto_map``): the model type
+    is refused from config.json before transformers reads it; in a LLaVA folder the processor's and
+    config's ``auto_map`` entries are never imported either."""
+    import shutil
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "evil.py").write_text(EVIL)
+    (evil / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.Config"}}))
+    with pytest.raises(tc.UnsupportedModelError, match="model_type 'evil' is not one of"):
+        tc.load_model(evil)
+    assert not (evil / "RAN").exists()
+    # a real LLaVA checkpoint, every config file pointing at the folder's code
+    path = tmp_path / "llava"
+    shutil.copytree(saved[0], path)
+    (path / "evil.py").write_text(EVIL)
+    for name in ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        file = path / name
+        if file.is_file():
+            cfg = json.loads(file.read_text())
+            cfg["auto_map"] = {k: "evil.Thing" for k in ("AutoConfig", "AutoModel", "AutoProcessor", "AutoTokenizer")}
+            cfg["auto_map"]["AutoImageProcessor"] = "evil.Thing"
+            file.write_text(json.dumps(cfg))
+    with contextlib.suppress(tc.TokencompError):  # refusing is fine; running the code is not
+        tc.load_model(path)
+    assert not (path / "RAN").exists()
+
+
+def test_checkpoint_without_weights_or_processor(tmp_path, saved):
+    import shutil
+
+    for drop, message in (("*.safetensors", "no weights"), ("*token*", "no usable processor")):
+        path = tmp_path / drop.strip("*.")
+        shutil.copytree(saved[0], path)
+        for f in path.glob(drop):
+            f.unlink()
+        with pytest.raises(tc.TokencompError, match=message):
+            tc.load_model(path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_bytes(b"\xff\xfe not json")
+    with pytest.raises(tc.TokencompError, match="not a JSON config"):
+        tc.load_model(bad)
 
 
 def test_cli_generate_json(saved, capsys):

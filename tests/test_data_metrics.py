@@ -53,7 +53,7 @@ def test_dataset_errors(tmp_path):
         JsonlDataset(tmp_path / "none.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"image": "x.png", "question": "q"}) + "\n")
-    with pytest.raises(tc.TokencompError, match=r"lacks field\(s\) \['answers'\]"):
+    with pytest.raises(tc.TokencompError, match=r"line 1 \(id '0'\): lacks field 'answers'"):
         JsonlDataset(bad)
     bad.write_text(json.dumps({"image": "x.png", "question": "q", "answers": ["a"]}) + "\n")
     with pytest.raises(tc.TokencompError, match="image .*x.png' does not exist"):

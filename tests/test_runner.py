@@ -335,7 +335,7 @@ def test_duplicate_sample_ids_rejected(tmp_path):
     path = generate_split(tmp_path / "d", "val", 3)
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines + lines[:1]) + "\n")
-    with pytest.raises(tc.TokencompError, match="sample ids must be unique"):
+    with pytest.raises(tc.TokencompError, match=r"id '.*' repeats line 1"):
         JsonlDataset(path)
 
 
@@ -367,13 +367,16 @@ def test_bad_lines_and_settings_are_clear_errors(tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "x.png", "question": "q", "answers": ["a"]}\n{"image": \n')
-    with pytest.raises(tc.TokencompError, match=r"bad.jsonl:1: image .* does not exist"):
+    with pytest.raises(
+        tc.TokencompError,
+        match=r"bad.jsonl: 2 problem\(s\).*\n  line 1 \(id '0'\): image .* does not exist\n  line 2: not a JSON line",
+    ):
         JsonlDataset(bad)
     bad.write_text("[1, 2]\n")
-    with pytest.raises(tc.TokencompError, match=r"bad.jsonl:1 is not a JSON object"):
+    with pytest.raises(tc.TokencompError, match=r"line 1: not a JSON object"):
         JsonlDataset(bad)
     bad.write_text('{"image": \n')
-    with pytest.raises(tc.TokencompError, match=r"bad.jsonl:1 is not a JSON line"):
+    with pytest.raises(tc.TokencompError, match=r"bad.jsonl: 1 problem\(s\) in its rows:\n  line 1: not a JSON line"):
         JsonlDataset(bad)
     with pytest.raises(tc.TokencompError, match=r"seed='0' must be an integer >= 0"):
         load_experiment(_write(tmp_path, EXPERIMENT.replace("[experiment]", "[experiment]\nseed = '0'")))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from PIL import Image
 
+from .data import check_image
 from .engine import Batch, Engine, EngineOptions, PrefillOutput
 from .errors import InputMismatchError
 from .model import Model
@@ -48,12 +51,14 @@ def prepare(model: Model, images, prompts: str | list[str]) -> Batch:
     token = getattr(model.processor, "image_token", "<image>")
     flat = []
     for i, (prompt, imgs) in enumerate(zip(prompts, images)):
+        if not isinstance(prompt, str):
+            raise InputMismatchError(f"prompt {i} must be a string, got {type(prompt).__name__}")
         imgs = [] if imgs is None else list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
         if prompt.count(token) != len(imgs):
             raise InputMismatchError(
                 f"prompt {i} has {prompt.count(token)} {token} placeholder(s) but {len(imgs)} image(s) were given"
             )
-        flat += imgs
+        flat += [_image(im, f"prompt {i}, image {j}") for j, im in enumerate(imgs)]
     tok = model.tokenizer
     side = tok.padding_side
     tok.padding_side = "left"
@@ -62,6 +67,31 @@ def prepare(model: Model, images, prompts: str | list[str]) -> Batch:
     finally:
         tok.padding_side = side
     return Batch.from_processor(out)
+
+
+def _image(image, where: str):
+    """A PIL image from what `prepare` accepts: a PIL image, an ``(H, W, 3)`` / ``(3, H, W)`` array
+    or tensor (uint8 0-255 or float 0-1, as the processor reads them), or a path to an image file;
+    anything else an `InputMismatchError` naming ``where`` and what is allowed."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, Path)):
+        problem = check_image(Path(image))
+        if problem:
+            raise InputMismatchError(f"{where}: {problem}")
+        return Image.open(image).convert("RGB")
+    shape = getattr(image, "shape", None)
+    if shape is None:
+        raise InputMismatchError(
+            f"{where}: expected a PIL image, an (H, W, 3) array or tensor, or an image path; got {type(image).__name__}"
+        )
+    shape = tuple(shape)
+    if len(shape) != 3 or not (shape[-1] == 3 or shape[0] == 3) or 0 in shape:
+        raise InputMismatchError(
+            f"{where}: an array image must be RGB, shaped (H, W, 3) or (3, H, W); got shape {shape}"
+            + (" (a grey image: stack it to 3 channels, or pass a PIL image)" if len(shape) == 2 else "")
+        )
+    return image
 
 
 def generate(

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="write report.md / report.html / plots from a run directory")
     r.add_argument("run_dir")
+    r.add_argument(
+        "--wait",
+        action="store_true",
+        help="if a compare or remeasure is still working in the run directory, wait for it to finish "
+        "(without: write a report marked partial)",
+    )
 
     m = sub.add_parser(
         "remeasure", help="time a run's finished cells again, side by side (interleaved), and rewrite their latency"
@@ -112,10 +118,12 @@ def _generate(args) -> int:
     if args.budget is not None:
         params["budget"] = args.budget
     strategy = tc.method(args.method, **params)  # validates name and parameter names first
-    for path in args.image:
-        if not Path(path).is_file():
-            raise tc.TokencompError(f"image file {path!r} does not exist")
-    from .data import fill_template
+    from .data import check_image, fill_template
+
+    for path in args.image:  # before the model loads: missing, a folder, not an image, truncated
+        problem = check_image(Path(path))
+        if problem:
+            raise tc.TokencompError(problem)
     from .runner import DTYPES, model_load_options
 
     if args.template is not None:
@@ -214,8 +222,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             from .report import make_report
+            from .runner import run_in_progress
 
-            print(f"report: {make_report(args.run_dir)}")
+            partial = run_in_progress(args.run_dir)
+            if partial and args.wait:
+                print(f"tokencomp: waiting for the run working in {args.run_dir} to finish", file=sys.stderr)
+                partial = run_in_progress(args.run_dir, wait=True)
+            elif partial:
+                print(
+                    f"tokencomp: warning: a run is still working in {args.run_dir}; this report is partial "
+                    "(--wait waits for it)",
+                    file=sys.stderr,
+                )
+            print(f"report: {make_report(args.run_dir, partial=partial)}")
             return 0
     except TokencompError as e:
         print(f"tokencomp: error: {e}", file=sys.stderr)

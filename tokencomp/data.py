@@ -6,6 +6,10 @@ JSONL format, one sample per line (paths relative to the file's folder or absolu
     {"id": "q0", "image": "images/0.png", "question": "what color is the circle?",
      "answers": ["red"], "type": "attribute"}
 
+Every row is checked when the file is read (`JsonlDataset`): ``question`` a string without an
+``<image>`` of its own (the template places the image), ``answers`` non-empty strings, ``id``
+(default: the line number) unique, the image a file that decodes; all bad rows are reported at once.
+
 ``answers`` holds one or more reference answers (a VQA-style list of 10 human answers is scored
 with the VQA soft metric, a shorter list by exact match against any); ``type`` names the question type (e.g. ``yes/no``, ``count``) for per-type scores. Real
 benchmark exports on disk (GQA, POPE, TextVQA, MME) plug in by writing them in this format.
@@ -14,6 +18,7 @@ benchmark exports on disk (GQA, POPE, TextVQA, MME) plug in by writing them in t
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +69,10 @@ def read_rows(path: str | Path, repair: bool = False) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TokencompError(f"{path} is not UTF-8 text (damaged?): {e}") from e
     lines = [x for x in text.splitlines() if x.strip()]
     rows = []
     for i, line in enumerate(lines):
@@ -75,67 +83,145 @@ def read_rows(path: str | Path, repair: bool = False) -> list[dict]:
                 raise TokencompError(f"{path}:{i + 1} is not a JSON line: {e}") from e
             lines.pop()
     if repair and (len(rows) != len(text.splitlines()) or (text and not text.endswith("\n"))):
-        path.write_text("".join(x + "\n" for x in lines))
+        write_atomic(path, "".join(x + "\n" for x in lines))
     return rows
 
 
+def write_atomic(path: str | Path, text: str | bytes) -> None:
+    """Replace a file whole: written next to it, flushed to disk, then renamed over it, so that a
+    crash at any instant leaves the old file or the new one, never a torn one."""
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    with part.open("wb") as f:
+        f.write(text.encode("utf-8") if isinstance(text, str) else text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+MAX_LISTED = 20  # bad rows listed in one error
+
+
+def check_image(path: Path, decode: bool = True) -> str | None:
+    """What is wrong with an image file, or None: missing, a directory, not an image, or (with
+    ``decode``, a full decode) truncated or corrupt."""
+    if not path.exists():
+        return f"image {str(path)!r} does not exist"
+    if not path.is_file():
+        return f"image {str(path)!r} is not a file"
+    try:
+        with Image.open(path) as im:
+            if decode:
+                im.load()
+    except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError...)
+        return f"image {str(path)!r} does not decode: {type(e).__name__}: {e}"
+    return None
+
+
 class JsonlDataset:
-    """Samples read from a JSONL file (see the module docstring).
+    """Samples read from a JSONL file (see the module docstring), every row checked at once.
+
+    Every row is checked before any work: it is a JSON object with ``image``, ``question`` (a
+    string without ``<image>``: the template places the image) and ``answers`` (a non-empty list
+    of non-empty strings, or one string), its ``id`` (default: its line number) is unique, and its
+    image is a file that decodes in full. All bad rows are reported in one `TokencompError` (the
+    first 20, by line and id). ``validate="lazy"`` checks the rows but not the images (for datasets
+    too large to decode twice): an image that fails later is the runner's to skip and record.
 
     Args:
         path: the ``.jsonl`` file.
-        limit: keep the first ``limit`` samples (None: all).
+        limit: keep the first ``limit`` samples (None: all); only those are checked.
         name: label for records (default: the file stem).
+        validate: ``"full"`` (default) or ``"lazy"``.
 
     Raises:
-        TokencompError: missing file, a line without the required fields, or a missing image.
+        TokencompError: missing or non-UTF-8 file, no sample, or bad rows (listed).
     """
 
     REQUIRED = ("image", "question", "answers")
+    VALIDATE = ("full", "lazy")
 
-    def __init__(self, path: str | Path, limit: int | None = None, name: str | None = None) -> None:
+    def __init__(self, path: str | Path, limit: int | None = None, name: str | None = None, validate: str = "full"):
         self.path = Path(path)
         if not self.path.is_file():
             raise TokencompError(f"dataset file {str(self.path)!r} does not exist")
-        if limit is not None and (not isinstance(limit, int) or limit < 1):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise TokencompError(f"dataset limit must be a positive integer, got {limit!r}")
+        if validate not in self.VALIDATE:
+            raise TokencompError(f"dataset validate must be one of {list(self.VALIDATE)}, got {validate!r}")
         self.name = name or self.path.stem
+        self.validate = validate
         self.samples: list[Sample] = []
-        with self.path.open() as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TokencompError(f"{self.path}:{i + 1} is not a JSON line: {e}") from e
-                if not isinstance(row, dict):
-                    raise TokencompError(f"{self.path}:{i + 1} is not a JSON object")
-                missing = [k for k in self.REQUIRED if k not in row]
-                if missing:
-                    raise TokencompError(f"{self.path}:{i + 1} lacks field(s) {missing}")
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise TokencompError(f"{self.path} is not UTF-8 text: {e}") from e
+        bad: list[str] = []
+        first_line: dict[str, int] = {}
+        for i, line in enumerate(lines):
+            if limit is not None and len(self.samples) >= limit:
+                break
+            if not line.strip():
+                continue
+            sample, problems = self._row(line, i)
+            if sample is not None and sample.id in first_line:
+                problems.append(f"id {sample.id!r} repeats line {first_line[sample.id]}")
+            if problems:
+                where = f"line {i + 1}" + (f" (id {sample.id!r})" if sample is not None else "")
+                bad += [f"{where}: {p}" for p in problems]
+                continue
+            first_line[sample.id] = i + 1
+            self.samples.append(sample)
+        if bad:
+            shown = "\n  ".join(bad[:MAX_LISTED])
+            more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+            raise TokencompError(f"{self.path}: {len(bad)} problem(s) in its rows:\n  {shown}{more}")
+        if not self.samples:
+            raise TokencompError(f"{self.path} holds no sample (one JSON object per line)")
+
+    def _row(self, line: str, i: int) -> tuple[Sample | None, list[str]]:
+        """Line ``i``'s sample (None if it has no usable id) and what is wrong with it."""
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return None, [f"not a JSON line: {e}"]
+        if not isinstance(row, dict):
+            return None, [f"not a JSON object: {line[:60]!r}"]
+        ident = row.get("id", i)
+        if isinstance(ident, bool) or not isinstance(ident, (str, int)):
+            return None, [f"id must be a string or an integer, got {ident!r}"]
+        problems = [f"lacks field {k!r}" for k in self.REQUIRED if k not in row]
+        question, answers = row.get("question"), row.get("answers")
+        answers = [answers] if isinstance(answers, str) else answers
+        if "question" in row and (not isinstance(question, str) or not question.strip()):
+            problems.append(f"question must be a non-empty string, got {question!r}")
+        elif isinstance(question, str) and "<image>" in question:
+            problems.append("the question holds an <image> placeholder; the prompt template places the image")
+        if "answers" in row and (
+            not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers)
+        ):
+            problems.append(f"answers must be a non-empty list of non-empty strings, got {row['answers']!r}")
+        if not isinstance(row.get("type", "open"), str):
+            problems.append(f"type must be a string, got {row['type']!r}")
+        image = None
+        if "image" in row:
+            if not isinstance(row["image"], str) or not row["image"]:
+                problems.append(f"image must be a path string, got {row['image']!r}")
+            else:
                 image = Path(row["image"])
                 image = image if image.is_absolute() else self.path.parent / image
-                if not image.is_file():
-                    raise TokencompError(f"{self.path}:{i + 1}: image {str(image)!r} does not exist")
-                answers = row["answers"] if isinstance(row["answers"], list) else [row["answers"]]
-                extra = {k: v for k, v in row.items() if k not in (*self.REQUIRED, "id", "type")}
-                self.samples.append(
-                    Sample(
-                        str(row.get("id", i)),
-                        image,
-                        row["question"],
-                        [str(a) for a in answers],
-                        row.get("type", "open"),
-                        extra,
-                    )
-                )
-                if limit is not None and len(self.samples) >= limit:
-                    break
-        ids = [s.id for s in self.samples]
-        if len(set(ids)) != len(ids):
-            dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-            raise TokencompError(f"{self.path}: sample ids must be unique; repeated: {dup}")
+                problem = check_image(image, decode=self.validate == "full")
+                if problem and (self.validate == "full" or not image.is_file()):
+                    problems.append(problem)
+        sample = Sample(
+            str(ident),
+            image,
+            question,
+            list(answers) if isinstance(answers, list) else [],
+            row.get("type", "open"),
+            {k: v for k, v in row.items() if k not in (*self.REQUIRED, "id", "type")},
+        )
+        return sample, problems
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -410,6 +411,14 @@ class Engine:
             raise InputMismatchError("the batch must be left padded (each row: padding, then its tokens to the end)")
         self._check_views(batch)
         spans = self.image_spans(batch)
+        longest = int(batch.attention_mask.sum(1).max()) if batch.attention_mask.numel() else 0
+        limit = self.model.max_positions
+        if limit is not None and longest > limit:  # RoPE decoders run past it, as Hugging Face's do
+            warnings.warn(
+                f"a prompt of {longest} tokens (image tokens included) is longer than the decoder's "
+                f"max_position_embeddings={limit}; the model was not trained on such positions",
+                stacklevel=3,
+            )
         info = self.run_info(batch, spans)
         for s in self.strategies:
             try:

@@ -8,6 +8,7 @@ Nothing here patches transformers: the engine calls these modules directly.
 from __future__ import annotations
 
 import inspect
+import json
 import sys
 from collections.abc import Callable
 from functools import lru_cache
@@ -16,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoProcessor,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
@@ -128,6 +128,7 @@ class Model:
                     f"{self.view_size} px (vision_config.image_size){f'; these are not: {odd}' if odd else ''}"
                 )
         self.num_layers = len(self.layers)
+        self.max_positions = getattr(cfg.text_config, "max_position_embeddings", None)
         self.vision_num_layers = len(self.vision_layers_list)
         self.attn_implementation = cfg.text_config._attn_implementation or "eager"
 
@@ -194,16 +195,50 @@ class Model:
         device: str | torch.device = "cpu",
         attn_implementation: str = "sdpa",
     ) -> Model:
-        """Load any LLaVA-1.5 / LLaVA-NeXT checkpoint and its processor from a local directory."""
+        """Load any LLaVA-1.5 / LLaVA-NeXT checkpoint and its processor from a local directory.
+
+        Nothing in the folder is executed: ``config.json`` is read as plain JSON and its model
+        type (and the decoder's) checked before transformers builds anything, and every
+        transformers call runs with ``trust_remote_code=False`` and ``local_files_only=True`` (a
+        folder's ``auto_map`` code is never imported, nothing is downloaded).
+
+        Raises:
+            TokencompError: no ``config.json``, a config that is not JSON, no weights file, no
+                processor, or weights transformers cannot load (named with the folder).
+            UnsupportedModelError: a model type other than ``llava`` / ``llava_next``, or a
+                decoder outside `SUPPORTED_DECODERS`.
+        """
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise TokencompError(f"{str(path)!r} is not a model directory (no config.json)")
-        config = AutoConfig.from_pretrained(path)
+        where = str(path)
+        raw = _read_config(path)
         classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
-        if config.model_type not in classes:
-            raise UnsupportedModelError(f"model_type {config.model_type!r} is not one of {sorted(classes)}")
-        hf = classes[config.model_type].from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-        processor = AutoProcessor.from_pretrained(path)
+        kind = raw.get("model_type")
+        if kind not in classes:
+            raise UnsupportedModelError(f"{where}: model_type {kind!r} is not one of {sorted(classes)}")
+        text = raw.get("text_config") or {}
+        decoder = text.get("model_type", "llama") if isinstance(text, dict) else None  # LlavaConfig's default
+        if decoder not in SUPPORTED_DECODERS:
+            raise UnsupportedModelError(
+                f"{where}: decoder model_type {decoder!r} is not supported; supported decoders: "
+                f"{', '.join(SUPPORTED_DECODERS)}"
+            )
+        weights = [
+            p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")
+        ]
+        if not weights:
+            raise TokencompError(f"{where}: no weights (model*.safetensors or pytorch_model*.bin) in the folder")
+        safe = {"trust_remote_code": False, "local_files_only": True}
+        try:
+            hf = classes[kind].from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **safe)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise TokencompError(f"{where}: the weights did not load: {type(e).__name__}: {e}") from e
+        try:
+            processor = AutoProcessor.from_pretrained(path, **safe)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise TokencompError(
+                f"{where}: no usable processor (tokenizer + image processor files, as save_pretrained writes "
+                f"them): {type(e).__name__}: {e}"
+            ) from e
         return cls(hf.to(device), processor, name=path.name)
 
     @classmethod
@@ -352,6 +387,21 @@ def _unpadded_window(rows: int, cols: int, gh: int, gw: int, orig_h: int, orig_w
     content = int(round(orig_w * rows * gw / orig_h, 7))
     pad = (full_w - content) // 2
     return 0, full_h, pad, full_w - 2 * pad
+
+
+def _read_config(path: Path) -> dict:
+    """A checkpoint folder's ``config.json`` as plain JSON (read without transformers, so that no
+    code it names runs), or a `TokencompError` saying what is wrong with it."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise TokencompError(f"{str(path)!r} is not a model directory (no config.json)")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokencompError(f"{file} is not a JSON config: {e}") from e
+    if not isinstance(raw, dict):
+        raise TokencompError(f"{file} is not a JSON object")
+    return raw
 
 
 def model_path(name_or_path: str | Path) -> Path:

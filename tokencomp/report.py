@@ -12,6 +12,7 @@ import base64
 import html
 import re
 import textwrap
+import time
 from pathlib import Path
 
 import matplotlib
@@ -24,7 +25,7 @@ from adjustText import adjust_text  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ._compat import tomllib  # noqa: E402
-from .data import read_rows  # noqa: E402
+from .data import read_rows, write_atomic  # noqa: E402
 from .errors import TokencompError  # noqa: E402
 from .provenance import codes_of, split_code  # noqa: E402
 
@@ -112,12 +113,14 @@ def _title(run: Path) -> str:
         return run.name
 
 
-def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
+def make_report(run_dir: str | Path, overlay_samples: int = 3, partial: bool = False) -> Path:
     """Write the report of ``run_dir``; returns the path of ``report.md``.
 
     Needs ``results.jsonl``; the overlay plots also need ``predictions/`` (the images' kept
     patches). A copy without it (as ``experiments/results`` keeps) keeps the overlay plots it
-    already has and leaves out the others."""
+    already has and leaves out the others. ``partial``: a run is still working in the directory
+    (`tokencomp.runner.run_in_progress`); the report says so at its top. Each file is replaced
+    whole (a crash leaves the previous report)."""
     run = Path(run_dir)
     results = run / "results.jsonl"
     if not results.is_file():
@@ -217,7 +220,10 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
         fig.savefig(files["tokens_per_layer"], dpi=110)
         plt.close(fig)
 
-        preds = {r["method"]: read_rows(run / "predictions" / f"{r['cell']}.jsonl") for _, r in g.iterrows()}
+        preds = {  # the scored samples (skipped ones, of a lazily validated dataset, have no tokens to draw)
+            r["method"]: [p for p in read_rows(run / "predictions" / f"{r['cell']}.jsonl") if "score" in p]
+            for _, r in g.iterrows()
+        }
         n_img = min(overlay_samples, min(len(p) for p in preds.values()))
         shown = {m: [_image(run, p[i]["image"]) for i in range(n_img)] for m, p in preds.items()}
         if any(None in found for found in shown.values()):
@@ -250,7 +256,18 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
 
     unit = rows[0].get("flops_unit", "FLOPs")
     experiment = _title(run)
-    intro, noise = f"FLOPs are {unit}; TFLOPs per sample. {_latency_note(rows)}", _noise_note(rows) + _code_note(rows)
+    intro, noise = (
+        f"FLOPs are {unit}; TFLOPs per sample. {_latency_note(rows)}",
+        _noise_note(rows) + _code_note(rows) + _cut_note(run, rows),
+    )
+    if partial:
+        noise = [
+            f"**Partial report**: a run was still working in this directory when it was written "
+            f"({time.strftime('%Y-%m-%d %H:%M')}); its unfinished cells are missing. Write it again when the run "
+            "is done (`tokencomp report --wait RUN_DIR` waits for it).",
+            "",
+            *noise,
+        ]
     md = [f"# tokencomp report: {experiment}", "", intro, "", *noise, *COLUMNS, ""]
     page = [
         f"<html><head><meta charset='utf-8'><title>tokencomp report {html.escape(experiment)}</title>",
@@ -271,8 +288,8 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3) -> Path:
             data = base64.b64encode(v.read_bytes()).decode()
             page.append(f"<h3>{k}</h3><img alt='{k}' src='data:image/png;base64,{data}'/>")
     page.append("</body></html>")
-    (run / "report.md").write_text("\n".join(md))
-    (run / "report.html").write_text("\n".join(page))
+    write_atomic(run / "report.md", "\n".join(md))
+    write_atomic(run / "report.html", "\n".join(page))
     return run / "report.md"
 
 
@@ -378,6 +395,26 @@ def _noise_note(rows: list[dict], limit: float = 0.5) -> list[str]:
         f"**Noisy latency:** in {len(noisy)} of {len(rows)} cells the prefill times spread over {limit:.0%} of their "
         f"median ({', '.join(sorted(set(noisy))[:6])}{', ...' if len(set(noisy)) > 6 else ''}). Re-time them on an "
         "idle machine with `tokencomp remeasure RUN_DIR`.",
+        "",
+    ]
+
+
+def _cut_note(run: Path, rows: list[dict]) -> list[str]:
+    """A warning naming finished cells whose predictions file no longer holds a row per sample (cut
+    or edited after the cell finished; resuming the run recomputes them), or nothing. A copy of a
+    run without its predictions (as ``experiments/results`` keeps) is not checked."""
+    cut = []
+    for r in rows:
+        path = run / "predictions" / f"{r['cell']}.jsonl"
+        if path.is_file():
+            have = len(read_rows(path))
+            if have != r.get("samples", 0) + (r.get("skipped") or 0):
+                cut.append(f"{r['method']} on {r['model']} / {r['dataset']} ({have} rows for {r['samples']} samples)")
+    if not cut:
+        return []
+    return [
+        f"**Cut predictions**: {'; '.join(cut)}. Their summary rows and paired differences describe rows that are "
+        "gone: run the same `tokencomp compare` again to recompute them.",
         "",
     ]
 

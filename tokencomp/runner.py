@@ -25,6 +25,7 @@ An experiment file names models, datasets and a grid of methods::
     generator = "tc-scenes"  # the project's benchmark (tokencomp.benchmark.PRESETS; split, n,
     split = "test"           # optional size = [h, w] and tag_px), or path = "data.jsonl"
     n = 24                   # limit = k: the first k samples of a path's file
+                             # validate = "lazy": images checked as they load (default "full")
 
     [[method]]
     name = "visionzip"
@@ -35,8 +36,10 @@ An experiment file names models, datasets and a grid of methods::
     compose = [{name = "pool", budget = 64}, {name = "fastv", k = 2}]
 
 The whole file is validated before any work: before any model is loaded, a missing model path or
-dataset file, an unknown key, method or parameter, a missing dataset, two configurations under one
-label; then a bad budget on the first batch or on the LLaVA-NeXT images with the fewest and most
+dataset file, an unknown table, key, method or parameter (named with the nearest valid one), a
+value of the wrong type (a boolean is not a number), conflicting keys, an empty grid axis, a
+missing dataset, two configurations under one label, a name that would leave the run directory,
+and every row of every dataset (`tokencomp.data.JsonlDataset`); then a bad budget on the first batch or on the LLaVA-NeXT images with the fewest and most
 tokens, a method a model cannot serve. Every finished sample is appended to
 ``predictions/<cell>.jsonl`` and every finished cell to ``results.jsonl``; a crashed or
 interrupted run started again skips finished cells and samples, so nothing is lost or repeated.
@@ -54,6 +57,7 @@ crash leaves none behind; POSIX systems only).
 
 from __future__ import annotations
 
+import difflib
 import errno
 import hashlib
 import importlib.util
@@ -75,7 +79,7 @@ from . import kernels
 from ._compat import tomllib
 from .api import prepare
 from .benchmark import PRESETS, SPLIT_SEED, generate_split
-from .data import JsonlDataset, prompt, read_rows
+from .data import JsonlDataset, check_image, prompt, read_rows, write_atomic
 from .engine import Engine
 from .errors import TokencompError, renamed
 from .metrics import answer_score, mean_ci, paired_difference_ci, scores_by_type, yes_no_scores
@@ -93,7 +97,11 @@ except ImportError:  # pragma: no cover - Windows
 
 EXPERIMENT_KEYS = {"name", "out", "batch_size", "max_new_tokens", "latency_repeats", "seed", "template", "plugins"}
 MODEL_KEYS = {"name", "source", "datasets", "device", "dtype", "attn_implementation"}
-DATASET_KEYS = {"name", "generator", "split", "n", "size", "tag_px", "path", "limit"}
+GENERATOR_KEYS = {"generator", "split", "n", "size", "tag_px"}  # a generated split's settings
+PATH_KEYS = {"path", "limit"}  # a dataset file's
+DATASET_KEYS = {"name", "validate"} | GENERATOR_KEYS | PATH_KEYS
+# an experiment file's tables: [experiment] once, the others as arrays of tables
+TABLES = {"experiment": "[experiment]", "model": "[[model]]", "dataset": "[[dataset]]", "method": "[[method]]"}
 TINY_FAMILIES = ("llava", "llava-next")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -175,21 +183,71 @@ class Experiment:
     plugins: list[Path] = field(default_factory=list)  # the files of the plugins it imported
 
 
+def _nearest(word: str, options) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``options``, or nothing."""
+    close = difflib.get_close_matches(word, sorted(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(where: str, table: dict, known: set[str]) -> None:
+    """A `TokencompError` naming each unknown key of ``table`` with the nearest known one."""
+    bad = sorted(set(table) - known)
+    if bad:
+        named = ", ".join(f"{k!r}{_nearest(k, known)}" for k in bad)
+        raise TokencompError(f"{where} has unknown key(s) {named}; known: {sorted(known)}")
+
+
+def _count(where: str, value, low: int = 1) -> int:
+    """An integer >= ``low`` (a boolean is not one), or a `TokencompError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise TokencompError(f"{where}={value!r} must be an integer >= {low}")
+    return value
+
+
+def _text(where: str, value) -> str:
+    """A non-empty string, or a `TokencompError` naming it."""
+    if not isinstance(value, str) or not value:
+        raise TokencompError(f"{where} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _path_name(where: str, name) -> str:
+    """A name that becomes a file or folder name in the run directory: one plain path component."""
+    _text(where, name)
+    if name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+        raise TokencompError(
+            f"{where}={name!r} becomes a folder in the run directory: use a plain name (no '/', '\\', "
+            "'..' or surrounding spaces)"
+        )
+    return name
+
+
 def _grid(table: dict) -> list[tuple[str, list[dict]]]:
     """Expand one [[method]] table into (label, spec) pairs."""
     table = dict(table)
     table.pop("models", None)
     label = table.pop("label", None)
+    if label is not None:
+        _text("a [[method]] label", label)
     if "compose" in table:
-        spec = [dict(s) for s in table.pop("compose")]
+        compose = table.pop("compose")
+        if not isinstance(compose, list) or not compose or not all(isinstance(s, dict) for s in compose):
+            raise TokencompError(f"compose must be a non-empty list of {{name = ..., ...}} tables, got {compose!r}")
+        spec = [dict(s) for s in compose]
         if table:
             raise TokencompError(f"a compose method takes only label/models/compose, got {sorted(table)}")
-        if any("name" not in s for s in spec):
+        if any(not isinstance(s.get("name"), str) for s in spec):
             raise TokencompError("each entry of compose needs a name")
         return [(label or "+".join(s["name"] for s in spec), spec)]
-    if "name" not in table:
+    if not isinstance(table.get("name"), str):
         raise TokencompError(f"a [[method]] table needs a name (got keys {sorted(table)})")
     name = table.pop("name")
+    empty = [k for k, v in table.items() if v == []]
+    if empty:
+        raise TokencompError(
+            f"method {label or name!r}: {empty[0]} = [] is an empty grid axis; give at least one value "
+            "(a list-valued parameter is written [[...]])"
+        )
     axes = {k: v if isinstance(v, list) else [v] for k, v in table.items()}
     out = []
     for values in itertools.product(*axes.values()) if axes else [()]:
@@ -219,32 +277,35 @@ def load_experiment(
     base = Path(base) if base is not None else path.parent
     if not path.is_file():
         raise TokencompError(f"experiment file {str(path)!r} does not exist")
-    text = path.read_text()
+    text = read_text(path, "experiment file")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise TokencompError(f"{path}: invalid TOML: {e}") from e
+    _check_tables(path, doc)
     exp = doc.get("experiment", {})
-    unknown = set(exp) - EXPERIMENT_KEYS
-    if unknown:
-        raise TokencompError(f"[experiment] has unknown key(s) {sorted(unknown)}; known: {sorted(EXPERIMENT_KEYS)}")
-    name = exp.get("name", path.stem)
+    _check_keys("[experiment]", exp, EXPERIMENT_KEYS)
+    name = _path_name("[experiment] name", exp.get("name", path.stem))
+    for key in ("out", "template"):
+        if key in exp:
+            _text(f"[experiment] {key}", exp[key])
     plugins = import_plugins(_names(exp.get("plugins", []), "[experiment] plugins"), base)
     settings = {"batch_size": 4, "max_new_tokens": 8, "latency_repeats": 3, "seed": 0, "template": None}
     settings.update({k: v for k, v in exp.items() if k in settings})
     for key in ("batch_size", "max_new_tokens", "latency_repeats"):
-        if not isinstance(settings[key], int) or settings[key] < 1:
-            raise TokencompError(f"[experiment] {key}={settings[key]!r} must be an integer >= 1")
-    if not isinstance(settings["seed"], int) or isinstance(settings["seed"], bool) or settings["seed"] < 0:
-        raise TokencompError(f"[experiment] seed={settings['seed']!r} must be an integer >= 0")
+        _count(f"[experiment] {key}", settings[key])
+    _count("[experiment] seed", settings["seed"], 0)
     models, model_datasets, settings_of = {}, {}, {}
     for m in doc.get("model", []):
         if "name" not in m:
             raise TokencompError("each [[model]] needs a name")
-        if set(m) - MODEL_KEYS:
-            raise TokencompError(
-                f"[[model]] {m['name']!r} has unknown key(s) {sorted(set(m) - MODEL_KEYS)}; known: {sorted(MODEL_KEYS)}"
-            )
+        _text("a [[model]] name", m["name"])
+        _check_keys(f"[[model]] {m['name']!r}", m, MODEL_KEYS)
+        for key in ("source", "device", "dtype", "attn_implementation"):
+            if key in m:
+                _text(f"model {m['name']!r}: {key}", m[key])
+        if m["name"] in models:
+            raise TokencompError(f"two [[model]] tables are named {m['name']!r}")
         models[m["name"]] = m.get("source", m["name"])
         _check_source(m["name"], models[m["name"]])
         given = {k: v for k, v in ((load or {}).get(m["name"]) or {}).items() if k in DEFAULT_LOAD}
@@ -257,22 +318,42 @@ def load_experiment(
     for d in doc.get("dataset", []):
         if "name" not in d:
             raise TokencompError("each [[dataset]] needs a name")
-        if set(d) - DATASET_KEYS:
+        where = f"dataset {_path_name('a [[dataset]] name', d['name'])!r}"
+        _check_keys(f"[[dataset]] {d['name']!r}", d, DATASET_KEYS)
+        if d["name"] in datasets:
+            raise TokencompError(f"two [[dataset]] tables are named {d['name']!r}")
+        if "limit" in d:
+            _count(f"{where}: limit", d["limit"])
+        if d.get("validate", "full") not in JsonlDataset.VALIDATE:
+            raise TokencompError(f"{where}: validate={d['validate']!r} must be one of {list(JsonlDataset.VALIDATE)}")
+        kinds = [k for k in ("path", "generator") if k in d]
+        if len(kinds) == 2:
+            raise TokencompError(f"{where} gives both path and generator: a dataset is a file or a generated split")
+        if not kinds or (kinds == ["generator"] and d["generator"] not in PRESETS):
             raise TokencompError(
-                f"[[dataset]] {d['name']!r} has unknown key(s) {sorted(set(d) - DATASET_KEYS)}; known: {sorted(DATASET_KEYS)}"
+                f"{where} needs path = 'file.jsonl' or generator = one of {sorted(PRESETS)}"
+                + (f", got generator = {d['generator']!r}" if kinds else "")
             )
-        if "limit" in d and (not isinstance(d["limit"], int) or isinstance(d["limit"], bool) or d["limit"] < 1):
-            raise TokencompError(f"dataset {d['name']!r}: limit must be a positive integer, got {d['limit']!r}")
-        if "path" not in d and d.get("generator") not in PRESETS:
+        foreign = sorted(set(d) & (PATH_KEYS if kinds == ["generator"] else GENERATOR_KEYS))
+        if foreign:
             raise TokencompError(
-                f"dataset {d['name']!r} needs path = 'file.jsonl' or generator = one of {sorted(PRESETS)}"
+                f"{where}: {foreign} apply to a {'dataset file (path)' if kinds == ['generator'] else 'generated split'}, "
+                f"not to a {'generated split' if kinds == ['generator'] else 'dataset file'}"
             )
         if "generator" in d:
             if d.get("split", "test") not in SPLIT_SEED:
-                raise TokencompError(f"dataset {d['name']!r}: split must be one of {sorted(SPLIT_SEED)}")
-            if not isinstance(d.get("n", 32), int) or d.get("n", 32) < 1:
-                raise TokencompError(f"dataset {d['name']!r}: n must be a positive integer, got {d.get('n')!r}")
+                raise TokencompError(f"{where}: split must be one of {sorted(SPLIT_SEED)}")
+            _count(f"{where}: n", d.get("n", 32))
+            for key in ("size",):
+                value = d.get(key)
+                if value is not None and (
+                    not isinstance(value, list) or len(value) != 2 or not all(_is_count(v) for v in value)
+                ):
+                    raise TokencompError(f"{where}: size must be [height, width] in pixels, got {value!r}")
+            if "tag_px" in d:
+                _count(f"{where}: tag_px", d["tag_px"])
         if "path" in d:
+            _text(f"{where}: path", d["path"])
             p = Path(d["path"])
             p = p if p.is_absolute() else base / p
             if not p.is_file():
@@ -319,6 +400,34 @@ def load_experiment(
             )
     out_dir = Path(out) if out else Path(exp.get("out", Path("runs") / name))
     return Experiment(name, out_dir, settings, models, datasets, cells, text, base.resolve(), settings_of, plugins)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_tables(path: Path, doc: dict) -> None:
+    """The file holds only the known tables, each written as the format wants it."""
+    for key, value in doc.items():
+        if key not in TABLES:
+            raise TokencompError(
+                f"{path}: unknown top-level {key!r}{_nearest(key, TABLES)}; an experiment file holds "
+                f"{', '.join(TABLES.values())}"
+            )
+        if key == "experiment" and not isinstance(value, dict):
+            raise TokencompError(f"{path}: write [experiment] (one table), not [[experiment]] or experiment = ...")
+        if key != "experiment" and not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+            raise TokencompError(
+                f"{path}: write {TABLES[key]} (one table per {key}, repeated), not [{key}] or {key} = ..."
+            )
+
+
+def read_text(path: Path, what: str) -> str:
+    """A file of the run or the experiment as UTF-8 text, or a `TokencompError` naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TokencompError(f"{path} ({what}) is not UTF-8 text (damaged?): {e}") from e
 
 
 def _names(value, what: str) -> list[str]:
@@ -402,7 +511,9 @@ def _check_load(out: Path, exp: Experiment, started: bool) -> None:
     path = out / "models.json"
     now = {name: {"source": exp.models[name], **exp.load[name]} for name in exp.models}
     if started:
-        before = json.loads(path.read_text()) if path.is_file() else {}
+        before = _read_json(path, "the load settings each model was run with") if path.is_file() else {}
+        if not isinstance(before, dict) or not all(isinstance(v, dict) for v in before.values()):
+            raise TokencompError(f"{path} is damaged (not a table of models); restore it, or use another out directory")
         for name, opts in now.items():
             # a run from before models.json was loaded with the defaults
             was = before.get(name, {"source": exp.models[name], **DEFAULT_LOAD})
@@ -413,7 +524,7 @@ def _check_load(out: Path, exp: Experiment, started: bool) -> None:
                     "Mixing the two would mix their results: pass the settings it began with "
                     "(--device / --dtype), or use another --out"
                 )
-    path.write_text(json.dumps(now, indent=1))
+    write_atomic(path, json.dumps(now, indent=1))
 
 
 def _dataset(spec: dict, out: Path, regenerate: bool = True) -> JsonlDataset:
@@ -428,31 +539,42 @@ def _dataset(spec: dict, out: Path, regenerate: bool = True) -> JsonlDataset:
         opts.update({k: spec[k] for k in ("size", "tag_px") if k in spec})
         settings = json.dumps({"generator": spec["generator"], "n": spec.get("n", 32), **opts}, sort_keys=True)
         record = folder / f"{split}.spec.json"
-        if not (path.is_file() and record.is_file() and record.read_text() == settings):
+        if not (path.is_file() and record.is_file() and record.read_bytes() == settings.encode()):
             if not regenerate:
                 raise TokencompError(
                     f"{path} is missing or was generated with other settings than {spec['generator']!r} gives now"
                 )
             generate_split(folder, split, spec.get("n", 32), **opts)
-            record.write_text(settings)
-        return JsonlDataset(path, spec.get("limit"), spec["name"])
-    return JsonlDataset(spec["path"], spec.get("limit"), spec["name"])
+            write_atomic(record, settings)
+        return JsonlDataset(path, spec.get("limit"), spec["name"], spec.get("validate", "full"))
+    return JsonlDataset(spec["path"], spec.get("limit"), spec["name"], spec.get("validate", "full"))
 
 
 def _validation_samples(model: Model, data: JsonlDataset, batch_size: int) -> list:
     """The samples a cell is validated on before any work: the first batch, plus on LLaVA-NeXT the
     samples with the fewest and the most image tokens (budgets are checked against them)."""
-    first = data.samples[:batch_size]
-    if model.family == "llava" or not data.samples:
+    samples = data.samples
+    if data.validate == "lazy":  # images not checked yet: validate on those that open
+        samples = [x for x in samples if check_image(x.image, decode=False) is None]
+    first = samples[:batch_size]
+    if model.family == "llava" or not samples:
         return first
     counts = []
-    for x in data.samples:
+    for x in samples:
         with Image.open(x.image) as im:  # the header only
             counts.append(model.image_token_count((im.size[1], im.size[0])))
     some = {x.id: x for x in first}
     for i in (counts.index(min(counts)), counts.index(max(counts))):
-        some.setdefault(data.samples[i].id, data.samples[i])
+        some.setdefault(samples[i].id, samples[i])
     return list(some.values())
+
+
+def _load_image(sample):
+    """``(image, None)``, or ``(None, what went wrong)`` for an image that does not load."""
+    try:
+        return sample.load_image(), None
+    except Exception as e:  # PIL raises many kinds; a lazily validated dataset records, not dies
+        return None, f"image {str(sample.image)!r} did not load: {type(e).__name__}: {e}"
 
 
 def _decode_flops_per_token(rows: list[dict]) -> float:
@@ -464,11 +586,37 @@ def _decode_flops_per_token(rows: list[dict]) -> float:
     return sum(r["decode_flops_per_token"] for r in rows) / max(len(rows), 1)
 
 
+def _truncated_cells(out: Path, exp: Experiment, datasets: dict[str, JsonlDataset], done: set[str]) -> set[str]:
+    """Finished cells whose prediction file no longer holds one row per sample of their dataset
+    (cut, or edited, after the cell finished): their results rows are removed, with a warning, so
+    that the run recomputes the missing rows and the summary. Returns those cells."""
+    cells = {c.id: c for c in exp.cells}
+    bad = {}
+    for cell in sorted(done & set(cells)):
+        rows = read_rows(out / "predictions" / f"{cell}.jsonl")
+        want = [x.id for x in datasets[cells[cell].dataset].samples]
+        if sorted(r.get("id") for r in rows) != sorted(want):
+            bad[cell] = f"{len(rows)} prediction rows for {len(want)} samples"
+    if bad:
+        results = out / "results.jsonl"
+        _rewrite(results, [r for r in read_rows(results) if r["cell"] not in bad])
+        for cell, why in bad.items():
+            tqdm.write(f"warning: finished cell {cell} has {why}: recomputing it", file=sys.stderr)
+    return set(bad)
+
+
 def _check_extends(out: Path, saved_text: str, new: Experiment) -> None:
     """A run directory takes a changed experiment file only when it adds cells: everything outside
     the [[method]] tables as it was (compared as parsed TOML), and every cell already started
     (finished or with saved predictions) still in the file, unchanged."""
-    old_doc, new_doc = tomllib.loads(saved_text), tomllib.loads(new.text)
+    try:
+        old_doc = tomllib.loads(saved_text)
+    except tomllib.TOMLDecodeError as e:
+        raise TokencompError(
+            f"{out / 'experiment.toml'} (the file the run was started with) is damaged: {e}; restore it from a "
+            "copy, or start the run in another out directory"
+        ) from e
+    new_doc = tomllib.loads(new.text)
 
     def fixed(doc: dict) -> dict:  # plugins may be added to bring new methods (rows' code tracks them)
         return {k: v if k != "experiment" else {**v, "plugins": None} for k, v in doc.items() if k != "method"}
@@ -523,6 +671,21 @@ def _run_lock(run: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def run_in_progress(run: str | Path, wait: bool = False) -> bool:
+    """Whether a ``compare`` or ``remeasure`` is working in ``run`` now (it holds ``run/.lock``);
+    with ``wait``, block until none is (then False)."""
+    lock = Path(run) / ".lock"
+    if fcntl is None or not lock.is_file():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | (0 if wait else fcntl.LOCK_NB))
+        except OSError as e:
+            return isinstance(e, BlockingIOError) or e.errno == errno.EACCES
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
 def run_experiment(exp: Experiment, progress: bool = True, side_by_side: bool = True) -> Path:
     """Run every unfinished cell of ``exp``; returns the results file.
 
@@ -548,12 +711,17 @@ def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> 
     results = out / "results.jsonl"
     started = results.is_file() or any((out / "predictions").glob("*.jsonl"))
     try:
-        if started and saved.is_file() and saved.read_text() != exp.text:
-            _check_extends(out, saved.read_text(), exp)
+        if started and saved.is_file():
+            before = read_text(saved, "the run's experiment file")
+            if before != exp.text:
+                _check_extends(out, before, exp)
         done = {r["cell"] for r in read_rows(results, repair=True)}
         _check_load(out, exp, started)
-        models = {name: _load_model(src, exp.load[name]) for name, src in exp.models.items()}
+        # every row of every dataset checked (`JsonlDataset`) before any model loads
         datasets = {name: _dataset(spec, out) for name, spec in exp.datasets.items()}
+        # the data a resumed run continues on must be the data its earlier rows came from
+        prints = _check_data(out, datasets, started)
+        models = {name: _load_model(src, exp.load[name]) for name, src in exp.models.items()}
         # validate every cell on its model and data (first batch, extreme image sizes) before any forward pass
         engines, checks = {}, {}
         for cell in exp.cells:
@@ -567,16 +735,15 @@ def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> 
                 )
             engine.validate(checks[cell.model, cell.dataset])
             engines[cell.id] = engine
-        # the data a resumed run continues on must be the data its earlier rows came from
-        prints = _check_data(out, datasets, started)
-        (out / "datasets.json").write_text(json.dumps(prints, indent=1))
-        saved.write_text(exp.text)  # only once the whole file has passed validation
-        (out / "experiment.base").write_text(str(exp.base))  # where its relative dataset paths point
+        write_atomic(out / "datasets.json", json.dumps(prints, indent=1))
+        write_atomic(saved, exp.text)  # only once the whole file has passed validation
+        write_atomic(out / "experiment.base", str(exp.base))  # where its relative dataset paths point
     except BaseException:
         if created:  # a file that fails validation leaves no stub run dir behind (data, models.json)
             shutil.rmtree(out, ignore_errors=True)
         raise
     (out / "predictions").mkdir(exist_ok=True)
+    done -= _truncated_cells(out, exp, datasets, done)
     todo = [c for c in exp.cells if c.id not in done]
     # each cell's code: the package's, and the files of its methods defined outside it (plugins)
     package = code_version()
@@ -646,8 +813,8 @@ def _paired_deltas(exp: Experiment) -> None:
     if not ref:
         return
 
-    def scores(cell: str) -> dict:
-        return {p["id"]: p["score"] for p in read_rows(exp.out / "predictions" / f"{cell}.jsonl")}
+    def scores(cell: str) -> dict:  # skipped samples (a lazily validated dataset) are not scored
+        return {p["id"]: p["score"] for p in read_rows(exp.out / "predictions" / f"{cell}.jsonl") if "score" in p}
 
     base = {key: scores(cell) for key, cell in ref.items()}
     for r in rows:
@@ -668,7 +835,7 @@ def _check_data(out: Path, datasets: dict[str, JsonlDataset], started: bool) -> 
     prints = {name: hashlib.sha256(d.path.read_bytes()).hexdigest() for name, d in datasets.items()}
     record = out / "datasets.json"
     if started and record.is_file():
-        before = json.loads(record.read_text())
+        before = _read_json(record, "each dataset file's sha256")
         changed = sorted(n for n in prints if n in before and before[n] != prints[n])
         if changed:
             raise TokencompError(
@@ -712,8 +879,9 @@ def remeasure_latency(run_dir: str | Path, repeats: int | None = None, progress:
     with _run_lock(run):  # before reading the run: a compare finishing meanwhile may extend it
         base, loaded = run / "experiment.base", run / "models.json"
         # time on the device and dtype the run was made with, not the file's own settings
-        made_with = json.loads(loaded.read_text()) if loaded.is_file() else None
-        exp = load_experiment(saved, run, base.read_text() if base.is_file() else None, load=made_with)
+        made_with = _read_json(loaded, "the load settings each model was run with") if loaded.is_file() else None
+        where = read_text(base, "the run's dataset folder") if base.is_file() else None
+        exp = load_experiment(saved, run, where, load=made_with)
         repeats = exp.settings["latency_repeats"] if repeats is None else repeats
         done = {r["cell"] for r in read_rows(results)}
         if not any(c.id in done for c in exp.cells):
@@ -793,13 +961,18 @@ def _latency_fields(t: Timing) -> dict[str, float]:
 
 
 def _rewrite(path: Path, rows: list[dict]) -> None:
-    """Replace a JSONL file whole: written next to it, then renamed over it (never half-written)."""
-    part = path.with_name(path.name + ".part")
-    with part.open("w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
+    """Replace a JSONL file whole (`write_atomic`)."""
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _read_json(path: Path, what: str):
+    """A run file's JSON, or a `TokencompError` naming the damaged file and what it holds."""
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise TokencompError(
+            f"{path} ({what}) is damaged: {e}; restore it from a copy, or start the run in another out directory"
+        ) from e
 
 
 def _run_cell(
@@ -818,8 +991,21 @@ def _run_cell(
             f.write("\n")
     with pred_path.open("a") as f:
         for i in tqdm(range(0, len(pending), bs), desc=cell.label, leave=False, disable=not progress):
-            chunk = pending[i : i + bs]
-            batch = prepare(model, [x.load_image() for x in chunk], [prompt(x, template) for x in chunk])
+            chunk, images = [], []
+            for x in pending[i : i + bs]:  # a dataset validated lazily: an image that fails is skipped, recorded
+                image, problem = _load_image(x)
+                if problem is None:
+                    chunk.append(x)
+                    images.append(image)
+                    continue
+                skipped = {"id": x.id, "type": x.type, "question": x.question, "answers": x.answers}
+                f.write(
+                    json.dumps({**skipped, "skipped": problem, "image": _image_ref(x.image, exp.out), "code": code})
+                )
+                f.write("\n")
+            if not chunk:
+                continue
+            batch = prepare(model, images, [prompt(x, template) for x in chunk])
             tokens, pre = engine.generate(batch, s["max_new_tokens"], tok.eos_token_id, tok.pad_token_id or 0)
             flops = pre.flops
             for b, x in enumerate(chunk):
@@ -859,6 +1045,11 @@ def _run_cell(
         raise TokencompError(
             f"{pred_path} holds {len(got)} rows for {len(want)} samples; delete it to recompute the cell"
         )
+    skipped = len(rows)
+    rows = [r for r in rows if "skipped" not in r]  # scored over the samples that ran
+    skipped -= len(rows)
+    if not rows:
+        raise TokencompError(f"every sample of cell {cell.id} was skipped (see the skipped rows of {pred_path})")
     first_batch = _latency_batch(exp, model, data)
     timing = measure(engine, first_batch, repeats=s["latency_repeats"], new_tokens=_latency_tokens(exp))
     yn = [r for r in rows if r["answers"][0].strip().lower() in ("yes", "no")]  # POPE-style yes/no items
@@ -876,6 +1067,7 @@ def _run_cell(
         "grid": list(model.grid),
         "spec": cell.spec,
         "samples": n,
+        "skipped": skipped,  # samples of a lazily validated dataset whose image failed (not scored)
         "accuracy": mean("score"),
         "accuracy_ci95": list(mean_ci([r["score"] for r in rows])),  # bootstrap over the samples
         "accuracy_by_type": scores_by_type(rows),
