@@ -30,7 +30,8 @@ DECODERS = {
     "qwen3": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2},
     "gemma": {},
     # eager: transformers' Gemma2 does not support SDPA (it has no soft-cap); a cap small enough to bite
-    "gemma2": {"sliding_window": WINDOW, "attn_logit_softcapping": 2.0, "query_pre_attn_scalar": 24},
+    # on tiny random weights (their scaled logits stay near 0.1)
+    "gemma2": {"sliding_window": WINDOW, "attn_logit_softcapping": 0.05, "query_pre_attn_scalar": 24},
     "gemma3_text": {"sliding_window": WINDOW, "query_pre_attn_scalar": 24, "sliding_window_pattern": 2},
     "phi3": {"sliding_window": WINDOW, "partial_rotary_factor": 0.5},
 }
@@ -64,12 +65,17 @@ def test_identity_forward_and_window_matters(case, images):
         ref = model.hf(**hf_inputs(batch)).logits
     valid = batch.attention_mask.bool()
     torch.testing.assert_close(pre.logits[pre.state.valid], ref[valid].float(), rtol=1e-4, atol=1e-4)
-    if DECODERS[decoder].get("sliding_window"):  # the window shapes the output: one full causal mask would not do
-        wide = copy.deepcopy(model.hf)
-        wide.config.text_config.sliding_window = 10**6
-        with torch.no_grad():
-            far = wide(**hf_inputs(batch)).logits
-        assert (far[valid] - ref[valid]).abs().max() > 1e-3
+    # the window and the soft-cap shape the output: a model without them would not pass
+    for key, off in (("sliding_window", 10**6), ("attn_logit_softcapping", None)):
+        if DECODERS[decoder].get(key):
+            other = copy.deepcopy(model.hf)
+            setattr(other.config.text_config, key, off)
+            for layer in other.model.language_model.layers:
+                if key == "attn_logit_softcapping":
+                    layer.self_attn.attn_logit_softcapping = off
+            with torch.no_grad():
+                far = other(**hf_inputs(batch)).logits
+            assert (far[valid] - ref[valid]).abs().max() > 1e-3, key
 
 
 def test_identity_generate(case, images):
@@ -275,9 +281,9 @@ def test_window_counted_in_position_ids(family, images):
         assert (by_sequence - pre.logits).abs().max() > 1e-3  # the two readings differ here
 
 
-def test_frozen_layer_matches_reference(case, images):
+@pytest.mark.parametrize("layer", [1, 2])  # a full and a sliding layer where the decoder alternates
+def test_frozen_layer_matches_reference(case, images, layer):
     model, _ = case
-    layer = 1
     for i in range(2):
         batch = tc.prepare(model, [images[i]], [PROMPTS[i]])
         pre = tc.Engine(model, tc.method("freeze", layers=(layer,))).prefill(batch)
@@ -294,6 +300,66 @@ def test_frozen_layer_matches_reference(case, images):
         finally:
             handle.remove()
         torch.testing.assert_close(pre.logits, ref.float(), rtol=1e-4, atol=1e-4)
+
+
+def _greedy_without_cache(hf, inputs: dict, steps: int) -> list[int]:
+    """Greedy tokens of one unpadded sample, each from a forward over the whole sequence so far
+    (Hugging Face's masks built afresh every step, no cache)."""
+    ids, tokens = inputs["input_ids"], []
+    with torch.no_grad():
+        for _ in range(steps):
+            step = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            nxt = hf(**step).logits[0, -1].argmax()
+            tokens.append(int(nxt))
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("family", ["llava", "llava-next"])
+@pytest.mark.parametrize("past", [-1, 0, 1, 3])
+def test_window_edge_crossed_while_decoding(family, images, past):
+    """A Mistral window a few tokens longer or shorter than the prompt: where decoding crosses it,
+    the engine's masks (its full-attention shortcut while the window reaches every key included)
+    equal Hugging Face's forward over the whole sequence at each step."""
+    hf, proc = tiny_llava(family, seed=2, decoder="mistral")
+    batch = tc.prepare(tc.Model(hf, proc), [images[1]], [PROMPTS[1]])
+    n = batch.input_ids.shape[1]
+    hf.config.text_config.sliding_window = n + past  # crossed at decode step `past` (or before)
+    model = tc.Model(hf, proc)
+    tokens, _ = tc.Engine(model).generate(batch, max_new_tokens=6, eos_token_id=None)
+    assert tokens[0] == _greedy_without_cache(hf, hf_inputs(batch), 6)
+    # the prompt alone at the edge (past = -1: the first key just out of the last query's reach)
+    pre = tc.Engine(model).prefill(batch, all_logits=True)
+    with torch.no_grad():
+        ref = hf(**hf_inputs(batch)).logits
+    torch.testing.assert_close(pre.logits[0], ref[0].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_window_key_on_a_decoder_without_windows_is_ignored(images):
+    """Llama and Gemma have no sliding layers whatever their config says (as transformers runs them)."""
+    for decoder in ("llama", "gemma"):
+        hf, proc = tiny_llava("llava", seed=2, decoder=decoder)
+        hf.config.text_config.sliding_window = 4
+        model = tc.Model(hf, proc)
+        assert set(model.layer_kinds) == {"full_attention"} and model.sliding_window is None
+        batch = tc.prepare(model, images, PROMPTS)
+        with torch.no_grad():
+            ref = hf(**hf_inputs(batch)).logits
+        pre = tc.Engine(model).prefill(batch, all_logits=True)
+        torch.testing.assert_close(pre.logits[pre.state.valid], ref[batch.attention_mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+def test_softcap_without_an_attention_that_applies_it_is_refused():
+    hf, proc = tiny_llava("llava", decoder="gemma2", decoder_config={"attn_logit_softcapping": 50.0})
+    with pytest.raises(UnsupportedModelError, match="attn_implementation 'sdpa' cannot do; load it with .*'eager'"):
+        tc.Model(hf, proc)
+
+
+def test_processor_pinpoints_must_be_the_models(images):
+    hf, proc = tiny_llava("llava-next", image_size=28)
+    proc.image_processor.image_grid_pinpoints = [[56, 28], [28, 56], [56, 56]]  # the model's, reordered
+    with pytest.raises(UnsupportedModelError, match="image_grid_pinpoints .* differ from the model's"):
+        tc.Model(hf, proc)
 
 
 @pytest.mark.parametrize("decoder", ["granite", "cohere"])

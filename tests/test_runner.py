@@ -129,7 +129,10 @@ def test_cli_interruption_says_how_to_resume(tmp_path, capsys):
             lambda t: t + '\n[[method]]\nname = "random"\nbudget = [64, 0]\n',
             r"budget \(tokens kept per view\)=0 is outside the allowed range \[1, 576\]",
         ),
-        (lambda t: t.replace('generator = "tc-scenes"', 'path = "missing.jsonl"'), "missing.jsonl' does not exist"),
+        (
+            lambda t: t.replace('generator = "tc-scenes"\nsplit = "val"\nn = 5', 'path = "missing.jsonl"'),
+            "missing.jsonl' does not exist",
+        ),
         (lambda t: t.replace("batch_size = 2", "batch_size = 0"), "batch_size=0 must be an integer >= 1"),
         (lambda t: t.replace("[experiment]", "[experiment]\nbatchsize = 3"), "unknown key"),
         (lambda t: t + '\n[[method]]\nname = "globalcom2"\n', "GlobalCom² allocates tokens over LLaVA-NeXT crops"),
@@ -703,9 +706,9 @@ def test_a_run_resumed_on_other_code_says_so_and_records_which_code_made_what(tm
         (lambda t: t.replace('"tiny-random:llava"', '"tiny-random:llava2"'), "tiny-random family 'llava2'"),
         (
             lambda t: t.replace("n = 5", "n = 5\nsamples = 4"),
-            r"\[\[dataset\]\] 'scenes' has unknown key\(s\) \['samples'\]",
+            r"\[\[dataset\]\] 'scenes' has unknown key\(s\) 'samples'",
         ),
-        (lambda t: t.replace("n = 5", "n = 5\nlimit = 0"), "limit must be a positive integer"),
+        (lambda t: t.replace("n = 5", "n = 5\nlimit = 0"), "limit=0 must be an integer >= 1"),
         (
             lambda t: t.replace('source = "tiny-random:llava"', 'source = "tiny-random:llava"\ndatasets = "scenes"'),
             "datasets must be a list of names",

@@ -257,6 +257,12 @@ class Engine:
                 raise TokencompError(
                     f"{s} inserts merged tokens, which have no position of their own: use contiguous LLM positions"
                 )
+        flash = model.attn_implementation.startswith("flash")
+        if flash and self.options.window == "position" and attention.SLIDING in model.layer_kinds:
+            raise TokencompError(
+                "FlashAttention counts a sliding window in sequence positions; window='position' needs 'sdpa' "
+                "or 'eager' attention"
+            )
         self.needs: set[Need] = set()
         for s in self.strategies:
             for need in s.needs_for_model(model):

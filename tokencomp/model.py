@@ -38,6 +38,11 @@ EMBEDDED = {"tiny-llava": "tiny-llava", "tiny-llava-next": "tiny-llava-next"}
 # wrapped, before any forward pass: a decoder may scale its input embeddings in its own forward
 # (Granite), run layers that are not attention (hybrids), or lay its projections out otherwise.
 SUPPORTED_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+# decoders whose every layer slides when the config sets sliding_window (others: `layer_types`, or
+# never: Llama and Gemma ignore a sliding_window key)
+WINDOW_ON_EVERY_LAYER = ("mistral", "phi3")
+# attention implementations that apply Gemma2's logit soft-cap (SDPA has none: transformers raises)
+SOFTCAP_ATTENTION = ("eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
 class Model:
@@ -127,10 +132,31 @@ class Model:
                     f"image_grid_pinpoints {self.pinpoints} must be (height, width) multiples of the view size "
                     f"{self.view_size} px (vision_config.image_size){f'; these are not: {odd}' if odd else ''}"
                 )
+        self._check_processor()
         self.num_layers = len(self.layers)
         self.max_positions = getattr(cfg.text_config, "max_position_embeddings", None)
         self.vision_num_layers = len(self.vision_layers_list)
         self.attn_implementation = cfg.text_config._attn_implementation or "eager"
+
+    def _check_processor(self) -> None:
+        """The processor cuts images as the model reads them: the same view size and, for
+        LLaVA-NeXT, the same pinpoints (another order reads 2x1 crops as 1x2 with no error)."""
+        images = getattr(self.processor, "image_processor", None)
+        if images is None:
+            return
+        crop = getattr(images, "crop_size", None) or {}
+        crop = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (None, None)
+        if None not in crop and crop != (self.view_size, self.view_size):
+            raise UnsupportedModelError(
+                f"the processor cuts {crop[0]}x{crop[1]} px views, the vision tower reads {self.view_size} px"
+            )
+        theirs = getattr(images, "image_grid_pinpoints", None)
+        same = theirs is None or [list(p) for p in theirs] == [list(p) for p in self.pinpoints or []]
+        if self.family == "llava-next" and not same:
+            raise UnsupportedModelError(
+                f"the processor's image_grid_pinpoints {theirs} differ from the model's {self.pinpoints}: "
+                "its crops would be read in another layout"
+            )
 
     def _read_decoder(self, text_config) -> None:
         """Read the decoder's attention layout, or refuse it (`UnsupportedModelError`): the attention
@@ -147,8 +173,9 @@ class Model:
         n_layers = len(self.layers)
         window = getattr(text_config, "sliding_window", None)
         # as the decoders dispatch their masks: `layer_types` where the config has them (Qwen2, Qwen3,
-        # Gemma2, Gemma3), else every layer sliding when a window is set (Mistral, Phi-3)
-        kinds = getattr(text_config, "layer_types", None) or [SLIDING if window is not None else FULL] * n_layers
+        # Gemma2, Gemma3), else every layer sliding when a window is set (Mistral, Phi-3), else full
+        every = window is not None and name in WINDOW_ON_EVERY_LAYER
+        kinds = getattr(text_config, "layer_types", None) or [SLIDING if every else FULL] * n_layers
         if len(kinds) != n_layers:
             raise UnsupportedModelError(f"layer_types has {len(kinds)} entries for {n_layers} decoder layers")
         for i, kind in enumerate(kinds):
@@ -177,6 +204,12 @@ class Model:
             hasattr(self.layers[0], n) for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")
         )
         self.softcap = getattr(attn, "attn_logit_softcapping", None)  # Gemma2: cap * tanh(logits / cap)
+        impl = text_config._attn_implementation or "eager"
+        if self.softcap is not None and impl not in SOFTCAP_ATTENTION:
+            raise UnsupportedModelError(
+                f"{name} caps its attention logits (attn_logit_softcapping={self.softcap}), which "
+                f"attn_implementation {impl!r} cannot do; load it with attn_implementation='eager'"
+            )
         tc = text_config
         hd = attn.head_dim
         self._qkv_split = (tc.num_attention_heads * hd, tc.num_key_value_heads * hd)
