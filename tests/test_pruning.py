@@ -94,14 +94,14 @@ def test_kv_lengths_stop_at_each_samples_eos(models, images):
 def test_mean_attention_rows_do_not_depend_on_the_chunk_size(models, images, monkeypatch):
     """Scores averaged over many query rows are computed a chunk of rows at a time; a chunk of 7
     rows (many chunks, a ragged last one) gives the scores of one chunk holding every row."""
-    import tokencomp.engine as engine
+    import tokencomp.stages.captures as captures
 
     model = models["llava-next"]
     batch = tc.prepare(model, images, PROMPTS)
     need = tc.Need("decoder_attention_all", 1)
     got = {}
     for chunk in (10_000, 7):
-        monkeypatch.setattr(engine, "ROW_CHUNK", chunk)
+        monkeypatch.setattr(captures, "ROW_CHUNK", chunk)
         pre = tc.Engine(model, tc.method("fastv", k=2, ratio=0.5, query="all")).prefill(batch)
         assert batch.input_ids.shape[1] > 7 * 3
         got[chunk] = pre.captures[need]

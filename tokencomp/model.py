@@ -11,7 +11,6 @@ import inspect
 import json
 import sys
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -21,12 +20,11 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
 )
-from transformers.image_processing_utils import select_best_resolution
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llava_next.modeling_llava_next import unpad_image
 
 from .attention import FULL, KINDS, SLIDING
 from .errors import TokencompError, UnsupportedModelError
+from .families import layout_class
 
 # Embedded default models, shipped inside the package (recipe: experiments/train_tiny.py; accuracy: README "Embedded default models").
 EMBEDDED_DIR = Path(__file__).parent / "assets"
@@ -55,7 +53,8 @@ class Model:
         name: a label for records.
 
     Attributes:
-        family: ``"llava"`` or ``"llava-next"``.
+        family: ``"llava"`` or ``"llava-next"``; ``layout`` the family's `tokencomp.families.Layout`
+            (its views per image, unpadding, newline tokens, how a selection is placed back).
         vision_model: the CLIP ``vision_model`` (embeddings, pre-norm, encoder layers).
         projector: the multimodal projector (vision features -> LM embeddings).
         image_newline: ``(d,)`` LLaVA-NeXT row-end embedding, or None.
@@ -75,14 +74,8 @@ class Model:
     """
 
     def __init__(self, hf: nn.Module, processor=None, name: str | None = None) -> None:
-        if isinstance(hf, LlavaNextForConditionalGeneration):
-            self.family = "llava-next"
-        elif isinstance(hf, LlavaForConditionalGeneration):
-            self.family = "llava"
-        else:
-            raise UnsupportedModelError(
-                f"tokencomp drives LlavaForConditionalGeneration and LlavaNextForConditionalGeneration, got {type(hf).__name__}"
-            )
+        layout = layout_class(hf)  # the family: its views and how their tokens are placed
+        self.family = layout.family
         self.hf = hf.eval()
         self.processor = processor
         self.name = name or getattr(hf.config, "_name_or_path", "") or self.family
@@ -125,13 +118,7 @@ class Model:
         self.patches_per_view = self.grid[0] * self.grid[1]
         self.image_token_id = cfg.image_token_id
         self.pinpoints = getattr(cfg, "image_grid_pinpoints", None)
-        if self.family == "llava-next":
-            odd = [p for p in self.pinpoints or [] if p[0] % self.view_size or p[1] % self.view_size]
-            if not self.pinpoints or odd:
-                raise UnsupportedModelError(
-                    f"image_grid_pinpoints {self.pinpoints} must be (height, width) multiples of the view size "
-                    f"{self.view_size} px (vision_config.image_size){f'; these are not: {odd}' if odd else ''}"
-                )
+        self.layout = layout(self)
         self._check_processor()
         self.num_layers = len(self.layers)
         self.max_positions = getattr(cfg.text_config, "max_position_embeddings", None)
@@ -152,7 +139,7 @@ class Model:
             )
         theirs = getattr(images, "image_grid_pinpoints", None)
         same = theirs is None or [list(p) for p in theirs] == [list(p) for p in self.pinpoints or []]
-        if self.family == "llava-next" and not same:
+        if self.layout.has_crops and not same:
             raise UnsupportedModelError(
                 f"the processor's image_grid_pinpoints {theirs} differ from the model's {self.pinpoints}: "
                 "its crops would be read in another layout"
@@ -263,11 +250,11 @@ class Model:
         safe = {"trust_remote_code": False, "local_files_only": True}
         try:
             hf = classes[kind].from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **safe)
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise TokencompError(f"{where}: the weights did not load: {type(e).__name__}: {e}") from e
+        except Exception as e:  # transformers, safetensors and config validation raise many kinds
+            raise TokencompError(f"{where}: the model did not load: {type(e).__name__}: {e}") from e
         try:
             processor = AutoProcessor.from_pretrained(path, **safe)
-        except (OSError, ValueError, TypeError, KeyError) as e:
+        except Exception as e:  # the tokenizers library raises a bare Exception on a bad tokenizer.json
             raise TokencompError(
                 f"{where}: no usable processor (tokenizer + image processor files, as save_pretrained writes "
                 f"them): {type(e).__name__}: {e}"
@@ -299,50 +286,26 @@ class Model:
             raise TokencompError("this model has no processor; pass one to tokencomp.Model(hf, processor)")
         return getattr(self.processor, "tokenizer", self.processor)
 
-    # -- view layout ----------------------------------------------------------------------------
+    # -- view layout (the family's `tokencomp.families.Layout`) ---------------------------------
     def crop_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """``(rows, cols)`` of AnyRes crops for an image of ``(height, width)`` pixels; ``(0, 0)``
-        for LLaVA-1.5 (a single view)."""
-        if self.family == "llava":
-            return (0, 0)
-        h, w = select_best_resolution([int(image_size[0]), int(image_size[1])], self.pinpoints)
-        return (h // self.view_size, w // self.view_size)
+        """``(rows, cols)`` of crops for an image of ``(height, width)`` pixels; ``(0, 0)`` without crops."""
+        return self.layout.crop_grid(image_size)
 
     def views_per_image(self, image_size: tuple[int, int]) -> int:
         """Views the vision tower encodes for one image (1, or thumbnail + crops)."""
-        rows, cols = self.crop_grid(image_size)
-        return 1 + rows * cols
+        return self.layout.views_per_image(image_size)
 
     def crop_region(self, image_size: tuple[int, int], grid: tuple[int, int] | None = None):
-        """The unpadded region of the combined crop grid, as LLaVA-NeXT computes it.
-
-        Returns ``(rows, cols, r0, height, c0, width)``: crop grid shape and the kept window
-        ``[r0, r0+height) x [c0, c0+width)`` of the ``(rows*gh, cols*gw)`` token grid, where ``grid``
-        ``(gh, gw)`` is the token grid of one crop (default: the tower's patch grid). A square
-        ``grid`` is unpadded by transformers' ``unpad_image``, as the model does; a non-square one
-        (a pooled grid such as 8 x 16) by the same rule applied to the crop's pixels, since
-        ``unpad_image`` assumes square tokens and would trim the wrong window.
-        """
-        rows, cols = self.crop_grid(image_size)
-        gh, gw = grid or self.grid
-        return (rows, cols, *_unpadded_window(rows, cols, gh, gw, int(image_size[0]), int(image_size[1])))
+        """The unpadded region of the crop grid (families with crops): see `LlavaNextLayout.crop_region`."""
+        return self.layout.crop_region(image_size, grid)
 
     def image_token_count(self, image_size: tuple[int, int]) -> int:
         """Visual tokens of one image in the uncompressed prompt (newline tokens included)."""
-        n = self.patches_per_view
-        if self.family == "llava":
-            return n
-        _, _, _, height, _, width = self.crop_region(image_size)
-        return n + height * (width + 1)
+        return self.layout.image_token_count(image_size)
 
     def crop_valid(self, image_size: tuple[int, int]) -> torch.Tensor:
         """``(rows*cols, N)`` bool: crop patches that survive unpadding (crops in raster order)."""
-        rows, cols, r0, height, c0, width = self.crop_region(image_size)
-        gh, gw = self.grid
-        r = torch.arange(rows * gh)[:, None]
-        c = torch.arange(cols * gw)[None, :]
-        inside = (r >= r0) & (r < r0 + height) & (c >= c0) & (c < c0 + width)
-        return inside.view(rows, gh, cols, gw).permute(0, 2, 1, 3).reshape(rows * cols, gh * gw)
+        return self.layout.crop_valid(image_size)
 
     # -- attention helpers ----------------------------------------------------------------------
     def rope(self, hidden: torch.Tensor, positions: torch.Tensor, kind: str = FULL):
@@ -400,26 +363,6 @@ class Model:
             f"Model({self.name!r}, family={self.family}, layers={self.num_layers}, "
             f"grid={self.grid}, attn={self.attn_implementation})"
         )
-
-
-@lru_cache(maxsize=4096)
-def _unpadded_window(rows: int, cols: int, gh: int, gw: int, orig_h: int, orig_w: int) -> tuple[int, int, int, int]:
-    """``(r0, height, c0, width)`` kept of a ``rows x cols`` crop grid of ``gh x gw`` tokens each,
-    for an ``orig_h x orig_w`` image (see `Model.crop_region`)."""
-    full_h, full_w = rows * gh, cols * gw
-    if gh == gw:
-        kept = unpad_image(torch.empty(1, full_h, full_w), (orig_h, orig_w)).shape[1:]
-        # unpad_image keeps [pad, size - pad) on the trimmed axis (an extreme aspect ratio may keep none)
-        return (full_h - kept[0]) // 2, kept[0], (full_w - kept[1]) // 2, kept[1]
-    # unpad_image's rule on the padded canvas of square crops: the image, resized to fit, is
-    # centred along the axis it does not fill; the content's length there, in this grid's tokens
-    if orig_w / orig_h > cols / rows:  # wider than the canvas: rows are trimmed
-        content = int(round(orig_h * cols * gh / orig_w, 7))
-        pad = (full_h - content) // 2
-        return pad, full_h - 2 * pad, 0, full_w
-    content = int(round(orig_w * rows * gw / orig_h, 7))
-    pad = (full_w - content) // 2
-    return 0, full_h, pad, full_w - 2 * pad
 
 
 def _read_config(path: Path) -> dict:
