@@ -323,3 +323,74 @@ def test_kill_at_any_instant_loses_and_repeats_nothing(tmp_path):
             break
         out = tmp_path / f"killed{runs}"
     assert kills >= 24 and runs >= 2
+
+
+def test_lazy_validation_with_a_bad_image_in_the_first_batch(tmp_path, data):
+    folder = data.parent
+    good = folder / json.loads(data.read_text().splitlines()[0])["image"]
+    (folder / "cut.png").write_bytes(good.read_bytes()[:200])
+    _rewrite_rows(data, lambda rows: rows[0].update(image="cut.png"))  # the first batch, and the timed one
+    exp = load_experiment(_experiment(tmp_path, f'path = "{data}"\nvalidate = "lazy"'), tmp_path / "run")
+    run_experiment(exp, progress=False, side_by_side=False)
+    (row,) = read_rows(tmp_path / "run" / "results.jsonl")
+    assert row["samples"] == 7 and row["skipped"] == 1
+
+
+def test_a_line_written_twice_in_a_finished_cell_is_recomputed(tmp_path, capsys):
+    exp_file, out = _finished_run(tmp_path, 4)
+    (row,) = read_rows(out / "results.jsonl")
+    pred = out / "predictions" / f"{row['cell']}.jsonl"
+    lines = pred.read_text().splitlines()
+    pred.write_text("\n".join(lines + lines[1:2]) + "\n")
+    run_experiment(load_experiment(exp_file, out), progress=False, side_by_side=False)
+    assert "has 5 prediction rows for 4 samples: recomputing it" in capsys.readouterr().err
+    (again,) = read_rows(out / "results.jsonl")
+    assert again["samples"] == 4 and again["accuracy"] == row["accuracy"]
+    assert sorted(pred.read_text().splitlines()) == sorted(lines)
+
+
+@pytest.mark.parametrize(
+    "method,message",
+    [
+        ('name = "visionzip"\nbudget = "64"', r"method 'visionzip': budget='64' \(str\) is not an integer"),
+        ('name = "visionzip"\nbudget = true', r"budget=True \(bool\) is not an integer"),
+        ('name = "fastv"\nk = 2.0', r"k=2.0 \(float\) is not an integer"),
+        ('label = "x"\ncompose = [{name = "pool", budget = "64"}]', r"budget='64' \(str\) is not an integer"),
+        ('name = "fastv"\nlabel = "a\\u0000b"', r"use a plain name"),
+        (f'name = "fastv"\nlabel = "{"x" * 300}"', r"at most 200 bytes"),
+        ('name = "fastv"\nmodels = []', r"models = \[\] names nothing"),
+    ],
+)
+def test_method_values_checked_before_any_model_loads(tmp_path, method, message):
+    text = ONE.format(dataset='generator = "tc-scenes"\nsplit = "val"\nn = 4') + f"\n[[method]]\n{method}\n"
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    with pytest.raises(tc.TokencompError, match=message):
+        load_experiment(path, tmp_path / "run")
+
+
+def test_run_rows_of_the_wrong_shape_and_a_bom(tmp_path):
+    exp_file, out = _finished_run(tmp_path, 2)
+    results = out / "results.jsonl"
+    good = results.read_text()
+    results.write_text(good + "{}\n" + good)
+    with pytest.raises(
+        tc.TokencompError, match=r"results.jsonl:2 is not a row of a run \(a JSON object with its 'cell'\)"
+    ):
+        run_experiment(load_experiment(exp_file, out), progress=False, side_by_side=False)
+    results.write_text(good)
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + exp_file.read_bytes())
+    assert load_experiment(bom, out).name == "r"
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path):
+    from tokencomp.tiny import tiny_llava
+
+    hf, proc = tiny_llava("llava")
+    hf.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    weights = next(tmp_path.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(tc.TokencompError, match=r"the model did not load"):
+        tc.load_model(tmp_path)

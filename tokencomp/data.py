@@ -65,6 +65,8 @@ def read_rows(path: str | Path, repair: bool = False) -> list[dict]:
     A torn last line, what a run that crashed mid-write leaves, is left out; with ``repair`` the
     file is rewritten without it (and with a final newline), so that appending can resume. A bad
     line anywhere else is damage no crash makes: a `TokencompError` naming it, the file untouched.
+    A run's rows must be JSON objects naming what they are of: a ``results.jsonl`` row its
+    ``cell``, a row of a ``predictions/`` file its ``id``.
     """
     path = Path(path)
     if not path.is_file():
@@ -75,13 +77,22 @@ def read_rows(path: str | Path, repair: bool = False) -> list[dict]:
         raise TokencompError(f"{path} is not UTF-8 text (damaged?): {e}") from e
     lines = [x for x in text.splitlines() if x.strip()]
     rows = []
+    key = "cell" if path.name == "results.jsonl" else "id" if path.parent.name == "predictions" else None
     for i, line in enumerate(lines):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
             if i < len(lines) - 1:
-                raise TokencompError(f"{path}:{i + 1} is not a JSON line: {e}") from e
+                raise TokencompError(
+                    f"{path}:{i + 1} is not a JSON line: {e}; damage no crash makes: restore the file, or delete "
+                    "the line (its sample or cell is recomputed)"
+                ) from e
             lines.pop()
+            continue
+        if key is not None and not (isinstance(rows[-1], dict) and key in rows[-1]):
+            raise TokencompError(
+                f"{path}:{i + 1} is not a row of a run (a JSON object with its {key!r}): {line[:80]!r}"
+            )
     if repair and (len(rows) != len(text.splitlines()) or (text and not text.endswith("\n"))):
         write_atomic(path, "".join(x + "\n" for x in lines))
     return rows

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import types
+import typing
 from collections.abc import Callable
 from typing import TypeVar
 
-from .errors import TokencompError, UnknownMethodError
+from .errors import BudgetError, TokencompError, UnknownMethodError
 
 _REGISTRY: dict[str, type] = {}
 _BUILTINS_LOADED = False
@@ -77,7 +79,9 @@ def method_class(name: str) -> type:
 def method(name: str, **params):
     """Instantiate the strategy registered under ``name`` with ``params``.
 
-    Unknown parameter names raise a `TokencompError` naming the accepted ones. Values that need
+    Unknown parameter names raise a `TokencompError` naming the accepted ones, and a value whose
+    type does not fit the parameter's annotation (a string or a boolean for an integer budget) a
+    `BudgetError`, before any model is loaded. Values that need
     no model (a ratio in [0, 1]) are checked here by the strategies that validate them in
     ``__post_init__``; values that depend on the model (budgets against its tokens, layers against
     its depth) are checked in the strategy's ``check(info)`` before the first forward pass.
@@ -87,4 +91,44 @@ def method(name: str, **params):
     bad = sorted(set(params) - fields)
     if bad:
         raise TokencompError(f"method {name!r} has no parameter(s) {bad}; accepted: {sorted(fields)}")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve: its strategy checks its own values
+        hints = {}
+    for key, value in params.items():
+        want = hints.get(key)
+        if want is not None and not _fits(value, want):
+            raise BudgetError(f"method {name!r}: {key}={value!r} ({type(value).__name__}) is not {_type_name(want)}")
     return cls(**params)
+
+
+_SCALARS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _fits(value, want) -> bool:
+    """Whether ``value`` fits a parameter's simple annotation (int, float, bool, str, a tuple,
+    their unions with None); True for annotations this does not read (the strategy checks)."""
+    if want in _SCALARS:
+        if want is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if want is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, want)
+    origin, args = typing.get_origin(want), typing.get_args(want)
+    if origin in (typing.Union, types.UnionType):
+        readable = [a for a in args if a is type(None) or a in _SCALARS or typing.get_origin(a) is tuple]
+        if len(readable) != len(args):
+            return True
+        return any(value is None if a is type(None) else _fits(value, a) for a in args)
+    if origin is tuple:  # the container; its items are the strategy's to check (it names which)
+        return isinstance(value, (tuple, list))
+    return True
+
+
+def _type_name(want) -> str:
+    if want in _SCALARS:
+        return _SCALARS[want]
+    args = typing.get_args(want)
+    if typing.get_origin(want) is tuple:
+        return "a list"
+    return " or ".join("none" if a is type(None) else _type_name(a) for a in args) or str(want)

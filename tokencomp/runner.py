@@ -214,10 +214,11 @@ def _text(where: str, value) -> str:
 def _path_name(where: str, name) -> str:
     """A name that becomes a file or folder name in the run directory: one plain path component."""
     _text(where, name)
-    if name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+    odd = any(c in name for c in "/\\") or any(ord(c) < 32 for c in name) or len(name.encode()) > 200
+    if name in (".", "..") or odd or name != name.strip():
         raise TokencompError(
             f"{where}={name!r} becomes a folder in the run directory: use a plain name (no '/', '\\', "
-            "'..' or surrounding spaces)"
+            "'..', control characters or surrounding spaces; at most 200 bytes)"
         )
     return name
 
@@ -227,8 +228,8 @@ def _grid(table: dict) -> list[tuple[str, list[dict]]]:
     table = dict(table)
     table.pop("models", None)
     label = table.pop("label", None)
-    if label is not None:
-        _text("a [[method]] label", label)
+    if label is not None:  # it names the cell's predictions file ('/' and spaces become '_')
+        _path_name("a [[method]] label", label.replace("/", "_").replace("\\", "_").strip() or label)
     if "compose" in table:
         compose = table.pop("compose")
         if not isinstance(compose, list) or not compose or not all(isinstance(s, dict) for s in compose):
@@ -357,7 +358,8 @@ def load_experiment(
             p = Path(d["path"])
             p = p if p.is_absolute() else base / p
             if not p.is_file():
-                raise TokencompError(f"dataset {d['name']!r}: file {str(p)!r} does not exist")
+                state = "is not a file" if p.exists() else "does not exist"
+                raise TokencompError(f"dataset {d['name']!r}: file {str(p)!r} {state}")
             d = {**d, "path": str(p)}
         datasets[d["name"]] = d
     if not datasets:
@@ -425,7 +427,7 @@ def _check_tables(path: Path, doc: dict) -> None:
 def read_text(path: Path, what: str) -> str:
     """A file of the run or the experiment as UTF-8 text, or a `TokencompError` naming it."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark some editors write is dropped
     except UnicodeDecodeError as e:
         raise TokencompError(f"{path} ({what}) is not UTF-8 text (damaged?): {e}") from e
 
@@ -434,6 +436,8 @@ def _names(value, what: str) -> list[str]:
     """A TOML list of strings, or a `TokencompError` saying so (a bare string is not split into letters)."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise TokencompError(f"{what} must be a list of names, e.g. [{value!r}], got {value!r}")
+    if not value and not what.endswith("plugins"):
+        raise TokencompError(f"{what} = [] names nothing; leave the key out to mean all")
     return value
 
 
@@ -517,7 +521,7 @@ def _check_load(out: Path, exp: Experiment, started: bool) -> None:
         for name, opts in now.items():
             # a run from before models.json was loaded with the defaults
             was = before.get(name, {"source": exp.models[name], **DEFAULT_LOAD})
-            was = {**was, "device": canonical_device(was["device"])}  # recorded as given before this was canonical
+            was = {**was, "device": canonical_device(was.get("device", DEFAULT_LOAD["device"]))}  # as given before
             if was != opts:
                 raise TokencompError(
                     f"{out} was run with model {name!r} loaded as {was}; this run asks for {opts}. "
@@ -554,9 +558,12 @@ def _validation_samples(model: Model, data: JsonlDataset, batch_size: int) -> li
     """The samples a cell is validated on before any work: the first batch, plus on LLaVA-NeXT the
     samples with the fewest and the most image tokens (budgets are checked against them)."""
     samples = data.samples
-    if data.validate == "lazy":  # images not checked yet: validate on those that open
+    if data.validate == "lazy":  # images not checked yet: validate on those that decode
         samples = [x for x in samples if check_image(x.image, decode=False) is None]
-    first = samples[:batch_size]
+        first = list(itertools.islice((x for x in samples if check_image(x.image) is None), batch_size))
+        samples = first if model.family == "llava" else samples
+    else:
+        first = samples[:batch_size]
     if model.family == "llava" or not samples:
         return first
     counts = []
@@ -565,7 +572,8 @@ def _validation_samples(model: Model, data: JsonlDataset, batch_size: int) -> li
             counts.append(model.image_token_count((im.size[1], im.size[0])))
     some = {x.id: x for x in first}
     for i in (counts.index(min(counts)), counts.index(max(counts))):
-        some.setdefault(samples[i].id, samples[i])
+        if data.validate == "full" or check_image(samples[i].image) is None:
+            some.setdefault(samples[i].id, samples[i])
     return list(some.values())
 
 
@@ -593,10 +601,16 @@ def _truncated_cells(out: Path, exp: Experiment, datasets: dict[str, JsonlDatase
     cells = {c.id: c for c in exp.cells}
     bad = {}
     for cell in sorted(done & set(cells)):
-        rows = read_rows(out / "predictions" / f"{cell}.jsonl")
+        path = out / "predictions" / f"{cell}.jsonl"
+        rows = read_rows(path)
         want = [x.id for x in datasets[cells[cell].dataset].samples]
-        if sorted(r.get("id") for r in rows) != sorted(want):
+        if sorted(r["id"] for r in rows) != sorted(want):
             bad[cell] = f"{len(rows)} prediction rows for {len(want)} samples"
+            keep = {}  # each sample's first row (a line written twice, or rows of other samples, go)
+            for r in rows:
+                if r["id"] in set(want):
+                    keep.setdefault(r["id"], r)
+            _rewrite(path, list(keep.values()))
     if bad:
         results = out / "results.jsonl"
         _rewrite(results, [r for r in read_rows(results) if r["cell"] not in bad])
@@ -693,7 +707,12 @@ def run_experiment(exp: Experiment, progress: bool = True, side_by_side: bool = 
     have run, every finished cell is then timed again side by side (`remeasure_latency`), so the
     latency ratios in the report come from one interleaved measurement. A `TokencompError` if
     another process is working in ``exp.out``."""
-    exp.out.parent.mkdir(parents=True, exist_ok=True)
+    if exp.out.exists() and not exp.out.is_dir():
+        raise TokencompError(f"the run directory {exp.out} is a file; choose another out")
+    try:
+        exp.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TokencompError(f"cannot make the run directory {exp.out}: {e.strerror}") from None
     try:  # atomic: of two runs starting on a new directory, one made it and may remove it
         exp.out.mkdir()
         created = True
@@ -836,6 +855,10 @@ def _check_data(out: Path, datasets: dict[str, JsonlDataset], started: bool) -> 
     record = out / "datasets.json"
     if started and record.is_file():
         before = _read_json(record, "each dataset file's sha256")
+        if not isinstance(before, dict):
+            raise TokencompError(
+                f"{record} is damaged (not a table of datasets); restore it, or use another out directory"
+            )
         changed = sorted(n for n in prints if n in before and before[n] != prints[n])
         if changed:
             raise TokencompError(
@@ -847,9 +870,12 @@ def _check_data(out: Path, datasets: dict[str, JsonlDataset], started: bool) -> 
 def _latency_batch(exp: Experiment, model: Model, data: JsonlDataset):
     """The batch latency is timed on: always the dataset's first batch, so a resumed run (or a
     re-measurement) times the same inputs."""
-    first = data.samples[: exp.settings["batch_size"]]
+    loaded = ((x, _load_image(x)[0]) for x in data.samples)  # a lazily validated dataset: those that load
+    first = list(itertools.islice(((x, im) for x, im in loaded if im is not None), exp.settings["batch_size"]))
+    if not first:
+        raise TokencompError(f"no image of dataset {data.name!r} loads")
     template = exp.settings["template"] or model.family
-    return prepare(model, [x.load_image() for x in first], [prompt(x, template) for x in first])
+    return prepare(model, [im for _, im in first], [prompt(x, template) for x, _ in first])
 
 
 def _latency_tokens(exp: Experiment) -> int:
