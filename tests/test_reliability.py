@@ -233,30 +233,9 @@ def test_api_images_and_long_prompts(model):
         model.max_positions = limit
 
 
-KILLED = """
-[experiment]
-name = "k"
-batch_size = 2
-max_new_tokens = 2
-latency_repeats = 1
-
-[[model]]
-name = "m"
-source = "tiny-random:llava"
-
-[[dataset]]
-name = "d"
-generator = "tc-scenes"
-split = "val"
-n = 6
-
-[[method]]
-name = "identity"
-
-[[method]]
-name = "fastv"
-ratio = [0.5, 0.75]
-"""
+KILLED = ONE.format(dataset='generator = "tc-scenes"\nsplit = "val"\nn = 6') + (
+    '\n[[method]]\nname = "fastv"\nratio = [0.5, 0.75]\n'
+)
 VOLATILE = {"prefill_ms", "prefill_spread_ms", "decode_ms_per_token", "peak_memory_mb", "finished", "latency"}
 
 
