@@ -49,7 +49,7 @@ def prepare(model: Model, images, prompts: str | list[str]) -> Batch:
         n = len(images) if isinstance(images, (list, tuple)) else 1
         raise InputMismatchError(f"got {len(prompts)} prompt(s) but {n} image entries; give one entry per prompt")
     token = getattr(model.processor, "image_token", "<image>")
-    flat = []
+    flat, groups = [], []
     for i, (prompt, imgs) in enumerate(zip(prompts, images)):
         if not isinstance(prompt, str):
             raise InputMismatchError(f"prompt {i} must be a string, got {type(prompt).__name__}")
@@ -58,12 +58,17 @@ def prepare(model: Model, images, prompts: str | list[str]) -> Batch:
             raise InputMismatchError(
                 f"prompt {i} has {prompt.count(token)} {token} placeholder(s) but {len(imgs)} image(s) were given"
             )
-        flat += [_image(im, f"prompt {i}, image {j}") for j, im in enumerate(imgs)]
+        group = [_image(im, f"prompt {i}, image {j}") for j, im in enumerate(imgs)]
+        flat += group
+        if group:
+            groups.append(group)
     tok = model.tokenizer
     side = tok.padding_side
     tok.padding_side = "left"
     try:
-        out = model.processor(images=flat or None, text=list(prompts), return_tensors="pt", padding=True)
+        # grouped by prompt where the family tells several images of one prompt apart (OneVision)
+        given = groups if model.layout.groups_images else flat
+        out = model.processor(images=given or None, text=list(prompts), return_tensors="pt", padding=True)
     finally:
         tok.padding_side = side
     return Batch.from_processor(out)

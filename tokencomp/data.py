@@ -40,6 +40,8 @@ TEMPLATES = {
     # pivot order) match the authors' runs only with it.
     "vicuna_v1": VICUNA_SYSTEM + " USER: <image>\n{question} ASSISTANT:",
     "mistral": "[INST] <image>\n{question} [/INST]",
+    # LLaVA-OneVision (Qwen2 chat format, as its processor's chat template writes a one-image turn)
+    "llava-onevision": "<|im_start|>user <image>\n{question}<|im_end|>\n<|im_start|>assistant\n",
     "plain": "<image>\n{question}",
 }
 

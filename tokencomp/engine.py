@@ -94,13 +94,15 @@ class Batch:
         input_ids: ``(B, T)`` with every image expanded to its placeholder tokens, left padded.
         attention_mask: ``(B, T)`` 1 for real tokens.
         pixel_values: LLaVA-1.5 ``(images, 3, S, S)``; LLaVA-NeXT ``(images, max_views, 3, S, S)``.
-        image_sizes: ``(images, 2)`` original ``(height, width)`` (LLaVA-NeXT), else None.
+        image_sizes: ``(images, 2)`` original ``(height, width)`` (LLaVA-NeXT, OneVision), else None.
+        batch_num_images: ``(B,)`` images per prompt (OneVision's processor), else None.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor | None = None
     image_sizes: torch.Tensor | None = None
+    batch_num_images: torch.Tensor | None = None
 
     @classmethod
     def from_processor(cls, out) -> Batch:
@@ -111,6 +113,7 @@ class Batch:
             attention_mask=out.get("attention_mask", torch.ones_like(out["input_ids"])),
             pixel_values=out.get("pixel_values"),
             image_sizes=out.get("image_sizes"),
+            batch_num_images=out.get("batch_num_images"),
         )
 
 
@@ -301,6 +304,7 @@ class Engine(VisionStage, SequenceStage, DecoderStage, CaptureStage, FrozenStage
             raise InputMismatchError("input_ids and attention_mask must both be (batch, length)")
         if bool((batch.attention_mask[:, -1] == 0).any()) or bool((batch.attention_mask.long().diff(dim=1) < 0).any()):
             raise InputMismatchError("the batch must be left padded (each row: padding, then its tokens to the end)")
+        self.model.layout.check_engine(self)
         self.model.layout.check_views(batch)
         spans = self.image_spans(batch)
         longest = int(batch.attention_mask.sum(1).max()) if batch.attention_mask.numel() else 0

@@ -19,6 +19,7 @@ from transformers import (
     AutoProcessor,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -231,7 +232,11 @@ class Model:
         path = Path(path)
         where = str(path)
         raw = _read_config(path)
-        classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+        classes = {
+            "llava": LlavaForConditionalGeneration,
+            "llava_next": LlavaNextForConditionalGeneration,
+            "llava_onevision": LlavaOnevisionForConditionalGeneration,
+        }
         kind = raw.get("model_type")
         if kind not in classes:
             raise UnsupportedModelError(f"{where}: model_type {kind!r} is not one of {sorted(classes)}")
@@ -253,7 +258,7 @@ class Model:
         except Exception as e:  # transformers, safetensors and config validation raise many kinds
             raise TokencompError(f"{where}: the model did not load: {type(e).__name__}: {e}") from e
         try:
-            processor = AutoProcessor.from_pretrained(path, **safe)
+            processor = _processor(path, kind, hf.config, safe)
         except Exception as e:  # the tokenizers library raises a bare Exception on a bad tokenizer.json
             raise TokencompError(
                 f"{where}: no usable processor (tokenizer + image processor files, as save_pretrained writes "
@@ -363,6 +368,27 @@ class Model:
             f"Model({self.name!r}, family={self.family}, layers={self.num_layers}, "
             f"grid={self.grid}, attn={self.attn_implementation})"
         )
+
+
+def _processor(path: Path, kind: str, config, safe: dict):
+    """The checkpoint's processor. OneVision's needs torchvision (for its video processor); without
+    it, its image processor and tokenizer serve through `tokencomp.families.OnevisionInputs`."""
+    try:
+        return AutoProcessor.from_pretrained(path, **safe)
+    except (ImportError, AttributeError, ModuleNotFoundError):
+        if kind != "llava_onevision":
+            raise
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from .families.llava_onevision import OnevisionInputs
+
+    vision = config.vision_config
+    return OnevisionInputs(
+        AutoImageProcessor.from_pretrained(path, **safe),
+        AutoTokenizer.from_pretrained(path, **safe),
+        (vision.image_size // vision.patch_size) ** 2,
+        getattr(config, "vision_aspect_ratio", "anyres_max_9"),
+    )
 
 
 def _read_config(path: Path) -> dict:

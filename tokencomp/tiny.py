@@ -18,12 +18,18 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
     SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+from .families.llava_onevision import OnevisionInputs
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 TINY_WORDS = (
@@ -107,11 +113,13 @@ def tiny_llava(
     Returns:
         ``(hf_model, processor)``: a transformers model in eval mode and its processor.
     """
-    if family not in ("llava", "llava-next"):
-        raise ValueError(f"family must be 'llava' or 'llava-next', got {family!r}")
+    if family not in ("llava", "llava-next", "llava-onevision"):
+        raise ValueError(f"family must be 'llava', 'llava-next' or 'llava-onevision', got {family!r}")
+    if family == "llava-onevision":  # a SigLIP tower without CLS, every patch to the projector, last layer
+        vision = "siglip"
     tokenizer = word_tokenizer(words)
-    if vision not in ("clip", "siglip") or (vision == "siglip" and family != "llava"):
-        raise ValueError(f"vision must be 'clip', or 'siglip' with family 'llava'; got {vision!r} ({family!r})")
+    if vision not in ("clip", "siglip") or (vision == "siglip" and family == "llava-next"):
+        raise ValueError(f"vision must be 'clip', or 'siglip' without family 'llava-next'; got {vision!r} ({family!r})")
     vision_hidden = vision_hidden or hidden // 2
     select = "default" if vision == "clip" else "full"
     vision_cls = CLIPVisionConfig if vision == "clip" else SiglipVisionConfig
@@ -152,7 +160,31 @@ def tiny_llava(
     mean, std = [0.481, 0.458, 0.408], [0.269, 0.261, 0.276]
     crop = {"height": image_size, "width": image_size}
     torch.manual_seed(seed)
-    if family == "llava":
+    if family == "llava-onevision":
+        s = image_size
+        pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, 4 * s], [4 * s, 3 * s]]  # 3x4: anyres_max resizes
+        common.update(vision_feature_layer=-1, image_grid_pinpoints=pinpoints)
+        common["image_token_index"] = common.pop("image_token_id")
+        config = LlavaOnevisionConfig(**common)
+        model = LlavaOnevisionForConditionalGeneration(config)
+        image_processor = LlavaOnevisionImageProcessorPil(
+            size={"height": s, "width": s},
+            crop_size=crop,
+            image_grid_pinpoints=pinpoints,
+            image_mean=mean,
+            image_std=std,
+        )
+        n = (s // patch_size) ** 2
+        try:
+            processor = LlavaOnevisionProcessor(
+                image_processor=image_processor,
+                tokenizer=tokenizer,
+                num_image_tokens=n,
+                vision_feature_select_strategy=select,
+            )
+        except (ImportError, AttributeError):  # it needs torchvision for its video processor
+            processor = OnevisionInputs(image_processor, tokenizer, n, config.vision_aspect_ratio)
+    elif family == "llava":
         config = LlavaConfig(**common)
         model = LlavaForConditionalGeneration(config)
         image_processor = CLIPImageProcessorPil(

@@ -15,6 +15,7 @@ from __future__ import annotations
 from ..errors import UnsupportedModelError
 from .llava import Layout
 from .llava_next import LlavaNextLayout
+from .llava_onevision import ImageSize, OnevisionLayout
 
 # Hugging Face model class -> layout, most specific first (a subclass before its base)
 FAMILIES: list[tuple[type, type[Layout]]] = []
@@ -40,12 +41,17 @@ def layout_class(hf) -> type[Layout]:
 
 
 def _register_builtins() -> None:
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        LlavaOnevisionForConditionalGeneration,
+    )
 
     register_family(LlavaForConditionalGeneration)(Layout)
     register_family(LlavaNextForConditionalGeneration)(LlavaNextLayout)
+    register_family(LlavaOnevisionForConditionalGeneration)(OnevisionLayout)
 
 
 _register_builtins()
 
-__all__ = ["FAMILIES", "Layout", "LlavaNextLayout", "layout_class", "register_family"]
+__all__ = ["FAMILIES", "ImageSize", "Layout", "LlavaNextLayout", "OnevisionLayout", "layout_class", "register_family"]

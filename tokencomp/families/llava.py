@@ -22,6 +22,7 @@ class Layout:
 
     family = "llava"
     has_crops = False
+    groups_images = False  # the processor takes images grouped by prompt (OneVision: several per prompt differ)
 
     def __init__(self, model) -> None:
         self.model = model
@@ -31,6 +32,9 @@ class Layout:
         """Each image's ``(height, width)`` as its views were cut (LLaVA-1.5: the view size)."""
         s = self.model.view_size
         return [(s, s)] * n_images
+
+    def check_engine(self, engine) -> None:
+        """Refuse, before any work, a composition of strategies the family cannot serve (none here)."""
 
     def check_views(self, batch) -> None:
         """Check the processor's views against the model's before any work (one view: nothing to check)."""

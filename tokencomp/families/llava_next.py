@@ -52,7 +52,12 @@ class LlavaNextLayout(Layout):
         pix = batch.pixel_values
         sizes = self.image_sizes(batch, pix.shape[0])
         counts = [self.views_per_image(s) for s in sizes]
-        extra = [i for i, c in enumerate(counts) if c < pix.shape[1] and bool(pix[i, c:].ne(0).any())]
+        # an image the family reads by its base view alone (OneVision's multi-image prompts) keeps its crops' pixels
+        extra = [
+            i
+            for i, c in enumerate(counts)
+            if c < pix.shape[1] and getattr(sizes[i], "alone", True) and bool(pix[i, c:].ne(0).any())
+        ]
         short = [i for i, c in enumerate(counts) if pix.dim() != 5 or c > pix.shape[1]]
         if extra or short:
             i = (short + extra)[0]
@@ -145,6 +150,8 @@ class LlavaNextLayout(Layout):
         )
         vid = torch.arange(1, rows * cols + 1, device=dev).view(rows, cols, 1, 1).expand(rows, cols, gh, gw)
         vid = vid.permute(0, 2, 1, 3).reshape(rows * gh, cols * gw)[r0 : r0 + height, c0 : c0 + width]
+        f, src, vid = self._resample(f, src, vid)
+        height, width = f.shape[:2]
         kind = torch.full((height, width), VISUAL, dtype=torch.int8, device=dev)
         offset = torch.arange(height * (width + 1), device=dev).view(height, width + 1)[:, :width]
         if not same:
@@ -163,6 +170,11 @@ class LlavaNextLayout(Layout):
             "view": vid.flatten(),
             "offset": offset.flatten(),
         }
+
+    def _resample(self, f: torch.Tensor, src: torch.Tensor, vid: torch.Tensor):
+        """The unpadded crop grid ``(h, w, d)`` with its source patches and views ``(h, w)``, as the
+        family feeds it to the LLM (LLaVA-NeXT: as it is; OneVision downsamples a large one)."""
+        return f, src, vid
 
     def _crops_placed(self, out, proj, crop_rows: range, counts: list[int], size, newline, policy, unpad, be) -> dict:
         """Crop tokens with a source patch go back to the combined crop grid in raster order (inside
