@@ -117,3 +117,57 @@ def test_a_saved_checkpoint_loads_and_generates(model, images, tmp_path, capsys)
     images[2].save(image)
     assert main(["generate", "--model", str(tmp_path), "--image", str(image), "--prompt", "what ?"]) == 0
     assert "visual tokens 351 -> 336 into the LLM" in capsys.readouterr().err
+
+
+def test_fastv_and_a_frozen_layer_match_references(model, images):
+    """FastV equals the conformance matrix's reference (ranked from eager maps, the kept tokens run
+    by a fresh Hugging Face decoder), and a frozen layer equals HF with that layer's image tokens
+    passed through, on OneVision prompts (one resized)."""
+    from test_conformance import _eager, _fastv_reference
+
+    eager = _eager(model)
+    for i in (0, 2):
+        batch = tc.prepare(model, [images[i]], [PROMPTS[i]])
+        kept, ref_logits, ref_tokens = _fastv_reference(model, eager, _inputs(batch), k=2, budget=8, steps=5)
+        tokens, pre = tc.Engine(model, tc.method("fastv", k=2, budget=8, query="all")).generate(
+            batch, max_new_tokens=5, eos_token_id=None
+        )
+        assert pre.state.orig_index[0].tolist() == kept.tolist()
+        torch.testing.assert_close(pre.logits[0], ref_logits[0], rtol=1e-4, atol=1e-4)
+        assert tokens[0] == ref_tokens
+        frozen = tc.Engine(model, tc.method("freeze", layers=(1,))).prefill(batch)
+        visual = (batch.input_ids[0] == model.image_token_id)[None, :, None]
+
+        def through(_module, args, kwargs, out, visual=visual):
+            return torch.where(visual, args[0] if args else kwargs["hidden_states"], out)
+
+        handle = model.hf.model.language_model.layers[1].register_forward_hook(through, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                ref = model.hf(**_inputs(batch)).logits[:, -1]
+        finally:
+            handle.remove()
+        torch.testing.assert_close(frozen.logits, ref.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", [None, "fastv", "freeze"])
+def test_analytic_flops_match_flop_counter(method, images):
+    """The profiler counts OneVision exactly (SigLIP tower without CLS, the projector on every view,
+    the decoder over the resized prompt): equal to torch's FlopCounterMode under eager attention.
+    The bilinear resize is element-wise work, which the FLOPs convention leaves out."""
+    from test_profiler import rope_table_flops
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tokencomp.profiler import run_flops
+
+    hf, proc = tiny_llava("llava-onevision", image_size=42, patch_size=7, seed=1, decoder="qwen2")
+    hf.set_attn_implementation("eager")
+    eager = tc.Model(hf, proc)
+    strat = {None: None, "fastv": tc.method("fastv", k=2, ratio=0.5), "freeze": tc.method("freeze", layers=(1, 2))}
+    engine = tc.Engine(eager, strat[method])
+    for i in (0, 2):
+        batch = tc.prepare(eager, [images[i]], [PROMPTS[i]])
+        with FlopCounterMode(display=False) as counter:
+            _, pre = engine.generate(batch, max_new_tokens=4, eos_token_id=None)
+        report = run_flops(eager, pre.record, engine.strategies)[0]
+        assert report.total == pytest.approx(counter.get_total_flops() - rope_table_flops(counter), rel=1e-9)
