@@ -287,19 +287,24 @@ def test_frozen_layer_matches_reference(case, images, layer):
     for i in range(2):
         batch = tc.prepare(model, [images[i]], [PROMPTS[i]])
         pre = tc.Engine(model, tc.method("freeze", layers=(layer,))).prefill(batch)
-        visual = (batch.input_ids[0] == model.image_token_id)[None, :, None]
+        ref = _frozen_reference(model, hf_inputs(batch), layer)
+        torch.testing.assert_close(pre.logits, ref, rtol=1e-4, atol=1e-4)
 
-        def through(_module, args, kwargs, out, visual=visual):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            return torch.where(visual, hidden, out)
 
-        handle = model.hf.model.language_model.layers[layer].register_forward_hook(through, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                ref = model.hf(**hf_inputs(batch)).logits[:, -1]
-        finally:
-            handle.remove()
-        torch.testing.assert_close(pre.logits, ref.float(), rtol=1e-4, atol=1e-4)
+def _frozen_reference(model: tc.Model, inputs: dict, layer: int) -> torch.Tensor:
+    """Last-token logits ``(1, V)`` of Hugging Face's forward on one unpadded sample, with a hook
+    that passes decoder ``layer``'s image tokens through unchanged."""
+    visual = (inputs["input_ids"][0] == model.image_token_id)[None, :, None]
+
+    def through(_module, args, kwargs, out):
+        return torch.where(visual, args[0] if args else kwargs["hidden_states"], out)
+
+    handle = model.hf.model.language_model.layers[layer].register_forward_hook(through, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            return model.hf(**inputs).logits[:, -1].float()
+    finally:
+        handle.remove()
 
 
 def _greedy_without_cache(hf, inputs: dict, steps: int) -> list[int]:

@@ -123,7 +123,7 @@ def test_fastv_and_a_frozen_layer_match_references(model, images):
     """FastV equals the conformance matrix's reference (ranked from eager maps, the kept tokens run
     by a fresh Hugging Face decoder), and a frozen layer equals HF with that layer's image tokens
     passed through, on OneVision prompts (one resized)."""
-    from test_conformance import _eager, _fastv_reference
+    from test_conformance import _eager, _fastv_reference, _frozen_reference
 
     eager = _eager(model)
     for i in (0, 2):
@@ -136,18 +136,8 @@ def test_fastv_and_a_frozen_layer_match_references(model, images):
         torch.testing.assert_close(pre.logits[0], ref_logits[0], rtol=1e-4, atol=1e-4)
         assert tokens[0] == ref_tokens
         frozen = tc.Engine(model, tc.method("freeze", layers=(1,))).prefill(batch)
-        visual = (batch.input_ids[0] == model.image_token_id)[None, :, None]
-
-        def through(_module, args, kwargs, out, visual=visual):
-            return torch.where(visual, args[0] if args else kwargs["hidden_states"], out)
-
-        handle = model.hf.model.language_model.layers[1].register_forward_hook(through, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                ref = model.hf(**_inputs(batch)).logits[:, -1]
-        finally:
-            handle.remove()
-        torch.testing.assert_close(frozen.logits, ref.float(), rtol=1e-4, atol=1e-4)
+        ref = _frozen_reference(model, _inputs(batch), 1)
+        torch.testing.assert_close(frozen.logits, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", [None, "fastv", "freeze"])
