@@ -81,10 +81,14 @@ def _image(image, where: str):
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (str, Path)):
-        problem = check_image(Path(image))
+        problem = check_image(Path(image), decode=False)  # missing, a folder, not an image
         if problem:
             raise InputMismatchError(f"{where}: {problem}")
-        return Image.open(image).convert("RGB")
+        try:  # one full decode, which finds a truncated file
+            with Image.open(image) as im:
+                return im.convert("RGB")
+        except Exception as e:  # PIL raises many kinds
+            raise InputMismatchError(f"{where}: image {str(image)!r} does not decode: {type(e).__name__}: {e}") from e
     shape = getattr(image, "shape", None)
     if shape is None:
         raise InputMismatchError(

@@ -21,8 +21,9 @@ class LayerKVCache:
             filled part of the layer's buffer once decoding has begun (a view, contiguous in
             ``d_head``).
         valid: per layer ``(B, n_l)`` bool, which cached entries are real tokens (not padding).
-        positions: per layer ``(B, n_l)`` long, the position ids of the cached entries (a sliding
-            window may count in them).
+        positions: per layer ``(B, n_l)`` long, the position ids of the cached prompt entries; the
+            decoded steps' are appended only where a sliding window counts in position ids
+            (``EngineOptions(window="position")``).
         next_pos: per layer ``(B,)`` long, the position id the next decoded token gets there.
         reserve: positions a layer's buffer leaves free when it is (re)allocated; the engine sets it
             to the decoding steps still to come.

@@ -154,7 +154,7 @@ class Engine(VisionStage, SequenceStage, DecoderStage, CaptureStage, FrozenStage
         model: the adapter.
         strategies: None (the unmodified model), one strategy, or a list with at most one vision
             strategy, any number of layer strategies and freeze strategies.
-        options: position-id policies.
+        options: `EngineOptions` (position-id policies, what a window counts in, the kernel backend).
     """
 
     def __init__(self, model: Model, strategies=None, options: EngineOptions | None = None) -> None:

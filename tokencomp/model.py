@@ -54,7 +54,7 @@ class Model:
         name: a label for records.
 
     Attributes:
-        family: ``"llava"`` or ``"llava-next"``; ``layout`` the family's `tokencomp.families.Layout`
+        family: ``"llava"``, ``"llava-next"`` or ``"llava-onevision"``; ``layout`` the family's `tokencomp.families.Layout`
             (its views per image, unpadding, newline tokens, how a selection is placed back).
         vision_model: the CLIP ``vision_model`` (embeddings, pre-norm, encoder layers).
         projector: the multimodal projector (vision features -> LM embeddings).
@@ -152,10 +152,7 @@ class Model:
         values are projected (separate or fused), their per-head norms, the logit soft-cap and
         the residual structure of a layer."""
         name = text_config.model_type
-        if name not in SUPPORTED_DECODERS:
-            raise UnsupportedModelError(
-                f"decoder model_type {name!r} is not supported; supported decoders: {', '.join(SUPPORTED_DECODERS)}"
-            )
+        _check_decoder(name)
         if getattr(text_config, "use_bidirectional_attention", False):
             raise UnsupportedModelError(f"decoder {name!r} with use_bidirectional_attention=True: causal decoders only")
         n_layers = len(self.layers)
@@ -205,7 +202,7 @@ class Model:
         if self._rope is None:
             raise UnsupportedModelError(f"cannot find apply_rotary_pos_emb for {type(attn).__name__}")
         # Gemma3's rotary embedding takes the layer kind (local / global bases)
-        self._rope_by_kind = "layer_type" in inspect.signature(type(self.rotary_emb).forward).parameters
+        self.rope_by_kind = "layer_type" in inspect.signature(type(self.rotary_emb).forward).parameters
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
@@ -216,7 +213,7 @@ class Model:
         device: str | torch.device = "cpu",
         attn_implementation: str = "sdpa",
     ) -> Model:
-        """Load any LLaVA-1.5 / LLaVA-NeXT checkpoint and its processor from a local directory.
+        """Load any LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision checkpoint and its processor from a local directory.
 
         Nothing in the folder is executed: ``config.json`` is read as plain JSON and its model
         type (and the decoder's) checked before transformers builds anything, and every
@@ -226,7 +223,7 @@ class Model:
         Raises:
             TokencompError: no ``config.json``, a config that is not JSON, no weights file, no
                 processor, or weights transformers cannot load (named with the folder).
-            UnsupportedModelError: a model type other than ``llava`` / ``llava_next``, or a
+            UnsupportedModelError: a model type other than ``llava`` / ``llava_next`` / ``llava_onevision``, or a
                 decoder outside `SUPPORTED_DECODERS`.
         """
         path = Path(path)
@@ -241,12 +238,7 @@ class Model:
         if kind not in classes:
             raise UnsupportedModelError(f"{where}: model_type {kind!r} is not one of {sorted(classes)}")
         text = raw.get("text_config") or {}
-        decoder = text.get("model_type", "llama") if isinstance(text, dict) else None  # LlavaConfig's default
-        if decoder not in SUPPORTED_DECODERS:
-            raise UnsupportedModelError(
-                f"{where}: decoder model_type {decoder!r} is not supported; supported decoders: "
-                f"{', '.join(SUPPORTED_DECODERS)}"
-            )
+        _check_decoder(text.get("model_type", "llama") if isinstance(text, dict) else None, f"{where}: ")
         weights = [
             p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")
         ]
@@ -316,7 +308,7 @@ class Model:
     def rope(self, hidden: torch.Tensor, positions: torch.Tensor, kind: str = FULL):
         """``(cos, sin)`` ``(B, n, d_rot)`` of ``positions`` ``(B, n)`` for the layers of attention
         ``kind`` (one rotary embedding for all kinds except Gemma3's local / global pair)."""
-        if self._rope_by_kind:
+        if self.rope_by_kind:
             return self.rotary_emb(hidden, positions, kind)
         return self.rotary_emb(hidden, positions)
 
@@ -367,6 +359,14 @@ class Model:
         return (
             f"Model({self.name!r}, family={self.family}, layers={self.num_layers}, "
             f"grid={self.grid}, attn={self.attn_implementation})"
+        )
+
+
+def _check_decoder(name, where: str = "") -> None:
+    """`UnsupportedModelError` for a decoder ``model_type`` outside `SUPPORTED_DECODERS`."""
+    if name not in SUPPORTED_DECODERS:
+        raise UnsupportedModelError(
+            f"{where}decoder model_type {name!r} is not supported; supported decoders: {', '.join(SUPPORTED_DECODERS)}"
         )
 
 

@@ -345,12 +345,11 @@ def load_experiment(
             if d.get("split", "test") not in SPLIT_SEED:
                 raise TokencompError(f"{where}: split must be one of {sorted(SPLIT_SEED)}")
             _count(f"{where}: n", d.get("n", 32))
-            for key in ("size",):
-                value = d.get(key)
-                if value is not None and (
-                    not isinstance(value, list) or len(value) != 2 or not all(_is_count(v) for v in value)
-                ):
-                    raise TokencompError(f"{where}: size must be [height, width] in pixels, got {value!r}")
+            size = d.get("size")
+            if size is not None and (
+                not isinstance(size, list) or len(size) != 2 or not all(_is_count(v) for v in size)
+            ):
+                raise TokencompError(f"{where}: size must be [height, width] in pixels, got {size!r}")
             if "tag_px" in d:
                 _count(f"{where}: tag_px", d["tag_px"])
         if "path" in d:
@@ -561,10 +560,9 @@ def _validation_samples(model: Model, data: JsonlDataset, batch_size: int) -> li
     if data.validate == "lazy":  # images not checked yet: validate on those that decode
         samples = [x for x in samples if check_image(x.image, decode=False) is None]
         first = list(itertools.islice((x for x in samples if check_image(x.image) is None), batch_size))
-        samples = first if model.family == "llava" else samples
     else:
         first = samples[:batch_size]
-    if model.family == "llava" or not samples:
+    if not model.layout.has_crops or not samples:
         return first
     counts = []
     for x in samples:
@@ -606,9 +604,9 @@ def _truncated_cells(out: Path, exp: Experiment, datasets: dict[str, JsonlDatase
         want = [x.id for x in datasets[cells[cell].dataset].samples]
         if sorted(r["id"] for r in rows) != sorted(want):
             bad[cell] = f"{len(rows)} prediction rows for {len(want)} samples"
-            keep = {}  # each sample's first row (a line written twice, or rows of other samples, go)
+            keep, known = {}, set(want)  # each sample's first row (a line written twice, or rows of other samples, go)
             for r in rows:
-                if r["id"] in set(want):
+                if r["id"] in known:
                     keep.setdefault(r["id"], r)
             _rewrite(path, list(keep.values()))
     if bad:

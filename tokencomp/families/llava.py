@@ -48,6 +48,10 @@ class Layout:
         rows, cols = self.crop_grid(image_size)
         return 1 + rows * cols
 
+    def crop_region(self, image_size: tuple[int, int], grid: tuple[int, int] | None = None):
+        """The unpadded region of the crop grid: families with crops only."""
+        raise InputMismatchError(f"the {self.family} family has no crop grid")
+
     def image_token_count(self, image_size: tuple[int, int]) -> int:
         """Visual tokens of one image in the uncompressed prompt (newline tokens included)."""
         return self.model.patches_per_view

@@ -52,12 +52,8 @@ class LlavaNextLayout(Layout):
         pix = batch.pixel_values
         sizes = self.image_sizes(batch, pix.shape[0])
         counts = [self.views_per_image(s) for s in sizes]
-        # an image the family reads by its base view alone (OneVision's multi-image prompts) keeps its crops' pixels
-        extra = [
-            i
-            for i, c in enumerate(counts)
-            if c < pix.shape[1] and getattr(sizes[i], "alone", True) and bool(pix[i, c:].ne(0).any())
-        ]
+        # an image read by its base view alone (OneVision's multi-image prompts) keeps its crops' pixels
+        extra = [i for i, c in enumerate(counts) if 1 < c < pix.shape[1] and bool(pix[i, c:].ne(0).any())]
         short = [i for i, c in enumerate(counts) if pix.dim() != 5 or c > pix.shape[1]]
         if extra or short:
             i = (short + extra)[0]
@@ -237,7 +233,7 @@ class LlavaNextLayout(Layout):
             "patch": torch.cat([torch.cat([idx, minus])[order], idx[extra]]),
             "view": torch.cat([torch.cat([crop_id + 1, minus])[order], crop_id[extra] + 1]),
             "offset": torch.cat([torch.cat([offset, nl_off])[order], torch.full_like(extra, -1)]),
-            # the kept ones lead each sorted part: trimmed after one read for all images (_trim)
+            # the kept ones lead each sorted part: trimmed after one read for all images (Layout.trim)
             "sorted": len(order),
             "kept": torch.stack([ok.sum() + line_kept.sum(), (~placed).sum()]),
         }
@@ -246,7 +242,7 @@ class LlavaNextLayout(Layout):
 @lru_cache(maxsize=4096)
 def _unpadded_window(rows: int, cols: int, gh: int, gw: int, orig_h: int, orig_w: int) -> tuple[int, int, int, int]:
     """``(r0, height, c0, width)`` kept of a ``rows x cols`` crop grid of ``gh x gw`` tokens each,
-    for an ``orig_h x orig_w`` image (see `Model.crop_region`)."""
+    for an ``orig_h x orig_w`` image (see `LlavaNextLayout.crop_region`)."""
     full_h, full_w = rows * gh, cols * gw
     if gh == gw:
         kept = unpad_image(torch.empty(1, full_h, full_w), (orig_h, orig_w)).shape[1:]

@@ -111,8 +111,13 @@ class DecoderStage:
         return attention.additive(allow, dtype)
 
     def _rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``kind -> (cos, sin)`` of ``positions`` for each attention kind the decoder's layers have."""
-        return {kind: self.model.rope(hidden, positions, kind) for kind in dict.fromkeys(self.model.layer_kinds)}
+        """``kind -> (cos, sin)`` of ``positions`` for each attention kind the decoder's layers have
+        (one table shared by every kind unless the rotary embedding depends on it: Gemma3)."""
+        kinds = dict.fromkeys(self.model.layer_kinds)
+        if not self.model.rope_by_kind:
+            table = self.model.rope(hidden, positions)
+            return dict.fromkeys(kinds, table)
+        return {kind: self.model.rope(hidden, positions, kind) for kind in kinds}
 
     @torch.no_grad()
     def prefill(self, batch: Batch, all_logits: bool = False) -> PrefillOutput:

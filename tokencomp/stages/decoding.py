@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import attention
 from ..errors import TokencompError
 from ..profiler import run_flops
 
@@ -44,6 +45,8 @@ class DecodingStage:
         next_pos = torch.stack(cache.next_pos)[..., None]  # (L, B, 1)
         n_layers, nb = next_pos.shape[:2]
         flat_pos = next_pos.view(n_layers * nb, 1)
+        # a window counted in position ids needs each layer's key positions, the decoded steps' too
+        track = self.options.window == "position" and attention.SLIDING in m.layer_kinds
         for _ in range(max_new_tokens - 1):
             # without an EOS no sample finishes: nothing to read (timed runs); else one read per step
             finished = done.tolist() if eos_token_id is not None else [False]
@@ -59,11 +62,11 @@ class DecodingStage:
             for i, layer in enumerate(m.layers):
                 kind = m.layer_kinds[i]
                 pos = next_pos[i]
-                prev, prev_pos = cache.valid[i], cache.positions[i]
+                prev, prev_pos = cache.valid[i], cache.positions[i] if track else None
                 key = (id(prev), id(prev_pos))  # (both are kept in the entry, so their ids are not reused)
                 if key not in masks:
                     key_valid = torch.cat([prev, live], dim=1)
-                    key_pos = torch.cat([prev_pos, pos], dim=1)  # a window may count in them
+                    key_pos = torch.cat([prev_pos, pos], dim=1) if track else None
                     masks[key] = (prev, prev_pos, key_valid, key_pos, full[i] and all_live, {})
                 _, _, key_valid, key_pos, full[i], by_kind = masks[key]
                 if kind not in by_kind:
@@ -78,7 +81,9 @@ class DecodingStage:
                     use_cache=True,
                     position_embeddings=(cos[i], sin[i]),
                 )
-                cache.valid[i], cache.positions[i] = key_valid, key_pos
+                cache.valid[i] = key_valid
+                if track:
+                    cache.positions[i] = key_pos
             next_pos = next_pos + 1
             flat_pos = next_pos.view(n_layers * nb, 1)
             logits = m.lm_head(m.norm(x[:, -1])).float()
