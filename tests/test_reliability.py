@@ -135,6 +135,7 @@ def test_lazy_validation_skips_and_records_a_bad_image(tmp_path, data):
         (('name = "identity"', 'name = "random"\nbudget = []'), r"budget = \[\] is an empty grid axis"),
         (('name = "d"', 'name = "../../x"'), r"use a plain name"),
         (('name = "r"', 'name = "a/b"'), r"use a plain name"),
+        (("n = 4", "n = 4\nsize = [8, 8]"), r"size must be \[height, width\] in pixels, each at least 32"),
     ],
 )
 def test_strict_experiment_files(tmp_path, edit, message):
@@ -373,3 +374,16 @@ def test_a_damaged_checkpoint_is_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(tc.TokencompError, match=r"the model did not load"):
         tc.load_model(tmp_path)
+
+
+def test_a_method_labelled_identity_is_not_the_reference(tmp_path):
+    """Paired differences and speed-ups are taken against the unmodified model (the identity
+    method), not against whatever a label calls "identity"."""
+    text = ONE.replace('name = "identity"', 'name = "fastv"\nlabel = "identity"').format(
+        dataset='generator = "tc-scenes"\nsplit = "val"\nn = 2'
+    )
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    run_experiment(load_experiment(path, tmp_path / "run"), progress=False, side_by_side=False)
+    (row,) = read_rows(tmp_path / "run" / "results.jsonl")
+    assert row["method"] == "identity" and "delta_vs_identity" not in row

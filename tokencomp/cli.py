@@ -251,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
             said = f"the groups already re-timed are kept in {args.run_dir}; run it again to re-time all."
         else:
             where = exp.out if exp is not None else args.out or "the run folder"
-            said = f"Finished cells and their predictions are kept in {where}; run the same command again to resume."
+            if exp is not None and not Path(exp.out).is_dir():  # stopped while a new run was being set up
+                said = f"The run had not started; nothing was kept in {where}."
+            else:
+                said = (
+                    f"Finished cells and their predictions are kept in {where}; run the same command again to resume."
+                )
         print(f"\ntokencomp: interrupted. {said}", file=sys.stderr)
         return 130
     return 1

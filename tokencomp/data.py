@@ -131,6 +131,15 @@ def check_image(path: Path, decode: bool = True) -> str | None:
     return None
 
 
+def is_unmodified(row: dict) -> bool:
+    """Whether a results row is the unmodified model's: the ``identity`` method alone, whatever its
+    label (a row without a spec: by its label). The reference of paired differences and speed-ups."""
+    spec = row.get("spec")
+    if isinstance(spec, list):
+        return [s.get("name") if isinstance(s, dict) else None for s in spec] == ["identity"]
+    return row.get("method") == "identity"
+
+
 class JsonlDataset:
     """Samples read from a JSONL file (see the module docstring), every row checked at once.
 

@@ -25,7 +25,7 @@ from adjustText import adjust_text  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ._compat import tomllib  # noqa: E402
-from .data import read_rows, write_atomic  # noqa: E402
+from .data import is_unmodified, read_rows, write_atomic  # noqa: E402
 from .errors import TokencompError  # noqa: E402
 from .provenance import codes_of, split_code  # noqa: E402
 
@@ -182,7 +182,7 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3, partial: bool = F
         fig.savefig(files["latency_vs_tokens"], dpi=110)
         plt.close(fig)
 
-        base = g[g["method"] == "identity"]
+        base = g[[is_unmodified(r) for r in g.to_dict("records")]]
         ref = base.iloc[0] if len(base) else g.loc[g["total_prefill_tflops"].idxmax()]
         g = g.assign(
             ideal_speedup=ref["total_prefill_tflops"] / g["total_prefill_tflops"],

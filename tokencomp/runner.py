@@ -79,7 +79,7 @@ from . import kernels
 from ._compat import tomllib
 from .api import prepare
 from .benchmark import PRESETS, SPLIT_SEED, generate_split
-from .data import JsonlDataset, check_image, prompt, read_rows, write_atomic
+from .data import JsonlDataset, check_image, is_unmodified, prompt, read_rows, write_atomic
 from .engine import Engine
 from .errors import TokencompError, renamed
 from .metrics import answer_score, mean_ci, paired_difference_ci, scores_by_type, yes_no_scores
@@ -347,9 +347,9 @@ def load_experiment(
             _count(f"{where}: n", d.get("n", 32))
             size = d.get("size")
             if size is not None and (
-                not isinstance(size, list) or len(size) != 2 or not all(_is_count(v) for v in size)
+                not isinstance(size, list) or len(size) != 2 or not all(_is_count(v) and v >= 32 for v in size)
             ):
-                raise TokencompError(f"{where}: size must be [height, width] in pixels, got {size!r}")
+                raise TokencompError(f"{where}: size must be [height, width] in pixels, each at least 32, got {size!r}")
             if "tag_px" in d:
                 _count(f"{where}: tag_px", d["tag_px"])
         if "path" in d:
@@ -826,7 +826,7 @@ def _paired_deltas(exp: Experiment) -> None:
     every model and dataset with a finished ``identity`` cell; written into ``results.jsonl``."""
     results = exp.out / "results.jsonl"
     rows = read_rows(results)
-    ref = {(r["model"], r["dataset"]): r["cell"] for r in rows if r["method"] == "identity"}
+    ref = {(r["model"], r["dataset"]): r["cell"] for r in rows if is_unmodified(r)}
     if not ref:
         return
 
