@@ -38,7 +38,6 @@ def allowed(
     query_index: torch.Tensor,
     window: int | None = None,
     key_pos: torch.Tensor | None = None,
-    query_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which keys each query row may attend: ``(B, q, n)`` bool.
 
@@ -49,14 +48,14 @@ def allowed(
         key_valid: ``(B, n)`` bool, the real keys.
         query_index: ``(B, q)`` long, each query row's index in the key sequence.
         window: sliding window in tokens, or None for full causal attention.
-        key_pos, query_pos: ``(B, n)`` / ``(B, q)`` long coordinates the window counts in (position
-            ids); None: sequence indices (``query_index`` and each key's own index).
+        key_pos: ``(B, n)`` long coordinates the window counts in (position ids; a query row's are
+            its key's); None: sequence indices (``query_index`` and each key's own index).
     """
     b, n = key_valid.shape
     q = query_index.shape[1]
     fn = _remapped(causal_mask_function, query_index, None)
     if window is not None:
-        coords = query_index if query_pos is None else query_pos
+        coords = query_index if key_pos is None else key_pos.gather(1, query_index)
         fn = and_masks(fn, _remapped(sliding_window_overlay(window), coords, key_pos))
     mask = sdpa_mask(
         batch_size=b,

@@ -64,7 +64,7 @@ class CaptureStage:
             allow = None
             if window is not None and (by_position or n > window):
                 pos = state.positions if by_position else None
-                allow = attention.allowed(state.valid, r, window, pos, None if pos is None else pos.gather(1, r))
+                allow = attention.allowed(state.valid, r, window, pos)
             _, probs = kernels.attention_rows(
                 q,
                 kh,

@@ -106,8 +106,7 @@ class DecoderStage:
                 "counts, or a sample that stopped decoding before the others), nor sliding windows whose "
                 "counting differs from its own; load the model with 'sdpa'"
             )
-        query_pos = None if not by_position else positions.gather(1, query_index)
-        allow = attention.allowed(key_valid, query_index, window, positions if by_position else None, query_pos)
+        allow = attention.allowed(key_valid, query_index, window, positions if by_position else None)
         return attention.additive(allow, dtype)
 
     def _rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
