@@ -252,13 +252,19 @@ def test_fastv_matches_reference(case, images):
     eager = _eager(model)
     for i in range(2):
         batch = tc.prepare(model, [images[i]], [PROMPTS[i]])
-        kept, ref_logits, ref_tokens = _fastv_reference(model, eager, hf_inputs(batch), k=2, budget=8, steps=5)
-        tokens, pre = tc.Engine(model, tc.method("fastv", k=2, budget=8, query="all")).generate(
-            batch, max_new_tokens=5, eos_token_id=None
-        )
-        assert pre.state.orig_index[0].tolist() == kept.tolist()
-        torch.testing.assert_close(pre.logits[0], ref_logits[0], rtol=1e-4, atol=1e-4)
-        assert tokens[0] == ref_tokens
+        check_fastv(model, eager, batch, hf_inputs(batch))
+
+
+def check_fastv(model: tc.Model, eager, batch: tc.Batch, inputs: dict) -> None:
+    """FastV (k=2, 8 tokens kept by every row's attention) on one unpadded sample equals
+    `_fastv_reference`: the kept tokens, the first logits and 5 greedy tokens."""
+    kept, ref_logits, ref_tokens = _fastv_reference(model, eager, inputs, k=2, budget=8, steps=5)
+    tokens, pre = tc.Engine(model, tc.method("fastv", k=2, budget=8, query="all")).generate(
+        batch, max_new_tokens=5, eos_token_id=None
+    )
+    assert pre.state.orig_index[0].tolist() == kept.tolist()
+    torch.testing.assert_close(pre.logits[0], ref_logits[0], rtol=1e-4, atol=1e-4)
+    assert tokens[0] == ref_tokens
 
 
 @pytest.mark.parametrize("family", ["llava", "llava-next"])
