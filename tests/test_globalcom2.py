@@ -95,7 +95,7 @@ def test_globalcom2_refuses_views_its_crop_grids_do_not_account_for():
     n = 16
     view = tc.VisionView(
         features=torch.randn(3, n, 4),
-        cls=None,
+        cls=torch.randn(3, 4),  # a CLS tower: its CLS logits are read
         grid=(4, 4),
         valid=torch.ones(3, n, dtype=torch.bool),
         role=torch.tensor([0, 1, 0]),

@@ -106,11 +106,29 @@ def cls_logits_head_mean(hf_eager, pix, layer: int = -1):
     return logits.mean(1)[:, 1:], hs[hf_eager.config.vision_feature_layer][:, 1:]
 
 
-def globalcom2_image(scores, grid, crops, valid, ratio=0.25, tau=10.0):
+def mean_logits_head_mean(hf_eager, pix, layer: int = -1):
+    """(V, N) pre-softmax scaled logits each token receives at encoder ``layer``, averaged over every
+    query row and head (towers without CLS), from the full (V, H, N, N) logits of its projections;
+    and the features at the projector's input layer."""
+    tower = hf_eager.model.vision_tower
+    vm = getattr(tower, "vision_model", tower)
+    lay = vm.encoder.layers[layer]
+    with torch.no_grad():
+        hs = tower(pix, output_hidden_states=True).hidden_states
+        x = lay.layer_norm1(hs[layer % len(vm.encoder.layers)])
+        att = lay.self_attn
+        q = (att.q_proj(x) * att.scale).view(x.shape[0], x.shape[1], att.num_heads, -1)
+        k = att.k_proj(x).view(x.shape[0], x.shape[1], att.num_heads, -1)
+        logits = torch.einsum("vqhd,vnhd->vhqn", q, k)
+    return logits.mean(2).mean(1), hs[hf_eager.config.vision_feature_layer]
+
+
+def globalcom2_image(scores, grid, crops, valid, ratio=0.25, tau=10.0, share=1.0):
     """Kept indices per view of one LLaVA-NeXT image, written from METHODS.md §2 with loops.
 
-    scores: (1 + C, N) thumbnail first; valid: (C, N) unpadded mask. Returns list of index lists
-    (thumbnail in descending score, crops in raster order).
+    scores: (1 + C, N) thumbnail first; valid: (C, N) unpadded mask; share: the crops' share of
+    their tokens after LLaVA-OneVision's anyres_max resize (a crop keeps int(N_j * share * r_j)).
+    Returns list of index lists (thumbnail in descending score, crops in raster order).
     """
     import math
 
@@ -138,9 +156,12 @@ def globalcom2_image(scores, grid, crops, valid, ratio=0.25, tau=10.0):
     )[0, 0]
     for c in range(rows * cols):
         idx = [p for p in range(n) if valid[c, p]]
+        if not idx:  # a crop of padding only
+            out.append([])
+            continue
         loc = torch.stack([scores[1 + c, p] for p in idx])
         gl = torch.stack([glob[(c // cols) * h + p // w - rr[0], (c % cols) * w + p % w - cc[0]] for p in idx])
         comb = loc / loc.norm() + gl / gl.norm()
-        k = int(len(idx) * r[c])
+        k = int(len(idx) * share * r[c])
         out.append(sorted(idx[t] for t in comb.topk(k).indices.tolist()))
     return out

@@ -202,16 +202,17 @@ class Engine(VisionStage, SequenceStage, DecoderStage, CaptureStage, FrozenStage
         self.feature_hidden = [f % (nl + 1) for f in model.feature_layers]  # hidden_states index: 0 = embeddings
         self.vision_capture_layers = sorted({n.layer % nl for n in self.needs if n.kind in VISION_NEEDS})
         # the layers whose CLS row, and those whose every row, is scored (`_vision_scores`): FLOPs
-        self.vision_cls_layers = len({n.layer % nl for n in self.needs if n.kind in CLS_NEEDS})
+        one_row = (*CLS_NEEDS, "vision_mean_logits")  # the CLS query row, or the mean query's
+        self.vision_cls_layers = len({(n.kind in CLS_NEEDS, n.layer % nl) for n in self.needs if n.kind in one_row})
         self.vision_mean_layers = len({n.layer % nl for n in self.needs if n.kind == "vision_mean_attention"})
         self.vision_layers_run = max([f for f in self.feature_hidden] + [c + 1 for c in self.vision_capture_layers])
         # a capture layer past the last feature layer (PruMerge's, GlobalCom2's layer -1 under LLaVA's
         # feature layer -2): its output feeds nothing, so only its norm and q/k projections run
         self.vision_qk_layers = int(self.vision_layers_run > max(self.feature_hidden))
         # that layer projects queries only for the rows its scores read: every row for a mean over
-        # all queries, the CLS row for CLS scores, none for keys alone
+        # all queries (or the mean query), the CLS row for CLS scores, none for keys alone
         at_qk = {n.kind for n in self.needs if n.kind in VISION_NEEDS and n.layer % nl == self.vision_layers_run - 1}
-        if not self.vision_qk_layers or "vision_mean_attention" in at_qk:
+        if not self.vision_qk_layers or at_qk & {"vision_mean_attention", "vision_mean_logits"}:
             self.vision_qk_queries = None
         else:
             self.vision_qk_queries = 1 if at_qk & set(CLS_NEEDS) else 0

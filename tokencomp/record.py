@@ -15,6 +15,9 @@ class RunRecord:
         visual_tokens_llm: visual tokens entering the LLM (after the vision stage; newline tokens not counted).
         tokens_per_view: ``[sample][image][view]`` visual tokens each view contributes (view 0 = the
             LLaVA-1.5 image or the NeXT thumbnail, then crops in raster order; newlines not counted).
+        view_shares: ``[sample][image][view]`` the share of its tokens each view gives the
+            uncompressed prompt (`tokencomp.VisionView.share`: below 1 for LLaVA-OneVision crops
+            that anyres_max resizes); empty when every view's is 1.
         projected_tokens: per sample, tokens the projector ran on (before NeXT unpadding drops any).
         tokens_per_layer: ``[sample][layer]`` tokens each decoder layer processed (text + image span).
         visual_per_layer: ``[sample][layer]`` image-span tokens present in each layer (frozen ones
@@ -29,7 +32,8 @@ class RunRecord:
         vision_qk_queries: query rows per view that such a layer projected (1: the CLS row's alone,
             0: none, keys only); None: every token.
         vision_capture_layers: vision layers whose CLS row / keys were captured.
-        vision_cls_layers: those of them whose CLS query row was scored against the keys.
+        vision_cls_layers: those of them whose CLS query row (or, ``vision_mean_logits``, the mean
+            query row) was scored against the keys (a layer scoring both counts twice).
         vision_mean_layers: those of them whose every query row was scored against the keys
             (``vision_mean_attention``: the mean attention each token receives).
         decoder_captures: ``[layer, query, preprune]`` decoder attention rows captured (query "last",
@@ -54,6 +58,7 @@ class RunRecord:
     visual_per_layer: list[list[int]]
     tokens_per_view: list[list[list[int]]] = field(default_factory=list)
     projected_tokens: list[int] = field(default_factory=list)
+    view_shares: list[list[list[float]]] = field(default_factory=list)
     image_per_layer: list[list[int]] = field(default_factory=list)
     frozen_layers: list[int] = field(default_factory=list)
     frozen_text_layers: list[int] = field(default_factory=list)

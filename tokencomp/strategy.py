@@ -16,6 +16,7 @@ Vision kinds index the vision tower's encoder layers (negative counts from the e
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, NamedTuple
@@ -31,6 +32,7 @@ VISION_NEEDS = (
     "vision_cls_query",
     "vision_keys_full",
     "vision_mean_attention",
+    "vision_mean_logits",
 )
 CLS_NEEDS = ("vision_cls_attention", "vision_cls_logits", "vision_cls_query")  # towers with a CLS token only
 # decoder attention rows of layer L, from the last token, averaged over the text tokens, over all
@@ -78,7 +80,8 @@ class RunInfo:
     """What a strategy may check before any forward pass (all counts are tokens).
 
     Attributes:
-        family: ``"llava"`` (LLaVA-1.5 style, one view per image) or ``"llava-next"`` (thumbnail + crops).
+        family: ``"llava"`` (LLaVA-1.5 style, one view per image), ``"llava-next"`` (thumbnail +
+            crops) or ``"llava-onevision"`` (NeXT's, crop grids resized by anyres_max).
         num_layers: decoder layers L.
         vision_layers: vision encoder layers.
         patches_per_view: N, patch tokens of one view (576 for 336 px / patch 14).
@@ -109,6 +112,13 @@ def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
         hi = "inf" if high is None else str(high)
         raise BudgetError(f"{name}={value} is outside the allowed range [{low}, {hi}]")
     return value
+
+
+def scale_budget(budget: int, share: float, low: int = 0) -> int:
+    """A per-view ``budget`` for a view whose tokens reach the LLM at ``share`` of their number
+    (`VisionView.share`): ``budget`` itself at share 1, else ``budget * share`` rounded to the
+    nearest integer (halves up), at least ``low``."""
+    return budget if share == 1 else max(low, math.floor(budget * share + 0.5))
 
 
 def check_image_budget(budget: int, info: RunInfo) -> int:
@@ -196,6 +206,10 @@ class VisionView:
         pixels: ``(V, 3, H, W)`` the views' pixel values as the batch holds them: the processor's,
             before the cast to the model's dtype, on the host (CPU) for a batch from
             `tokencomp.prepare` whatever the model's device (see `content_key`).
+        share: per view, the share of its tokens the uncompressed model feeds to the LLM after
+            resampling: 1.0, except LLaVA-OneVision crops of an image whose crop grid anyres_max
+            downsamples (its area factor, < 1). A per-view budget is scaled by it (`budget_for`).
+            Empty: every view 1.0.
     """
 
     features: torch.Tensor
@@ -210,6 +224,7 @@ class VisionView:
     crop_window: list[tuple[int, int, int, int]] = field(default_factory=list)
     backend: str = "auto"
     pixels: torch.Tensor | None = None
+    share: list[float] = field(default_factory=list)
 
     @property
     def num_views(self) -> int:
@@ -251,6 +266,16 @@ class VisionView:
         """``(V, heads, T)`` attention each token receives at encoder ``layer``, averaged over all
         ``T`` query rows (``T = 1 + N`` with CLS, ``N`` without); the score for towers without CLS."""
         return self._get("vision_mean_attention", layer)
+
+    def mean_logits(self, layer: int = -1) -> torch.Tensor:
+        """``(V, heads, T)`` pre-softmax scaled logits each token receives at encoder ``layer``,
+        averaged over all ``T`` query rows (exactly the logits of the mean query, since they are
+        linear in the query): the stand-in for `cls_logits` in towers without CLS."""
+        return self._get("vision_mean_logits", layer)
+
+    def budget_for(self, budget: int, low: int = 0) -> list[int]:
+        """Per view, a per-view ``budget`` scaled by the view's `share` (`scale_budget`)."""
+        return [scale_budget(budget, s, low) for s in self.share] if self.share else [budget] * self.num_views
 
     def cls_query(self, layer: int = -1) -> torch.Tensor:
         """``(V, d_v)`` raw CLS query projection (bias included, unscaled, heads not split)."""

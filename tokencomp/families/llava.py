@@ -64,6 +64,12 @@ class Layout:
         """``(r0, height, c0, width)`` of the crop grid the uncompressed prompt keeps (no crops: zeros)."""
         return (0, 0, 0, 0)
 
+    def view_share(self, image_size: tuple[int, int]) -> list[float]:
+        """Per view, the share of its tokens the uncompressed prompt keeps after resampling (1.0
+        each; OneVision's anyres_max resize makes it less): a vision strategy scales its per-view
+        budget by it (`tokencomp.VisionView.share`)."""
+        return [1.0] * self.views_per_image(image_size)
+
     # -- placing a strategy's tokens ------------------------------------------------------------
     def assemble(self, out: ViewTokens, proj: torch.Tensor, rows: range, counts: list[int], size, crop_grid, engine):
         """Lay out one image's tokens: its base view's kept tokens, then (`place_crops`) its crops'.
@@ -78,8 +84,9 @@ class Layout:
 
         Returns:
             A dict of ``feats (m, d)``, ``kind``, ``patch``, ``view``, ``offset`` (position in the
-            uncompressed image span, -1 unknown), ``num_views``, ``projected`` (tokens the projector
-            ran on), and ``trim`` when crop tokens still wait for `trim`.
+            uncompressed image span, -1 unknown), ``num_views``, ``share`` (`view_share`),
+            ``projected`` (tokens the projector ran on), and ``trim`` when crop tokens still wait
+            for `trim`.
         """
         m = self.model
         dev = proj.device
@@ -106,6 +113,7 @@ class Layout:
         if crop is not None and "kept" in crop:
             tok["trim"] = (c0, crop["sorted"], crop["kept"])
         tok["num_views"] = len(rows)
+        tok["share"] = self.view_share(size)
         tok["projected"] = sum(counts[r] for r in rows)  # tokens the projector ran on, before unpadding drops any
         return tok
 

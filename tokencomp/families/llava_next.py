@@ -146,7 +146,7 @@ class LlavaNextLayout(Layout):
         )
         vid = torch.arange(1, rows * cols + 1, device=dev).view(rows, cols, 1, 1).expand(rows, cols, gh, gw)
         vid = vid.permute(0, 2, 1, 3).reshape(rows * gh, cols * gw)[r0 : r0 + height, c0 : c0 + width]
-        f, src, vid = self._resample(f, src, vid)
+        f, src, vid = self._resample(f, src, vid, size)
         height, width = f.shape[:2]
         kind = torch.full((height, width), VISUAL, dtype=torch.int8, device=dev)
         offset = torch.arange(height * (width + 1), device=dev).view(height, width + 1)[:, :width]
@@ -167,7 +167,7 @@ class LlavaNextLayout(Layout):
             "offset": offset.flatten(),
         }
 
-    def _resample(self, f: torch.Tensor, src: torch.Tensor, vid: torch.Tensor):
+    def _resample(self, f: torch.Tensor, src: torch.Tensor, vid: torch.Tensor, size):
         """The unpadded crop grid ``(h, w, d)`` with its source patches and views ``(h, w)``, as the
         family feeds it to the LLM (LLaVA-NeXT: as it is; OneVision downsamples a large one)."""
         return f, src, vid

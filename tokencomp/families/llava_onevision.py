@@ -66,10 +66,14 @@ class OnevisionLayout(LlavaNextLayout):
             return (0, 0)
         return super().crop_grid(image_size)
 
+    def ratio(self, height: int, width: int) -> float:
+        """anyres_max's side ratio for an ``height x width`` unpadded crop grid of tower tokens:
+        resized when above 1.1."""
+        return math.sqrt(height * width / (self.max_views * self.model.grid[0] ** 2))
+
     def resized(self, height: int, width: int) -> tuple[int, int]:
         """The token grid an ``height x width`` unpadded crop grid becomes (anyres_max)."""
-        g = self.model.grid[0]
-        ratio = math.sqrt(height * width / (self.max_views * g**2))
+        ratio = self.ratio(height, width)
         return (int(height // ratio), int(width // ratio)) if ratio > 1.1 else (height, width)
 
     def image_token_count(self, image_size) -> int:
@@ -82,14 +86,16 @@ class OnevisionLayout(LlavaNextLayout):
         height, width = self.resized(height, width)
         return n + height * (width + 1)
 
-    def check_engine(self, engine) -> None:
-        """Vision-stage methods are refused before any work: their budgets per resized crop grid are
-        not defined yet. In-LLM and freeze methods serve OneVision."""
-        if engine.vision is not None and getattr(engine.vision, "name", None) != "identity":
-            raise UnsupportedModelError(
-                f"{engine.vision.label} is a vision-stage method, which does not serve LLaVA-OneVision yet (budgets "
-                "per anyres_max-resized crop grid are not defined); in-LLM and freeze methods do"
-            )
+    def view_share(self, image_size) -> list[float]:
+        """1.0 for the base view; for each crop, the area factor ``h2 * w2 / (h * w)`` by which
+        anyres_max resizes the image's ``h x w`` unpadded crop grid (1.0 when it is not resized)."""
+        shares = super().view_share(image_size)
+        if len(shares) > 1:
+            _, _, _, height, _, width = self.crop_region(image_size)
+            h2, w2 = self.resized(height, width)
+            if (h2, w2) != (height, width):
+                shares[1:] = [h2 * w2 / (height * width)] * (len(shares) - 1)
+        return shares
 
     def assemble(self, out, proj, rows, counts, size, crop_grid, engine):
         """LLaVA-NeXT's assembly; an image without crops ends with one newline token."""
@@ -105,11 +111,18 @@ class OnevisionLayout(LlavaNextLayout):
             tok["offset"] = torch.cat([tok["offset"], minus + 1 + n])
         return tok
 
-    def _resample(self, f: torch.Tensor, src: torch.Tensor, vid: torch.Tensor):
+    def _resample(self, f: torch.Tensor, src: torch.Tensor, vid: torch.Tensor, size):
+        """The unpadded crop grid resized as anyres_max resizes the full grid of the image's ``size``:
+        the full grid to its resized shape; a pooled grid by the same ratio (its budget per view thus
+        scaled as a selection's is, `view_share`)."""
         height, width = f.shape[:2]
-        h2, w2 = self.resized(height, width)
-        if (h2, w2) == (height, width):
+        _, _, _, full_h, _, full_w = self.crop_region(size)
+        ratio = self.ratio(full_h, full_w)
+        h2, w2 = int(height // ratio), int(width // ratio)
+        if ratio <= 1.1:
             return f, src, vid
+        if not h2 * w2:  # a pooled grid too small to keep a row or a column
+            return f[:h2, :w2], src[:h2, :w2], vid[:h2, :w2]
         # as transformers: (d, h, w) bilinear, align_corners=False, in the features' dtype
         f = F.interpolate(f.permute(2, 0, 1)[None], [h2, w2], mode="bilinear")[0].permute(1, 2, 0)
         rows = ((torch.arange(h2, device=f.device) + 0.5) * height / h2).long().clamp(max=height - 1)

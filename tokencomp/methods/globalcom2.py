@@ -1,5 +1,6 @@
 """GlobalCom² (Liu et al., "Compression with Global Guidance: Towards Training-free High-Resolution
-MLLMs Acceleration", arXiv 2501.05179), as the authors' released code does it. LLaVA-NeXT only.
+MLLMs Acceleration", arXiv 2501.05179), as the authors' released code does it (LLaVA-NeXT), and on
+LLaVA-OneVision by the two extensions at the end.
 
 Scores: the CLS row of the vision tower's **last** encoder layer, head-mean of the pre-softmax scaled
 logits q·k/sqrt(d_head), patches only. With the global retention ratio R (``ratio``, the budget):
@@ -38,6 +39,15 @@ running both rules on the same inputs; released code at commit 96b2d00):
   logits such ties are rare.
 
 Scores come from the engine's SDPA-compatible capture (the CLS row of one layer only).
+
+LLaVA-OneVision (the authors support CLIP towers on LLaVA-NeXT only; these are tokencomp's):
+
+- **No CLS** (SigLIP): the score is the logits each token receives averaged over all query rows,
+  i.e. the logits of the mean query (`tokencomp.VisionView.mean_logits`), head-mean, in place of
+  the CLS row.
+- **anyres_max**: a crop of an image whose unpadded crop grid the model downsamples by the area
+  factor ``s`` keeps ``int(N_j * s * r_j)`` tokens, the share of the resized grid the uncompressed
+  model would feed; the kept tokens are placed on the grid at their own positions, not resampled.
 """
 
 from __future__ import annotations
@@ -72,8 +82,8 @@ def crop_retention(s: torch.Tensor, ratio: float, tau: float) -> torch.Tensor:
 
 @tc.register("globalcom2")
 class GlobalCom2(tc.VisionStrategy):
-    """GlobalCom² (arXiv 2501.05179), LLaVA-NeXT only: the thumbnail's CLS scores set how many
-    tokens each crop keeps (global ratio ``ratio``) and guide which."""
+    """GlobalCom² (arXiv 2501.05179), families with crops: the thumbnail's CLS scores (mean-query
+    scores without CLS) set how many tokens each crop keeps (global ratio ``ratio``) and guide which."""
 
     ratio: float = 0.25
     tau: float = 10.0
@@ -97,8 +107,8 @@ class GlobalCom2(tc.VisionStrategy):
                 f"GlobalCom² allocates tokens over LLaVA-NeXT crops; model family {info.family!r} has none"
             )
 
-    def needs(self) -> list[tc.Need]:
-        return [tc.Need("vision_cls_logits", self.layer)]
+    def needs_for_model(self, model) -> list[tc.Need]:
+        return [tc.Need("vision_cls_logits" if model.has_cls else "vision_mean_logits", self.layer)]
 
     def compress(self, view: tc.VisionView) -> tc.ViewTokens:
         x = view.features
@@ -109,7 +119,10 @@ class GlobalCom2(tc.VisionStrategy):
             raise TokencompError("GlobalCom² needs the views' crop_window (the unpadded crop windows)")
         if sum(1 + rows * cols for rows, cols in view.crop_grid) != nv:
             raise TokencompError(f"the crop grids {view.crop_grid} do not account for the {nv} views")
-        scores = view.cls_logits(self.layer)[:, :, 1:].mean(dim=1)  # (V, N) head-mean logits
+        if view.cls is not None:
+            scores = view.cls_logits(self.layer)[:, :, 1:].mean(dim=1)  # (V, N) head-mean logits
+        else:
+            scores = view.mean_logits(self.layer).mean(dim=1)
         # 1. thumbnails keep their top int(N R) by their own score; crops are scored below
         combined = scores.clone()
         k = torch.full((nv,), int(n * self.ratio), dtype=torch.long, device=dev)
@@ -124,7 +137,8 @@ class GlobalCom2(tc.VisionStrategy):
             r = crop_retention(crop_block_scores(thumb, (h, w), (rows, cols)), self.ratio, self.tau)
             valid = view.valid[crops]  # (C, N) unpadded tokens
             r0, height, c0, width = view.crop_window[img]
-            k[crops] = (valid.sum(1).double() * r.double()).trunc().long()  # int(N_j r_j)
+            share = view.share[crops.start] if view.share else 1.0  # anyres_max's area factor (OneVision)
+            k[crops] = (valid.sum(1).double() * share * r.double()).trunc().long()  # int(N_j s r_j)
             if not height * width:  # unpadding keeps no crop token
                 continue
             # 5. own scores + the thumbnail's scores resampled onto the unpadded crop window

@@ -7,7 +7,9 @@ repository). ``draw="image"`` (default) draws afresh for every image: the genera
 so an image gets the same tokens alone or in a batch and in any model dtype, and a different set
 from another image. ``draw="fixed"`` keeps the same patch positions for every image (seeded by
 ``seed`` and the view's role: a fixed random mask). Only tokens that survive LLaVA-NeXT unpadding
-are drawn; a crop with fewer valid tokens than ``budget`` keeps them all.
+are drawn; a crop with fewer valid tokens than ``budget`` keeps them all. On LLaVA-OneVision the
+crops of an image whose crop grid anyres_max downsamples by the area factor ``s`` keep
+``round(budget * s)`` each (`tokencomp.VisionView.budget_for`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ class RandomSelection(tc.VisionStrategy):
         scores = torch.stack(
             [torch.rand(n, generator=torch.Generator().manual_seed((self.seed * 1_000_003 + i) % 2**63)) for i in ids]
         ).to(view.features.device)
-        top = scores.masked_fill(~view.valid, -1.0).topk(self.budget, dim=-1).indices  # valid tokens first
-        keep = torch.arange(self.budget, device=top.device)[None] < view.valid.sum(1, keepdim=True)
+        budgets = view.budget_for(self.budget, low=1)  # per view (resized OneVision crops: scaled)
+        top = scores.masked_fill(~view.valid, -1.0).topk(max(budgets), dim=-1).indices  # valid tokens first
+        limit = view.valid.sum(1)
+        if min(budgets) < top.shape[1]:  # views that keep fewer (one upload, on OneVision only)
+            limit = torch.minimum(limit, torch.tensor(budgets, device=top.device))
+        keep = torch.arange(top.shape[1], device=top.device)[None] < limit[:, None]
         return top.masked_fill(~keep, -1)

@@ -27,6 +27,12 @@ a crop's dominant tokens are chosen over its whole padded grid, so those that fa
 unpadding removes are dropped and such a view keeps fewer tokens than its budget (the record's
 ``tokens_per_view`` shows what each view kept).
 
+LLaVA-OneVision (the authors released no code for it): the base view gets the split; the crops of
+an image whose crop grid anyres_max downsamples by the area factor ``s`` get each part scaled,
+``(round(dominant * s), round(contextual * s))`` (`view_split`), so that a budget keeps the same
+share of what the uncompressed model feeds the LLM; the kept crop tokens are placed on the grid
+as on LLaVA-NeXT (``next_layout``), not resampled.
+
 The scores come from the engine's SDPA-compatible capture (CLS row and head-mean keys only), not
 from an eager vision tower.
 """
@@ -39,7 +45,7 @@ import tokencomp as tc
 from tokencomp import kernels
 from tokencomp.errors import BudgetError, TokencompError
 from tokencomp.layout import true_indices
-from tokencomp.strategy import check_int
+from tokencomp.strategy import check_int, scale_budget
 
 PUBLISHED_SPLITS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
 
@@ -93,35 +99,74 @@ class VisionZip(tc.VisionStrategy):
         score = "vision_cls_attention" if model.has_cls else "vision_mean_attention"
         return [tc.Need(score, self.layer), tc.Need("vision_keys", self.layer)]
 
+    def view_split(self, share: float, has_cls: bool) -> tuple[int, int]:
+        """``(dominant, contextual)`` of a view whose tokens reach the LLM at ``share`` of their
+        number (LLaVA-OneVision crops that anyres_max resizes): each part scaled and rounded
+        (`tokencomp.strategy.scale_budget`), the CLS token kept, at least one token per view."""
+        dominant, contextual = self.split()
+        if share == 1:
+            return dominant, contextual
+        dominant, contextual = scale_budget(dominant, share, int(has_cls)), scale_budget(contextual, share)
+        return max(dominant, int(contextual == 0)), contextual  # at least one token
+
     def overhead_flops(self, model, record, sample: int) -> float:
         """Key-cosine similarities of the contextual merge, ``2 * n_other * contextual * d_head`` per
         view (the profiler charges the captured attention: the CLS row, or every row without CLS)."""
-        dominant, contextual = self.split()
         vc = model.hf.config.vision_config
-        n = model.patches_per_view
-        n_other = n - (dominant - int(model.has_cls)) - contextual
-        views = sum(len(v) for v in record.tokens_per_view[sample])
-        return float(views * 2 * n_other * contextual * (vc.hidden_size // vc.num_attention_heads))
+        n, c = model.patches_per_view, int(model.has_cls)
+        d_head = vc.hidden_size // vc.num_attention_heads
+        if record.view_shares:
+            shares = [s for image in record.view_shares[sample] for s in image]
+        else:
+            shares = [1.0] * sum(len(image) for image in record.tokens_per_view[sample])
+        flops = 0
+        for share in shares:
+            dominant, contextual = self.view_split(share, model.has_cls)
+            flops += 2 * (n - (dominant - c) - contextual) * contextual * d_head
+        return float(flops)
 
     def compress(self, view: tc.VisionView) -> tc.ViewTokens:
-        dominant, contextual = self.split()
         x = view.features  # (V, N, d)
         nv, n, d = x.shape
-        dev = x.device
-        be = view.backend
         c = int(view.cls is not None)  # the CLS token takes one dominant slot
-        # 1. dominant: CLS attention (or, without CLS, mean received attention) summed over heads
+        # 1. dominant score: CLS attention (or, without CLS, mean received attention) summed over heads
         if c:
             score = view.cls_attention(self.layer)[:, :, 1:].sum(dim=1)  # (V, N)
         else:
             score = view.mean_attention(self.layer).sum(dim=1)
+        keys = view.keys(self.layer)[:, c:]
+        cls = view.cls[:, None].to(x.dtype) if c else None
+        shares = view.share or [1.0] * nv
+        splits = [self.view_split(s, bool(c)) for s in shares]
+        if len(set(splits)) == 1:  # every view alike (always but on resized OneVision crops)
+            feats, idx, group = self._zip(x, score, keys, cls, *splits[0], view.backend)
+            count = torch.full((nv,), feats.shape[1], device=x.device)
+            return tc.ViewTokens(features=feats, index=idx, count=count, group=group)
+        k = max(dom + ctx for dom, ctx in splits)
+        feats, idx = x.new_zeros(nv, k, d), torch.zeros(nv, k, dtype=torch.long, device=x.device)
+        group = torch.zeros_like(idx)
+        for split in dict.fromkeys(splits):  # the views of one split at a time, padded to the widest
+            rows = torch.tensor([v for v, sp in enumerate(splits) if sp == split], device=x.device)
+            part = self._zip(x[rows], score[rows], keys[rows], None if cls is None else cls[rows], *split, view.backend)
+            width = sum(split)
+            for out, value in zip((feats, idx, group), part):
+                out[rows, :width] = value
+        count = torch.tensor([dom + ctx for dom, ctx in splits], device=x.device)
+        return tc.ViewTokens(features=feats, index=idx, count=count, group=group)
+
+    def _zip(self, x, score, keys, cls, dominant: int, contextual: int, be: str):
+        """VisionZip on ``x (V, N, d)`` views that share one split: ``(features (V, dominant +
+        contextual, d), source index (-1 for CLS and merged tokens), group)``."""
+        nv, n, _ = x.shape
+        dev = x.device
+        c = int(cls is not None)
         top = score.topk(dominant - c, dim=-1).indices
         is_dom = torch.zeros(nv, n, dtype=torch.bool, device=dev).scatter_(1, top, True)
         dom_idx = top.sort(dim=-1).values  # raster order
         parts = [kernels.gather_tokens(x, dom_idx, backend=be)]
         index = [dom_idx]
         if c:
-            parts.insert(0, view.cls[:, None].to(x.dtype))
+            parts.insert(0, cls)
             index.insert(0, torch.full((nv, 1), -1, device=dev))
         # 2. contextual: merge the remaining tokens into uniformly spaced targets by key cosine
         if contextual > 0:
@@ -132,7 +177,6 @@ class VisionZip(tc.VisionStrategy):
             is_target = torch.zeros(n_rest, dtype=torch.bool, device=dev).index_fill_(0, targets, True)
             others = true_indices(~is_target, n_rest - len(targets))
             target_idx, other_idx = rest[:, targets], rest[:, others]  # (V, contextual), (V, n_other)
-            keys = view.keys(self.layer)[:, c:]
             target_k, other_k = (kernels.gather_tokens(keys, i, backend=be) for i in (target_idx, other_idx))
             target_k, other_k = (k / k.norm(dim=-1, keepdim=True) for k in (target_k, other_k))
             assign = (other_k @ target_k.transpose(1, 2)).argmax(dim=-1)  # (V, n_other): the most similar target
@@ -149,5 +193,4 @@ class VisionZip(tc.VisionStrategy):
         idx = torch.cat(index, dim=1).long()
         group = torch.zeros_like(idx)
         group[:, dominant:] = 1  # NeXT crops: all CLS tokens first, then all contextual tokens
-        count = torch.full((nv,), feats.shape[1], device=dev)
-        return tc.ViewTokens(features=feats, index=idx, count=count, group=group)
+        return feats, idx, group

@@ -124,7 +124,7 @@ class DecoderStage:
         m = self.model
         spans = self.validate(batch)
         images, captures = self.encode_images(batch, spans)
-        state, n_visual, (per_view, projected) = self.build_sequence(batch, spans, images)
+        state, n_visual, (per_view, projected, shares) = self.build_sequence(batch, spans, images)
         input_images = (state.valid & (state.kind >= VISUAL)).sum(1)
         scores: dict[Need, torch.Tensor] = {}
         if self.raters:  # rater tokens, marked once on the sequence entering the decoder
@@ -202,6 +202,7 @@ class DecoderStage:
             visual_tokens_llm=n_visual.tolist(),
             tokens_per_view=per_view,
             projected_tokens=projected,
+            view_shares=shares,
             tokens_per_layer=per_layer[0],
             visual_per_layer=per_layer[1],
             image_per_layer=per_layer[2],

@@ -69,19 +69,21 @@ class SequenceStage:
         """Per sample: text embeddings with each image span replaced by its assembled tokens.
 
         Returns the packed state, ``(B,)`` visual tokens entering the LLM per sample, and
-        ``(tokens per sample, image and view; tokens the projector ran on per sample)``.
+        ``(tokens per sample, image and view; tokens the projector ran on per sample; the views'
+        shares per sample, image and view, empty when every share is 1)``.
         """
         m = self.model
         dev = m.device
         ids = batch.input_ids.to(dev)
         lengths = batch.attention_mask.sum(1).tolist()  # left padded (validate): row b is ids[b, -length:]
         # counts stay on the device until one read at the end (a read per image would wait each time)
-        samples, n_visual, view_counts, projected, img = [], [], [], [], 0
+        samples, n_visual, view_counts, projected, shares, img = [], [], [], [], [], 0
         for b, sample in enumerate(spans):
             row = ids[b, ids.shape[1] - lengths[b] :]
             emb = m.embed_tokens(row)
             pieces = {k: [] for k in ("hidden", "kind", "orig", "image", "view", "patch", "pos")}
             cursor, vis, views, proj_tokens = 0, torch.zeros((), dtype=torch.long, device=dev), [], 0
+            shares.append([])
             for local, (start, length) in enumerate(sample + [(len(row), 0)]):
                 t = torch.arange(cursor, start, device=dev)
                 pieces["hidden"].append(emb[cursor:start])
@@ -98,6 +100,7 @@ class SequenceStage:
                 is_vis = tok["kind"] == VISUAL
                 vis = vis + is_vis.sum()
                 proj_tokens += tok["projected"]
+                shares[-1].append(tok["share"])
                 nv = tok["num_views"]  # visual tokens per view, a last bin for the rest
                 bins = torch.where(is_vis & (tok["view"] >= 0), tok["view"], nv)
                 views.append(
@@ -140,4 +143,6 @@ class SequenceStage:
             view=pad_left([s["view"] for s in samples], -1)[0],
             patch=pad_left([s["patch"] for s in samples], -1)[0],
         )
-        return state, torch.tensor(n_visual), (per_view, projected)
+        if all(x == 1 for sample in shares for image in sample for x in image):
+            shares = []
+        return state, torch.tensor(n_visual), (per_view, projected, shares)

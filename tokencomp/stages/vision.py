@@ -41,7 +41,7 @@ class VisionStage:
             return [], {}
         n_images = batch.pixel_values.shape[0]
         sizes = self._image_sizes(batch, n_images)
-        pix, role, image, key, crop_grid, crop_window, valid = [], [], [], [], [], [], []
+        pix, role, image, key, crop_grid, crop_window, valid, share = [], [], [], [], [], [], [], []
         img = 0
         for sample in spans:
             for local in range(len(sample)):
@@ -55,6 +55,7 @@ class VisionStage:
                 crop_grid.append(layout.crop_grid(sizes[img]))
                 crop_window.append(layout.crop_window(sizes[img]) if nv > 1 else (0, 0, 0, 0))
                 valid.append(layout.view_valid(sizes[img]))
+                share += layout.view_share(sizes[img])
                 img += 1
         dev = m.device
         given = torch.cat(pix)  # as the processor made them (float32, on the host)
@@ -76,6 +77,7 @@ class VisionStage:
             captures=captures,
             backend=self.options.kernel_backend,
             pixels=given,
+            share=share,
         )
         if self.vision is None:
             n = m.patches_per_view
@@ -143,6 +145,9 @@ class VisionStage:
             qh = q[:, :1].view(v, 1, heads, -1).transpose(1, 2)  # (V, H, 1, hd): the CLS query only
             logits, probs = kernels.attention_rows(qh, kh, attn.scale, backend=be)
             logits, probs = logits.squeeze(2), probs.squeeze(2)  # (V, H, n)
+        if any(need.kind == "vision_mean_logits" for need in mine):  # logits are linear in the query
+            qm = q.float().mean(1, keepdim=True).to(q.dtype).view(v, 1, heads, -1).transpose(1, 2)
+            mean_logits = kernels.attention_rows(qm, kh, attn.scale, backend=be)[0].squeeze(2)  # (V, H, n)
         mean = None  # once per layer, however its needs name it (-2 and nl - 2)
         for need in mine:
             if need.kind == "vision_mean_attention":  # all query rows, a chunk at a time (no n x n map kept)
@@ -157,6 +162,8 @@ class VisionStage:
                 continue
             if need.kind == "vision_cls_logits":
                 captures[need] = logits
+            elif need.kind == "vision_mean_logits":
+                captures[need] = mean_logits
             elif need.kind == "vision_cls_attention":
                 captures[need] = probs
             elif need.kind == "vision_cls_query":
