@@ -24,10 +24,8 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGener
 
 import tokencomp as tc
 from tokencomp.families import ImageSize
-from tokencomp.methods.visionzip import default_split
 from tokencomp.profiler import run_flops
 from tokencomp.record import RunRecord
-from tokencomp.strategy import scale_budget
 
 SIZES = [(384, 384), (768, 1024), (1080, 1920), (2304, 2304)]  # (height, width) px
 
@@ -124,8 +122,7 @@ def main() -> None:
         _, _, _, height, _, width = model.crop_region(image)
         h2, w2 = model.layout.resized(height, width)
         share = model.layout.view_share(image)[-1]
-        dom, ctx = default_split(64)
-        zip64 = 64 + (views - 1) * (scale_budget(dom, share) + scale_budget(ctx, share))
+        zip64 = 64 + (views - 1) * sum(tc.method("visionzip", budget=64).view_split(share, has_cls=False))
         rows.append(
             f"| {size[1]} x {size[0]} | {views - 1} ({'x'.join(map(str, model.crop_grid(image)))}) | "
             f"{height} x {width} | {h2} x {w2} | {visual} | {got.vision / 1e12:.2f} | {got.projector / 1e12:.3f} | "
@@ -138,8 +135,8 @@ def main() -> None:
             f"Command: `python experiments/flops_onevision_7b.py --text {args.text}`",
             "",
             "TFLOPs, 2 x multiply-adds, matrix products only. 'resized' is the crop grid after anyres_max_9; "
-            "the last column is what VisionZip at budget 64 (54 + 10 per view, resized crops' parts scaled "
-            "by the area factor) sends to the LLM, newlines not counted.",
+            "the last column is what VisionZip at budget 64 (54 + 10 per view; a resized grid's crops "
+            "round(64 s) each) sends to the LLM, newlines not counted.",
             "",
             "| image (w x h) | crops | unpadded grid | resized | visual tokens | vision | projector "
             "| LLM prefill | total | hand count | VisionZip-64 tokens |",

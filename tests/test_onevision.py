@@ -203,7 +203,8 @@ def test_shares_follow_the_resize(model, images):
     for b, im in enumerate(images):
         size = (im.size[1], im.size[0])
         (rows, cols), _, _ = _crop_grids(model, size)
-        assert shares[b] == [[1.0] + [pytest.approx(_share(model, size))] * (rows * cols)]
+        share = _share(model, size)
+        assert shares[b] == ([[1.0] + [pytest.approx(share)] * (rows * cols)] if share < 1 else [])
     assert _share(model, (300, 400)) < 1 and _share(model, (60, 100)) == 1
 
 
@@ -211,7 +212,8 @@ def test_shares_follow_the_resize(model, images):
 def test_visionzip_matches_a_reference_with_scaled_crop_budgets(model, images, dominant, contextual):
     """VisionZip without CLS (mean received attention, eager), its released LLaVA-NeXT assembly
     (``next_layout="code"``: crops' dominant tokens in raster order of the combined grid, then their
-    contextual tokens), crops of a resized image keeping (round(dominant s), round(contextual s))."""
+    contextual tokens), crops of a resized image keeping round(budget s) tokens, round(contextual s)
+    of them contextual."""
     from conftest import eager_copy
     from vision_reference import eager_tower, tower_views, visionzip_view
 
@@ -225,7 +227,9 @@ def test_visionzip_matches_a_reference_with_scaled_crop_budgets(model, images, d
         size = (im.size[1], im.size[0])
         (rows, cols), _, _ = _crop_grids(model, size)
         s = _share(model, size)
-        split = [(dominant, contextual)] + [(_half_up(dominant * s), _half_up(contextual * s))] * (rows * cols)
+        total = _half_up((dominant + contextual) * s)  # a crop keeps round(budget * s), contextual scaled alike
+        crop = (total - min(_half_up(contextual * s), total), min(_half_up(contextual * s), total))
+        split = [(dominant, contextual)] + [crop] * (rows * cols)
         with torch.no_grad():
             views = [
                 visionzip_view(hidden[v + j], attn[v + j], keys[v + j], *split[j], cls=False) for j in range(len(split))
@@ -326,17 +330,28 @@ def test_pooling_resizes_the_pooled_grid_by_the_models_ratio(model, images, mode
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_random_keeps_the_scaled_budget_per_view(model, images):
-    budget = 10
-    pre = tc.Engine(model, tc.method("random", budget=budget)).prefill(tc.prepare(model, images, PROMPTS))
-    for b, im in enumerate(images):
+@pytest.mark.parametrize("budget", [10, 36])
+def test_random_keeps_the_scaled_budget_per_view(model, budget):
+    """Crops of resized grids keep round(budget s), and no more than floor(valid s): at the full
+    budget no image sends more visual tokens than the uncompressed model (one of these images has
+    a resized grid with padded crops)."""
+    imgs = make_images([(89, 73), (103, 128), (300, 400)], seed=5)
+    batch = tc.prepare(model, imgs, PROMPTS)
+    pre = tc.Engine(model, tc.method("random", budget=budget)).prefill(batch)
+    identity = tc.Engine(model).prefill(batch)
+    padded_and_resized = 0
+    for b, im in enumerate(imgs):
         size = (im.size[1], im.size[0])
         valid = model.layout.crop_valid(size).sum(1).tolist()
-        want = [budget] + [min(v, _half_up(budget * _share(model, size))) for v in valid]
+        s = _share(model, size)  # at most round(budget * s), and floor(valid * s): no more than the model feeds
+        want = [budget] + [min(v, _half_up(budget * s), int(v * s + 1e-9) if s < 1 else v) for v in valid]
         assert pre.record.tokens_per_view[b] == [want]
+        padded_and_resized += s < 1 and min(valid) < model.patches_per_view
         lay = pre.input_state.layout(b)
-        kept = lay["patch"][lay["kind"] == VISUAL]
-        assert (kept >= 0).all()
+        assert (lay["patch"][lay["kind"] == VISUAL] >= 0).all()
+        if budget == model.patches_per_view:
+            assert pre.record.visual_tokens_llm[b] <= identity.record.visual_tokens_llm[b]
+    assert padded_and_resized >= 1
 
 
 def test_a_vision_method_on_several_images_per_prompt_and_in_a_batch(model, images):

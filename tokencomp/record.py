@@ -17,7 +17,7 @@ class RunRecord:
             LLaVA-1.5 image or the NeXT thumbnail, then crops in raster order; newlines not counted).
         view_shares: ``[sample][image][view]`` the share of its tokens each view gives the
             uncompressed prompt (`tokencomp.VisionView.share`: below 1 for LLaVA-OneVision crops
-            that anyres_max resizes); empty when every view's is 1.
+            that anyres_max resizes); a sample's list is empty when every view's share is 1.
         projected_tokens: per sample, tokens the projector ran on (before NeXT unpadding drops any).
         tokens_per_layer: ``[sample][layer]`` tokens each decoder layer processed (text + image span).
         visual_per_layer: ``[sample][layer]`` image-span tokens present in each layer (frozen ones

@@ -9,7 +9,9 @@ from another image. ``draw="fixed"`` keeps the same patch positions for every im
 ``seed`` and the view's role: a fixed random mask). Only tokens that survive LLaVA-NeXT unpadding
 are drawn; a crop with fewer valid tokens than ``budget`` keeps them all. On LLaVA-OneVision the
 crops of an image whose crop grid anyres_max downsamples by the area factor ``s`` keep
-``round(budget * s)`` each (`tokencomp.VisionView.budget_for`).
+``round(budget * s)`` each (rounded half up, `tokencomp.VisionView.budget_for`), and at most
+``floor(valid * s)``, the share of their unpadded tokens the uncompressed model feeds (so that no
+image sends more than the uncompressed model).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class RandomSelection(tc.VisionStrategy):
         budgets = view.budget_for(self.budget, low=1)  # per view (resized OneVision crops: scaled)
         top = scores.masked_fill(~view.valid, -1.0).topk(max(budgets), dim=-1).indices  # valid tokens first
         limit = view.valid.sum(1)
-        if min(budgets) < top.shape[1]:  # views that keep fewer (one upload, on OneVision only)
-            limit = torch.minimum(limit, torch.tensor(budgets, device=top.device))
+        if any(s < 1 for s in view.share):  # resized OneVision crops: their valid tokens' share, floored (one read)
+            valid = [int(v * s + 1e-9) for v, s in zip(limit.tolist(), view.share)]
+            limit = torch.tensor([min(b, v) for b, v in zip(budgets, valid)], device=top.device)
         keep = torch.arange(top.shape[1], device=top.device)[None] < limit[:, None]
         return top.masked_fill(~keep, -1)

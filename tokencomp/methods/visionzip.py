@@ -27,11 +27,14 @@ a crop's dominant tokens are chosen over its whole padded grid, so those that fa
 unpadding removes are dropped and such a view keeps fewer tokens than its budget (the record's
 ``tokens_per_view`` shows what each view kept).
 
-LLaVA-OneVision (the authors released no code for it): the base view gets the split; the crops of
-an image whose crop grid anyres_max downsamples by the area factor ``s`` get each part scaled,
-``(round(dominant * s), round(contextual * s))`` (`view_split`), so that a budget keeps the same
-share of what the uncompressed model feeds the LLM; the kept crop tokens are placed on the grid
-as on LLaVA-NeXT (``next_layout``), not resampled.
+LLaVA-OneVision (the authors released no code for it): the base view gets the split; each crop of
+an image whose crop grid anyres_max downsamples by the area factor ``s`` keeps ``round(budget * s)``
+tokens (rounded half up), ``round(contextual * s)`` of them contextual (`view_split`), so that a
+budget keeps the same share of what the uncompressed model feeds the LLM; the kept crop tokens are
+placed on the grid as on LLaVA-NeXT (``next_layout``), not resampled. ``next_layout="code"`` keeps
+every crop's tokens, also crops that are all padding, so on images of extreme aspect ratio it can
+send more tokens than the uncompressed model (as the released LLaVA-NeXT code does);
+``"model"`` drops them with the padding.
 
 The scores come from the engine's SDPA-compatible capture (CLS row and head-mean keys only), not
 from an eager vision tower.
@@ -101,13 +104,16 @@ class VisionZip(tc.VisionStrategy):
 
     def view_split(self, share: float, has_cls: bool) -> tuple[int, int]:
         """``(dominant, contextual)`` of a view whose tokens reach the LLM at ``share`` of their
-        number (LLaVA-OneVision crops that anyres_max resizes): each part scaled and rounded
-        (`tokencomp.strategy.scale_budget`), the CLS token kept, at least one token per view."""
+        number (LLaVA-OneVision crops that anyres_max resizes): the view's total scaled and rounded
+        half up (`tokencomp.strategy.scale_budget`, at least one token, the CLS token kept), of
+        which ``contextual`` scaled the same way, the rest dominant."""
         dominant, contextual = self.split()
         if share == 1:
             return dominant, contextual
-        dominant, contextual = scale_budget(dominant, share, int(has_cls)), scale_budget(contextual, share)
-        return max(dominant, int(contextual == 0)), contextual  # at least one token
+        c = int(has_cls)
+        total = scale_budget(dominant + contextual, share, max(1, c))
+        contextual = min(scale_budget(contextual, share), total - c)
+        return total - contextual, contextual
 
     def overhead_flops(self, model, record, sample: int) -> float:
         """Key-cosine similarities of the contextual merge, ``2 * n_other * contextual * d_head`` per
@@ -115,7 +121,7 @@ class VisionZip(tc.VisionStrategy):
         vc = model.hf.config.vision_config
         n, c = model.patches_per_view, int(model.has_cls)
         d_head = vc.hidden_size // vc.num_attention_heads
-        if record.view_shares:
+        if record.view_shares and record.view_shares[sample]:
             shares = [s for image in record.view_shares[sample] for s in image]
         else:
             shares = [1.0] * sum(len(image) for image in record.tokens_per_view[sample])

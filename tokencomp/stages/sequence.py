@@ -70,7 +70,7 @@ class SequenceStage:
 
         Returns the packed state, ``(B,)`` visual tokens entering the LLM per sample, and
         ``(tokens per sample, image and view; tokens the projector ran on per sample; the views'
-        shares per sample, image and view, empty when every share is 1)``.
+        shares per sample, image and view; a sample's empty when all its views' are 1)``.
         """
         m = self.model
         dev = m.device
@@ -143,6 +143,5 @@ class SequenceStage:
             view=pad_left([s["view"] for s in samples], -1)[0],
             patch=pad_left([s["patch"] for s in samples], -1)[0],
         )
-        if all(x == 1 for sample in shares for image in sample for x in image):
-            shares = []
+        shares = [[] if all(x == 1 for image in sample for x in image) else sample for sample in shares]
         return state, torch.tensor(n_visual), (per_view, projected, shares)
