@@ -201,15 +201,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "methods":
             return _methods(args.name)
         if args.command == "compare":
+            from .distributed import close, launched
             from .runner import load_experiment, run_experiment
 
             exp = load_experiment(args.experiment, args.out, device=args.device, dtype=args.dtype)
-            results = run_experiment(exp, side_by_side=not args.per_cell_latency)
-            print(f"results: {results}")
-            if not args.no_report:
-                from .report import make_report
+            procs = launched()  # one process, or one of a torchrun / accelerate launch
+            try:
+                results = run_experiment(
+                    exp, progress=procs.main, side_by_side=not args.per_cell_latency, processes=procs
+                )
+            finally:
+                close(procs)
+            if procs.main:
+                print(f"results: {results}")
+                if not args.no_report:
+                    from .report import make_report
 
-                print(f"report: {make_report(exp.out)}")
+                    print(f"report: {make_report(exp.out)}")
             return 0
         if args.command == "remeasure":
             from .runner import remeasure_latency

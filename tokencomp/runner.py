@@ -50,8 +50,9 @@ from. The file a run directory was started with may later gain cells (a new
 [[method]] table or grid value; only the new cells run); a change outside the [[method]] tables,
 or to a cell already started, is refused before work starts; so is resuming on another device,
 dtype or attention implementation than the run began with (``models.json`` records them).
-One process at a time works in a run directory: a second ``compare`` or ``remeasure`` on it while
-one runs is refused (``.lock``, an advisory lock the system releases when its process ends, so a
+A data-parallel launch (``torchrun ... -m tokencomp.cli compare``) shares each cell's batches among
+its processes (`tokencomp.distributed`). One run at a time works in a run directory: a second
+``compare`` or ``remeasure`` on it while one runs is refused (``.lock``, an advisory lock the system releases when its process ends, so a
 crash leaves none behind; POSIX systems only).
 """
 
@@ -67,7 +68,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,7 @@ from ._compat import tomllib
 from .api import prepare
 from .benchmark import PRESETS, SPLIT_SEED, generate_split
 from .data import JsonlDataset, check_image, is_unmodified, prompt, read_rows, write_atomic
+from .distributed import Processes
 from .engine import Engine
 from .errors import TokencompError, renamed
 from .metrics import answer_score, mean_ci, paired_difference_ci, scores_by_type, yes_no_scores
@@ -496,8 +498,11 @@ def import_plugins(entries: list[str], base: str | Path) -> list[Path]:
     return files
 
 
-def _load_model(source: str, opts: dict) -> Model:
-    """The model of a [[model]] source, loaded as ``opts`` (`model_load_options`) say."""
+def _load_model(source: str, opts: dict, procs: Processes | None = None) -> Model:
+    """The model of a [[model]] source, loaded as ``opts`` (`model_load_options`) say (on this
+    process's own GPU in a data-parallel run, `Processes.device`)."""
+    if procs is not None:
+        opts = {**opts, "device": procs.device(opts["device"])}
     dtype = DTYPES[opts["dtype"]]
     if source.startswith("tiny-random:"):
         from .tiny import tiny_llava
@@ -635,7 +640,7 @@ def _check_extends(out: Path, saved_text: str, new: Experiment) -> None:
 
     same = fixed(old_doc) == fixed(new_doc)
     started = {r["cell"] for r in read_rows(out / "results.jsonl")}
-    started |= {p.stem for p in (out / "predictions").glob("*.jsonl")}
+    started |= {p.stem for p in (out / "predictions").glob("*.jsonl")} | {_part_cell(p) for p in _parts(out)}
     gone = sorted(started - {c.id for c in new.cells})
     if same and not gone:
         return
@@ -698,35 +703,68 @@ def run_in_progress(run: str | Path, wait: bool = False) -> bool:
     return False
 
 
-def run_experiment(exp: Experiment, progress: bool = True, side_by_side: bool = True) -> Path:
+def run_experiment(
+    exp: Experiment, progress: bool = True, side_by_side: bool = True, processes: Processes | None = None
+) -> Path:
     """Run every unfinished cell of ``exp``; returns the results file.
 
     Each cell's latency is timed when it finishes; with ``side_by_side`` (default), once cells
     have run, every finished cell is then timed again side by side (`remeasure_latency`), so the
     latency ratios in the report come from one interleaved measurement. A `TokencompError` if
-    another process is working in ``exp.out``."""
-    if exp.out.exists() and not exp.out.is_dir():
-        raise TokencompError(f"the run directory {exp.out} is a file; choose another out")
-    try:
-        exp.out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TokencompError(f"cannot make the run directory {exp.out}: {e.strerror}") from None
-    try:  # atomic: of two runs starting on a new directory, one made it and may remove it
-        exp.out.mkdir()
-        created = True
-    except OSError:  # EEXIST, or EACCES / EROFS that some systems give for a directory that exists
-        if not exp.out.is_dir():
+    another process is working in ``exp.out``.
+
+    ``processes``: this process's place in a data-parallel launch (`tokencomp.distributed`; every
+    process of the launch calls this): process 0 sets the run up and times, each runs its share of
+    every cell's batches."""
+    procs = processes or Processes()
+    if not procs.main:
+        return _follow(exp, procs)
+    with ExitStack() as stack:
+        try:
+            created = _make_run_dir(exp.out)
+            stack.enter_context(_run_lock(exp.out))
+            setup = _set_up(exp, created, procs)
+        except BaseException as e:
+            procs.from_main(str(e) or type(e).__name__)  # the other processes stop too
             raise
-        created = False
-    with _run_lock(exp.out):
-        return _run(exp, created, progress, side_by_side)
+        procs.from_main(None)
+        return _run(exp, setup, progress, side_by_side, procs)
 
 
-def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> Path:
+def _make_run_dir(out: Path) -> bool:
+    """Make the run directory; returns whether this call made it (else it existed)."""
+    if out.exists() and not out.is_dir():
+        raise TokencompError(f"the run directory {out} is a file; choose another out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TokencompError(f"cannot make the run directory {out}: {e.strerror}") from None
+    try:  # atomic: of two runs starting on a new directory, one made it and may remove it
+        out.mkdir()
+        return True
+    except OSError:  # EEXIST, or EACCES / EROFS that some systems give for a directory that exists
+        if not out.is_dir():
+            raise
+        return False
+
+
+@dataclass
+class _SetUp:
+    """What `_set_up` validated and loaded for a run."""
+
+    datasets: dict[str, JsonlDataset]
+    models: dict[str, Model]
+    engines: dict[str, Engine]
+    done: set[str]
+
+
+def _set_up(exp: Experiment, created: bool, procs: Processes) -> _SetUp:
+    """Validate the whole experiment against the run directory, its data and its models before any
+    work (a run directory this call ``created`` is removed again if anything fails)."""
     out = exp.out
     saved = out / "experiment.toml"
     results = out / "results.jsonl"
-    started = results.is_file() or any((out / "predictions").glob("*.jsonl"))
+    started = results.is_file() or any((out / "predictions").glob("*.jsonl")) or any(_parts(out))
     try:
         if started and saved.is_file():
             before = read_text(saved, "the run's experiment file")
@@ -738,7 +776,7 @@ def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> 
         datasets = {name: _dataset(spec, out) for name, spec in exp.datasets.items()}
         # the data a resumed run continues on must be the data its earlier rows came from
         prints = _check_data(out, datasets, started)
-        models = {name: _load_model(src, exp.load[name]) for name, src in exp.models.items()}
+        models = {name: _load_model(src, exp.load[name], procs) for name, src in exp.models.items()}
         # validate every cell on its model and data (first batch, extreme image sizes) before any forward pass
         engines, checks = {}, {}
         for cell in exp.cells:
@@ -759,9 +797,17 @@ def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> 
         if created:  # a file that fails validation leaves no stub run dir behind (data, models.json)
             shutil.rmtree(out, ignore_errors=True)
         raise
+    return _SetUp(datasets, models, engines, done)
+
+
+def _run(exp: Experiment, setup: _SetUp, progress: bool, side_by_side: bool, procs: Processes) -> Path:
+    out = exp.out
+    results = out / "results.jsonl"
+    datasets, models, engines = setup.datasets, setup.models, setup.engines
     (out / "predictions").mkdir(exist_ok=True)
-    done -= _truncated_cells(out, exp, datasets, done)
+    done = setup.done - _truncated_cells(out, exp, datasets, setup.done)
     todo = [c for c in exp.cells if c.id not in done]
+    procs.from_main([c.id for c in todo])  # the cells every process runs its share of
     # each cell's code: the package's, and the files of its methods defined outside it (plugins)
     package = code_version()
     codes = {c.id: package + file_digests(strategy_files(engines[c.id].strategies)) for c in exp.cells}
@@ -771,9 +817,8 @@ def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> 
             f"resuming {out}: {len(exp.cells) - len(todo)} of {len(exp.cells)} cells already done", file=sys.stderr
         )
     for cell in tqdm(todo, desc=f"compare {exp.name}", unit="cell", disable=not progress):
-        _run_cell(
-            exp, cell, models[cell.model], datasets[cell.dataset], engines[cell.id], results, codes[cell.id], progress
-        )
+        model, data = models[cell.model], datasets[cell.dataset]
+        _run_cell(exp, cell, model, data, engines[cell.id], results, codes[cell.id], progress, procs)
     if side_by_side:  # groups with new cells, or whose pass was cut short, are timed (again)
         stale = _stale_groups(exp)
         if stale:
@@ -781,6 +826,24 @@ def _run(exp: Experiment, created: bool, progress: bool, side_by_side: bool) -> 
     _in_cell_order(exp)
     _paired_deltas(exp)
     return results
+
+
+def _follow(exp: Experiment, procs: Processes) -> Path:
+    """A data-parallel run on a process other than 0: once process 0 has set the run up, load the
+    data and models and run this process's share of each unfinished cell."""
+    failed = procs.from_main(None)
+    if failed is not None:
+        raise TokencompError(f"process 0 could not start the run: {failed}")
+    datasets = {name: _dataset(spec, exp.out, regenerate=False) for name, spec in exp.datasets.items()}
+    models = {name: _load_model(src, exp.load[name], procs) for name, src in exp.models.items()}
+    todo = set(procs.from_main(None))
+    package = code_version()
+    for cell in (c for c in exp.cells if c.id in todo):
+        model, data = models[cell.model], datasets[cell.dataset]
+        engine = Engine(model, cell.strategies())
+        code = package + file_digests(strategy_files(engine.strategies))
+        _run_cell(exp, cell, model, data, engine, exp.out / "results.jsonl", code, False, procs)
+    return exp.out / "results.jsonl"
 
 
 def _image_ref(image: str | Path, out: Path) -> str:
@@ -999,24 +1062,70 @@ def _read_json(path: Path, what: str):
         ) from e
 
 
+def _parts(out: Path, cell: str = "*") -> list[Path]:
+    """The prediction rows of ``cell`` that the processes of a data-parallel run wrote, one file
+    each (``predictions/<cell>.rank<r>.part``), not merged yet."""
+    return sorted((out / "predictions").glob(f"{cell}.rank*.part"))
+
+
+def _part_cell(part: Path) -> str:
+    """The cell a part file (`_parts`) holds rows of."""
+    return part.name.rsplit(".rank", 1)[0]
+
+
 def _run_cell(
-    exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine, results: Path, code: str, progress: bool
+    exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine, results: Path, code: str, progress: bool, procs
 ) -> None:
+    """Predict every sample of ``data`` a cell has no row for (this process: its share of the
+    batches), then (process 0) merge the processes' rows, time the cell and write its summary."""
+    pred_path = exp.out / "predictions" / f"{cell.id}.jsonl"
+    done = procs.from_main(_done_samples(pred_path, _parts(exp.out, cell.id)) if procs.main else None)
+    mine = pred_path if procs.world == 1 else pred_path.with_name(f"{cell.id}.rank{procs.rank}.part")
+    _predict(exp, model, data, engine, mine, code, done, procs, cell.label if progress else None)
+    procs.barrier()  # every process's rows are written
+    if procs.main:
+        parts = _parts(exp.out, cell.id)
+        if parts:
+            _merge(pred_path, parts, data)
+        _summarise(exp, cell, model, data, engine, results, pred_path)
+    procs.barrier()  # the others wait while process 0 times the cell
+
+
+def _done_samples(pred_path: Path, parts: list[Path]) -> set[str]:
+    """The samples a cell has rows for: in its predictions file and in unmerged parts (each file's
+    torn last line, what a crash leaves, repaired)."""
+    return {r["id"] for path in [pred_path, *parts] for r in read_rows(path, repair=True)}
+
+
+def _merge(pred_path: Path, parts: list[Path], data: JsonlDataset) -> None:
+    """Fold the processes' rows into the cell's predictions file, in dataset order (each sample's
+    first row), then remove the parts (a crash in between leaves rows the next merge folds once)."""
+    order = {x.id: i for i, x in enumerate(data.samples)}
+    rows: dict[str, dict] = {}
+    for path in [pred_path, *parts]:
+        for r in read_rows(path):
+            rows.setdefault(r["id"], r)
+    ranked = sorted(rows.values(), key=lambda r: order.get(r["id"], len(order)))
+    _rewrite(pred_path, ranked)
+    for part in parts:
+        part.unlink()
+
+
+def _predict(exp, model: Model, data: JsonlDataset, engine: Engine, path: Path, code: str, done, procs, bar) -> None:
+    """Append to ``path`` a row per sample not in ``done``, for this process's batches: the dataset
+    cut into ``batch_size`` batches in file order, every ``procs.world``-th (all of them for one
+    process). ``bar``: the progress bar's label, None for none."""
     s = exp.settings
     torch.manual_seed(s["seed"])
     template = s["template"] or model.family
-    pred_path = exp.out / "predictions" / f"{cell.id}.jsonl"
-    have = {r["id"] for r in read_rows(pred_path, repair=True)}
-    pending = [x for x in data.samples if x.id not in have]
     bs = s["batch_size"]
     tok = model.tokenizer
-    if pred_path.is_file() and not pred_path.read_text().endswith("\n") and pred_path.stat().st_size:
-        with pred_path.open("a") as f:  # a crash between a row and its newline: start on a fresh line
-            f.write("\n")
-    with pred_path.open("a") as f:
-        for i in tqdm(range(0, len(pending), bs), desc=cell.label, leave=False, disable=not progress):
+    batches = [data.samples[i : i + bs] for i in range(0, len(data.samples), bs)]
+    mine = [[x for x in b if x.id not in done] for j, b in enumerate(batches) if procs.takes(j)]
+    with path.open("a") as f:
+        for pending in tqdm([b for b in mine if b], desc=bar, leave=False, disable=bar is None):
             chunk, images = [], []
-            for x in pending[i : i + bs]:  # a dataset validated lazily: an image that fails is skipped, recorded
+            for x in pending:  # a dataset validated lazily: an image that fails is skipped, recorded
                 image, problem = _load_image(x)
                 if problem is None:
                     chunk.append(x)
@@ -1063,6 +1172,11 @@ def _run_cell(
                 }
                 f.write(json.dumps(row) + "\n")
             f.flush()
+
+
+def _summarise(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine, results: Path, pred_path) -> None:
+    """Check that the cell has a row per sample, time it, and append its summary to ``results``."""
+    s = exp.settings
     rows = read_rows(pred_path, repair=True)
     got, want = [r["id"] for r in rows], [x.id for x in data.samples]
     if sorted(got) != sorted(want):
