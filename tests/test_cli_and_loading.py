@@ -239,3 +239,16 @@ def test_cli_plugin_registers_a_method_of_ones_own(tmp_path, capsys):
     assert "Keeps the first patches" in capsys.readouterr().out
     assert main(["methods", "x", "--plugin", str(tmp_path / "none.py")]) == 2
     assert "none.py' does not exist" in capsys.readouterr().err
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject lists every package under tokencomp/ (a wheel would lack an unlisted one; an
+    editable install hides that)."""
+    from pathlib import Path
+
+    from tokencomp._compat import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "tokencomp").rglob("__init__.py")}
+    assert listed == found

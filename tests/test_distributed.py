@@ -72,7 +72,7 @@ def test_batches_are_dealt_round_robin():
     dealt = [[j for j in range(8) if p.takes(j)] for p in procs]
     assert dealt == [[0, 3, 6], [1, 4, 7], [2, 5]]
     assert Processes().takes(5) and Processes().main
-    assert Processes(1, 2, local_rank=1).device("cuda") == "cuda:1"
+    assert Processes(1, 2, local_rank=1).device("cuda") == Processes(1, 2, local_rank=1).device("cuda:0") == "cuda:1"
     assert Processes(1, 2, local_rank=1).device("cpu") == "cpu"
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 # how long a process waits for the others: process 0 may validate, merge and time for long
@@ -64,8 +65,9 @@ class Processes:
         return batch % self.world == self.rank
 
     def device(self, device: str) -> str:
-        """The device this process loads a model on: ``"cuda"`` becomes its own GPU."""
-        return f"cuda:{self.local_rank}" if self.world > 1 and device == "cuda" else device
+        """The device this process loads a model on: in a data-parallel run any CUDA device
+        (``"cuda"``, ``"cuda:0"``) becomes the process's own GPU, ``cuda:<local_rank>``."""
+        return f"cuda:{self.local_rank}" if self.world > 1 and device.startswith("cuda") else device
 
 
 def launched() -> Processes:
@@ -76,7 +78,10 @@ def launched() -> Processes:
         return Processes()
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=WAIT)
-    return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and local < torch.cuda.device_count():
+        torch.cuda.set_device(local)  # "cuda" alone names this process's GPU
+    return Processes(dist.get_rank(), dist.get_world_size(), local)
 
 
 def close(processes: Processes) -> None:

@@ -8,6 +8,7 @@ Nothing here patches transformers: the engine calls these modules directly.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import sys
 from collections.abc import Callable
@@ -98,7 +99,8 @@ class Model:
         fl = cfg.vision_feature_layer
         self.feature_layers = [fl] if isinstance(fl, int) else list(fl)
         self.projector = hf.model.multi_modal_projector
-        self.image_newline = getattr(hf.model, "image_newline", None)
+        self.execution_device = _execution_device(hf)  # one, weights offloaded or not (accelerate's device_map)
+        self.image_newline = _weight(hf.model, "image_newline", self.execution_device)
         lm = hf.model.language_model
         self.language_model = lm
         self.layers = lm.layers
@@ -212,8 +214,18 @@ class Model:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         attn_implementation: str = "sdpa",
+        device_map: str | dict | None = None,
+        offload_folder: str | Path | None = None,
     ) -> Model:
         """Load any LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision checkpoint and its processor from a local directory.
+
+        ``device_map`` (instead of ``device``) loads through accelerate's big-model dispatch
+        (``pip install accelerate``): a model larger than its device runs with the weights that do
+        not fit offloaded to the CPU (``"cpu"``) or to files in ``offload_folder`` (``"disk"``),
+        brought to the device layer by layer, e.g. ``device_map={"": "cuda:0",
+        "model.language_model.layers.20": "cpu", ...}`` or ``"auto"`` with transformers'
+        ``max_memory``. The engine drives one computing device; a map over several GPUs is refused
+        (run data-parallel instead).
 
         Nothing in the folder is executed: ``config.json`` is read as plain JSON and its model
         type (and the decoder's) checked before transformers builds anything, and every
@@ -245,8 +257,11 @@ class Model:
         if not weights:
             raise TokencompError(f"{where}: no weights (model*.safetensors or pytorch_model*.bin) in the folder")
         safe = {"trust_remote_code": False, "local_files_only": True}
+        dispatch = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
         try:
-            hf = classes[kind].from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **safe)
+            hf = classes[kind].from_pretrained(
+                path, dtype=dtype, attn_implementation=attn_implementation, **dispatch, **safe
+            )
         except Exception as e:  # transformers, safetensors and config validation raise many kinds
             raise TokencompError(f"{where}: the model did not load: {type(e).__name__}: {e}") from e
         try:
@@ -256,7 +271,7 @@ class Model:
                 f"{where}: no usable processor (tokenizer + image processor files, as save_pretrained writes "
                 f"them): {type(e).__name__}: {e}"
             ) from e
-        return cls(hf.to(device), processor, name=path.name)
+        return cls(hf if device_map is not None else hf.to(device), processor, name=path.name)
 
     @classmethod
     def from_config(cls, config, processor=None, dtype: torch.dtype = torch.float32) -> Model:
@@ -268,8 +283,11 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        """Where the language model's weights are."""
-        return self.lm_head.weight.device
+        """Where the model computes: its weights' device, or, for a model dispatched with
+        accelerate's ``device_map`` whose weights are offloaded to the CPU or disk, the device
+        they are brought to layer by layer."""
+        weight = self.lm_head.weight
+        return self.execution_device if weight.is_meta else weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -344,6 +362,8 @@ class Model:
         q, k = self._qkv_split
         rows = {"q": slice(0, q), "k": slice(q, q + k), "v": slice(q + k, None)}[part]
         w, b = attn.qkv_proj.weight, attn.qkv_proj.bias
+        if w.is_meta:  # offloaded (accelerate): the module's hook brings its weights for a call of it
+            return self._heads(attn, attn.qkv_proj(x)[..., rows], part)
         return self._heads(attn, nn.functional.linear(x, w[rows], None if b is None else b[rows]), part)
 
     def attention_function(self, attn: nn.Module) -> Callable:
@@ -427,7 +447,42 @@ def model_path(name_or_path: str | Path) -> Path:
 def load_model(name_or_path: str | Path, **kwargs) -> Model:
     """Load a model by embedded name (``"tiny-llava"``, ``"tiny-llava-next"``) or local path.
 
-    Keyword arguments go to `Model.from_pretrained` (``dtype``, ``device``, ``attn_implementation``).
+    Keyword arguments go to `Model.from_pretrained` (``dtype``, ``device``, ``attn_implementation``,
+    ``device_map``, ``offload_folder``).
     No hub download is ever attempted.
     """
     return Model.from_pretrained(model_path(name_or_path), **kwargs)
+
+
+def _execution_device(hf: nn.Module) -> torch.device:
+    """The one device ``hf`` computes on: its weights' or, dispatched with accelerate's
+    ``device_map``, its hooks' execution device (weights offloaded to the CPU or disk are
+    meta tensors, brought there by the hooks); `UnsupportedModelError` for several."""
+    devices = {p.device for p in itertools.chain(hf.parameters(), hf.buffers()) if not p.is_meta}
+    for module in hf.modules():
+        where = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if where is not None:
+            devices.add(torch.device("cuda", where) if isinstance(where, int) else torch.device(where))
+    devices = {torch.device("cuda", torch.cuda.current_device()) if d == torch.device("cuda") else d for d in devices}
+    if len(devices) != 1:
+        raise UnsupportedModelError(
+            f"the model computes on {sorted(map(str, devices)) or 'no device'}: tokencomp drives a model on one "
+            "device, whose weights may be offloaded to the CPU or disk (accelerate's device_map with one GPU); "
+            "for several GPUs run data-parallel (torchrun ... -m tokencomp.cli compare)"
+        )
+    return devices.pop()
+
+
+def _weight(module: nn.Module, name: str, device: torch.device) -> torch.Tensor | None:
+    """A parameter the engine reads directly (not through its module's forward): offloaded by
+    accelerate (a meta tensor), it is read from the module's hook's weights map, once."""
+    value = getattr(module, name, None)
+    if value is None or not value.is_meta:
+        return value
+    weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if weights is None or name not in weights:
+        raise UnsupportedModelError(
+            f"{type(module).__name__}.{name} is offloaded with no hook to bring it back (Hugging Face's own forward "
+            "could not read it either): keep it on the computing device in the device_map"
+        )
+    return weights[name].to(device)
