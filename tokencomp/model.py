@@ -464,9 +464,11 @@ def _execution_device(hf: nn.Module) -> torch.device:
         if where is not None:
             devices.add(torch.device("cuda", where) if isinstance(where, int) else torch.device(where))
     devices = {torch.device("cuda", torch.cuda.current_device()) if d == torch.device("cuda") else d for d in devices}
+    if not devices:  # built on the meta device (shapes only: FLOPs at a checkpoint's size)
+        return torch.device("meta")
     if len(devices) != 1:
         raise UnsupportedModelError(
-            f"the model computes on {sorted(map(str, devices)) or 'no device'}: tokencomp drives a model on one "
+            f"the model computes on {sorted(map(str, devices))}: tokencomp drives a model on one "
             "device, whose weights may be offloaded to the CPU or disk (accelerate's device_map with one GPU); "
             "for several GPUs run data-parallel (torchrun ... -m tokencomp.cli compare)"
         )
