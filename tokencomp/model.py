@@ -479,7 +479,7 @@ def _weight(module: nn.Module, name: str, device: torch.device) -> torch.Tensor 
     """A parameter the engine reads directly (not through its module's forward): offloaded by
     accelerate (a meta tensor), it is read from the module's hook's weights map, once."""
     value = getattr(module, name, None)
-    if value is None or not value.is_meta:
+    if value is None or not value.is_meta or device.type == "meta":  # (a model of shapes only)
         return value
     weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
     if weights is None or name not in weights:
