@@ -49,3 +49,10 @@ def test_readme_lists_every_registered_method():
         if not name.startswith("_") and tc.method_class(name).__module__.startswith("tokencomp.methods.")
     }
     assert public <= listed, f"methods missing from the README's table: {sorted(public - listed)}"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    text = README.read_text()
+    block = text.split("**Tests**", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci == block
