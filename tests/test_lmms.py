@@ -48,12 +48,15 @@ compose = [{{name = "pool", budget = 16}}, {{name = "fastv", k = 2}}]
 """
 
 
-def _lmms_eval(task, out, model_args: str) -> tuple[float, dict[int, str], list[dict]]:
+def _lmms_eval(task, out, model_args: str, model: str = "tokencomp", batch_size: int = 4):
     """lmms-eval's CLI on the task: its accuracy, the answers by document, tokencomp's record rows."""
     record = out / "record.jsonl"
-    cmd = [sys.executable, "-m", "lmms_eval", "eval", "--model", "tokencomp", "--include_path", str(task)]
-    cmd += ["--tasks", "tc_scenes", "--batch_size", "4", "--log_samples", "--output_path", str(out)]
-    cmd += ["--model_args", f"pretrained=tiny-llava,{model_args},record={record}"]
+    cmd = [sys.executable, "-m", "lmms_eval", "eval", "--model", model, "--include_path", str(task)]
+    cmd += ["--tasks", "tc_scenes", "--batch_size", str(batch_size), "--log_samples", "--output_path", str(out)]
+    if model == "tokencomp":
+        cmd += ["--model_args", f"pretrained=tiny-llava,{model_args},record={record}"]
+    else:  # lmms-eval's own model: its simple (not chat) variant, on the CPU
+        cmd += ["--force_simple", "--device", "cpu", "--model_args", model_args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     failed = done.returncode != 0 or "Error during evaluation" in done.stderr + done.stdout  # (it exits 0)
     assert not failed, done.stdout[-3000:] + done.stderr[-3000:]
@@ -81,6 +84,19 @@ def test_lmms_eval_equals_compare_on_the_same_questions(tmp_path):
         by_doc = {r["doc_id"]: r for r in record}
         assert [by_doc[i]["visual_tokens_llm"] for i in range(len(preds))] == [p["visual_tokens_llm"] for p in preds]
         assert [by_doc[i]["prefill_flops"] for i in range(len(preds))] == [p["prefill_flops"] for p in preds]
+
+
+def test_identity_equals_lmms_evals_own_llava_hf(tmp_path):
+    """The unmodified model through tokencomp answers as lmms-eval's own Hugging Face LLaVA model
+    (its Vicuna prompt is tokencomp's ``vicuna_v1`` template; it decodes one request at a time)."""
+    pytest.importorskip("decord")  # lmms-eval's llava_hf imports it
+    from tokencomp.lmms import write_task
+    from tokencomp.model import model_path
+
+    task = write_task(tmp_path / "task", n=12)
+    theirs = _lmms_eval(task, tmp_path / "hf", f"pretrained={model_path('tiny-llava')},device_map=cpu", "llava_hf", 1)
+    ours = _lmms_eval(task, tmp_path / "tc", "method=identity,template=vicuna_v1", batch_size=1)
+    assert ours[1] == theirs[1] and ours[0] == theirs[0]
 
 
 def test_model_arguments_name_composed_methods():
@@ -118,3 +134,42 @@ def test_two_processes_equal_one(tmp_path):
     assert {s["doc_id"]: s["filtered_resps"] for s in map(json.loads, samples)} == answers
     parts = [read_rows(tmp_path / "two" / f"r.rank{r}.jsonl") for r in (0, 1)]
     assert all(parts) and sorted(r["doc_id"] for p in parts for r in p) == sorted(r["doc_id"] for r in record)
+
+
+def test_loglikelihood_equals_hugging_face(tmp_path):
+    """A continuation's log-probability under the unmodified model equals Hugging Face's own
+    forward on the same prompt; under FastV it changes (the compressed model scores it)."""
+    import torch
+    from conftest import make_images
+    from lmms_eval.api.instance import Instance
+
+    import tokencomp as tc
+    from tokencomp.lmms import TokencompModel
+
+    lm = TokencompModel(pretrained="tiny-llava")
+    image = make_images([(80, 80)])[0]
+    docs = [{"q": "what color is the circle ?", "a": " red"}, {"q": "how many squares ?", "a": " two"}]
+    lm.task_dict = {"t": {"test": docs}}
+    requests = [
+        Instance(
+            "loglikelihood",
+            (d["q"], lambda doc: doc["a"], lambda doc: [image], i, "t", "test"),
+            i,
+            {"task": "t", "doc_id": i, "repeats": 1},
+        )
+        for i, d in enumerate(docs)
+    ]
+    got = lm.loglikelihood(requests)
+    model, tok = lm.model, lm.model.tokenizer
+    for (logprob, _), d in zip(got, docs):
+        prompt = tc.data.fill_template("llava", d["q"])
+        batch = tc.prepare(model, [image], [prompt + d["a"]])
+        n = len(tok(prompt + d["a"])["input_ids"]) - len(tok(prompt)["input_ids"])
+        with torch.no_grad():
+            logits = model.hf(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
+            ).logits
+        ref = logits[0, -n - 1 : -1].float().log_softmax(-1).gather(1, batch.input_ids[0, -n:, None]).sum()
+        assert logprob == pytest.approx(float(ref), abs=1e-4)
+    lm.engine = tc.Engine(model, tc.method("fastv", k=1, ratio=0.9))
+    assert [x for x, _ in lm.loglikelihood(requests)] != [x for x, _ in got]
