@@ -252,3 +252,29 @@ def test_every_subpackage_is_packaged():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "tokencomp").rglob("__init__.py")}
     assert listed == found
+
+
+def test_the_parser_imports_neither_torch_nor_transformers():
+    """`tokencomp --help` stays fast: building the parser loads no heavy library, and its dtype
+    names are the runner's."""
+    import subprocess
+    import sys
+
+    code = "import sys; from tokencomp.cli import build_parser; build_parser(); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    from tokencomp.cli import DTYPE_NAMES
+    from tokencomp.runner import DTYPES
+
+    assert set(DTYPE_NAMES) == set(DTYPES)
+
+
+def test_citation_file_is_valid_yaml_with_the_version():
+    from pathlib import Path
+
+    import yaml
+
+    import tokencomp
+
+    cff = yaml.safe_load((Path(__file__).resolve().parents[1] / "CITATION.cff").read_text())
+    assert cff["cff-version"].startswith("1.2") and cff["version"] == tokencomp.__version__ and cff["title"]

@@ -118,7 +118,11 @@ def test_a_saved_checkpoint_loads_and_generates(model, images, tmp_path, capsys)
     image = tmp_path / "image.png"
     images[2].save(image)
     assert main(["generate", "--model", str(tmp_path), "--image", str(image), "--prompt", "what ?"]) == 0
-    assert "visual tokens 351 -> 336 into the LLM" in capsys.readouterr().err
+    # the prompt's 351 image tokens are 336 visual + 15 newline tokens: the identity keeps them all
+    assert (
+        "image tokens 351 in the prompt (newlines included) -> 336 visual + 15 newline tokens"
+        in capsys.readouterr().err
+    )
 
 
 def test_fastv_and_a_frozen_layer_match_references(model, images):

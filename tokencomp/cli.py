@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plugin_argument(m)
 
     c = sub.add_parser("compare", help="run an experiment file (models x datasets x methods), resumable")
-    c.add_argument("experiment", help="experiment TOML file (see tokencomp/runner.py)")
+    c.add_argument("experiment", help="experiment TOML file (every key: the README's Formats section)")
     c.add_argument("--out", default=None, help="run directory (default: runs/<experiment name>)")
     c.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     c.add_argument(
@@ -96,15 +96,18 @@ def _plugin_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# the weight dtypes a model loads in (`tokencomp.runner.DTYPES` maps them to torch's; named here so
+# that building the parser, for --help, imports neither torch nor transformers)
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
 def _load_arguments(parser: argparse.ArgumentParser, note: str = "") -> None:
     """``--device`` and ``--dtype``: where and in what precision models are loaded."""
-    from .runner import DTYPES
-
     parser.add_argument("--device", default=None, help=f"torch device for the model, e.g. cuda (default cpu){note}")
     parser.add_argument(
         "--dtype",
         default=None,
-        choices=list(DTYPES),
+        choices=list(DTYPE_NAMES),
         help=f"weight dtype (default float32){note}",
     )
 
@@ -141,10 +144,12 @@ def _generate(args) -> int:
         print(json.dumps({"text": out.text[0], "tokens": out.tokens[0], "record": out.record.to_dict()}, indent=1))
     else:
         rec = out.record
+        newlines = rec.visual_per_layer[0][0] - rec.image_per_layer[0][0]  # LLaVA-NeXT's row ends, if any
+        into = f"{rec.visual_tokens_llm[0]} visual" + (f" + {newlines} newline" if newlines else "")
         print(out.text[0])
         print(
-            f"[{strategy}] visual tokens {rec.visual_tokens_in[0]} -> {rec.visual_tokens_llm[0]} into the LLM; "
-            f"tokens per layer {rec.tokens_per_layer[0]}; prefill {rec.prefill_s * 1e3:.1f} ms",
+            f"[{strategy}] image tokens {rec.visual_tokens_in[0]} in the prompt (newlines included) -> {into} "
+            f"tokens into the LLM; tokens per layer {rec.tokens_per_layer[0]}; prefill {rec.prefill_s * 1e3:.1f} ms",
             file=sys.stderr,
         )
     return 0

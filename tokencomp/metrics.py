@@ -8,7 +8,6 @@ import string
 from itertools import combinations
 
 import numpy as np
-from scipy.stats import bootstrap
 
 _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _ARTICLES = {"a", "an", "the"}
@@ -95,6 +94,8 @@ def mean_ci(scores, confidence: float = 0.95, resamples: int = 2000, seed: int =
         raise ValueError("no scores")
     if x.size < 2 or bool((x == x[0]).all()):
         return float(x.mean()), float(x.mean())
+    from scipy.stats import bootstrap  # (here: scipy.stats takes most of a second to import)
+
     res = bootstrap(
         (x,),
         np.mean,

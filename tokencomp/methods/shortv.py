@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 import tokencomp as tc
-from tokencomp.api import prepare
 from tokencomp.data import prompt as fill_prompt
 from tokencomp.strategy import check_int
 
@@ -111,6 +110,8 @@ def calibrate(
 ) -> dict:
     """Compute ShortV's layer contributions on ``num_samples`` samples drawn (seeded) from a
     harness dataset; save them as JSON to ``path`` when given. Costs 2L + 1 prefills per sample."""
+    from tokencomp.api import prepare  # (the engine and transformers: not needed to list methods)
+
     samples = list(dataset)
     check_int("num_samples", num_samples, 1, len(samples))
     chosen = random.Random(seed).sample(samples, num_samples)
