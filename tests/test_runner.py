@@ -876,3 +876,27 @@ def test_evaluate_reports_what_compare_reports_for_the_same_cell(tmp_path):
     assert got.accuracy == pytest.approx(row["accuracy"])
     assert list(got.accuracy_ci95) == pytest.approx(row["accuracy_ci95"])
     assert row["yes_no"] is not None and got.yes_no == row["yes_no"]
+
+
+def test_report_summary_styles_and_paired_plot(tmp_path):
+    """The report opens with a summary (Pareto set, best per budget, significance), draws each
+    method in its own colour and marker, and plots paired differences; on the committed demo run."""
+    import shutil
+    from pathlib import Path
+
+    from tokencomp.report import make_report, method_styles
+
+    run = tmp_path / "demo"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "experiments" / "results" / "demo", run)
+    md = make_report(run).read_text()
+    summary = md.split("## Summary", 1)[1].split("\n\n", 2)[1]
+    assert summary.count("- **") == 2 and "Pareto set" in summary and "Best at each `budget`" in summary
+    assert "interval excludes 0" in summary
+    assert (run / "plots" / "paired_difference_tiny-llava_tc-scenes.png").is_file()
+    html = (run / "report.html").read_text()
+    assert "<h2>Summary</h2>" in html and "class='scroll'" in html
+    styles = method_styles([f"m{i}" for i in range(30)] + ["identity"])
+    looks = {
+        (tuple(v["color"]) if not isinstance(v["color"], str) else v["color"], v["marker"]) for v in styles.values()
+    }
+    assert len(looks) == 31 and styles["identity"]["color"] == "black"

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--param", action="append", type=_param, default=[], metavar="KEY=VALUE", help="other method parameters"
     )
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=int, default=16, help="tokens to decode (default 16: a short answer)")
     g.add_argument("--json", action="store_true", help="print the answer and the run record as JSON")
     _plugin_argument(g)
     _load_arguments(g)

@@ -55,12 +55,30 @@ def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.array(front, dtype=int)
 
 
-def _scatter(ax, df, x, y, xlabel, ylabel, title, front=False):
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def method_styles(methods) -> dict[str, dict]:
+    """One look per method, the same in every plot: 20 colours (tab20), then the next marker, so
+    that up to 200 methods stay distinct (the unmodified model first: black circles)."""
+    colours = plt.get_cmap("tab20").colors
+    styles, i = {}, 0
+    for m in dict.fromkeys(methods):
+        if m == "identity":
+            styles[m] = {"color": "black", "marker": "o"}
+            continue
+        styles[m] = {"color": colours[i % 20], "marker": MARKERS[i // 20 % len(MARKERS)]}
+        i += 1
+    return styles
+
+
+def _scatter(ax, df, x, y, xlabel, ylabel, title, front=False, styles=None):
     texts, labels = [], {}
     xs, ys = df[x].to_numpy(float), df[y].to_numpy(float)
     dx, dy = (np.ptp(xs) or 1.0) / 200, (np.ptp(ys) or 1.0) / 200
+    styles = styles or method_styles(df["method"])
     for _, r in df.iterrows():
-        ax.scatter(r[x], r[y], s=36)
+        ax.scatter(r[x], r[y], s=36, zorder=3, **styles[r["method"]])
         ci = r.get(f"{y}_ci95")
         if isinstance(ci, list):  # the bootstrap 95% interval of an accuracy
             ax.errorbar(r[x], r[y], yerr=[[r[y] - ci[0]], [ci[1] - r[y]]], fmt="none", ecolor="0.6", lw=0.8, capsize=2)
@@ -78,7 +96,7 @@ def _scatter(ax, df, x, y, xlabel, ylabel, title, front=False):
     if front and len(df) > 1:
         f = pareto_front(df[x].to_numpy(float), df[y].to_numpy(float))
         ax.plot(df[x].to_numpy()[f], df[y].to_numpy()[f], "k--", lw=1, label="Pareto frontier")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right", framealpha=0.8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -131,11 +149,12 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3, partial: bool = F
     df = pd.DataFrame(rows)
     plots = run / "plots"
     plots.mkdir(exist_ok=True)
-    sections, images = [], []
+    sections, images, summary = [], [], []
     for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
         g = g.reset_index(drop=True)
         tag = _slug(f"{model}_{dataset}")
         files = {}
+        styles = method_styles(df["method"])  # one look per method across every model and dataset
         fig, ax = plt.subplots(figsize=(6, 4.2))
         _scatter(
             ax,
@@ -146,6 +165,7 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3, partial: bool = F
             "accuracy",
             f"{model} / {dataset}",
             front=True,
+            styles=styles,
         )
         files["accuracy_vs_tflops"] = plots / f"accuracy_vs_tflops_{tag}.png"
         fig.tight_layout()
@@ -160,7 +180,7 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3, partial: bool = F
             else ("visual_tokens_llm", "visual tokens entering the LLM")
         )
         fig, ax = plt.subplots(figsize=(6, 4.2))
-        _scatter(ax, g, x, "accuracy", xlabel, "accuracy", f"{model} / {dataset}")
+        _scatter(ax, g, x, "accuracy", xlabel, "accuracy", f"{model} / {dataset}", styles=styles)
         files["accuracy_vs_tokens"] = plots / f"accuracy_vs_tokens_{tag}.png"
         fig.tight_layout()
         fig.savefig(files["accuracy_vs_tokens"], dpi=110)
@@ -176,6 +196,7 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3, partial: bool = F
             "mean tokens per decoder layer",
             "prefill latency (ms, median)",
             f"{model} / {dataset} ({g['device'].iloc[0]}{_dtype_note(g)}, batch {g['latency_batch_size'].iloc[0]})",
+            styles=styles,
         )
         files["latency_vs_tokens"] = plots / f"latency_vs_tokens_{tag}.png"
         fig.tight_layout()
@@ -197,28 +218,34 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3, partial: bool = F
             f"FLOPs-ideal speed-up vs {ref['method']} (x)",
             "measured prefill speed-up (x)",
             f"{model} / {dataset}",
+            styles=styles,
         )
         lim = max(g["ideal_speedup"].max(), g["measured_speedup"].max()) * 1.05
         ax.plot([0, lim], [0, lim], color="grey", lw=1, label="measured = ideal")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", framealpha=0.8)
         files["speedup"] = plots / f"speedup_{tag}.png"
         fig.tight_layout()
         fig.savefig(files["speedup"], dpi=110)
         plt.close(fig)
 
-        fig, ax = plt.subplots(figsize=(6, 4.2))
-        for i, (_, r) in enumerate(g.iterrows()):  # ten colours, then a new line style: every line its own look
-            style = {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}
-            ax.plot(range(len(r["tokens_per_layer"])), r["tokens_per_layer"], marker=".", label=r["method"], **style)
+        fig, ax = plt.subplots(figsize=(8.5, 4.2))
+        for _, r in g.iterrows():  # each method's colour and marker, as in the other plots
+            ax.plot(
+                range(len(r["tokens_per_layer"])), r["tokens_per_layer"], label=r["method"], ms=4, **styles[r["method"]]
+            )
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("tokens processed (mean per sample)")
         ax.set_title(f"tokens per layer: {model} / {dataset}", fontsize=10)
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + len(g) // 24)  # beside the plot
         ax.grid(alpha=0.3)
         files["tokens_per_layer"] = plots / f"tokens_per_layer_{tag}.png"
         fig.tight_layout()
-        fig.savefig(files["tokens_per_layer"], dpi=110)
+        fig.savefig(files["tokens_per_layer"], dpi=110, bbox_inches="tight")
         plt.close(fig)
+
+        if "delta_vs_identity" in g and g["delta_vs_identity"].map(lambda v: isinstance(v, list)).any():
+            files["paired_difference"] = plots / f"paired_difference_{tag}.png"
+            _paired_plot(g, styles, f"{model} / {dataset}", files["paired_difference"])
 
         preds = {  # the scored samples (skipped ones, of a lazily validated dataset, have no tokens to draw)
             r["method"]: [p for p in read_rows(run / "predictions" / f"{r['cell']}.jsonl") if "score" in p]
@@ -252,6 +279,7 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3, partial: bool = F
         ]
         table = _with_intervals(g, cols).to_markdown(index=False, floatfmt=".4g")
         sections.append((f"{model} / {dataset}", table, files))
+        summary += _summary(f"{model} / {dataset}", g)
         images += list(files.values())
 
     unit = rows[0].get("flops_unit", "FLOPs")
@@ -268,12 +296,18 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3, partial: bool = F
             "",
             *noise,
         ]
-    md = [f"# tokencomp report: {experiment}", "", intro, "", *noise, *COLUMNS, ""]
+    md = [f"# tokencomp report: {experiment}", "", "## Summary", "", *summary, "", intro, "", *noise, *COLUMNS, ""]
     page = [
         f"<html><head><meta charset='utf-8'><title>tokencomp report {html.escape(experiment)}</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}img{max-width:100%}</style></head><body>",
-        f"<h1>tokencomp report: {html.escape(experiment)}</h1><p>{html.escape(intro)}</p>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 8px}"
+        ".scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;white-space:nowrap}"
+        "td:first-child,th:first-child{position:sticky;left:0;background:#fff}img{max-width:100%}</style></head><body>",
+        f"<h1>tokencomp report: {html.escape(experiment)}</h1>",
+        "<h2>Summary</h2><ul>",
+        *(f"<li>{item}</li>" for item in _items(summary)),
+        "</ul>",
+        f"<p>{html.escape(intro)}</p>",
         *(f"<p>{_md_inline(line)}</p>" for line in noise if line),
         f"<p>{_md_inline(COLUMNS[0])}</p><ul>",
         *(f"<li>{_md_inline(line.removeprefix('- '))}</li>" for line in COLUMNS[2:]),
@@ -283,7 +317,9 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3, partial: bool = F
         md += [f"## {title}", "", table, ""]
         md += [f"![{k}](plots/{v.name})" for k, v in files.items()] + [""]
         page.append(f"<h2>{html.escape(title)}</h2>")
-        page.append(_md_table_to_html(table))
+        page.append(
+            f"<div class='scroll'>{_md_table_to_html(table)}</div>"
+        )  # wide tables scroll, the method column stays
         for k, v in files.items():
             data = base64.b64encode(v.read_bytes()).decode()
             page.append(f"<h3>{k}</h3><img alt='{k}' src='data:image/png;base64,{data}'/>")
@@ -303,20 +339,119 @@ def _image(run: Path, stored: str) -> Path | None:
     return None
 
 
-def _overlays(g: pd.DataFrame, preds: dict, images: dict, where: str, path: Path) -> None:
-    """Each method's (columns) images (``images``: method -> image paths, its first predictions'),
-    its kept base-view tokens in red."""
+def _summary(title: str, g: pd.DataFrame) -> list[str]:
+    """What a reader needs first about one model and dataset (``g``: its rows, with the speed-up
+    columns): the unmodified accuracy, the Pareto set, the best method at each budget, the largest
+    measured speed-up, and which differences to the unmodified model its questions can support."""
+
+    def acc(r) -> str:
+        ci = r.get("accuracy_ci95")
+        return f"{r['accuracy']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, list) else "")
+
+    rows = [r for _, r in g.iterrows()]
+    base = [r for r in rows if is_unmodified(r)]
+    out = [f"- **{title}** ({int(g['samples'].max())} questions)" + (f": unmodified {acc(base[0])}." if base else ".")]
+    front = pareto_front(g["prefill_tflops"].to_numpy(float), g["accuracy"].to_numpy(float))
+    out.append(
+        "  Pareto set (accuracy vs LLM prefill TFLOPs): " + ", ".join(f"`{g['method'][i]}`" for i in front) + "."
+    )
+    budgets: dict[int, list] = {}
+    for r in rows:
+        spec = r.get("spec") if isinstance(r.get("spec"), list) else []
+        budget = spec[0].get("budget") if spec and isinstance(spec[0], dict) else None
+        if isinstance(budget, int) and not isinstance(budget, bool):
+            budgets.setdefault(budget, []).append(r)
+    if budgets:
+        best = [max(rs, key=lambda r: r["accuracy"]) for _, rs in sorted(budgets.items(), reverse=True)]
+        out.append(
+            "  Best at each `budget`: "
+            + "; ".join(f"{b}: `{r['method']}` {acc(r)}" for b, r in zip(sorted(budgets, reverse=True), best))
+            + "."
+        )
+    if "measured_speedup" in g and len(g) > 1:
+        fast = g.loc[g["measured_speedup"].idxmax()]
+        out.append(
+            f"  Largest measured prefill speed-up: `{fast['method']}` {fast['measured_speedup']:.2f}x "
+            f"(FLOPs-ideal {fast['ideal_speedup']:.2f}x)."
+        )
+    paired = [r for r in rows if isinstance(r.get("delta_vs_identity"), list) and not is_unmodified(r)]
+    if paired:
+        excludes_zero = [r["delta_vs_identity"][1] > 0 or r["delta_vs_identity"][2] < 0 for r in paired]
+        sig = [r for r, x in zip(paired, excludes_zero) if x]
+        same = [r for r, x in zip(paired, excludes_zero) if not x]
+        out.append(
+            f"  Differ from the unmodified model (paired 95% interval excludes 0): {len(sig)} of {len(paired)}"
+            + (": " + ", ".join(f"`{r['method']}` {r['delta_vs_identity'][0]:+.3f}" for r in sig) if sig else "")
+            + "."
+            + (
+                f" The other {len(same)} cannot be told apart from it on these questions (more questions narrow the"
+                " intervals), nor ranked against each other where their intervals overlap."
+                if same
+                else ""
+            )
+        )
+    return out
+
+
+def _paired_plot(g: pd.DataFrame, styles: dict, where: str, path: Path) -> None:
+    """Each method's accuracy difference to the unmodified model on the same questions, with its
+    paired bootstrap 95% interval; an interval that excludes 0 is drawn solid (significant)."""
+    rows = [r for _, r in g.iterrows() if isinstance(r.get("delta_vs_identity"), list) and not is_unmodified(r)]
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.28 * max(len(rows), 1)))
+    for i, r in enumerate(rows):
+        d, lo, hi = r["delta_vs_identity"]
+        significant = lo > 0 or hi < 0
+        style = styles[r["method"]]
+        ax.errorbar(
+            d,
+            i,
+            xerr=[[d - lo], [hi - d]],
+            fmt="none",
+            ecolor=style["color"],
+            capsize=2,
+            lw=1.4 if significant else 0.8,
+            ls="-" if significant else ":",
+        )
+        ax.scatter(
+            d,
+            i,
+            s=30,
+            zorder=3,
+            facecolor=style["color"] if significant else "white",
+            edgecolor=style["color"],
+            marker=style["marker"],
+        )
+    ax.axvline(0, color="0.3", lw=0.8)
+    ax.set_yticks(range(len(rows)), [str(r["method"]) for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("accuracy difference to the unmodified model (paired bootstrap 95% interval)")
+    ax.set_title(f"{where}: filled = the interval excludes 0", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _overlays(g: pd.DataFrame, preds: dict, images: dict, where: str, path: Path, per_row: int = 6) -> None:
+    """Each method's first images (``images``: method -> image paths, its first predictions') with
+    its kept base-view tokens in red: one block of tiles per image, ``per_row`` methods a row."""
     n_img = len(next(iter(images.values())))
-    fig, axes = plt.subplots(n_img, len(g), figsize=(1.6 * len(g), 1.7 * n_img + 0.4), squeeze=False)
+    rows_per_image = -(-len(g) // per_row)
+    fig, axes = plt.subplots(
+        n_img * rows_per_image, per_row, figsize=(1.9 * per_row, 2.05 * n_img * rows_per_image + 0.4), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
     for j, (_, r) in enumerate(g.iterrows()):
         for i in range(n_img):
+            ax = axes[i * rows_per_image + j // per_row][j % per_row]
+            ax.axis("on")
             p = preds[r["method"]][i]
-            _overlay(axes[i][j], images[r["method"]][i], p["kept_patches"], r["grid"], r["family"])
-            if i == 0:
-                axes[i][j].set_title(r["method"], fontsize=6)
-    fig.suptitle(f"kept base-view tokens (red) at the last layer: {where}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+            _overlay(ax, images[r["method"]][i], p["kept_patches"], r["grid"], r["family"])
+            ax.set_title(textwrap.fill(f"{r['method']} (image {i + 1})", 26), fontsize=7)
+    fig.suptitle(f"kept base-view tokens (red) at the last layer: {where}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # the title above the tiles' own
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -365,6 +500,17 @@ COLUMNS = [
     "and so grows with the order the cells ran in: it stays in results.jsonl but is not shown.",
     "- `kv_cache_mb`: the latency batch's KV cache at the end of the timed generation.",
 ]
+
+
+def _items(lines: list[str]) -> list[str]:
+    """HTML of a markdown list whose items continue on indented lines: one string per item."""
+    items: list[str] = []
+    for line in lines:
+        if line.startswith("- "):
+            items.append(_md_inline(line[2:]))
+        elif items and line.strip():
+            items[-1] += "<br>" + _md_inline(line.strip())
+    return items
 
 
 def _md_inline(text: str) -> str:
