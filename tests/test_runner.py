@@ -900,3 +900,37 @@ def test_report_summary_styles_and_paired_plot(tmp_path):
         (tuple(v["color"]) if not isinstance(v["color"], str) else v["color"], v["marker"]) for v in styles.values()
     }
     assert len(looks) == 31 and styles["identity"]["color"] == "black"
+
+
+@pytest.mark.slow
+def test_report_renders_in_a_headless_browser(tmp_path):
+    """The committed demo's report.html in a real browser (Debian's chromium, driven by playwright):
+    it renders, every image loads, and nothing overflows the main column sideways (wide tables
+    scroll inside their own box)."""
+    import shutil
+    from pathlib import Path
+
+    from tokencomp.report import make_report
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium (apt-get install chromium)")
+    run = tmp_path / "demo"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "experiments" / "results" / "demo", run)
+    make_report(run)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto((run / "report.html").as_uri())
+            images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+            assert len(images) >= 14 and all(done and width > 0 for done, width in images)
+            body = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+            assert body[0] <= body[1], f"the page is {body[0]} px wide in a {body[1]} px window"
+            boxes = page.eval_on_selector_all(".scroll", "els => els.map(e => e.getBoundingClientRect().right)")
+            main = page.evaluate("() => document.body.getBoundingClientRect().right")
+            assert boxes and all(right <= main + 1 for right in boxes)
+            assert page.inner_text("h2") == "Summary"
+        finally:
+            browser.close()
