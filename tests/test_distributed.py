@@ -167,3 +167,15 @@ def test_two_processes_equal_one_and_resume_after_one_is_killed(tmp_path):
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out
     _same_run(one, three)
+
+
+def test_parts_are_found_for_any_label(tmp_path):
+    """A cell label may hold glob characters ([, *, ?): its parts are found by name, not pattern."""
+    (tmp_path / "predictions").mkdir()
+    for name in ("zip[64]-ab12.rank0.part", "zip[64]-ab12.rank1.part", "zip6-ab12.rank0.part"):
+        (tmp_path / "predictions" / name).write_text("")
+    assert [p.name for p in runner._parts(tmp_path, "zip[64]-ab12")] == [
+        "zip[64]-ab12.rank0.part",
+        "zip[64]-ab12.rank1.part",
+    ]
+    assert {runner._part_cell(p) for p in runner._parts(tmp_path)} == {"zip[64]-ab12", "zip6-ab12"}

@@ -91,8 +91,9 @@ def prumerge_view(x, q_cls, keys, k_neighbours=32, plus=False, neighbours="all",
     return torch.stack(out), keep
 
 
-def cls_logits_head_mean(hf_eager, pix, layer: int = -1):
-    """(V, N) head-mean pre-softmax scaled CLS logits of encoder ``layer``, from its projections."""
+def _scaled_qk(hf_eager, pix, layer: int):
+    """Encoder ``layer``'s scaled queries and keys ``(V, T, H, d_head)`` from its own projections of
+    its normed input, and the tower's hidden states."""
     tower = hf_eager.model.vision_tower
     vm = getattr(tower, "vision_model", tower)
     lay = vm.encoder.layers[layer]
@@ -102,7 +103,13 @@ def cls_logits_head_mean(hf_eager, pix, layer: int = -1):
         att = lay.self_attn
         q = (att.q_proj(x) * att.scale).view(x.shape[0], x.shape[1], att.num_heads, -1)
         k = att.k_proj(x).view(x.shape[0], x.shape[1], att.num_heads, -1)
-        logits = torch.einsum("vhd,vnhd->vhn", q[:, 0], k)
+    return q, k, hs
+
+
+def cls_logits_head_mean(hf_eager, pix, layer: int = -1):
+    """(V, N) head-mean pre-softmax scaled CLS logits of encoder ``layer``, from its projections."""
+    q, k, hs = _scaled_qk(hf_eager, pix, layer)
+    logits = torch.einsum("vhd,vnhd->vhn", q[:, 0], k)
     return logits.mean(1)[:, 1:], hs[hf_eager.config.vision_feature_layer][:, 1:]
 
 
@@ -110,16 +117,8 @@ def mean_logits_head_mean(hf_eager, pix, layer: int = -1):
     """(V, N) pre-softmax scaled logits each token receives at encoder ``layer``, averaged over every
     query row and head (towers without CLS), from the full (V, H, N, N) logits of its projections;
     and the features at the projector's input layer."""
-    tower = hf_eager.model.vision_tower
-    vm = getattr(tower, "vision_model", tower)
-    lay = vm.encoder.layers[layer]
-    with torch.no_grad():
-        hs = tower(pix, output_hidden_states=True).hidden_states
-        x = lay.layer_norm1(hs[layer % len(vm.encoder.layers)])
-        att = lay.self_attn
-        q = (att.q_proj(x) * att.scale).view(x.shape[0], x.shape[1], att.num_heads, -1)
-        k = att.k_proj(x).view(x.shape[0], x.shape[1], att.num_heads, -1)
-        logits = torch.einsum("vqhd,vnhd->vhqn", q, k)
+    q, k, hs = _scaled_qk(hf_eager, pix, layer)
+    logits = torch.einsum("vqhd,vnhd->vhqn", q, k)
     return logits.mean(2).mean(1), hs[hf_eager.config.vision_feature_layer]
 
 

@@ -8,6 +8,10 @@ directory, its lock, the validation of the whole file), merges each cell's rows 
 ``predictions/<cell>.jsonl`` in dataset order, and alone times latency while the others wait, so
 that timings stay clean; it alone writes the report.
 
+A process that fails ends the launch: the launcher (torchrun's agent, which ``accelerate launch``
+uses too) stops the others, and the same command started again resumes. Process 0 merges what
+every process wrote in the run directory, so on several machines it must be a shared folder.
+
 The processes find each other through the launcher's own variables (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), which ``torch.distributed``'s ``env://``
 rendezvous reads; they synchronise over a gloo process group (CPU, on any machine). On a GPU
@@ -82,6 +86,13 @@ def launched() -> Processes:
     if torch.cuda.is_available() and local < torch.cuda.device_count():
         torch.cuda.set_device(local)  # "cuda" alone names this process's GPU
     return Processes(dist.get_rank(), dist.get_world_size(), local)
+
+
+def launcher_device(device: str) -> str:
+    """The device a process of a launch loads a model on when it does not join tokencomp's own
+    process group (lmms-eval's processes): `Processes.device` for its ``LOCAL_RANK``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Processes(0, world, int(os.environ.get("LOCAL_RANK", "0"))).device(device)
 
 
 def close(processes: Processes) -> None:

@@ -31,7 +31,6 @@ loads the model on its own GPU (``cuda`` becomes ``cuda:<LOCAL_RANK>``).
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -45,8 +44,9 @@ from tqdm import tqdm
 import tokencomp as tc
 
 from .data import TEMPLATES, fill_template
+from .distributed import launcher_device
 from .errors import TokencompError
-from .runner import DTYPES, import_plugins
+from .runner import DTYPES, import_plugins, model_load_options
 
 
 def manifest():
@@ -96,13 +96,14 @@ class TokencompModel(lmms):
         super().__init__()
         if plugins:
             import_plugins([p for p in str(plugins).split(";") if p], Path.cwd())
-        if dtype not in DTYPES:
-            raise TokencompError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
-        world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's (lmms-eval shards by it)
-        if world > 1 and str(device).startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        params.pop("max_batch_size", None)  # lmms-eval's, for its "auto" batch size
+        if str(batch_size).startswith("auto"):
+            logger.warning("tokencomp's lmms-eval model takes a fixed batch size; 'auto' runs one request at a time")
+            batch_size = 1
+        table = {"name": pretrained, "device": launcher_device(str(device)), "dtype": dtype}
+        opts = model_load_options({**table, "attn_implementation": attn_implementation})  # checked before loading
         self.model = tc.load_model(
-            pretrained, dtype=DTYPES[dtype], device=device, attn_implementation=attn_implementation
+            pretrained, dtype=DTYPES[opts["dtype"]], device=opts["device"], attn_implementation=attn_implementation
         )
         self.engine = tc.Engine(self.model, strategies_from_args(method, params))
         self.batch_size_per_gpu = int(batch_size)
@@ -177,6 +178,9 @@ class TokencompModel(lmms):
             target = doc_to_target(doc) if callable(doc_to_target) else doc_to_target
             images, prompt = self._inputs(context, doc_to_visual, doc_id, task, split)
             n = len(tok(prompt + target)["input_ids"]) - len(tok(prompt)["input_ids"])
+            if n <= 0:  # an empty continuation: log 1, and greedy decoding "gives" it
+                res.append((0.0, True))
+                continue
             batch = tc.prepare(self.model, [images or None], [prompt + target])
             pre = self.engine.prefill(batch, all_logits=True)
             logits = pre.logits[0][pre.state.valid[0]][-n - 1 : -1].float().log_softmax(-1)

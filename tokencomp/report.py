@@ -150,11 +150,11 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3, partial: bool = F
     plots = run / "plots"
     plots.mkdir(exist_ok=True)
     sections, images, summary = [], [], []
+    styles = method_styles(df["method"])  # one look per method across every model and dataset
     for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
         g = g.reset_index(drop=True)
         tag = _slug(f"{model}_{dataset}")
         files = {}
-        styles = method_styles(df["method"])  # one look per method across every model and dataset
         fig, ax = plt.subplots(figsize=(6, 4.2))
         _scatter(
             ax,

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import glob
 import hashlib
 import importlib.util
 import itertools
@@ -834,7 +835,10 @@ def _follow(exp: Experiment, procs: Processes) -> Path:
     failed = procs.from_main(None)
     if failed is not None:
         raise TokencompError(f"process 0 could not start the run: {failed}")
-    datasets = {name: _dataset(spec, exp.out, regenerate=False) for name, spec in exp.datasets.items()}
+    # rows read again, images not decoded again: process 0 checked every one
+    datasets = {
+        name: _dataset({**spec, "validate": "lazy"}, exp.out, regenerate=False) for name, spec in exp.datasets.items()
+    }
     models = {name: _load_model(src, exp.load[name], procs) for name, src in exp.models.items()}
     todo = set(procs.from_main(None))
     package = code_version()
@@ -1065,7 +1069,8 @@ def _read_json(path: Path, what: str):
 def _parts(out: Path, cell: str = "*") -> list[Path]:
     """The prediction rows of ``cell`` that the processes of a data-parallel run wrote, one file
     each (``predictions/<cell>.rank<r>.part``), not merged yet."""
-    return sorted((out / "predictions").glob(f"{cell}.rank*.part"))
+    pattern = "*" if cell == "*" else glob.escape(cell)  # a label may hold [, * or ?
+    return sorted((out / "predictions").glob(f"{pattern}.rank*.part"))
 
 
 def _part_cell(part: Path) -> str:
