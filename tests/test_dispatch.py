@@ -73,3 +73,75 @@ def test_a_model_on_several_devices_is_refused(models):
             tc.Model(models["llava"].hf, models["llava"].processor)
     finally:
         remove_hook_from_module(layer)
+
+
+def test_compare_runs_an_offloaded_model_as_the_whole_one(tmp_path):
+    """An experiment file's [[model]] takes device_map and offload_folder (relative to the file):
+    the offloaded run's predictions equal the whole model's, and models.json records the map."""
+    import json
+
+    from tokencomp.data import read_rows
+    from tokencomp.runner import load_experiment, run_experiment
+
+    hf, proc = tiny_llava("llava-next", seed=1)
+    hf.save_pretrained(tmp_path / "model")
+    proc.save_pretrained(tmp_path / "model")
+    table = (
+        "device_map = {"
+        + ", ".join(f'"{k}" = "{v}"' for k, v in {**OFFLOAD, "model.image_newline": "cpu"}.items())
+        + "}"
+    )
+    text = """
+[experiment]
+name = "x"
+batch_size = 2
+max_new_tokens = 3
+latency_repeats = 1
+
+[[model]]
+name = "m"
+source = "{source}"
+{extra}
+
+[[dataset]]
+name = "d"
+generator = "tc-scenes-next"
+n = 4
+
+[[method]]
+name = "fastv"
+k = 2
+"""
+    runs = {}
+    for label, extra in (("whole", ""), ("offloaded", table + '\noffload_folder = "offload"')):
+        path = tmp_path / f"{label}.toml"
+        path.write_text(text.format(source=tmp_path / "model", extra=extra))
+        exp = load_experiment(path, tmp_path / label)
+        run_experiment(exp, progress=False, side_by_side=False)
+        runs[label] = exp.out
+    (cell,) = [r["cell"] for r in read_rows(runs["whole"] / "results.jsonl")]
+    assert read_rows(runs["whole"] / "predictions" / f"{cell}.jsonl") == read_rows(
+        runs["offloaded"] / "predictions" / f"{cell}.jsonl"
+    )
+    recorded = json.loads((runs["offloaded"] / "models.json").read_text())["m"]
+    assert recorded["device_map"]["lm_head"] == "disk" and recorded["offload_folder"] == str(tmp_path / "offload")
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ('source = "tiny-random:llava"\ndevice_map = "auto"', "not tiny-random models"),
+        ('source = "tiny-llava"\ndevice_map = 3', r"device_map=3 must be a string"),
+        ('source = "tiny-llava"\ndevice_map = {"lm_head" = true}', r"must be a string .* or a table"),
+        ('source = "tiny-llava"\noffload_folder = 1', "offload_folder must be a path string"),
+    ],
+)
+def test_bad_dispatch_settings_are_refused_before_any_model_loads(tmp_path, extra, match):
+    from tokencomp.runner import load_experiment
+
+    path = tmp_path / "x.toml"
+    path.write_text(
+        f'[[model]]\nname = "m"\n{extra}\n\n[[dataset]]\nname = "d"\ngenerator = "tc-scenes"\n\n[[method]]\nname = "identity"\n'
+    )
+    with pytest.raises(tc.TokencompError, match=match):
+        load_experiment(path)

@@ -99,7 +99,8 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 EXPERIMENT_KEYS = {"name", "out", "batch_size", "max_new_tokens", "latency_repeats", "seed", "template", "plugins"}
-MODEL_KEYS = {"name", "source", "datasets", "device", "dtype", "attn_implementation"}
+MODEL_KEYS = {"name", "source", "datasets", "device", "dtype", "attn_implementation", "device_map", "offload_folder"}
+DISPATCH_KEYS = ("device_map", "offload_folder")  # accelerate's big-model dispatch, only where a table asks
 GENERATOR_KEYS = {"generator", "split", "n", "size", "tag_px"}  # a generated split's settings
 PATH_KEYS = {"path", "limit"}  # a dataset file's
 DATASET_KEYS = {"name", "validate"} | GENERATOR_KEYS | PATH_KEYS
@@ -132,6 +133,23 @@ def model_load_options(table: dict, device: str | None = None, dtype: str | None
         raise TokencompError(
             f"model {name!r}: attn_implementation={opts['attn_implementation']!r} must be one of {ATTN_IMPLEMENTATIONS}"
         )
+    for key in DISPATCH_KEYS:  # recorded only when given: a run without them resumes as it began
+        if key in table:
+            opts[key] = table[key]
+    if "device_map" in opts:
+        dm = opts["device_map"]
+        ok = isinstance(dm, str) or (
+            isinstance(dm, dict) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in dm.values())
+        )
+        if not ok:
+            raise TokencompError(
+                f'model {name!r}: device_map={dm!r} must be a string ("auto") or a table of module -> device '
+                '("cuda:0", "cpu", "disk")'
+            )
+        if importlib.util.find_spec("accelerate") is None:
+            raise TokencompError(f"model {name!r}: device_map needs accelerate (pip install -e '.[dispatch]')")
+    if "offload_folder" in opts and not isinstance(opts["offload_folder"], str):
+        raise TokencompError(f"model {name!r}: offload_folder must be a path string, got {opts['offload_folder']!r}")
     if opts["attn_implementation"] == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
             raise TokencompError(f"model {name!r}: flash_attention_2 needs the flash extra (pip install -e '.[flash]')")
@@ -312,7 +330,11 @@ def load_experiment(
             raise TokencompError(f"two [[model]] tables are named {m['name']!r}")
         models[m["name"]] = m.get("source", m["name"])
         _check_source(m["name"], models[m["name"]])
-        given = {k: v for k, v in ((load or {}).get(m["name"]) or {}).items() if k in DEFAULT_LOAD}
+        if "device_map" in m and models[m["name"]].startswith("tiny-random:"):
+            raise TokencompError(f"model {m['name']!r}: device_map serves checkpoints on disk, not tiny-random models")
+        given = {k: v for k, v in ((load or {}).get(m["name"]) or {}).items() if k in (*DEFAULT_LOAD, *DISPATCH_KEYS)}
+        if isinstance(m.get("offload_folder"), str):  # relative to the experiment file, as its dataset paths are
+            m = {**m, "offload_folder": str(base / m["offload_folder"])}
         settings_of[m["name"]] = model_load_options({**m, **given}, device, dtype)
         if "datasets" in m:
             model_datasets[m["name"]] = _names(m["datasets"], f"model {m['name']!r}: datasets")
@@ -505,6 +527,7 @@ def _load_model(source: str, opts: dict, procs: Processes | None = None) -> Mode
     if procs is not None:
         opts = {**opts, "device": procs.device(opts["device"])}
     dtype = DTYPES[opts["dtype"]]
+    dispatch = {k: opts[k] for k in DISPATCH_KEYS if k in opts}
     if source.startswith("tiny-random:"):
         from .tiny import tiny_llava
 
@@ -512,7 +535,9 @@ def _load_model(source: str, opts: dict, procs: Processes | None = None) -> Mode
         hf, proc = tiny_llava(family, image_size=336, text_layers=8, vision_layers=4, hidden=64, seed=0)
         hf.set_attn_implementation(opts["attn_implementation"])
         return Model(hf.to(device=opts["device"], dtype=dtype), proc, name=source)
-    return load_model(source, dtype=dtype, device=opts["device"], attn_implementation=opts["attn_implementation"])
+    return load_model(
+        source, dtype=dtype, device=opts["device"], attn_implementation=opts["attn_implementation"], **dispatch
+    )
 
 
 def _check_load(out: Path, exp: Experiment, started: bool) -> None:
