@@ -91,8 +91,17 @@ def _scatter(ax, df, x, y, xlabel, ylabel, title, front=False, styles=None):
     for px, py, names in labels.values():
         # one line per method, long names (option-derived labels) wrapped at their hyphens
         texts.append(ax.text(px, py, "\n".join(textwrap.fill(n, 24) for n in names), fontsize=7))
-    if len(texts) > 1:  # labels of close points moved apart, each tied to its point by a thin line
-        adjust_text(texts, ax=ax, arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5})
+    if len(texts) > 1:  # labels of close points moved apart (and off the points), each tied to its point by a thin line
+        adjust_text(
+            texts,
+            x=xs,
+            y=ys,
+            ax=ax,
+            expand=(1.15, 1.4),
+            force_text=(0.3, 0.5),
+            max_move=(40, 40),
+            arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5},
+        )
     if front and len(df) > 1:
         f = pareto_front(df[x].to_numpy(float), df[y].to_numpy(float))
         ax.plot(df[x].to_numpy()[f], df[y].to_numpy()[f], "k--", lw=1, label="Pareto frontier")
@@ -209,7 +218,7 @@ def make_report(run_dir: str | Path, overlay_samples: int = 3, partial: bool = F
             ideal_speedup=ref["total_prefill_tflops"] / g["total_prefill_tflops"],
             measured_speedup=ref["prefill_ms"] / g["prefill_ms"],
         )
-        fig, ax = plt.subplots(figsize=(6, 4.2))
+        fig, ax = plt.subplots(figsize=(7.5, 5))
         _scatter(
             ax,
             g,
