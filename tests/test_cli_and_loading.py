@@ -264,7 +264,7 @@ def test_the_parser_imports_neither_torch_nor_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     from tokencomp.cli import DTYPE_NAMES
-    from tokencomp.runner import DTYPES
+    from tokencomp.experiment import DTYPES
 
     assert set(DTYPE_NAMES) == set(DTYPES)
 

@@ -596,7 +596,8 @@ def test_device_and_dtype_settings_load_the_model_so_and_a_run_keeps_them(tmp_pa
     dtype, a run does not resume on other settings, and `remeasure` times on the run's own."""
     import torch
 
-    from tokencomp.runner import _load_model, model_load_options
+    from tokencomp.experiment import model_load_options
+    from tokencomp.runner import _load_model
 
     if not torch.cuda.is_available():
         with pytest.raises(tc.TokencompError, match="CUDA is not available"):
@@ -637,15 +638,20 @@ def test_device_names_of_one_device_compare_equal(tmp_path, monkeypatch):
 
     import torch
 
-    from tokencomp import runner
+    from tokencomp import experiment, runner
 
-    assert runner.canonical_device("cpu:0") == "cpu" and runner.model_load_options({"name": "m"})["device"] == "cpu"
+    assert (
+        experiment.canonical_device("cpu:0") == "cpu"
+        and experiment.model_load_options({"name": "m"})["device"] == "cpu"
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    assert runner.canonical_device("cuda") == "cuda:1" and runner.canonical_device("cuda:0") == "cuda:0"
-    assert runner.model_load_options({"name": "m", "device": "cuda"})["device"] == "cuda:1"
-    exp = types.SimpleNamespace(models={"m": "src"}, load={"m": {**runner.DEFAULT_LOAD, "device": "cuda:1"}})
-    (tmp_path / "models.json").write_text(json.dumps({"m": {"source": "src", **runner.DEFAULT_LOAD, "device": "cuda"}}))
+    assert experiment.canonical_device("cuda") == "cuda:1" and experiment.canonical_device("cuda:0") == "cuda:0"
+    assert experiment.model_load_options({"name": "m", "device": "cuda"})["device"] == "cuda:1"
+    exp = types.SimpleNamespace(models={"m": "src"}, load={"m": {**experiment.DEFAULT_LOAD, "device": "cuda:1"}})
+    (tmp_path / "models.json").write_text(
+        json.dumps({"m": {"source": "src", **experiment.DEFAULT_LOAD, "device": "cuda"}})
+    )
     runner._check_load(tmp_path, exp, started=True)  # recorded as "cuda" (the current device): the same
     exp.load["m"]["device"] = "cuda:0"
     with pytest.raises(tc.TokencompError, match="use another --out"):

@@ -96,7 +96,7 @@ def _plugin_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# the weight dtypes a model loads in (`tokencomp.runner.DTYPES` maps them to torch's; named here so
+# the weight dtypes a model loads in (`tokencomp.experiment.DTYPES` maps them to torch's; named here so
 # that building the parser, for --help, imports neither torch nor transformers)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
@@ -127,7 +127,7 @@ def _generate(args) -> int:
         problem = check_image(Path(path))
         if problem:
             raise tc.TokencompError(problem)
-    from .runner import DTYPES, model_load_options
+    from .experiment import DTYPES, model_load_options
 
     if args.template is not None:
         fill_template(args.template, "")  # an unknown name or a string without {question}: refused before loading
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     exp = None  # the loaded experiment, named when a compare run is interrupted
     try:
         if getattr(args, "plugin", None):
-            from .runner import import_plugins
+            from .experiment import import_plugins
 
             import_plugins(args.plugin, Path.cwd())
         if args.command == "generate":

@@ -46,7 +46,7 @@ import tokencomp as tc
 from .data import TEMPLATES, fill_template
 from .distributed import launcher_device
 from .errors import TokencompError
-from .runner import DTYPES, import_plugins, model_load_options
+from .experiment import DTYPES, import_plugins, model_load_options
 
 
 def manifest():
