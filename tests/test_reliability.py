@@ -118,6 +118,14 @@ def test_lazy_validation_skips_and_records_a_bad_image(tmp_path, data):
     preds = read_rows(tmp_path / "run" / "predictions" / f"{row['cell']}.jsonl")
     skipped = [p for p in preds if "skipped" in p]
     assert len(preds) == 8 and len(skipped) == 1 and "did not load" in skipped[0]["skipped"]
+    # tc.evaluate does as compare: the sample is skipped and recorded, the others scored
+    from tokencomp.runner import _load_model
+
+    model = _load_model("tiny-random:llava", {"device": "cpu", "dtype": "float32", "attn_implementation": "sdpa"})
+    out = tc.evaluate(model, JsonlDataset(data, validate="lazy"), batch_size=4, max_new_tokens=2)
+    assert [p["id"] for p in out.predictions] == [p["id"] for p in sorted(preds, key=lambda p: p["id"])]
+    assert [p.get("skipped", "")[:20] for p in out.predictions if "skipped" in p] == [skipped[0]["skipped"][:20]]
+    assert out.accuracy == pytest.approx(row["accuracy"])
 
 
 @pytest.mark.parametrize(

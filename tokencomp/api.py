@@ -143,7 +143,9 @@ class EvalResult:
     Attributes:
         accuracy: mean score over the samples (exact match, or VQA soft accuracy for 10-answer items).
         by_type: mean score per question type.
-        predictions: one dict per sample: ``id``, ``type``, ``prediction``, ``answers``, ``score``.
+        predictions: one dict per sample: ``id``, ``type``, ``prediction``, ``answers``, ``score``;
+            a sample whose image did not load (a lazily validated dataset) has ``skipped`` (why)
+            instead of a prediction and is not scored, as `tokencomp compare` records it.
         accuracy_ci95: ``(low, high)`` bootstrap 95% interval of the accuracy, as `tokencomp
             compare` reports it (`tokencomp.metrics.mean_ci`).
         yes_no: accuracy, precision, recall and F1 over the yes/no items (POPE-style, "yes" the
@@ -189,20 +191,29 @@ def evaluate(
     tok = model.tokenizer
     template = template or model.family
     rows = []
+    skipped, order = [], {}
+    for i, s in enumerate(samples):
+        order.setdefault(s.id, i)
     for i in tqdm(range(0, len(samples), batch_size), desc="evaluate", disable=not progress):
-        chunk = samples[i : i + batch_size]
-        batch = prepare(model, [s.load_image() for s in chunk], [prompt(s, template) for s in chunk])
+        loaded = [(s, *s.try_image()) for s in samples[i : i + batch_size]]
+        skipped += [{"id": s.id, "type": s.type, "answers": s.answers, "skipped": why} for s, im, why in loaded if why]
+        chunk, images = [s for s, im, why in loaded if not why], [im for _, im, why in loaded if not why]
+        if not chunk:
+            continue
+        batch = prepare(model, images, [prompt(s, template) for s in chunk])
         with torch.no_grad():
             tokens, _ = engine.generate(batch, max_new_tokens, tok.eos_token_id, tok.pad_token_id or 0)
         for s, t in zip(chunk, tokens):
             text = tok.decode(t, skip_special_tokens=True).strip()
             score = answer_score(text, s.answers)
             rows.append({"id": s.id, "type": s.type, "prediction": text, "answers": s.answers, "score": score})
+    if not rows:
+        raise InputMismatchError(f"no image of the {len(samples)} samples loaded: {skipped[0]['skipped']}")
     yn = [r for r in rows if r["answers"][0].strip().lower() in ("yes", "no")]  # as compare picks them
     return EvalResult(
         accuracy=sum(r["score"] for r in rows) / len(rows),
         by_type=scores_by_type(rows),
-        predictions=rows,
+        predictions=sorted(rows + skipped, key=lambda r: order[r["id"]]),  # in the data's order
         accuracy_ci95=mean_ci([r["score"] for r in rows]),
         yes_no=yes_no_scores([r["prediction"] for r in yn], [r["answers"][0] for r in yn]) if yn else None,
     )

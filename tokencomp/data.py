@@ -60,6 +60,14 @@ class Sample:
     def load_image(self) -> Image.Image:
         return Image.open(self.image).convert("RGB")
 
+    def try_image(self) -> tuple[Image.Image | None, str | None]:
+        """``(image, None)``, or ``(None, what went wrong)`` for an image that does not load (a
+        lazily validated dataset's: skipped and recorded, not fatal)."""
+        try:
+            return self.load_image(), None
+        except Exception as e:  # PIL raises many kinds
+            return None, f"image {str(self.image)!r} did not load: {type(e).__name__}: {e}"
+
 
 def read_rows(path: str | Path, repair: bool = False) -> list[dict]:
     """The JSON lines of a results or predictions file (blank lines skipped; none if it is missing).

@@ -150,14 +150,6 @@ def _validation_samples(model: Model, data: JsonlDataset, batch_size: int) -> li
     return list(some.values())
 
 
-def _load_image(sample):
-    """``(image, None)``, or ``(None, what went wrong)`` for an image that does not load."""
-    try:
-        return sample.load_image(), None
-    except Exception as e:  # PIL raises many kinds; a lazily validated dataset records, not dies
-        return None, f"image {str(sample.image)!r} did not load: {type(e).__name__}: {e}"
-
-
 def _decode_flops_per_token(rows: list[dict]) -> float:
     """Decode FLOPs per decoded token over all samples (a sample that stopped at its first token
     decodes nothing and weighs nothing); rows written before the totals were recorded fall back to
@@ -504,7 +496,7 @@ def _check_data(out: Path, datasets: dict[str, JsonlDataset], started: bool) -> 
 def _latency_batch(exp: Experiment, model: Model, data: JsonlDataset):
     """The batch latency is timed on: always the dataset's first batch, so a resumed run (or a
     re-measurement) times the same inputs."""
-    loaded = ((x, _load_image(x)[0]) for x in data.samples)  # a lazily validated dataset: those that load
+    loaded = ((x, x.try_image()[0]) for x in data.samples)  # a lazily validated dataset: those that load
     first = list(itertools.islice(((x, im) for x, im in loaded if im is not None), exp.settings["batch_size"]))
     if not first:
         raise TokencompError(f"no image of dataset {data.name!r} loads")
@@ -700,7 +692,7 @@ def _predict(exp, model: Model, data: JsonlDataset, engine: Engine, path: Path, 
         for pending in tqdm([b for b in mine if b], desc=bar, leave=False, disable=bar is None):
             chunk, images = [], []
             for x in pending:  # a dataset validated lazily: an image that fails is skipped, recorded
-                image, problem = _load_image(x)
+                image, problem = x.try_image()
                 if problem is None:
                     chunk.append(x)
                     images.append(image)
