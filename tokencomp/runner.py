@@ -370,9 +370,8 @@ def _run(exp: Experiment, setup: _SetUp, progress: bool, side_by_side: bool, pro
     done = setup.done - _truncated_cells(out, exp, datasets, setup.done)
     todo = [c for c in exp.cells if c.id not in done]
     procs.from_main([c.id for c in todo])  # the cells every process runs its share of
-    # each cell's code: the package's, and the files of its methods defined outside it (plugins)
     package = code_version()
-    codes = {c.id: package + file_digests(strategy_files(engines[c.id].strategies)) for c in exp.cells}
+    codes = {c.id: _cell_code(package, engines[c.id]) for c in exp.cells}
     _warn_other_code(out, codes)
     if progress and len(todo) < len(exp.cells):
         tqdm.write(
@@ -388,6 +387,12 @@ def _run(exp: Experiment, setup: _SetUp, progress: bool, side_by_side: bool, pro
     _in_cell_order(exp)
     _paired_deltas(exp)
     return results
+
+
+def _cell_code(package: str, engine: Engine) -> str:
+    """A cell's code: the package's `code_version`, then the digests of the files outside it that
+    define the cell's methods (plugins)."""
+    return package + file_digests(strategy_files(engine.strategies))
 
 
 def _follow(exp: Experiment, procs: Processes) -> Path:
@@ -406,7 +411,7 @@ def _follow(exp: Experiment, procs: Processes) -> Path:
     for cell in (c for c in exp.cells if c.id in todo):
         model, data = models[cell.model], datasets[cell.dataset]
         engine = Engine(model, cell.strategies())
-        code = package + file_digests(strategy_files(engine.strategies))
+        code = _cell_code(package, engine)
         _run_cell(exp, cell, model, data, engine, exp.out / "results.jsonl", code, False, procs)
     return exp.out / "results.jsonl"
 

@@ -84,7 +84,7 @@ class Layout:
 
         Returns:
             A dict of ``feats (m, d)``, ``kind``, ``patch``, ``view``, ``offset`` (position in the
-            uncompressed image span, -1 unknown), ``num_views``, ``share`` (`view_share`),
+            uncompressed image span, -1 unknown), ``num_views``,
             ``projected`` (tokens the projector ran on), and ``trim`` when crop tokens still wait
             for `trim`.
         """
@@ -113,7 +113,6 @@ class Layout:
         if crop is not None and "kept" in crop:
             tok["trim"] = (c0, crop["sorted"], crop["kept"])
         tok["num_views"] = len(rows)
-        tok["share"] = self.view_share(size)
         tok["projected"] = sum(counts[r] for r in rows)  # tokens the projector ran on, before unpadding drops any
         return tok
 

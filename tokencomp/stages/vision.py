@@ -95,7 +95,9 @@ class VisionStage:
         images, first, views_of = [], 0, Counter(image)
         for i in range(n_images):  # image i's views are consecutive, its base view first
             rows = range(first, first + views_of[i])
-            images.append(m.layout.assemble(out, projected, rows, counts, sizes[i], crop_grid[i], self))
+            tok = m.layout.assemble(out, projected, rows, counts, sizes[i], crop_grid[i], self)
+            tok["share"] = share[rows.start : rows.stop]  # its views' shares (`Layout.view_share`), for the record
+            images.append(tok)
             first = rows.stop
         pending = [tok for tok in images if "trim" in tok]
         if pending:  # crop tokens placed back on the grid: one read of how many each image keeps
