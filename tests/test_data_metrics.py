@@ -87,3 +87,55 @@ def test_bootstrap_intervals_agree_with_the_normal_approximation():
     assert dhigh - dlow < unpaired / 2
     with pytest.raises(ValueError, match="equal"):
         paired_difference_ci(a, b[:-1])
+
+
+def test_vqa_normalize_by_hand():
+    from tokencomp.metrics import vqa_normalize
+
+    assert vqa_normalize("Yes, it is.") == "yes it is"  # normalised, not shortened: no match with "yes"
+    assert vqa_normalize("3.5") == "3.5" and normalize("3.5") == "3 5"  # a decimal point stays
+    assert vqa_normalize("1,000") == "1000"
+    assert vqa_normalize("The man's hat") == "man 's hat"
+    assert vqa_normalize("dont") == "don't" and vqa_normalize("don't") == "don't"
+    assert vqa_normalize("lets") == "lets"  # a word in its own right, not restored
+    assert vqa_normalize("t-shirt") == "t shirt" and vqa_normalize("red - blue") == "red blue"
+    assert vqa_normalize("None") == "0" and vqa_normalize("Two dogs!") == "2 dogs"
+    assert vqa_normalize("A") == ""  # an article: why tc-scenes (letter answers) is scored "exact"
+    assert (
+        answer_score("Don't know", ["dont know"]) == 1.0 and answer_score("Don't know", ["dont know"], "exact") == 0.0
+    )
+    assert answer_score("3.5", ["3 5"]) == 0.0 and answer_score("3.5", ["3 5"], "exact") == 1.0
+    with pytest.raises(ValueError, match="scoring='vq' must be one of"):
+        answer_score("a", ["a"], "vq")
+
+
+def test_vqa_normalize_equals_lmms_eval():
+    """`vqa_normalize` is lmms-eval's EvalAI answer processing (TextVQA, VizWiz, OK-VQA), on every
+    contraction of its table and on random answers full of punctuation, digits, articles and
+    number words."""
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.tasks._task_utils.vqa_eval_metric import EvalAIAnswerProcessor
+
+    from tokencomp.metrics import vqa_normalize
+
+    theirs = EvalAIAnswerProcessor()
+    # keys with capitals never match after lower-casing; somebody'd -> somebodyd is a documented difference
+    texts = [k for k in EvalAIAnswerProcessor.CONTRACTIONS if k == k.lower() and k != "somebody'd"]
+    texts += [f"It is {k}." for k in texts[:20]] + ["." * 40 + "x", "a.b " * 20, "3,5 and 2 , 4", "Yes\tno\nmaybe"]
+    rng = np.random.default_rng(0)
+    pieces = list(";/[]\"{}()=+\\_-><@`,?!.'' 0123456789") + [
+        "a ",
+        "the ",
+        "An ",
+        "two",
+        "None ",
+        "'s",
+        "dont",
+        "yall",
+        "Ten",
+    ]
+    pieces += [" ", " ", "red", "X"]
+    for _ in range(3000):
+        texts.append("".join(rng.choice(pieces, size=int(rng.integers(1, 12)))))
+    wrong = [(t, vqa_normalize(t), theirs(t)) for t in texts if vqa_normalize(t) != theirs(t)]
+    assert not wrong, wrong[:5]

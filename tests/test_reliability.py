@@ -16,6 +16,7 @@ from tokencomp import runner
 from tokencomp.benchmark import generate_split
 from tokencomp.cli import main
 from tokencomp.data import JsonlDataset, read_rows
+from tokencomp.metrics import answer_score
 from tokencomp.runner import load_experiment, run_experiment
 
 ONE = """
@@ -116,6 +117,8 @@ def test_lazy_validation_skips_and_records_a_bad_image(tmp_path, data):
     (row,) = read_rows(tmp_path / "run" / "results.jsonl")
     assert row["samples"] == 7 and row["skipped"] == 1
     preds = read_rows(tmp_path / "run" / "predictions" / f"{row['cell']}.jsonl")
+    assert row["scoring"] == "vqa"  # a file's answers are scored as lmms-eval scores them
+    assert all(p["score"] == answer_score(p["prediction"], p["answers"], "vqa") for p in preds if "score" in p)
     skipped = [p for p in preds if "skipped" in p]
     assert len(preds) == 8 and len(skipped) == 1 and "did not load" in skipped[0]["skipped"]
     # tc.evaluate does as compare: the sample is skipped and recorded, the others scored

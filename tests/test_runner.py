@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -83,9 +85,23 @@ def _stable(rows):
     return sorted(({k: v for k, v in r.items() if k not in VOLATILE} for r in rows), key=lambda r: r["cell"])
 
 
+def _readme_lists_the_columns(run: Path) -> None:
+    """The README's Formats section names every column of results.jsonl and of a predictions file."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme[readme.index("import pandas as pd") :].split("```")[0]
+    listed = set(
+        re.findall(r"[a-z_0-9]+", " ".join(line.split("#", 1)[1] for line in block.splitlines() if "#" in line))
+    )
+    (row,) = _rows(run / "results.jsonl")[:1]
+    pred = _rows(next((run / "predictions").glob("*.jsonl")))[0]
+    assert not set(row) - listed, f"results columns missing from the README: {sorted(set(row) - listed)}"
+    assert not set(pred) - listed, f"prediction columns missing from the README: {sorted(set(pred) - listed)}"
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     exp_file = _write(tmp_path)
     clean = run_experiment(load_experiment(exp_file, tmp_path / "clean"), progress=False)
+    _readme_lists_the_columns(clean.parent)
     Crashy.crash_after = 2  # inside the first crashy cell, after its first batch (2 calls per batch... of views)
     Crashy.calls = 0
     broken_dir = tmp_path / "broken"
@@ -141,6 +157,7 @@ def test_cli_interruption_says_how_to_resume(tmp_path, capsys):
             "unknown datasets",
         ),
         (lambda t: t.replace('split = "val"', 'split = "dev"'), "split must be one of"),
+        (lambda t: t.replace('split = "val"', 'split = "val"\nscoring = "lmms"'), "scoring='lmms' must be one of"),
         (lambda t: t.replace('generator = "tc-scenes"', 'generator = "shapes"'), "generator = one of"),
         (lambda t: t.replace('source = "tiny-random:llava"', 'source = "tiny-random:llava"\ndtype = "fp16"'), "dtype"),
         (lambda t: t.replace('source = "tiny-random:llava"', 'source = "tiny-random:llava"\ndevice = "gpu"'), "device"),

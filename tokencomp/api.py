@@ -167,6 +167,7 @@ def evaluate(
     max_new_tokens: int = 4,
     template: str | None = None,
     progress: bool = False,
+    scoring: str = "vqa",
 ) -> EvalResult:
     """Score a method on a dataset (greedy answers; no latency or FLOPs: see ``tokencomp compare``).
 
@@ -178,12 +179,16 @@ def evaluate(
         max_new_tokens: answer length limit in tokens.
         template: prompt template name or format string (default: the model's family).
         progress: show a progress bar.
+        scoring: ``"vqa"`` normalises answers as lmms-eval does, ``"exact"`` more plainly
+            (`tokencomp.metrics.answer_score`).
     """
     from tqdm import tqdm
 
     from .data import prompt
-    from .metrics import answer_score, mean_ci, scores_by_type, yes_no_scores
+    from .metrics import SCORINGS, answer_score, mean_ci, scores_by_type, yes_no_scores
 
+    if scoring not in SCORINGS:
+        raise InputMismatchError(f"evaluate: scoring={scoring!r} must be one of {list(SCORINGS)}")
     samples = list(data)
     if not samples:
         raise InputMismatchError("evaluate needs at least one sample")
@@ -205,7 +210,7 @@ def evaluate(
             tokens, _ = engine.generate(batch, max_new_tokens, tok.eos_token_id, tok.pad_token_id or 0)
         for s, t in zip(chunk, tokens):
             text = tok.decode(t, skip_special_tokens=True).strip()
-            score = answer_score(text, s.answers)
+            score = answer_score(text, s.answers, scoring)
             rows.append({"id": s.id, "type": s.type, "prediction": text, "answers": s.answers, "score": score})
     if not rows:
         raise InputMismatchError(f"no image of the {len(samples)} samples loaded: {skipped[0]['skipped']}")

@@ -27,6 +27,8 @@ An experiment file names models, datasets and a grid of methods::
     split = "test"           # optional size = [h, w] and tag_px), or path = "data.jsonl"
     n = 24                   # limit = k: the first k samples of a path's file
                              # validate = "lazy": images checked as they load (default "full")
+                             # scoring = "vqa" (lmms-eval's answer normalisation; a file's
+                             # default) or "exact" (plainer; a generated split's default)
 
     [[method]]
     name = "visionzip"
@@ -63,6 +65,7 @@ from ._compat import tomllib
 from .benchmark import PRESETS, SPLIT_SEED
 from .data import JsonlDataset
 from .errors import TokencompError, renamed
+from .metrics import SCORINGS
 from .model import model_path
 from .registry import load_builtins
 from .registry import method as make_method
@@ -72,7 +75,7 @@ MODEL_KEYS = {"name", "source", "datasets", "device", "dtype", "attn_implementat
 DISPATCH_KEYS = ("device_map", "offload_folder")  # accelerate's big-model dispatch, only where a table asks
 GENERATOR_KEYS = {"generator", "split", "n", "size", "tag_px"}  # a generated split's settings
 PATH_KEYS = {"path", "limit"}  # a dataset file's
-DATASET_KEYS = {"name", "validate"} | GENERATOR_KEYS | PATH_KEYS
+DATASET_KEYS = {"name", "validate", "scoring"} | GENERATOR_KEYS | PATH_KEYS
 # an experiment file's tables: [experiment] once, the others as arrays of tables
 TABLES = {"experiment": "[experiment]", "model": "[[model]]", "dataset": "[[dataset]]", "method": "[[method]]"}
 TINY_FAMILIES = ("llava", "llava-next")
@@ -125,6 +128,13 @@ def model_load_options(table: dict, device: str | None = None, dtype: str | None
         if dev.type != "cuda" or opts["dtype"] == "float32":
             raise TokencompError(f"model {name!r}: flash_attention_2 runs on CUDA in float16 or bfloat16 only")
     return opts
+
+
+def dataset_scoring(spec: dict) -> str:
+    """How a [[dataset]] table's answers are scored (`tokencomp.metrics.answer_score`): its
+    ``scoring`` key, else ``"exact"`` for a generated tc-scenes split (its answers include the
+    letter ``a``, an article to lmms-eval's normalisation) and ``"vqa"`` for a file."""
+    return spec.get("scoring", "exact" if "generator" in spec else "vqa")
 
 
 def canonical_device(device: str | torch.device) -> str:
@@ -319,6 +329,8 @@ def load_experiment(
             raise TokencompError(f"two [[dataset]] tables are named {d['name']!r}")
         if "limit" in d:
             _count(f"{where}: limit", d["limit"])
+        if dataset_scoring(d) not in SCORINGS:
+            raise TokencompError(f"{where}: scoring={d['scoring']!r} must be one of {list(SCORINGS)}")
         if d.get("validate", "full") not in JsonlDataset.VALIDATE:
             raise TokencompError(f"{where}: validate={d['validate']!r} must be one of {list(JsonlDataset.VALIDATE)}")
         kinds = [k for k in ("path", "generator") if k in d]

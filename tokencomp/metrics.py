@@ -1,5 +1,6 @@
-"""Answer metrics: normalised exact match, VQA soft accuracy, yes/no accuracy and F1, and
-bootstrap confidence intervals of accuracies and of paired differences."""
+"""Answer metrics: answer normalisation (lmms-eval's VQA processing, or a plainer one), exact
+match, VQA soft accuracy, yes/no accuracy and F1, and bootstrap confidence intervals of accuracies
+and of paired differences."""
 
 from __future__ import annotations
 
@@ -22,17 +23,84 @@ def normalize(text: str) -> str:
     return " ".join([w for w in words if w not in _ARTICLES] or words)
 
 
-def exact_match(prediction: str, answers: list[str]) -> float:
-    """1.0 if the normalised prediction equals any normalised reference answer."""
-    p = normalize(prediction)
-    return float(any(p == normalize(a) for a in answers))
+# English contractions, which the VQA answer processing restores when one apostrophe is missing
+_CONTRACTED = """
+ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
+he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll let's ma'am might've mightn't mightn't've
+must've mustn't needn't not've o'clock oughtn't 'ow's'at shan't she'd've she's should've shouldn't
+shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's
+something'd something'd've something'll that's there'd there'd've there're there's they'd they'd've
+they'll they're they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd
+where's where've who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't
+wouldn't've y'all y'all'd've y'all'll you'd you'd've you'll you're you've
+""".split()
+_RESTORE = {
+    form[:i] + form[i + 1 :]: form
+    for form in _CONTRACTED
+    for i, c in enumerate(form)
+    if c == "'" and form[:i] + form[i + 1 :] not in ("lets", "shes")  # words in their own right
+}
+_VQA_NUMBERS = {"none": "0", **_NUMBERS}
+_VQA_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
+_DIGIT_COMMA_DIGIT = re.compile(r"(?<=\d),+(?=\d)")
+_PERIOD = re.compile(r"\.(?!\d)")  # a period that is not a decimal point
 
 
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+def vqa_normalize(text: str) -> str:
+    """An answer as lmms-eval compares it on TextVQA, VizWiz and OK-VQA (the EvalAI / VQA answer
+    processing):
+
+    1. lower-case; drop ``,`` and ``?``; split ``'s`` off its word (``man's`` -> ``man 's``);
+       newlines and tabs to spaces;
+    2. each of ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !``: deleted where it touches a space
+       (or the text has digits joined by a comma), a space otherwise (``t-shirt`` -> ``t shirt``,
+       ``red - blue`` -> ``red blue``); then periods not followed by a digit are deleted (the
+       first 32: EvalAI's quirk), so ``3.5`` keeps its point;
+    3. per word: ``none``/``zero``..``ten`` to digits, articles ``a``/``an``/``the`` dropped (an
+       answer ``a`` becomes empty), a contraction missing one apostrophe restored (``dont`` ->
+       ``don't``; apostrophes are kept, unlike `normalize`).
+
+    Sentence answers are normalised, not shortened: ``"Yes, it is."`` becomes ``"yes it is"``,
+    which does not match ``"yes"`` (as in lmms-eval; the answer-format prompt
+    ``"Answer the question using a single word or phrase."`` asks a real checkpoint for short
+    answers). lmms-eval's VQAv2 task skips step 1's deletions (it differs on ``,``, ``?`` and
+    ``'s``). One difference from EvalAI: its table turns ``somebody'd`` into ``somebodyd``; here
+    it stays."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    glued = _DIGIT_COMMA_DIGIT.search(text) is not None
+    out = text
+    for p in _VQA_PUNCTUATION:
+        out = out.replace(p, "" if (p + " " in text or " " + p in text or glued) else " ")
+    out = _PERIOD.sub("", out, count=32)
+    words = [_VQA_NUMBERS.get(w, w) for w in out.split()]
+    return " ".join(_RESTORE.get(w, w) for w in words if w not in _ARTICLES)
+
+
+SCORINGS = ("vqa", "exact")  # how answers are normalised before they are compared
+
+
+def _normalizer(scoring: str):
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring={scoring!r} must be one of {list(SCORINGS)}")
+    return vqa_normalize if scoring == "vqa" else normalize
+
+
+def exact_match(prediction: str, answers: list[str], scoring: str = "exact") -> float:
+    """1.0 if the normalised prediction equals any normalised reference answer (``scoring``:
+    ``"exact"`` by `normalize`, ``"vqa"`` by `vqa_normalize`)."""
+    norm = _normalizer(scoring)
+    p = norm(prediction)
+    return float(any(p == norm(a) for a in answers))
+
+
+def vqa_accuracy(prediction: str, answers: list[str], scoring: str = "exact") -> float:
     """VQA soft accuracy: ``min(1, matches / 3)`` averaged over every leave-one-out subset of the
-    reference answers (the official VQA evaluation; with one reference it is exact match)."""
-    p = normalize(prediction)
-    refs = [normalize(a) for a in answers]
+    reference answers (the official VQA evaluation; with one reference it is exact match).
+    ``scoring`` as in `exact_match`."""
+    norm = _normalizer(scoring)
+    p = norm(prediction)
+    refs = [norm(a) for a in answers]
     if len(refs) < 2:
         return float(bool(refs) and p == refs[0])
     scores = [min(1.0, sum(r == p for r in subset) / 3) for subset in combinations(refs, len(refs) - 1)]
@@ -42,13 +110,15 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
 VQA_ANSWERS = 10  # VQAv2, TextVQA and VizWiz give ten human answers per question
 
 
-def answer_score(prediction: str, answers: list[str]) -> float:
+def answer_score(prediction: str, answers: list[str], scoring: str = "vqa") -> float:
     """The harness's score of one answer: VQA soft accuracy for a list of ten human answers (the
     VQA-style datasets), normalised exact match against any reference otherwise (one answer or a
-    few accepted synonyms, which soft accuracy would cap below 1)."""
+    few accepted synonyms, which soft accuracy would cap below 1; lmms-eval's soft accuracy would
+    give a single reference 0). ``scoring``: ``"vqa"`` (default) normalises both sides as lmms-eval
+    does (`vqa_normalize`), ``"exact"`` by the plainer `normalize` (all punctuation to spaces)."""
     if len(answers) >= VQA_ANSWERS:
-        return vqa_accuracy(prediction, answers)
-    return exact_match(prediction, answers)
+        return vqa_accuracy(prediction, answers, scoring)
+    return exact_match(prediction, answers, scoring)
 
 
 def scores_by_type(rows: list[dict]) -> dict[str, float]:

@@ -50,6 +50,7 @@ from .experiment import (
     Cell,
     Experiment,
     canonical_device,
+    dataset_scoring,
     load_experiment,
     read_text,
 )
@@ -689,6 +690,7 @@ def _predict(exp, model: Model, data: JsonlDataset, engine: Engine, path: Path, 
     s = exp.settings
     torch.manual_seed(s["seed"])
     template = s["template"] or model.family
+    scoring = dataset_scoring(exp.datasets[data.name])
     bs = s["batch_size"]
     tok = model.tokenizer
     batches = [data.samples[i : i + bs] for i in range(0, len(data.samples), bs)]
@@ -722,7 +724,7 @@ def _predict(exp, model: Model, data: JsonlDataset, engine: Engine, path: Path, 
                     "question": x.question,
                     "answers": x.answers,
                     "prediction": text,
-                    "score": answer_score(text, x.answers),
+                    "score": answer_score(text, x.answers, scoring),
                     "visual_tokens_llm": pre.record.visual_tokens_llm[b],
                     "tokens_per_layer": pre.record.tokens_per_layer[b],
                     "visual_per_layer": pre.record.visual_per_layer[b],
@@ -778,6 +780,7 @@ def _summarise(exp, cell: Cell, model: Model, data: JsonlDataset, engine: Engine
         "samples": n,
         "skipped": skipped,  # samples of a lazily validated dataset whose image failed (not scored)
         "accuracy": mean("score"),
+        "scoring": dataset_scoring(exp.datasets[cell.dataset]),  # how answers were normalised
         "accuracy_ci95": list(mean_ci([r["score"] for r in rows])),  # bootstrap over the samples
         "accuracy_by_type": scores_by_type(rows),
         "yes_no": yes_no_scores([r["prediction"] for r in yn], [r["answers"][0] for r in yn]) if yn else None,
