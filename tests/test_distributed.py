@@ -169,6 +169,27 @@ def test_two_processes_equal_one_and_resume_after_one_is_killed(tmp_path):
     _same_run(one, three)
 
 
+@pytest.mark.slow
+def test_accelerate_launch_equals_one_process(tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2 -m tokencomp.cli compare`` makes the run a
+    single process makes. (accelerate starts the processes through torchrun's agent; on a CPU
+    machine it needs ``--multi_gpu`` to start more than one: with ``--cpu`` it starts one.)"""
+    pytest.importorskip("accelerate")
+    exp = _experiment(tmp_path, 8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher in [
+        ("one", []),
+        ("two", ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]),
+    ]:
+        runs[name] = tmp_path / name
+        cmd = [sys.executable, *launcher, "-m", "tokencomp.cli", "compare", str(exp), "--out", str(runs[name])]
+        done = subprocess.run([*cmd, "--no-report"], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert ("data-parallel: 2 processes" in done.stderr) == (name == "two"), done.stderr
+    _same_run(runs["one"], runs["two"])
+
+
 def test_parts_are_found_for_any_label(tmp_path):
     """A cell label may hold glob characters ([, *, ?): its parts are found by name, not pattern."""
     (tmp_path / "predictions").mkdir()

@@ -211,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
 
             exp = load_experiment(args.experiment, args.out, device=args.device, dtype=args.dtype)
             procs = launched()  # one process, or one of a torchrun / accelerate launch
+            if procs.main and procs.world > 1:
+                print(
+                    f"data-parallel: {procs.world} processes, each running every {procs.world}-th batch",
+                    file=sys.stderr,
+                )
             try:
                 results = run_experiment(
                     exp, progress=procs.main, side_by_side=not args.per_cell_latency, processes=procs
