@@ -398,3 +398,22 @@ def test_a_method_labelled_identity_is_not_the_reference(tmp_path):
     run_experiment(load_experiment(path, tmp_path / "run"), progress=False, side_by_side=False)
     (row,) = read_rows(tmp_path / "run" / "results.jsonl")
     assert row["method"] == "identity" and "delta_vs_identity" not in row
+
+
+def test_a_truncated_image_is_refused_whatever_pil_was_told(tmp_path, data, monkeypatch):
+    """lmms-eval's task module turns PIL's LOAD_TRUNCATED_IMAGES on for the whole process (a test
+    that imported it made the bad-rows test above pass a cut PNG); validation, loading and
+    `tc.prepare` still refuse a truncated file, and leave the flag as they found it."""
+    from PIL import ImageFile
+
+    from tokencomp.data import check_image, load_rgb
+
+    good = data.parent / json.loads(data.read_text().splitlines()[0])["image"]
+    cut = data.parent / "cut.png"
+    cut.write_bytes(good.read_bytes()[:200])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    assert "does not decode" in check_image(cut)
+    with pytest.raises(OSError):
+        load_rgb(cut)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    assert load_rgb(good).mode == "RGB"

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data import check_image
+from .data import check_image, load_rgb
 from .engine import Batch, Engine, EngineOptions, PrefillOutput
 from .errors import InputMismatchError
 from .model import Model
@@ -85,8 +85,7 @@ def _image(image, where: str):
         if problem:
             raise InputMismatchError(f"{where}: {problem}")
         try:  # one full decode, which finds a truncated file
-            with Image.open(image) as im:
-                return im.convert("RGB")
+            return load_rgb(image)
         except Exception as e:  # PIL raises many kinds
             raise InputMismatchError(f"{where}: image {str(image)!r} does not decode: {type(e).__name__}: {e}") from e
     shape = getattr(image, "shape", None)

@@ -113,9 +113,8 @@ def _load_arguments(parser: argparse.ArgumentParser, note: str = "") -> None:
 
 
 def _generate(args) -> int:
-    from PIL import Image
-
     import tokencomp as tc
+    from tokencomp.data import load_rgb
 
     params = dict(args.param)
     if args.budget is not None:
@@ -134,7 +133,7 @@ def _generate(args) -> int:
 
     opts = model_load_options({"name": args.model}, args.device, args.dtype)  # checked before loading
     model = tc.load_model(args.model, device=opts["device"], dtype=DTYPES[opts["dtype"]])
-    images = [Image.open(p).convert("RGB") for p in args.image]
+    images = [load_rgb(p) for p in args.image]
     token = getattr(model.processor, "image_token", "<image>")
     prompt = args.prompt
     if token not in prompt:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 from .errors import TokencompError
 
@@ -58,7 +59,8 @@ class Sample:
     extra: dict = field(default_factory=dict)
 
     def load_image(self) -> Image.Image:
-        return Image.open(self.image).convert("RGB")
+        """The image, decoded whole (`load_rgb`)."""
+        return load_rgb(self.image)
 
     def try_image(self) -> tuple[Image.Image | None, str | None]:
         """``(image, None)``, or ``(None, what went wrong)`` for an image that does not load (a
@@ -123,6 +125,25 @@ def write_atomic(path: str | Path, text: str | bytes) -> None:
 MAX_LISTED = 20  # bad rows listed in one error
 
 
+@contextmanager
+def whole_images():
+    """PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` off while a file decodes, restored after: a library
+    imported beside tokencomp may turn it on for the process (lmms-eval's task module does), and a
+    truncated file would then load with its missing rows filled in, silently."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """An image file decoded whole as RGB; a truncated or corrupt file raises (PIL's error)."""
+    with whole_images(), Image.open(path) as im:
+        return im.convert("RGB")
+
+
 def check_image(path: Path, decode: bool = True) -> str | None:
     """What is wrong with an image file, or None: missing, a directory, not an image, or (with
     ``decode``, a full decode) truncated or corrupt."""
@@ -131,7 +152,7 @@ def check_image(path: Path, decode: bool = True) -> str | None:
     if not path.is_file():
         return f"image {str(path)!r} is not a file"
     try:
-        with Image.open(path) as im:
+        with whole_images(), Image.open(path) as im:
             if decode:
                 im.load()
     except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError...)
