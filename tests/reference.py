@@ -271,3 +271,45 @@ def _cluster_and_merge(x: torch.Tensor, cluster_num: int) -> torch.Tensor:
     idx_cluster[index_down] = torch.arange(cluster_num)
     all_weight = torch.zeros(cluster_num).index_add_(0, idx_cluster, torch.ones(N)) + 1e-6
     return torch.zeros(cluster_num, C).index_add_(0, idx_cluster, x / all_weight[idx_cluster][:, None])
+
+
+def divprune_reference(hf, inputs: dict, image_token_id: int, steps: int, budget=None, ratio=None):
+    """DivPrune on one unpadded sample, as its authors' loop does it on the input embeddings the
+    HF model builds (the image span: every image-token position, NeXT newlines included): the
+    cosine-distance matrix, the first pick by the largest second-smallest column entry, then the
+    chosen rows' column minima; the kept sequence runs through every layer with positions
+    0..k-1 (no cache: each greedy step recomputes the whole shortened prompt).
+
+    Returns (kept original indices, prefill last logits, greedy tokens)."""
+    with torch.no_grad():
+        out = hf(**inputs, output_hidden_states=True)
+        x0 = out.hidden_states[0]
+        ids = inputs["input_ids"][0]
+        img = (ids == image_token_id).nonzero().flatten()
+        v = x0[0, img]
+        n = len(img)
+        terms = int(round(ratio * n)) if ratio is not None else min(budget, n)
+        unit = v / v.norm(dim=1, keepdim=True)
+        dist = 1.0 - torch.mm(unit, unit.t())
+        chosen = []
+        for i in range(terms):
+            if i == 0:
+                scores = torch.topk(dist, 2, dim=0, largest=False).values[1, :]
+            else:
+                scores = torch.min(dist[torch.tensor(chosen)], dim=0).values
+            chosen.append(int(torch.argmax(scores)))
+        keep = torch.ones(len(ids), dtype=torch.bool)
+        keep[img] = False
+        keep[img[torch.tensor(chosen, dtype=torch.long)]] = True
+        kept = keep.nonzero().flatten()
+        lm = hf.model.language_model
+        L = len(lm.layers)
+        x = x0[:, kept]
+        tokens, first = [], None
+        for _ in range(steps):
+            h = run_layers(hf, x, torch.arange(x.shape[1])[None], range(L))
+            logits = logits_last(hf, h)
+            first = logits if first is None else first
+            tokens.append(int(logits.argmax(-1)))
+            x = torch.cat([x, lm.embed_tokens(torch.tensor([tokens[-1:]]))], dim=1)
+    return kept, first, tokens

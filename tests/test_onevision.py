@@ -140,7 +140,7 @@ def test_fastv_and_a_frozen_layer_match_references(model, images):
         torch.testing.assert_close(frozen.logits, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", [None, "fastv", "freeze", "visionzip", "globalcom2", "pool"])
+@pytest.mark.parametrize("method", [None, "fastv", "freeze", "visionzip", "globalcom2", "pool", "divprune"])
 def test_analytic_flops_match_flop_counter(method, images):
     """The profiler counts OneVision exactly (SigLIP tower without CLS, the projector on every view,
     the decoder over the resized prompt): equal to torch's FlopCounterMode under eager attention.
@@ -160,6 +160,7 @@ def test_analytic_flops_match_flop_counter(method, images):
         "visionzip": tc.method("visionzip", dominant=12, contextual=4),
         "globalcom2": tc.method("globalcom2", ratio=0.3),
         "pool": tc.method("pool", budget=9),
+        "divprune": tc.method("divprune", budget=20),
     }
     engine = tc.Engine(eager, strat[method])
     for i in (0, 2):
@@ -374,13 +375,13 @@ def test_a_vision_method_on_several_images_per_prompt_and_in_a_batch(model, imag
         assert alone.record.tokens_per_view[0] == pre.record.tokens_per_view[b]
 
 
-@pytest.mark.parametrize("method", ["pdrop", "dart", "sparsevlm"])
+@pytest.mark.parametrize("method", ["pdrop", "dart", "sparsevlm", "divprune"])
 def test_in_llm_methods_match_their_references(model, images, method):
-    """PyramidDrop, DART and SparseVLM on OneVision prompts (one resized) against the references the
+    """PyramidDrop, DART, SparseVLM and DivPrune on OneVision prompts (one resized) against the references the
     other families use (tests/reference.py: the unmodified Hugging Face modules, loops)."""
     import copy
 
-    from reference import dart_reference, pdrop_reference, sparsevlm_reference
+    from reference import dart_reference, divprune_reference, pdrop_reference, sparsevlm_reference
 
     hf = copy.deepcopy(model.hf)  # DART compares final-normed states: a non-uniform norm weight
     with torch.no_grad():
@@ -397,6 +398,9 @@ def test_in_llm_methods_match_their_references(model, images, method):
         elif method == "dart":
             strat = tc.method("dart", k=1, budget=20, pivot_image=3, pivot_text=2, count="exact")
             kept, ref_logits, ref_tokens = dart_reference(hf, inputs, token, 1, 20, (3, 2), steps=4, exact=True)
+        elif method == "divprune":
+            strat = tc.method("divprune", ratio=0.3)
+            kept, ref_logits, ref_tokens = divprune_reference(hf, inputs, token, steps=4, ratio=0.3)
         else:
             strat = tc.method("sparsevlm", counts=(30, 8), layers=(0, 1))
             ref_logits, ref_tokens, per_stage = sparsevlm_reference(hf, inputs, token, (0, 1), (30, 8), steps=4)

@@ -167,7 +167,7 @@ class Engine(VisionStage, SequenceStage, DecoderStage, CaptureStage, FrozenStage
         self.prune_at: dict[int, list[LayerStrategy]] = {}
         for s in self.layer_strategies:
             for lay in s.prune_layers(L):
-                check_int(f"{s}: prune before layer", lay, 1, L - 1)
+                check_int(f"{s}: prune before layer", lay, s.first_prune_layer, L - 1)
                 self.prune_at.setdefault(lay, []).append(s)
             contiguous = "contiguous" in (self.options.llm_positions, getattr(s, "llm_positions", None))
             if hasattr(s, "recycle_tokens") and not contiguous:

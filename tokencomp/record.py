@@ -24,6 +24,8 @@ class RunRecord:
             and LLaVA-NeXT newlines included: what the layer's FLOPs see).
         image_per_layer: ``[sample][layer]`` visual tokens present in each layer, newlines not
             counted (comparable with ``visual_tokens_llm``).
+        span_tokens: ``[sample][image]`` each image's span entering the decoder: its visual and
+            newline tokens after any vision-stage method.
         frozen_layers: decoder layers in which image tokens were frozen.
         frozen_text_layers: decoder layers in which text tokens were frozen (layer-contribution probes).
         vision_layers_run: vision encoder layers the engine ran whole (it stops at the last one needed).
@@ -60,6 +62,7 @@ class RunRecord:
     projected_tokens: list[int] = field(default_factory=list)
     view_shares: list[list[list[float]]] = field(default_factory=list)
     image_per_layer: list[list[int]] = field(default_factory=list)
+    span_tokens: list[list[int]] = field(default_factory=list)
     frozen_layers: list[int] = field(default_factory=list)
     frozen_text_layers: list[int] = field(default_factory=list)
     vision_layers_run: int = 0

@@ -403,6 +403,8 @@ class LayerContext:
         final_norm: the decoder's final norm module (``model.norm``), for methods that compare
             hidden states in the space the LM head reads (DART).
         backend: token-kernel backend of this run (pass it to `tokencomp.kernels` calls).
+        image: ``(B, n)`` long, the index within its sample of the image each image-span token
+            belongs to (-1 for text), for methods that choose per image.
     """
 
     layer: int
@@ -416,6 +418,7 @@ class LayerContext:
     input_image_count: torch.Tensor | None = None
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     backend: str = "auto"
+    image: torch.Tensor | None = None
 
     @property
     def image_mask(self) -> torch.Tensor:
@@ -498,6 +501,9 @@ class LayerStrategy(Strategy):
     """
 
     stage: ClassVar[str] = "layer"
+    # the earliest layer `keep` may run before: 1 where it scores with an earlier layer's captures,
+    # 0 for a strategy that chooses from the LLM's input embeddings (DivPrune)
+    first_prune_layer: ClassVar[int] = 1
 
     def prune_layers(self, num_layers: int) -> list[int]:
         """Decoder layers before which `keep` runs, for a decoder of ``num_layers`` layers."""

@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401
     dart,
+    divprune,
     fastv,
     freeze,
     globalcom2,

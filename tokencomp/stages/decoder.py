@@ -195,7 +195,13 @@ class DecoderStage:
             image[:, i] = (state.valid & (state.kind == VISUAL)).sum(1)
         h = m.norm(state.hidden if all_logits else state.hidden[:, -1])
         logits = m.lm_head(h).float()
-        per_layer = torch.stack([tokens, visual, image]).tolist()  # one read, once everything is queued
+        # per image, its image-span tokens entering the decoder
+        most = max(1, max((len(s) for s in spans), default=0))
+        entered = input_state.valid & (input_state.kind >= VISUAL)
+        per_image = tokens.new_zeros(bsz, most).scatter_add_(1, input_state.image.clamp(min=0), entered.long())
+        read = torch.cat([torch.stack([tokens, visual, image]).flatten(), per_image.flatten()]).tolist()  # one read
+        per_layer = [[read[(k * bsz + b) * L : (k * bsz + b + 1) * L] for b in range(bsz)] for k in range(3)]
+        per_image = read[3 * bsz * L :]
         record = RunRecord(
             method=[str(s) for s in self.strategies] or ["identity"],
             visual_tokens_in=[sum(c for _, c in s) for s in spans],
@@ -206,6 +212,7 @@ class DecoderStage:
             tokens_per_layer=per_layer[0],
             visual_per_layer=per_layer[1],
             image_per_layer=per_layer[2],
+            span_tokens=[per_image[b * most : b * most + len(spans[b])] for b in range(bsz)],
             frozen_layers=sorted(k for k, v in self.frozen.items() if v == "visual"),
             frozen_text_layers=sorted(k for k, v in self.frozen.items() if v == "text"),
             vision_layers_run=self.vision_layers_run - self.vision_qk_layers,
@@ -234,6 +241,7 @@ class DecoderStage:
             input_image_count=input_images,
             final_norm=self.model.norm,
             backend=self.options.kernel_backend,
+            image=state.image,
         )
 
     def _prune(self, state: SeqState, layer: int, scores, input_images: torch.Tensor) -> tuple[SeqState, bool]:
