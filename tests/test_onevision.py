@@ -140,7 +140,9 @@ def test_fastv_and_a_frozen_layer_match_references(model, images):
         torch.testing.assert_close(frozen.logits, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", [None, "fastv", "freeze", "visionzip", "globalcom2", "pool", "divprune"])
+@pytest.mark.parametrize(
+    "method", [None, "fastv", "freeze", "visionzip", "globalcom2", "pool", "divprune", "vispruner"]
+)
 def test_analytic_flops_match_flop_counter(method, images):
     """The profiler counts OneVision exactly (SigLIP tower without CLS, the projector on every view,
     the decoder over the resized prompt): equal to torch's FlopCounterMode under eager attention.
@@ -161,6 +163,7 @@ def test_analytic_flops_match_flop_counter(method, images):
         "globalcom2": tc.method("globalcom2", ratio=0.3),
         "pool": tc.method("pool", budget=9),
         "divprune": tc.method("divprune", budget=20),
+        "vispruner": tc.method("vispruner", budget=20, important_ratio=0.5),
     }
     engine = tc.Engine(eager, strat[method])
     for i in (0, 2):
@@ -453,3 +456,30 @@ def test_7b_shapes_equal_a_hand_count():
         record, report, hand = script.profiled(model, size, text=64)
         assert (len(record.tokens_per_view[0][0]), record.visual_tokens_in[0]) == (views, visual)
         assert report.prefill == hand["prefill"] > 0
+
+
+@pytest.mark.parametrize("budget,ratio", [(12, 0.5), (20, 0.25)])
+def test_vispruner_matches_a_reference_with_scaled_crop_budgets(model, images, budget, ratio):
+    """VisPruner without CLS (the attention each patch receives, averaged over query rows and heads,
+    eager), each crop of a resized image keeping round(budget s), split by the same ratio; crops
+    keep what falls in the unpadded window."""
+    from conftest import eager_copy
+    from test_vispruner import _kept_per_view, vispruner_view
+    from vision_reference import eager_tower, tower_views
+
+    batch = tc.prepare(model, images, PROMPTS)
+    pre = tc.Engine(model, tc.method("vispruner", budget=budget, important_ratio=ratio)).prefill(batch)
+    hidden, attn, _ = eager_tower(eager_copy(model), tower_views(model, batch), -2)
+    v = 0
+    for b, im in enumerate(images):
+        size = (im.size[1], im.size[0])
+        (rows, cols), _, _ = _crop_grids(model, size)
+        crop = max(1, _half_up(budget * _share(model, size)))
+        valid = model.crop_valid(size)
+        got = _kept_per_view(pre, b)
+        for j, t in enumerate([budget] + [crop] * (rows * cols)):
+            want = vispruner_view(attn[v + j].mean(1).mean(0), hidden[v + j], t, ratio)
+            if j:
+                want = [p for p in want if bool(valid[j - 1, p])]
+            assert got.get(j, []) == want, (b, j)
+        v += 1 + rows * cols

@@ -15,4 +15,5 @@ from . import (  # noqa: F401
     shortv,
     sparsevlm,
     visionzip,
+    vispruner,
 )
