@@ -38,11 +38,10 @@ METHODS = {
     "prumerge+": lambda: tc.method("prumerge+"),
     "globalcom2": lambda: tc.method("globalcom2", ratio=0.4),
     "dart": lambda: tc.method("dart", budget=12, pivot_image=2, pivot_text=2),
-    "divprune": lambda: tc.method("divprune", budget=9),
-    "vispruner": lambda: tc.method(
-        "vispruner", budget=11, important_ratio=0.3
-    ),  # its removal rounds' cosines  # its cosine matrix per image, before layer 0
+    "divprune": lambda: tc.method("divprune", budget=9),  # its cosine matrix per image, before layer 0
+    "vispruner": lambda: tc.method("vispruner", budget=11, important_ratio=0.3),  # removal rounds' cosines
     "sparsevlm": lambda: tc.method("sparsevlm", counts=(20, 8), layers=(0, 2)),
+    "hired": lambda: tc.method("hired", ratio=0.3),  # CLS rows at two layers, charged by the profiler
     "compose": lambda: [tc.method("visionzip", budget=12), tc.method("fastv", k=1), tc.method("freeze", layers=(3,))],
 }
 

@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     freeze,
     globalcom2,
     gsearch,
+    hired,
     identity,
     pdrop,
     pooling,
