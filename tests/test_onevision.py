@@ -141,7 +141,7 @@ def test_fastv_and_a_frozen_layer_match_references(model, images):
 
 
 @pytest.mark.parametrize(
-    "method", [None, "fastv", "freeze", "visionzip", "globalcom2", "pool", "divprune", "vispruner"]
+    "method", [None, "fastv", "freeze", "visionzip", "globalcom2", "pool", "divprune", "vispruner", "tome"]
 )
 def test_analytic_flops_match_flop_counter(method, images):
     """The profiler counts OneVision exactly (SigLIP tower without CLS, the projector on every view,
@@ -164,6 +164,7 @@ def test_analytic_flops_match_flop_counter(method, images):
         "pool": tc.method("pool", budget=9),
         "divprune": tc.method("divprune", budget=20),
         "vispruner": tc.method("vispruner", budget=20, important_ratio=0.5),
+        "tome": tc.method("tome", budget=10),
     }
     engine = tc.Engine(eager, strat[method])
     for i in (0, 2):
@@ -483,3 +484,20 @@ def test_vispruner_matches_a_reference_with_scaled_crop_budgets(model, images, b
                 want = [p for p in want if bool(valid[j - 1, p])]
             assert got.get(j, []) == want, (b, j)
         v += 1 + rows * cols
+
+
+def test_tome_merges_every_view_as_the_reference(model, images):
+    """ToMe without CLS (SigLIP): each view's merged tokens as the released steps make them on the
+    unmodified tower modules, the thumbnail's then the crops', no newline (crops of a resized
+    image keep as many as the others: one r per layer)."""
+    from test_tome import tome_features
+    from vision_reference import tower_views
+
+    for i in (0, 2):
+        batch = tc.prepare(model, [images[i]], [PROMPTS[i]])
+        pre = tc.Engine(model, tc.method("tome", budget=10)).prefill(batch)
+        with torch.no_grad():
+            ref = model.projector(tome_features(model, tower_views(model, batch), 10).flatten(0, 1))
+        lay = pre.input_state.layout(0)
+        got = pre.input_state.hidden[0][pre.input_state.valid[0]][lay["kind"] == VISUAL]
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)

@@ -58,6 +58,7 @@ from .strategy import (
     Need,
     RunInfo,
     Strategy,
+    TowerStrategy,
     VisionStrategy,
     check_int,
 )
@@ -117,13 +118,15 @@ class Batch:
         )
 
 
-def split_strategies(strategies) -> tuple[VisionStrategy | None, list[LayerStrategy], list[FreezeStrategy]]:
-    """Normalise ``None``, one strategy or a list into (vision, layer list, freeze list)."""
+def split_strategies(
+    strategies,
+) -> tuple[TowerStrategy | None, VisionStrategy | None, list[LayerStrategy], list[FreezeStrategy]]:
+    """Normalise ``None``, one strategy or a list into (tower, vision, layer list, freeze list)."""
     if strategies is None:
         strategies = []
     elif isinstance(strategies, (Strategy, str, type, dict)):
         strategies = [strategies]
-    vision, layer, freeze = [], [], []
+    tower, vision, layer, freeze = [], [], [], []
     for s in strategies:
         if not isinstance(s, Strategy):
             hint = ""
@@ -132,13 +135,20 @@ def split_strategies(strategies) -> tuple[VisionStrategy | None, list[LayerStrat
             elif isinstance(s, type):
                 hint = f"; {s.__name__} is a class: pass an instance, e.g. {s.__name__}(...)"
             raise TokencompError(f"expected a tokencomp strategy, got {type(s).__name__}: {s!r}{hint}")
-        stages = {"vision": vision, "layer": layer, "freeze": freeze}
+        stages = {"tower": tower, "vision": vision, "layer": layer, "freeze": freeze}
         if s.stage not in stages:
             raise TokencompError(f"strategy {s} has unknown stage {s.stage!r}; expected one of {sorted(stages)}")
         stages[s.stage].append(s)
     if len(vision) > 1:
         raise TokencompError(f"at most one vision strategy per run, got {[str(v) for v in vision]}")
-    return (vision[0] if vision else None), layer, freeze
+    if len(tower) > 1:
+        raise TokencompError(f"at most one tower strategy per run, got {[str(t) for t in tower]}")
+    if tower and vision:
+        raise TokencompError(
+            f"{tower[0]} reduces the tokens inside the vision tower, so {vision[0]} would see tokens that "
+            "are no longer patches: compose a tower strategy with layer and freeze strategies only"
+        )
+    return (tower[0] if tower else None), (vision[0] if vision else None), layer, freeze
 
 
 class Engine(VisionStage, SequenceStage, DecoderStage, CaptureStage, FrozenStage, DecodingStage):
@@ -160,8 +170,9 @@ class Engine(VisionStage, SequenceStage, DecoderStage, CaptureStage, FrozenStage
     def __init__(self, model: Model, strategies=None, options: EngineOptions | None = None) -> None:
         self.model = model
         self.options = options or EngineOptions()
-        self.vision, self.layer_strategies, self.freeze = split_strategies(strategies)
-        self.strategies = ([self.vision] if self.vision else []) + self.layer_strategies + self.freeze
+        self.tower, self.vision, self.layer_strategies, self.freeze = split_strategies(strategies)
+        front = [s for s in (self.tower, self.vision) if s is not None]
+        self.strategies = front + self.layer_strategies + self.freeze
         L = model.num_layers
         # the layers a user names first (FastV's k): a capture layer derived from one would be a worse message
         self.prune_at: dict[int, list[LayerStrategy]] = {}
@@ -216,6 +227,16 @@ class Engine(VisionStage, SequenceStage, DecoderStage, CaptureStage, FrozenStage
             self.vision_qk_queries = None
         else:
             self.vision_qk_queries = 1 if at_qk & set(CLS_NEEDS) else 0
+        self.tower_layers: list[int] = []  # encoder layers inside which the tower strategy reduces
+        if self.tower is not None:
+            if len(self.feature_hidden) > 1:
+                raise UnsupportedModelError(
+                    f"{self.tower} reduces tokens inside the tower, but this model concatenates the features of "
+                    f"{len(self.feature_hidden)} layers, which would then differ in length"
+                )
+            for lay in self.tower.reduce_layers(self.vision_layers_run):
+                check_int(f"{self.tower}: reduce inside encoder layer", lay, 0, self.vision_layers_run - 1)
+            self.tower_layers = sorted(set(self.tower.reduce_layers(self.vision_layers_run)))
         self.decoder_captures = sorted(
             {
                 (n.layer, n.kind.rsplit("_", 1)[1], n.kind in PREPRUNE_NEEDS)

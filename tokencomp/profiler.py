@@ -120,12 +120,15 @@ class VisionShape:
         q = self.tokens if queries is None else queries
         return float(2 * (q + self.tokens) * self.hidden * self.hidden)
 
-    def tower(self, views: int, layers_run: int) -> float:
-        """Patch embedding plus ``layers_run`` encoder layers over ``views`` views."""
-        n, d = self.tokens, self.hidden
+    def tower(self, views: int, layers_run: int, layer_tokens: list[list[int]] | None = None) -> float:
+        """Patch embedding plus ``layers_run`` encoder layers over ``views`` views; ``layer_tokens``:
+        per layer, the tokens per view into its attention (q/k/v, output projection, the maps) and
+        into its MLP, where a tower strategy reduced them (None or empty: every token)."""
+        d = self.hidden
         conv = 2 * self.patches * self.channels * self.patch_size**2 * d
-        layer = 2 * n * d * d * 4 + 4 * n * n * d + 2 * n * d * self.intermediate * 2
-        return float(views * (conv + layers_run * layer))
+        counts = layer_tokens or [[self.tokens, self.tokens]] * layers_run
+        layers = sum(2 * a * d * d * 4 + 4 * a * a * d + 2 * m * d * self.intermediate * 2 for a, m in counts)
+        return float(views * (conv + layers))
 
 
 @dataclass
@@ -224,7 +227,7 @@ def run_flops(model, record: RunRecord, strategies=()) -> list[FlopsReport]:
                 decode.append(sum(dec.layer(1, kv_len=k) for k in kv) + dec.lm_head())
         reports.append(
             FlopsReport(
-                vision=vis.tower(views, record.vision_layers_run)
+                vision=vis.tower(views, record.vision_layers_run, record.vision_layer_tokens)
                 + views * record.vision_qk_layers * vis.qk_only(record.vision_qk_queries),
                 projector=float(2 * projected * (proj_in * dec.hidden + dec.hidden * dec.hidden)),
                 prefill_layers=layers,

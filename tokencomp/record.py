@@ -29,6 +29,8 @@ class RunRecord:
         frozen_layers: decoder layers in which image tokens were frozen.
         frozen_text_layers: decoder layers in which text tokens were frozen (layer-contribution probes).
         vision_layers_run: vision encoder layers the engine ran whole (it stops at the last one needed).
+        vision_layer_tokens: per encoder layer run, ``[into its attention, into its MLP]`` tokens per
+            view, where a tower strategy reduced them (empty: every layer ran on every token).
         vision_qk_layers: vision layers after those of which only the norm and the q/k projections
             ran (a capture layer past the last feature layer).
         vision_qk_queries: query rows per view that such a layer projected (1: the CLS row's alone,
@@ -66,6 +68,7 @@ class RunRecord:
     frozen_layers: list[int] = field(default_factory=list)
     frozen_text_layers: list[int] = field(default_factory=list)
     vision_layers_run: int = 0
+    vision_layer_tokens: list[list[int]] = field(default_factory=list)
     vision_capture_layers: int = 0
     vision_cls_layers: int = 0
     vision_mean_layers: int = 0

@@ -1,5 +1,7 @@
-"""The strategy API: three stages, each a small dataclass the engine applies.
+"""The strategy API: four stages, each a small dataclass the engine applies.
 
+* `TowerStrategy` (inside the vision tower): in chosen encoder layers, merges or drops tokens
+  between the attention and the MLP, so that later layers run on fewer (ToMe).
 * `VisionStrategy` (before the LLM): selects or merges the patch tokens of every view
   (the LLaVA-1.5 image; the LLaVA-NeXT thumbnail and each crop).
 * `LayerStrategy` (inside the LLM): before chosen decoder layers, drops visual tokens, usually
@@ -175,6 +177,62 @@ class Strategy:
     def __str__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{self.label}({args})"
+
+
+# ----------------------------------------------------------------------------------------------
+# tower stage
+
+
+@dataclass
+class TowerContext:
+    """The tokens of every view inside encoder layer ``layer``, after its attention (residual
+    added), before its MLP: what a `TowerStrategy` reduces.
+
+    Attributes:
+        layer: the encoder layer (0-based).
+        hidden: ``(V, n, d_v)`` hidden states (CLS first where the tower has one).
+        keys: ``(V, n, d_head)`` this layer's key projections averaged over heads (ToMe's metric).
+        size: ``(V, n)`` float32, how many patches (or the CLS token) each token stands for.
+        has_cls: whether token 0 of each view is the CLS token (keep it: LLaVA drops it last).
+        layers_left: the layers `TowerStrategy.reduce` runs in from this one on (this one included).
+        backend: token-kernel backend of this run.
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    keys: torch.Tensor
+    size: torch.Tensor
+    has_cls: bool
+    layers_left: int = 1
+    backend: str = "auto"
+
+
+class TowerStrategy(Strategy):
+    """Reduce the vision tower's tokens inside chosen encoder layers (between attention and MLP).
+
+    Implement ``reduce_layers(layers_run) -> list[int]`` (encoder layers, 0-based, below
+    ``layers_run``, the layers the tower runs up to the projector's feature layer) and
+    ``reduce(ctx) -> (hidden (V, n', d_v), size (V, n'))``, every view keeping the same ``n'``.
+    The engine carries ``size`` on; with ``proportional = True`` (class attribute) every later
+    attention adds ``log(size)`` of each key to its logits (ToMe's proportional attention). The
+    tokens reaching the projector have no source patch: LLaVA-NeXT crops' tokens follow one
+    another, crop by crop, without newline tokens. A tower strategy does not compose with a vision
+    strategy (which would see tokens that are no longer patches); layer and freeze strategies
+    compose with it.
+    """
+
+    stage: ClassVar[str] = "tower"
+    proportional: ClassVar[bool] = True
+    newline: ClassVar[str] = "drop"
+    unpad: ClassVar[bool] = False
+
+    def reduce_layers(self, layers_run: int) -> list[int]:
+        """Encoder layers inside which `reduce` runs, of the ``layers_run`` the tower runs."""
+        raise NotImplementedError
+
+    def reduce(self, ctx: TowerContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden (V, n', d_v), size (V, n'))``: the tokens after this layer's reduction."""
+        raise NotImplementedError
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from . import (  # noqa: F401
     random_prune,
     shortv,
     sparsevlm,
+    tome,
     visionzip,
     vispruner,
 )

@@ -216,6 +216,7 @@ class DecoderStage:
             frozen_layers=sorted(k for k, v in self.frozen.items() if v == "visual"),
             frozen_text_layers=sorted(k for k, v in self.frozen.items() if v == "text"),
             vision_layers_run=self.vision_layers_run - self.vision_qk_layers,
+            vision_layer_tokens=images[0]["layer_tokens"] if images else [],
             vision_qk_layers=self.vision_qk_layers,
             vision_qk_queries=self.vision_qk_queries,
             vision_capture_layers=len(self.vision_capture_layers),

@@ -60,7 +60,7 @@ class VisionStage:
         dev = m.device
         given = torch.cat(pix)  # as the processor made them (float32, on the host)
         pixel = given.to(dev, m.vision_model.embeddings.patch_embedding.weight.dtype)
-        feats, captures = self._vision_tower(pixel)
+        feats, captures, layer_tokens = self._vision_tower(pixel)
         # the views' bookkeeping in one upload (each upload waits for the copy)
         meta = torch.cat([torch.tensor([role, image, key]).flatten(), torch.cat(valid).flatten().long()]).to(dev)
         nv = len(role)
@@ -79,7 +79,15 @@ class VisionStage:
             pixels=given,
             share=share,
         )
-        if self.vision is None:
+        if self.tower is not None:  # merged inside the tower: tokens without a source patch or grid
+            k = view.features.shape[1]
+            out = ViewTokens(
+                features=view.features,
+                index=torch.full((nv, k), -1, device=dev),
+                count=torch.full((nv,), k, device=dev),
+            )
+            counts = [k] * nv
+        elif self.vision is None:
             n = m.patches_per_view
             out = ViewTokens(
                 features=view.features,
@@ -97,6 +105,7 @@ class VisionStage:
             rows = range(first, first + views_of[i])
             tok = m.layout.assemble(out, projected, rows, counts, sizes[i], crop_grid[i], self)
             tok["share"] = share[rows.start : rows.stop]  # its views' shares (`Layout.view_share`), for the record
+            tok["layer_tokens"] = layer_tokens  # per encoder layer run: tokens per view into its attention, its MLP
             images.append(tok)
             first = rows.stop
         pending = [tok for tok in images if "trim" in tok]
@@ -106,7 +115,9 @@ class VisionStage:
                 m.layout.trim(tok, main, extra)
         return images, captures
 
-    def _vision_tower(self, pixel: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def _vision_tower(self, pixel: torch.Tensor) -> tuple[torch.Tensor, dict, list[list[int]]]:
+        """``(features (V, T, d_v) at the projector's input layer(s), captures, tokens per view
+        into each layer's attention and MLP)`` (the counts: empty unless a tower strategy reduced)."""
         m = self.model
         vm = m.vision_model
         cap_layers = set(self.vision_capture_layers)
@@ -114,8 +125,18 @@ class VisionStage:
         h = vm.pre_layrnorm(h) if hasattr(vm, "pre_layrnorm") else h
         hidden = {0: h}
         captures = {}
+        size, layer_tokens = None, []  # size: (V, n) once the tower strategy has reduced
         for i in range(self.vision_layers_run):
             layer = m.vision_layers_list[i]
+            if self.tower is not None:
+                n_in = h.shape[1]
+                if i in self.tower_layers or (size is not None and self.tower.proportional):
+                    h, size = self._tower_layer(layer, i, h, size)
+                else:
+                    h = layer(h, None)
+                layer_tokens.append([n_in, h.shape[1]])
+                hidden[i + 1] = h
+                continue
             if i >= self.vision_layers_run - self.vision_qk_layers:  # q/k of a layer whose output feeds nothing
                 x = layer.layer_norm1(h)
                 rows = self.vision_qk_queries
@@ -133,7 +154,31 @@ class VisionStage:
                 h = layer(h, None)
             hidden[i + 1] = h
         feats = torch.cat([hidden[f] for f in self.feature_hidden], dim=-1)
-        return feats, captures
+        return feats, captures, layer_tokens if size is not None else []
+
+    def _tower_layer(self, layer, i: int, h: torch.Tensor, size: torch.Tensor | None):
+        """Encoder layer ``i`` as the layer itself computes it (norm, attention, residual, norm, MLP,
+        residual), with ``log(size)`` added to the attention logits of every key once tokens stand
+        for several (proportional attention), and the tower strategy's reduction between the
+        attention and the MLP where it reduces. Returns ``(hidden, size)``."""
+        from ..strategy import TowerContext
+
+        attn = layer.self_attn
+        bias = None
+        if size is not None and self.tower.proportional:  # (V, 1, 1, n): added to every query row's logits
+            bias = size.log()[:, None, None, :].to(h.dtype)
+        x = layer.layer_norm1(h)
+        with capture_outputs(attn, ["k_proj"]) as got:
+            h = h + attn(hidden_states=x, attention_mask=bias)[0]
+        if i in self.tower_layers:
+            v, n, _ = h.shape
+            keys = got["k_proj"].view(v, n, attn.num_heads, -1).mean(2)  # the layer's keys, head mean
+            if size is None:
+                size = torch.ones(v, n, device=h.device)
+            left = sum(1 for lay in self.tower_layers if lay >= i)
+            ctx = TowerContext(i, h, keys, size, self.model.has_cls, left, self.options.kernel_backend)
+            h, size = self.tower.reduce(ctx)
+        return h + layer.mlp(layer.layer_norm2(h)), size
 
     def _vision_scores(self, attn, got, layer: int, captures: dict) -> None:
         nl = self.model.vision_num_layers
