@@ -141,7 +141,8 @@ def test_fastv_and_a_frozen_layer_match_references(model, images):
 
 
 @pytest.mark.parametrize(
-    "method", [None, "fastv", "freeze", "visionzip", "globalcom2", "pool", "divprune", "vispruner", "tome"]
+    "method",
+    [None, "fastv", "freeze", "visionzip", "globalcom2", "pool", "divprune", "vispruner", "tome", "downsample"],
 )
 def test_analytic_flops_match_flop_counter(method, images):
     """The profiler counts OneVision exactly (SigLIP tower without CLS, the projector on every view,
@@ -165,6 +166,7 @@ def test_analytic_flops_match_flop_counter(method, images):
         "divprune": tc.method("divprune", budget=20),
         "vispruner": tc.method("vispruner", budget=20, important_ratio=0.5),
         "tome": tc.method("tome", budget=10),
+        "downsample": tc.method("downsample", budget=16),
     }
     engine = tc.Engine(eager, strat[method])
     for i in (0, 2):

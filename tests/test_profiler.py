@@ -43,6 +43,7 @@ METHODS = {
     "sparsevlm": lambda: tc.method("sparsevlm", counts=(20, 8), layers=(0, 2)),
     "hired": lambda: tc.method("hired", ratio=0.3),  # CLS rows at two layers, charged by the profiler
     "tome": lambda: [tc.method("tome", budget=9), tc.method("fastv", k=1)],  # the tower runs fewer tokens
+    "downsample": lambda: tc.method("downsample", budget=16),  # a smaller image through the tower
     "compose": lambda: [tc.method("visionzip", budget=12), tc.method("fastv", k=1), tc.method("freeze", layers=(3,))],
 }
 

@@ -123,9 +123,11 @@ class VisionShape:
     def tower(self, views: int, layers_run: int, layer_tokens: list[list[int]] | None = None) -> float:
         """Patch embedding plus ``layers_run`` encoder layers over ``views`` views; ``layer_tokens``:
         per layer, the tokens per view into its attention (q/k/v, output projection, the maps) and
-        into its MLP, where a tower strategy reduced them (None or empty: every token)."""
+        into its MLP, where a tower strategy ran (None or empty: every token of a full-size view;
+        the first layer's count gives the patches a resized view embeds)."""
         d = self.hidden
-        conv = 2 * self.patches * self.channels * self.patch_size**2 * d
+        patches = layer_tokens[0][0] - int(self.cls_token) if layer_tokens else self.patches  # a resized view's
+        conv = 2 * patches * self.channels * self.patch_size**2 * d
         counts = layer_tokens or [[self.tokens, self.tokens]] * layers_run
         layers = sum(2 * a * d * d * 4 + 4 * a * a * d + 2 * m * d * self.intermediate * 2 for a, m in counts)
         return float(views * (conv + layers))

@@ -30,7 +30,8 @@ class RunRecord:
         frozen_text_layers: decoder layers in which text tokens were frozen (layer-contribution probes).
         vision_layers_run: vision encoder layers the engine ran whole (it stops at the last one needed).
         vision_layer_tokens: per encoder layer run, ``[into its attention, into its MLP]`` tokens per
-            view, where a tower strategy reduced them (empty: every layer ran on every token).
+            view, where a tower strategy ran (a smaller image, merges; empty: every layer ran on
+            every token of a full-size view).
         vision_qk_layers: vision layers after those of which only the norm and the q/k projections
             ran (a capture layer past the last feature layer).
         vision_qk_queries: query rows per view that such a layer projected (1: the CLS row's alone,

@@ -208,27 +208,37 @@ class TowerContext:
 
 
 class TowerStrategy(Strategy):
-    """Reduce the vision tower's tokens inside chosen encoder layers (between attention and MLP).
+    """Reduce the vision tower's tokens: its input (`resize`, a smaller image) or inside chosen
+    encoder layers (between attention and MLP).
 
-    Implement ``reduce_layers(layers_run) -> list[int]`` (encoder layers, 0-based, below
+    Implement ``resize``, or ``reduce_layers(layers_run) -> list[int]`` (encoder layers, 0-based, below
     ``layers_run``, the layers the tower runs up to the projector's feature layer) and
     ``reduce(ctx) -> (hidden (V, n', d_v), size (V, n'))``, every view keeping the same ``n'``.
     The engine carries ``size`` on; with ``proportional = True`` (class attribute) every later
-    attention adds ``log(size)`` of each key to its logits (ToMe's proportional attention). The
+    attention adds ``log(size)`` of each key to its logits (ToMe's proportional attention). Merged
     tokens reaching the projector have no source patch: LLaVA-NeXT crops' tokens follow one
-    another, crop by crop, without newline tokens. A tower strategy does not compose with a vision
+    another, crop by crop, without newline tokens; unmerged ones form the view's grid, laid out as
+    the model lays out a grid (unpadded, newline tokens per row). A tower strategy does not compose with a vision
     strategy (which would see tokens that are no longer patches); layer and freeze strategies
     compose with it.
     """
 
     stage: ClassVar[str] = "tower"
     proportional: ClassVar[bool] = True
-    newline: ClassVar[str] = "drop"
+    newline: ClassVar[str] = "drop"  # merged tokens: none (a grid gets the model's newline tokens)
     unpad: ClassVar[bool] = False
 
+    def resize(self, pixels: torch.Tensor, patch: int) -> torch.Tensor:
+        """The views' pixels the tower runs on, ``(V, 3, H, W) -> (V, 3, H', W')`` with ``H'`` and
+        ``W'`` multiples of ``patch`` (default: as given). Other sizes run with the position
+        embeddings interpolated (Hugging Face's ``interpolate_pos_encoding``), and the tokens reach
+        the projector as a ``H'/patch x W'/patch`` grid, laid out as a pooled grid is."""
+        return pixels
+
     def reduce_layers(self, layers_run: int) -> list[int]:
-        """Encoder layers inside which `reduce` runs, of the ``layers_run`` the tower runs."""
-        raise NotImplementedError
+        """Encoder layers inside which `reduce` runs, of the ``layers_run`` the tower runs
+        (default: none)."""
+        return []
 
     def reduce(self, ctx: TowerContext) -> tuple[torch.Tensor, torch.Tensor]:
         """``(hidden (V, n', d_v), size (V, n'))``: the tokens after this layer's reduction."""

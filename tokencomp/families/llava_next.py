@@ -118,10 +118,12 @@ class LlavaNextLayout(Layout):
         ``newline`` policy: a pooled grid is re-assembled and unpadded (`_crops_on_grid`), selected
         or merged tokens placed back in raster order (`_crops_placed`)."""
         newline = self.model.image_newline.to(proj.dtype)
-        vision = engine.vision or engine.tower  # the strategy whose tokens are placed
+        vision = engine.vision
         policy = getattr(vision, "newline", "keep") if vision else "keep"
         if out.grid is not None:
             return self._crops_on_grid(out, proj, crop_rows, size, crop_grid, newline, policy)
+        vision = vision or engine.tower  # merged tokens of a tower strategy: its policies
+        policy = getattr(vision, "newline", "keep") if vision else "keep"
         unpad = getattr(vision, "unpad", True)
         backend = engine.options.kernel_backend
         return self._crops_placed(out, proj, crop_rows, counts, size, newline, policy, unpad, backend)

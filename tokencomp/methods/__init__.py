@@ -3,6 +3,7 @@
 from . import (  # noqa: F401
     dart,
     divprune,
+    downsample,
     fastv,
     freeze,
     globalcom2,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import kernels
+from ..errors import TokencompError
 from ..layout import filled_slots
 from ..strategy import (
     CLS_NEEDS,
@@ -60,14 +61,24 @@ class VisionStage:
         dev = m.device
         given = torch.cat(pix)  # as the processor made them (float32, on the host)
         pixel = given.to(dev, m.vision_model.embeddings.patch_embedding.weight.dtype)
-        feats, captures, layer_tokens = self._vision_tower(pixel)
+        grid = m.grid
+        if self.tower is not None:  # the tower strategy may run a smaller image
+            patch = m.hf.config.vision_config.patch_size
+            pixel = self.tower.resize(pixel, patch)
+            h, w = pixel.shape[-2:]
+            if h % patch or w % patch or not h or not w:
+                raise TokencompError(
+                    f"{self.tower}.resize gave {h}x{w} pixels: not a positive multiple of the {patch}-pixel patch"
+                )
+            grid = (h // patch, w // patch)
+        feats, captures, layer_tokens = self._vision_tower(pixel, interpolate=grid != m.grid)
         # the views' bookkeeping in one upload (each upload waits for the copy)
         meta = torch.cat([torch.tensor([role, image, key]).flatten(), torch.cat(valid).flatten().long()]).to(dev)
         nv = len(role)
         view = VisionView(
             features=feats[:, 1:] if m.has_cls else feats,
             cls=feats[:, 0] if m.has_cls else None,
-            grid=m.grid,
+            grid=grid,
             valid=meta[3 * nv :].view(nv, m.patches_per_view).bool(),
             role=meta[:nv],
             image=meta[nv : 2 * nv],
@@ -79,12 +90,14 @@ class VisionStage:
             pixels=given,
             share=share,
         )
-        if self.tower is not None:  # merged inside the tower: tokens without a source patch or grid
+        if self.tower is not None:  # the tower's grid (laid out as a pooled one), or merged tokens
             k = view.features.shape[1]
+            merged = k != grid[0] * grid[1]
             out = ViewTokens(
                 features=view.features,
                 index=torch.full((nv, k), -1, device=dev),
                 count=torch.full((nv,), k, device=dev),
+                grid=None if merged else grid,
             )
             counts = [k] * nv
         elif self.vision is None:
@@ -115,13 +128,16 @@ class VisionStage:
                 m.layout.trim(tok, main, extra)
         return images, captures
 
-    def _vision_tower(self, pixel: torch.Tensor) -> tuple[torch.Tensor, dict, list[list[int]]]:
+    def _vision_tower(
+        self, pixel: torch.Tensor, interpolate: bool = False
+    ) -> tuple[torch.Tensor, dict, list[list[int]]]:
         """``(features (V, T, d_v) at the projector's input layer(s), captures, tokens per view
-        into each layer's attention and MLP)`` (the counts: empty unless a tower strategy reduced)."""
+        into each layer's attention and MLP)`` (the counts: empty without a tower strategy).
+        ``interpolate``: pixels of another size than the tower's, its position embeddings interpolated."""
         m = self.model
         vm = m.vision_model
         cap_layers = set(self.vision_capture_layers)
-        h = vm.embeddings(pixel)
+        h = vm.embeddings(pixel, interpolate_pos_encoding=True) if interpolate else vm.embeddings(pixel)
         h = vm.pre_layrnorm(h) if hasattr(vm, "pre_layrnorm") else h
         hidden = {0: h}
         captures = {}
@@ -154,7 +170,7 @@ class VisionStage:
                 h = layer(h, None)
             hidden[i + 1] = h
         feats = torch.cat([hidden[f] for f in self.feature_hidden], dim=-1)
-        return feats, captures, layer_tokens if size is not None else []
+        return feats, captures, layer_tokens
 
     def _tower_layer(self, layer, i: int, h: torch.Tensor, size: torch.Tensor | None):
         """Encoder layer ``i`` as the layer itself computes it (norm, attention, residual, norm, MLP,
