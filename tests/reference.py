@@ -302,14 +302,29 @@ def divprune_reference(hf, inputs: dict, image_token_id: int, steps: int, budget
         keep[img] = False
         keep[img[torch.tensor(chosen, dtype=torch.long)]] = True
         kept = keep.nonzero().flatten()
-        lm = hf.model.language_model
-        L = len(lm.layers)
-        x = x0[:, kept]
-        tokens, first = [], None
+    first, tokens = greedy_from_embeds(hf, x0[:, kept], steps)
+    return kept, first, tokens
+
+
+def greedy_from_embeds(hf, x: torch.Tensor, steps: int):
+    """A fresh HF decoder on the input embeddings ``x (1, n, d)`` with positions 0..n-1, then
+    ``steps - 1`` greedy steps, each recomputed on the whole sequence without a cache.
+    Returns (first logits, greedy tokens)."""
+    lm = hf.model.language_model
+    first, tokens = None, []
+    with torch.no_grad():
         for _ in range(steps):
-            h = run_layers(hf, x, torch.arange(x.shape[1])[None], range(L))
-            logits = logits_last(hf, h)
+            logits = logits_last(hf, run_layers(hf, x, torch.arange(x.shape[1])[None], range(len(lm.layers))))
             first = logits if first is None else first
             tokens.append(int(logits.argmax(-1)))
             x = torch.cat([x, lm.embed_tokens(torch.tensor([tokens[-1:]]))], dim=1)
-    return kept, first, tokens
+    return first, tokens
+
+
+def image_span_replaced(hf, input_ids: torch.Tensor, image_token_id: int, tokens: torch.Tensor) -> torch.Tensor:
+    """``(1, n', d)``: the text embeddings of one prompt (1-D ``input_ids``) with its image span
+    replaced by ``tokens (m, d)``."""
+    embed = hf.model.language_model.embed_tokens
+    img = (input_ids == image_token_id).nonzero().flatten()
+    with torch.no_grad():
+        return torch.cat([embed(input_ids[: img[0]]), tokens, embed(input_ids[img[-1] + 1 :])])[None]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PROMPTS, hf_inputs, make_images
-from reference import logits_last, run_layers
+from conftest import PROMPTS, make_images
+from reference import greedy_from_embeds, image_span_replaced
 from vision_reference import tower_views
 
 import tokencomp as tc
@@ -51,20 +51,9 @@ def test_downsample_matches_hugging_face_on_the_smaller_image(model, images, bud
         span = (lay["kind"] == VISUAL) | (lay["kind"] == NEWLINE)
         got = pre.input_state.hidden[0][pre.input_state.valid[0]][span]
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-        ids = hf_inputs(batch)["input_ids"][0]
-        lm = model.hf.model.language_model
-        img = (ids == model.image_token_id).nonzero().flatten()
-        with torch.no_grad():
-            x = torch.cat([lm.embed_tokens(ids[: img[0]]), ref, lm.embed_tokens(ids[img[-1] + 1 :])])[None]
-            steps = []
-            for _ in range(3):
-                logits = logits_last(
-                    model.hf, run_layers(model.hf, x, torch.arange(x.shape[1])[None], range(len(lm.layers)))
-                )
-                if not steps:
-                    torch.testing.assert_close(pre.logits[0], logits[0], rtol=1e-4, atol=1e-4)
-                steps.append(int(logits.argmax(-1)))
-                x = torch.cat([x, lm.embed_tokens(torch.tensor([steps[-1:]]))], dim=1)
+        x = image_span_replaced(model.hf, batch.input_ids[0], model.image_token_id, ref)
+        first, steps = greedy_from_embeds(model.hf, x, 3)
+        torch.testing.assert_close(pre.logits[0], first[0], rtol=1e-4, atol=1e-4)
         assert tokens[0] == steps
 
 

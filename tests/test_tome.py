@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import PROMPTS, hf_inputs, make_images
-from reference import logits_last, run_layers
+from conftest import PROMPTS, make_images
+from reference import greedy_from_embeds, image_span_replaced
 from vision_reference import tower_views
 
 import tokencomp as tc
@@ -91,21 +91,9 @@ def test_tome_matches_reference(model, images, budget):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
         assert int((lay["kind"] == NEWLINE).sum()) == 0 and bool((lay["patch"][lay["kind"] == VISUAL] == -1).all())
         # the decoder on the text with the image span replaced by the merged tokens, positions 0..n-1
-        inputs = hf_inputs(batch)
-        ids = inputs["input_ids"][0]
-        lm = model.hf.model.language_model
-        img = (ids == model.image_token_id).nonzero().flatten()
-        with torch.no_grad():
-            x = torch.cat([lm.embed_tokens(ids[: img[0]]), ref, lm.embed_tokens(ids[img[-1] + 1 :])])[None]
-            steps = []
-            for _ in range(3):
-                logits = logits_last(
-                    model.hf, run_layers(model.hf, x, torch.arange(x.shape[1])[None], range(len(lm.layers)))
-                )
-                steps.append(int(logits.argmax(-1)))
-                if len(steps) == 1:
-                    torch.testing.assert_close(pre.logits[0], logits[0], rtol=1e-4, atol=1e-4)
-                x = torch.cat([x, lm.embed_tokens(torch.tensor([steps[-1:]]))], dim=1)
+        x = image_span_replaced(model.hf, batch.input_ids[0], model.image_token_id, ref)
+        first, steps = greedy_from_embeds(model.hf, x, 3)
+        torch.testing.assert_close(pre.logits[0], first[0], rtol=1e-4, atol=1e-4)
         assert tokens[0] == steps
 
 

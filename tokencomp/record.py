@@ -86,6 +86,13 @@ class RunRecord:
     prefill_flops: list[float] = field(default_factory=list)
     total_flops: list[float] = field(default_factory=list)
 
+    def shares(self, sample: int) -> list[float]:
+        """Sample ``sample``'s views' shares, flat in view order (`view_shares`; 1.0 each where its
+        list is empty)."""
+        if self.view_shares and self.view_shares[sample]:
+            return [s for image in self.view_shares[sample] for s in image]
+        return [1.0] * sum(len(image) for image in self.tokens_per_view[sample])
+
     def to_dict(self) -> dict:
         """Plain-data copy (JSON serialisable)."""
         return asdict(self)

@@ -121,12 +121,8 @@ class VisionZip(tc.VisionStrategy):
         vc = model.hf.config.vision_config
         n, c = model.patches_per_view, int(model.has_cls)
         d_head = vc.hidden_size // vc.num_attention_heads
-        if record.view_shares and record.view_shares[sample]:
-            shares = [s for image in record.view_shares[sample] for s in image]
-        else:
-            shares = [1.0] * sum(len(image) for image in record.tokens_per_view[sample])
         flops = 0
-        for share in shares:
+        for share in record.shares(sample):
             dominant, contextual = self.view_split(share, model.has_cls)
             flops += 2 * (n - (dominant - c) - contextual) * contextual * d_head
         return float(flops)

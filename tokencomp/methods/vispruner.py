@@ -104,12 +104,8 @@ class VisPruner(tc.VisionStrategy):
         """The A-B cosine similarities of every removal round, ``2 |A| |B| C`` each (``C`` the vision
         width), for each view's budget (`tokencomp.strategy.scale_budget` on OneVision crops)."""
         n, c = model.patches_per_view, model.hf.config.vision_config.hidden_size
-        if record.view_shares and record.view_shares[sample]:
-            shares = [s for image in record.view_shares[sample] for s in image]
-        else:
-            shares = [1.0] * sum(len(image) for image in record.tokens_per_view[sample])
         flops = 0
-        for share in shares:
+        for share in record.shares(sample):
             important, wanted = self.split(scale_budget(self.budget, share, 1))
             remaining = n - important
             while wanted > 0 and remaining - wanted > 0:
