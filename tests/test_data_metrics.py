@@ -100,7 +100,9 @@ def test_vqa_normalize_by_hand():
     assert vqa_normalize("lets") == "lets"  # a word in its own right, not restored
     assert vqa_normalize("t-shirt") == "t shirt" and vqa_normalize("red - blue") == "red blue"
     assert vqa_normalize("None") == "0" and vqa_normalize("Two dogs!") == "2 dogs"
-    assert vqa_normalize("A") == ""  # an article: why tc-scenes (letter answers) is scored "exact"
+    assert vqa_normalize("A") == ""  # an article: such an answer is compared by the plain rule
+    assert answer_score("A", ["a"]) == 1.0 and answer_score("", ["a"]) == 0.0 and answer_score("the", ["a"]) == 0.0
+    assert answer_score("an", ["A", "b"]) == 0.0 and answer_score("b", ["A", "b"]) == 1.0
     assert (
         answer_score("Don't know", ["dont know"]) == 1.0 and answer_score("Don't know", ["dont know"], "exact") == 0.0
     )

@@ -127,3 +127,31 @@ def test_tome_refuses_a_vision_strategy_beside_it_and_bad_budgets(models):
         tc.Engine(model, tc.method("tome", budget=40)).prefill(batch)
     with pytest.raises(tc.BudgetError, match=r"r \(tokens merged per layer\)=-1"):
         tc.method("tome", r=-1)
+
+
+def test_tower_strategies_on_a_tower_whose_image_is_not_a_whole_number_of_patches():
+    """SigLIP-style 384 px / 14 px towers leave a remainder the patch embedding drops: ToMe runs,
+    and a downsampling budget of the whole grid leaves the image as it is."""
+    from tokencomp.tiny import tiny_llava
+
+    model = tc.Model(*tiny_llava("llava-onevision", image_size=45, patch_size=7, seed=1, decoder="qwen2"))
+    batch = tc.prepare(model, make_images([(60, 100)]), PROMPTS[:1])
+    merged = tc.Engine(model, tc.method("tome", budget=10)).prefill(batch)
+    assert merged.record.vision_layer_tokens[-1][1] < model.patches_per_view
+    same = tc.Engine(model, tc.method("downsample", budget=model.patches_per_view)).prefill(batch)
+    torch.testing.assert_close(same.logits, tc.Engine(model).prefill(batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_tower_strategies_in_bfloat16_and_flash_attention_refused(models, monkeypatch):
+    """The image is resampled in float32 before the cast (CPU has no half-precision antialiased
+    resize); merging under FlashAttention, which cannot add the size bias, is refused."""
+    import copy
+
+    hf = copy.deepcopy(models["llava"].hf).to(torch.bfloat16)
+    model = tc.Model(hf, models["llava"].processor)
+    batch = tc.prepare(model, make_images([(60, 100)]), PROMPTS[:1])
+    for method in (tc.method("downsample", budget=16), tc.method("tome", budget=12)):
+        assert tc.Engine(model, method).prefill(batch).logits.isfinite().all()
+    monkeypatch.setattr(models["llava"], "attn_implementation", "flash_attention_2")
+    with pytest.raises(tc.UnsupportedModelError, match="FlashAttention cannot add"):
+        tc.Engine(models["llava"], tc.method("tome", budget=12))

@@ -237,6 +237,11 @@ class Engine(VisionStage, SequenceStage, DecoderStage, CaptureStage, FrozenStage
             for lay in self.tower.reduce_layers(self.vision_layers_run):
                 check_int(f"{self.tower}: reduce inside encoder layer", lay, 0, self.vision_layers_run - 1)
             self.tower_layers = sorted(set(self.tower.reduce_layers(self.vision_layers_run)))
+            if self.tower_layers and model.attn_implementation.startswith("flash"):
+                raise UnsupportedModelError(
+                    f"{self.tower} reduces tokens inside the tower, whose attention then takes a log(size) bias, "
+                    "which FlashAttention cannot add: load the model with attn_implementation 'sdpa' or 'eager'"
+                )
         self.decoder_captures = sorted(
             {
                 (n.layer, n.kind.rsplit("_", 1)[1], n.kind in PREPRUNE_NEEDS)

@@ -27,8 +27,8 @@ An experiment file names models, datasets and a grid of methods::
     split = "test"           # optional size = [h, w] and tag_px), or path = "data.jsonl"
     n = 24                   # limit = k: the first k samples of a path's file
                              # validate = "lazy": images checked as they load (default "full")
-                             # scoring = "vqa" (lmms-eval's answer normalisation; a file's
-                             # default) or "exact" (plainer; a generated split's default)
+                             # scoring = "vqa" (default: lmms-eval's answer normalisation)
+                             # or "exact" (plainer)
 
     [[method]]
     name = "visionzip"
@@ -132,9 +132,8 @@ def model_load_options(table: dict, device: str | None = None, dtype: str | None
 
 def dataset_scoring(spec: dict) -> str:
     """How a [[dataset]] table's answers are scored (`tokencomp.metrics.answer_score`): its
-    ``scoring`` key, else ``"exact"`` for a generated tc-scenes split (its answers include the
-    letter ``a``, an article to lmms-eval's normalisation) and ``"vqa"`` for a file."""
-    return spec.get("scoring", "exact" if "generator" in spec else "vqa")
+    ``scoring`` key, ``"vqa"`` (lmms-eval's normalisation) by default."""
+    return spec.get("scoring", "vqa")
 
 
 def canonical_device(device: str | torch.device) -> str:

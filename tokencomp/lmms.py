@@ -268,7 +268,7 @@ def doc_to_target(doc):
 
 
 def process_results(doc, results):
-    return {"tc_accuracy": answer_score(results[0].strip(), doc["answers"], "exact")}  # as compare scores tc-scenes
+    return {"tc_accuracy": answer_score(results[0].strip(), doc["answers"])}
 '''
 
 

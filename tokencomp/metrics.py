@@ -86,24 +86,33 @@ def _normalizer(scoring: str):
     return vqa_normalize if scoring == "vqa" else normalize
 
 
+def _matches(prediction: str, answers: list[str], scoring: str) -> list[bool]:
+    """Whether the prediction matches each answer, both normalised by ``scoring``. Under ``"vqa"``
+    an answer the processing empties (articles only: the letter ``a`` of tc-scenes' tags, a
+    multiple-choice ``A``) is compared by `normalize` instead, where EvalAI would match it to any
+    empty or article-only prediction."""
+    if _normalizer(scoring) is normalize:
+        p = normalize(prediction)
+        return [p == normalize(a) for a in answers]
+    p = vqa_normalize(prediction)
+    refs = [vqa_normalize(a) for a in answers]
+    return [p == r if r else normalize(prediction) == normalize(a) for r, a in zip(refs, answers)]
+
+
 def exact_match(prediction: str, answers: list[str], scoring: str = "exact") -> float:
     """1.0 if the normalised prediction equals any normalised reference answer (``scoring``:
     ``"exact"`` by `normalize`, ``"vqa"`` by `vqa_normalize`)."""
-    norm = _normalizer(scoring)
-    p = norm(prediction)
-    return float(any(p == norm(a) for a in answers))
+    return float(any(_matches(prediction, answers, scoring)))
 
 
 def vqa_accuracy(prediction: str, answers: list[str], scoring: str = "exact") -> float:
     """VQA soft accuracy: ``min(1, matches / 3)`` averaged over every leave-one-out subset of the
     reference answers (the official VQA evaluation; with one reference it is exact match).
     ``scoring`` as in `exact_match`."""
-    norm = _normalizer(scoring)
-    p = norm(prediction)
-    refs = [norm(a) for a in answers]
-    if len(refs) < 2:
-        return float(bool(refs) and p == refs[0])
-    scores = [min(1.0, sum(r == p for r in subset) / 3) for subset in combinations(refs, len(refs) - 1)]
+    hits = _matches(prediction, answers, scoring)
+    if len(hits) < 2:
+        return float(bool(hits) and hits[0])
+    scores = [min(1.0, sum(subset) / 3) for subset in combinations(hits, len(hits) - 1)]
     return sum(scores) / len(scores)
 
 

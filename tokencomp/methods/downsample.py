@@ -48,8 +48,9 @@ class Downsample(tc.TowerStrategy):
         return max(1, round(grid[0] * scale)), max(1, round(grid[1] * scale))
 
     def resize(self, pixels: torch.Tensor, patch: int) -> torch.Tensor:
-        h, w = self.grid((pixels.shape[-2] // patch, pixels.shape[-1] // patch))
-        if (h * patch, w * patch) == tuple(pixels.shape[-2:]):
+        grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)  # SigLIP 384 px: 27 x 27 of 14 px
+        h, w = self.grid(grid)
+        if (h, w) == grid:  # the tower's own grid: the image as it is
             return pixels
         smooth = {"antialias": True, "align_corners": False} if self.mode != "area" else {}
         return F.interpolate(pixels, size=(h * patch, w * patch), mode=self.mode, **smooth)

@@ -24,7 +24,9 @@ record's counts show). LLaVA-OneVision crops keep as many as the thumbnail (no a
 layer serves every view).
 
 Differences from the released code: ties between equally good matches go to the lower index (its
-``argsort`` is unstable).
+``argsort`` is unstable); the weighted sums run in float32 (the released code sums in the model's
+dtype: in float16 a large merged token can overflow, in bfloat16 sizes above 256 round). ``budget``
+is ignored when ``r`` is given.
 """
 
 from __future__ import annotations
@@ -94,10 +96,10 @@ class ToMe(tc.TowerStrategy):
         if r <= 0:
             return ctx.hidden, ctx.size
         merge = bipartite_soft_matching(ctx.keys, r, ctx.has_cls)
-        size = ctx.size[..., None].to(ctx.hidden.dtype)
-        x = merge(ctx.hidden * size)
+        size = ctx.size[..., None].float()  # the weighted sums in float32 (exact sizes, no half overflow)
+        x = merge(ctx.hidden.float() * size)
         size = merge(size)
-        return x / size, size[..., 0].to(ctx.size.dtype)
+        return (x / size).to(ctx.hidden.dtype), size[..., 0]
 
     def overhead_flops(self, model, record, sample: int) -> float:
         """The A-B key cosines of every merging layer, ``2 |A| |B| d_head`` per view."""

@@ -60,16 +60,20 @@ class VisionStage:
                 img += 1
         dev = m.device
         given = torch.cat(pix)  # as the processor made them (float32, on the host)
-        pixel = given.to(dev, m.vision_model.embeddings.patch_embedding.weight.dtype)
+        dtype = m.vision_model.embeddings.patch_embedding.weight.dtype
         grid = m.grid
-        if self.tower is not None:  # the tower strategy may run a smaller image
+        if self.tower is None:
+            pixel = given.to(dev, dtype)
+        else:  # the tower strategy may run a smaller image (resampled in float32, then cast)
             patch = m.hf.config.vision_config.patch_size
-            pixel = self.tower.resize(pixel, patch)
+            full = given.to(dev)
+            pixel = self.tower.resize(full, patch)
             h, w = pixel.shape[-2:]
-            if h % patch or w % patch or not h or not w:
+            if pixel.shape != full.shape and (h % patch or w % patch or not h or not w):
                 raise TokencompError(
                     f"{self.tower}.resize gave {h}x{w} pixels: not a positive multiple of the {patch}-pixel patch"
                 )
+            pixel = pixel.to(dtype)
             grid = (h // patch, w // patch)
         feats, captures, layer_tokens = self._vision_tower(pixel, interpolate=grid != m.grid)
         # the views' bookkeeping in one upload (each upload waits for the copy)
@@ -189,11 +193,12 @@ class VisionStage:
         if i in self.tower_layers:
             v, n, _ = h.shape
             keys = got["k_proj"].view(v, n, attn.num_heads, -1).mean(2)  # the layer's keys, head mean
-            if size is None:
-                size = torch.ones(v, n, device=h.device)
+            ones = torch.ones(v, n, device=h.device) if size is None else size
             left = sum(1 for lay in self.tower_layers if lay >= i)
-            ctx = TowerContext(i, h, keys, size, self.model.has_cls, left, self.options.kernel_backend)
-            h, size = self.tower.reduce(ctx)
+            ctx = TowerContext(i, h, keys, ones, self.model.has_cls, left, self.options.kernel_backend)
+            h, reduced = self.tower.reduce(ctx)
+            # sizes from the first reduction on (until then every token is one patch: no bias, as released)
+            size = reduced if size is not None or h.shape[1] != n else None
         return h + layer.mlp(layer.layer_norm2(h)), size
 
     def _vision_scores(self, attn, got, layer: int, captures: dict) -> None:
