@@ -915,6 +915,8 @@ def test_report_summary_styles_and_paired_plot(tmp_path):
     summary = md.split("## Summary", 1)[1].split("\n\n", 2)[1]
     assert summary.count("- **") == 2 and "Pareto set" in summary and "Best at each `budget`" in summary
     assert "interval excludes 0" in summary
+    # budgets in their units: the committed demo has per-view 64s and in-LLM (per-image) 64s apart
+    assert "64 per view: `" in summary and "64 per image: `" in summary
     assert (run / "plots" / "paired_difference_tiny-llava_tc-scenes.png").is_file()
     html = (run / "report.html").read_text()
     assert "<h2>Summary</h2>" in html and "class='scroll'" in html

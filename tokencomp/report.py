@@ -348,6 +348,19 @@ def _image(run: Path, stored: str) -> Path | None:
     return None
 
 
+def _budget_unit(name) -> str:
+    """What a method's ``budget`` counts: ``"per view"`` (vision and tower stages), ``"per image"``
+    (in the LLM), or ``""`` for a method not registered here (a plugin the report cannot see)."""
+    from .errors import UnknownMethodError
+    from .registry import method_class
+
+    try:
+        stage = method_class(str(name)).stage
+    except UnknownMethodError:
+        return ""
+    return "per view" if stage in ("vision", "tower") else "per image"
+
+
 def _summary(title: str, g: pd.DataFrame) -> list[str]:
     """What a reader needs first about one model and dataset (``g``: its rows, with the speed-up
     columns): the unmodified accuracy, the Pareto set, the best method at each budget, the largest
@@ -364,17 +377,20 @@ def _summary(title: str, g: pd.DataFrame) -> list[str]:
     out.append(
         "  Pareto set (accuracy vs LLM prefill TFLOPs): " + ", ".join(f"`{g['method'][i]}`" for i in front) + "."
     )
-    budgets: dict[int, list] = {}
+    budgets: dict[tuple[int, str], list] = {}
     for r in rows:
         spec = r.get("spec") if isinstance(r.get("spec"), list) else []
         budget = spec[0].get("budget") if spec and isinstance(spec[0], dict) else None
         if isinstance(budget, int) and not isinstance(budget, bool):
-            budgets.setdefault(budget, []).append(r)
+            budgets.setdefault((budget, _budget_unit(spec[0].get("name"))), []).append(r)
     if budgets:
-        best = [max(rs, key=lambda r: r["accuracy"]) for _, rs in sorted(budgets.items(), reverse=True)]
+        keys = sorted(budgets, key=lambda k: (k[1] != "per view", k[1], -k[0]))  # per view first, large to small
         out.append(
-            "  Best at each `budget`: "
-            + "; ".join(f"{b}: `{r['method']}` {acc(r)}" for b, r in zip(sorted(budgets, reverse=True), best))
+            "  Best at each `budget` (a vision or tower method's is per view, an in-LLM method's per image): "
+            + "; ".join(
+                f"{b}{' ' + unit if unit else ''}: `{r['method']}` {acc(r)}"
+                for (b, unit), r in ((k, max(budgets[k], key=lambda r: r["accuracy"])) for k in keys)
+            )
             + "."
         )
     if "measured_speedup" in g and len(g) > 1:
