@@ -155,3 +155,18 @@ def test_tower_strategies_in_bfloat16_and_flash_attention_refused(models, monkey
     monkeypatch.setattr(models["llava"], "attn_implementation", "flash_attention_2")
     with pytest.raises(tc.UnsupportedModelError, match="FlashAttention cannot add"):
         tc.Engine(models["llava"], tc.method("tome", budget=12))
+
+
+def test_a_tower_strategy_declaring_vision_captures_is_refused(models):
+    class Greedy(tc.TowerStrategy):
+        def needs(self):
+            return [tc.Need("vision_cls_attention", -2)]
+
+        def reduce_layers(self, layers_run):
+            return [0]
+
+        def reduce(self, ctx):
+            return ctx.hidden, ctx.size
+
+    with pytest.raises(tc.TokencompError, match="declares vision captures, which a tower strategy does not get"):
+        tc.Engine(models["llava"], Greedy())

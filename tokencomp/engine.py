@@ -234,9 +234,11 @@ class Engine(VisionStage, SequenceStage, DecoderStage, CaptureStage, FrozenStage
                     f"{self.tower} reduces tokens inside the tower, but this model concatenates the features of "
                     f"{len(self.feature_hidden)} layers, which would then differ in length"
                 )
-            for lay in self.tower.reduce_layers(self.vision_layers_run):
-                check_int(f"{self.tower}: reduce inside encoder layer", lay, 0, self.vision_layers_run - 1)
+            if self.vision_capture_layers:
+                raise TokencompError(f"{self.tower} declares vision captures, which a tower strategy does not get")
             self.tower_layers = sorted(set(self.tower.reduce_layers(self.vision_layers_run)))
+            for lay in self.tower_layers:
+                check_int(f"{self.tower}: reduce inside encoder layer", lay, 0, self.vision_layers_run - 1)
             if self.tower_layers and model.attn_implementation.startswith("flash"):
                 raise UnsupportedModelError(
                     f"{self.tower} reduces tokens inside the tower, whose attention then takes a log(size) bias, "

@@ -16,6 +16,7 @@ from ..layout import filled_slots
 from ..strategy import (
     CLS_NEEDS,
     VISION_NEEDS,
+    TowerContext,
     ViewTokens,
     VisionView,
 )
@@ -181,16 +182,15 @@ class VisionStage:
         residual), with ``log(size)`` added to the attention logits of every key once tokens stand
         for several (proportional attention), and the tower strategy's reduction between the
         attention and the MLP where it reduces. Returns ``(hidden, size)``."""
-        from ..strategy import TowerContext
-
         attn = layer.self_attn
+        reduces = i in self.tower_layers
         bias = None
         if size is not None and self.tower.proportional:  # (V, 1, 1, n): added to every query row's logits
             bias = size.log()[:, None, None, :].to(h.dtype)
         x = layer.layer_norm1(h)
-        with capture_outputs(attn, ["k_proj"]) as got:
+        with capture_outputs(attn, ["k_proj"] if reduces else []) as got:
             h = h + attn(hidden_states=x, attention_mask=bias)[0]
-        if i in self.tower_layers:
+        if reduces:
             v, n, _ = h.shape
             keys = got["k_proj"].view(v, n, attn.num_heads, -1).mean(2)  # the layer's keys, head mean
             ones = torch.ones(v, n, device=h.device) if size is None else size
