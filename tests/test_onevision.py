@@ -123,6 +123,11 @@ def test_a_saved_checkpoint_loads_and_generates(model, images, tmp_path, capsys)
         "image tokens 351 in the prompt (newlines included) -> 336 visual + 15 newline tokens"
         in capsys.readouterr().err
     )
+    # the same counts enter the LLM under DivPrune, which prunes them at its input (tokens per layer)
+    argv = ["generate", "--model", str(tmp_path), "--image", str(image), "--prompt", "what ?", "--method", "divprune"]
+    assert main([*argv, "--budget", "20"]) == 0
+    err = capsys.readouterr().err
+    assert "-> 336 visual + 15 newline tokens into the LLM" in err
 
 
 def test_fastv_and_a_frozen_layer_match_references(model, images):

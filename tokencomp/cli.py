@@ -143,7 +143,8 @@ def _generate(args) -> int:
         print(json.dumps({"text": out.text[0], "tokens": out.tokens[0], "record": out.record.to_dict()}, indent=1))
     else:
         rec = out.record
-        newlines = rec.visual_per_layer[0][0] - rec.image_per_layer[0][0]  # LLaVA-NeXT's row ends, if any
+        # both entering the decoder, before any in-LLM pruning (DivPrune's at layer 0 included)
+        newlines = sum(rec.span_tokens[0]) - rec.visual_tokens_llm[0]  # LLaVA-NeXT's row ends, if any
         into = f"{rec.visual_tokens_llm[0]} visual" + (f" + {newlines} newline" if newlines else "")
         print(out.text[0])
         print(
