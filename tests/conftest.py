@@ -70,3 +70,16 @@ def eager_copy(model: tc.Model):
     hf = copy.deepcopy(model.hf)
     hf.set_attn_implementation("eager")
     return hf
+
+
+def batch_and_alone(engine: tc.Engine, model: tc.Model, images, prompts, new_tokens: int = 3):
+    """Generate ``prompts`` as one padded batch and each alone: every sample's first logits and
+    greedy tokens equal its own run's. Returns (the batch's prefill, each sample's prefill alone)."""
+    tokens, pre = engine.generate(tc.prepare(model, images, prompts), new_tokens, eos_token_id=None)
+    alone = []
+    for b in range(len(prompts)):
+        one, single = engine.generate(tc.prepare(model, [images[b]], [prompts[b]]), new_tokens, eos_token_id=None)
+        torch.testing.assert_close(pre.logits[b], single.logits[0], rtol=1e-4, atol=1e-4)
+        assert one[0] == tokens[b]
+        alone.append(single)
+    return pre, alone

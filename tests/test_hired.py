@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROMPTS, eager_copy, make_images
+from conftest import PROMPTS, batch_and_alone, eager_copy, make_images
 from test_vispruner import _kept_per_view
 from vision_reference import tower_views
 
@@ -71,21 +71,18 @@ def test_hired_matches_reference(model, images, ratio, alpha):
 def test_hired_on_llava15_keeps_the_ratio_and_is_batch_independent(models, images):
     model = models["llava"]
     engine = tc.Engine(model, tc.method("hired", ratio=0.3))
-    tokens, pre = engine.generate(tc.prepare(model, images, PROMPTS), max_new_tokens=3, eos_token_id=None)
+    pre, alone = batch_and_alone(engine, model, images, PROMPTS)
     assert pre.record.tokens_per_view == [[[int(36 * 0.3)]]] * 3
-    for b in range(3):
-        one, alone = engine.generate(tc.prepare(model, [images[b]], [PROMPTS[b]]), max_new_tokens=3, eos_token_id=None)
-        assert _kept_per_view(pre, b) == _kept_per_view(alone, 0) and one[0] == tokens[b]
+    for b, one in enumerate(alone):
+        assert _kept_per_view(pre, b) == _kept_per_view(one, 0)
 
 
 def test_hired_next_batch_independent_and_alpha_one_keeps_no_crop(models, images):
     model = models["llava-next"]
     engine = tc.Engine(model, tc.method("hired", ratio=0.3, alpha=0.6))
-    _, pre = engine.generate(tc.prepare(model, images, PROMPTS), max_new_tokens=2, eos_token_id=None)
-    for b in range(3):
-        _, alone = engine.generate(tc.prepare(model, [images[b]], [PROMPTS[b]]), max_new_tokens=2, eos_token_id=None)
-        assert _kept_per_view(pre, b) == _kept_per_view(alone, 0)
-        torch.testing.assert_close(pre.logits[b], alone.logits[0], rtol=1e-4, atol=1e-4)
+    pre, alone = batch_and_alone(engine, model, images, PROMPTS, new_tokens=2)
+    for b, one in enumerate(alone):
+        assert _kept_per_view(pre, b) == _kept_per_view(one, 0)
     one = tc.Engine(model, tc.method("hired", ratio=0.3, alpha=1.0)).prefill(tc.prepare(model, images[:1], PROMPTS[:1]))
     assert one.record.tokens_per_view[0][0][1:] == [0] * (len(one.record.tokens_per_view[0][0]) - 1)
 
